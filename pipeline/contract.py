@@ -1,0 +1,333 @@
+"""The spectra data contract: columns, Arrow schemas, row validation and content hashes.
+
+A *spectra table* has one row per spectrum: ``spectrum_id`` (unique string), ``flux_<arm>`` for each
+arm of the setup (list or fixed_size_list of float32/float64 of the arm's length), optional
+``ivar_<arm>`` (inverse variance, 0 = masked pixel) and optional ``ra``, ``dec``, ``snr``, ``object``,
+``release``. A *labelled* table adds the five labels and optional ``<label>_err``.
+
+Validation never raises for a bad row: it returns one reason per row (``None`` = good) so that jobs
+can route bad rows to quarantine and account for every input row. Problems with the table as a whole
+(a missing flux column, no ``spectrum_id``) raise :class:`~.errors.InputError`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from .errors import InputError
+from .setups import Setup
+
+
+@dataclass(frozen=True)
+class Label:
+    name: str
+    symbol: str
+    unit: str
+    physical_range: tuple[float, float]
+
+
+# The five labels of Ambrosch et al. (2023), in model output order. The physical ranges only catch
+# garbage (a Teff of -5, a log g of 12): the model's own training range is stored in model.json.
+LABELS: tuple[Label, ...] = (
+    Label("teff", r"$T_\mathrm{eff}$", "K", (2000.0, 60000.0)),
+    Label("logg", r"$\log g$", "dex", (-1.0, 7.0)),
+    Label("feh", "[Fe/H]", "dex", (-6.0, 1.5)),
+    Label("mgfe", "[Mg/Fe]", "dex", (-2.0, 2.0)),
+    Label("alfe", "[Al/Fe]", "dex", (-2.0, 2.5)),
+)
+LABEL_NAMES: tuple[str, ...] = tuple(label.name for label in LABELS)
+
+OPTIONAL_COLUMNS: dict[str, pa.DataType] = {
+    "ra": pa.float64(),
+    "dec": pa.float64(),
+    "snr": pa.float32(),
+    "object": pa.string(),
+    "release": pa.string(),
+}
+
+# Quarantine reason codes (stable strings: scripts filter on them).
+MISSING_ID = "missing_id"
+DUPLICATE_ID = "duplicate_id"
+MISSING_ARM = "missing_arm"
+WRONG_LENGTH = "wrong_length"
+NONFINITE_FLUX = "nonfinite_flux"
+NONFINITE_IVAR = "nonfinite_ivar"
+NEGATIVE_IVAR = "negative_ivar"
+MISSING_LABEL = "missing_label"
+LABEL_OUT_OF_RANGE = "label_out_of_range"
+
+QUARANTINE_SCHEMA = pa.schema(
+    [
+        ("spectrum_id", pa.string()),
+        ("reason", pa.string()),
+        ("detail", pa.string()),
+        ("source", pa.string()),
+    ]
+)
+
+
+def spectra_schema(setup: Setup, *, labelled: bool = False, with_errors: bool = False) -> pa.Schema:
+    """The schema speclabel writes for spectra tables (fixed-size float32 lists per arm)."""
+    fields = [pa.field("spectrum_id", pa.string(), nullable=False)]
+    for arm in setup.arms:
+        fields.append(pa.field(arm.flux_column, pa.list_(pa.float32(), arm.n_pixels)))
+        fields.append(pa.field(arm.ivar_column, pa.list_(pa.float32(), arm.n_pixels)))
+    fields += [pa.field(name, dtype) for name, dtype in OPTIONAL_COLUMNS.items()]
+    if labelled:
+        fields += [pa.field(name, pa.float32()) for name in LABEL_NAMES]
+        if with_errors:
+            fields += [pa.field(f"{name}_err", pa.float32()) for name in LABEL_NAMES]
+    return pa.schema(fields, metadata={"speclabel.setup": setup.name})
+
+
+def required_columns(setup: Setup, *, labelled: bool = False) -> list[str]:
+    cols = ["spectrum_id", *(arm.flux_column for arm in setup.arms)]
+    return cols + list(LABEL_NAMES) if labelled else cols
+
+
+def check_table_columns(schema: pa.Schema, setup: Setup, *, labelled: bool = False, source: str = "") -> None:
+    """Raise :class:`InputError` naming what is missing when a table cannot follow the contract."""
+    where = f" in {source}" if source else ""
+    missing = [c for c in required_columns(setup, labelled=labelled) if c not in schema.names]
+    if missing:
+        raise InputError(
+            f"spectra table{where} lacks required column(s) {missing} for setup {setup.name!r} "
+            f"(it has {schema.names})"
+        )
+    for arm in setup.arms:
+        for col in (arm.flux_column, arm.ivar_column):
+            if col not in schema.names:
+                continue
+            dtype = schema.field(col).type
+            if not (
+                pa.types.is_list(dtype) or pa.types.is_large_list(dtype) or pa.types.is_fixed_size_list(dtype)
+            ):
+                raise InputError(f"column {col}{where} must be a list of floats, not {dtype}")
+            if not pa.types.is_floating(dtype.value_type):
+                raise InputError(
+                    f"column {col}{where} must hold float32 or float64 values, not {dtype.value_type}"
+                )
+    declared = (schema.metadata or {}).get(b"speclabel.setup")
+    if declared is not None and declared.decode() != setup.name:
+        raise InputError(
+            f"spectra table{where} declares setup {declared.decode()!r} but the job uses {setup.name!r}: "
+            "the wavelength grids differ; ingest the spectra for this setup first"
+        )
+
+
+def arm_matrix(column: pa.Array | pa.ChunkedArray, n_pixels: int) -> tuple[np.ndarray, np.ndarray]:
+    """A list column as an ``(n_rows, n_pixels)`` float32 matrix plus a per-row status.
+
+    Status: 0 = ok, 1 = null row, 2 = wrong length. Rows that are not ok are filled with NaN.
+    Null elements inside a list become NaN. Works for list, large_list and fixed_size_list columns.
+    """
+    arr = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    n_rows = len(arr)
+    status = np.zeros(n_rows, dtype=np.int8)
+    status[np.asarray(arr.is_null())] = 1
+    if pa.types.is_fixed_size_list(arr.type):
+        if arr.type.list_size != n_pixels:
+            status[status == 0] = 2
+            return np.full((n_rows, n_pixels), np.nan, dtype=np.float32), status
+        child = arr.values.slice(arr.offset * n_pixels, n_rows * n_pixels)
+        values = child.cast(pa.float32()).to_numpy(zero_copy_only=False)
+        matrix = values.reshape(n_rows, n_pixels).copy() if n_rows else np.empty((0, n_pixels), np.float32)
+        matrix[status != 0] = np.nan
+        return matrix, status
+    lengths = pc.list_value_length(arr).fill_null(-1).to_numpy(zero_copy_only=False)
+    status[(status == 0) & (lengths != n_pixels)] = 2
+    matrix = np.full((n_rows, n_pixels), np.nan, dtype=np.float32)
+    ok = status == 0
+    if ok.any():
+        # flatten() drops null rows and keeps list order, so the ok rows' values are contiguous
+        # blocks of n_pixels once the wrong-length rows are taken out.
+        keep = pc.list_value_length(arr).fill_null(0).to_numpy(zero_copy_only=False)
+        flat = arr.flatten().cast(pa.float32()).to_numpy(zero_copy_only=False)
+        row_of_value = np.repeat(np.arange(n_rows), keep)
+        matrix[ok] = flat[ok[row_of_value]].reshape(-1, n_pixels)
+    return matrix, status
+
+
+@dataclass
+class SpectraArrays:
+    """The numeric content of a batch of spectra on a setup's grid, per arm."""
+
+    flux: dict[str, np.ndarray]  # arm -> (n, n_pixels) float32
+    ivar: dict[str, np.ndarray | None]  # arm -> (n, n_pixels) float32, None when absent
+    status: dict[str, np.ndarray]  # arm -> per-row status of the flux column (see arm_matrix)
+    ivar_status: dict[str, np.ndarray | None]
+
+    def concatenated(self, setup: Setup) -> tuple[np.ndarray, np.ndarray]:
+        """Flux and ivar over the setup's concatenated grid; absent ivar is all ones."""
+        flux = np.concatenate([self.flux[a.name] for a in setup.arms], axis=1)
+        ivar = np.concatenate(
+            [
+                self.ivar[a.name] if self.ivar[a.name] is not None else np.ones_like(self.flux[a.name])
+                for a in setup.arms
+            ],
+            axis=1,
+        )
+        return flux, ivar
+
+
+def spectra_arrays(table: pa.Table, setup: Setup) -> SpectraArrays:
+    flux, ivar, status, ivar_status = {}, {}, {}, {}
+    for arm in setup.arms:
+        flux[arm.name], status[arm.name] = arm_matrix(table.column(arm.flux_column), arm.n_pixels)
+        if arm.ivar_column in table.column_names:
+            ivar[arm.name], ivar_status[arm.name] = arm_matrix(table.column(arm.ivar_column), arm.n_pixels)
+        else:
+            ivar[arm.name], ivar_status[arm.name] = None, None
+    return SpectraArrays(flux, ivar, status, ivar_status)
+
+
+def validate(
+    table: pa.Table,
+    setup: Setup,
+    *,
+    labelled: bool = False,
+    arrays: SpectraArrays | None = None,
+    known_duplicates: np.ndarray | None = None,
+) -> np.ndarray:
+    """One reason per row (``"code: detail"``), or ``None`` for a good row.
+
+    The first problem found is reported. Duplicates: later rows with an id already seen in this
+    table are duplicates; ``known_duplicates`` (a boolean mask) marks rows that a job found to be
+    duplicates of rows in other batches.
+    """
+    check_table_columns(table.schema, setup, labelled=labelled)
+    arrays = arrays if arrays is not None else spectra_arrays(table, setup)
+    n = table.num_rows
+    reasons = np.full(n, None, dtype=object)
+
+    def flag(mask: np.ndarray, message) -> None:
+        for i in np.flatnonzero(mask & (reasons == None)):  # noqa: E711 (elementwise)
+            reasons[i] = message(i) if callable(message) else message
+
+    ids = table.column("spectrum_id").combine_chunks()
+    id_null = np.asarray(ids.is_null()) | (np.asarray(pc.fill_null(pc.utf8_length(ids), 0)) == 0)
+    flag(id_null, f"{MISSING_ID}: spectrum_id is null or empty")
+    id_values = ids.to_pylist()
+    seen: set[str] = set()
+    dup = np.zeros(n, dtype=bool)
+    for i, sid in enumerate(id_values):
+        if sid is None:
+            continue
+        if sid in seen:
+            dup[i] = True
+        seen.add(sid)
+    if known_duplicates is not None:
+        dup |= known_duplicates
+    flag(dup, lambda i: f"{DUPLICATE_ID}: spectrum_id {id_values[i]!r} occurs more than once in the input")
+
+    for arm in setup.arms:
+        status = arrays.status[arm.name]
+        flag(status == 1, f"{MISSING_ARM}: {arm.flux_column} is null")
+        lengths = None
+        if (status == 2).any():
+            dtype = table.schema.field(arm.flux_column).type
+            lengths = (
+                np.full(n, dtype.list_size)
+                if pa.types.is_fixed_size_list(dtype)
+                else pc.list_value_length(table.column(arm.flux_column).combine_chunks()).to_numpy(
+                    zero_copy_only=False
+                )
+            )
+        flag(
+            status == 2,
+            lambda i, arm=arm, lengths=lengths: (
+                f"{WRONG_LENGTH}: {arm.flux_column} has {lengths[i]} values, "
+                f"the {setup.name} grid of arm {arm.name} has {arm.n_pixels}"
+            ),
+        )
+        ivar = arrays.ivar[arm.name]
+        if ivar is not None:
+            ivar_status = arrays.ivar_status[arm.name]
+            flag(
+                ivar_status == 2,
+                f"{WRONG_LENGTH}: {arm.ivar_column} does not match the length of {arm.flux_column}",
+            )
+            with np.errstate(invalid="ignore"):
+                flag(
+                    (ivar_status == 0) & ~np.isfinite(ivar).all(axis=1),
+                    f"{NONFINITE_IVAR}: {arm.ivar_column}",
+                )
+                flag((ivar_status == 0) & (ivar < 0).any(axis=1), f"{NEGATIVE_IVAR}: {arm.ivar_column} < 0")
+            # Non-finite flux is allowed where the pixel is masked (ivar == 0), as in survey products.
+            used = ivar != 0
+        else:
+            used = np.ones(arrays.flux[arm.name].shape, dtype=bool)
+        bad_flux = (~np.isfinite(arrays.flux[arm.name]) & used).any(axis=1) & (status == 0)
+        flag(bad_flux, f"{NONFINITE_FLUX}: {arm.flux_column} has NaN or inf at unmasked pixels")
+
+    if labelled:
+        for label in LABELS:
+            values = table.column(label.name).cast(pa.float64()).fill_null(np.nan).to_numpy()
+            flag(~np.isfinite(values), f"{MISSING_LABEL}: {label.name} is null or not finite")
+            lo, hi = label.physical_range
+            with np.errstate(invalid="ignore"):
+                outside = (values < lo) | (values > hi)
+            flag(
+                outside,
+                lambda i, label=label, values=values, lo=lo, hi=hi: (
+                    f"{LABEL_OUT_OF_RANGE}: {label.name} = {values[i]:g} outside [{lo:g}, {hi:g}]"
+                ),
+            )
+    return reasons
+
+
+def reason_code(reason: str) -> str:
+    return reason.split(":", 1)[0]
+
+
+def quarantine_table(spectrum_ids, reasons, source: str | list[str]) -> pa.Table:
+    """Quarantine rows for the given ids and ``"code: detail"`` reasons."""
+    reasons = list(reasons)
+    sources = source if isinstance(source, list) else [source] * len(reasons)
+    return pa.table(
+        {
+            "spectrum_id": pa.array(list(spectrum_ids), pa.string()),
+            "reason": pa.array([reason_code(r) for r in reasons], pa.string()),
+            "detail": pa.array(reasons, pa.string()),
+            "source": pa.array(sources, pa.string()),
+        },
+        schema=QUARANTINE_SCHEMA,
+    )
+
+
+def spectrum_sha256(arrays: SpectraArrays, setup: Setup) -> list[str]:
+    """Per-row sha256 of the flux and ivar content (float32 little-endian, arms in setup order).
+
+    Reprocessing compares these to tell a changed spectrum from an unchanged one; ids alone cannot.
+    Rows without an ivar column hash their flux only.
+    """
+    n = next(iter(arrays.flux.values())).shape[0]
+    parts = []
+    for arm in setup.arms:
+        parts.append(np.ascontiguousarray(arrays.flux[arm.name], dtype="<f4"))
+        if arrays.ivar[arm.name] is not None:
+            parts.append(np.ascontiguousarray(arrays.ivar[arm.name], dtype="<f4"))
+    out = []
+    for i in range(n):
+        digest = hashlib.sha256()
+        for part in parts:
+            digest.update(part[i].tobytes())
+        out.append(digest.hexdigest())
+    return out
+
+
+def model_inputs(arrays: SpectraArrays, setup: Setup) -> tuple[np.ndarray, np.ndarray]:
+    """Flux and mask over the concatenated grid, ready for the network.
+
+    Masked pixels (ivar == 0, or non-finite flux) are set to the continuum, 1.0: a masked pixel then
+    carries no line signal instead of garbage. The mask (1 = good) is returned for models that use
+    it as a second input channel and for zeroing saliency on masked pixels.
+    """
+    flux, ivar = arrays.concatenated(setup)
+    good = (ivar > 0) & np.isfinite(flux) & np.isfinite(ivar)
+    return np.where(good, flux, np.float32(1.0)).astype(np.float32, copy=False), good

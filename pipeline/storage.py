@@ -1,0 +1,122 @@
+"""Where files live: local paths and object-store URIs behind one pyarrow filesystem interface."""
+
+from __future__ import annotations
+
+import contextlib
+import fnmatch
+import json
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pyarrow.fs as pafs
+
+from .errors import InputError
+
+
+def filesystem_and_path(location: str | os.PathLike) -> tuple[pafs.FileSystem, str]:
+    """A pyarrow filesystem and the path inside it, for a local path or a URI (s3://, gs://, file://)."""
+    location = os.fspath(location)
+    if "://" in location:
+        try:
+            return pafs.FileSystem.from_uri(location)
+        except (ValueError, OSError) as exc:  # pyarrow.ArrowInvalid is a ValueError
+            raise InputError(f"cannot open {location!r}: {exc}") from exc
+    return pafs.LocalFileSystem(), str(Path(location).absolute())
+
+
+def is_local(location: str | os.PathLike) -> bool:
+    location = os.fspath(location)
+    return "://" not in location or location.startswith("file://")
+
+
+def join(base: str, *parts: str) -> str:
+    return "/".join([base.rstrip("/"), *(p.strip("/") for p in parts)])
+
+
+def resolve_files(
+    location: str | os.PathLike, extensions: tuple[str, ...]
+) -> tuple[pafs.FileSystem, list[str]]:
+    """The files a user meant by a file, a directory (searched recursively) or a glob, sorted.
+
+    Files and folders whose name starts with ``_`` or ``.`` are skipped in directories, as Arrow's
+    dataset discovery does, so quarantine and manifest folders are never read as input.
+    """
+    location = os.fspath(location)
+    wildcard = next((i for i, ch in enumerate(location) if ch in "*?["), None)
+    base = location if wildcard is None else location[: location.rfind("/", 0, wildcard) + 1] or "."
+    fs, base_path = filesystem_and_path(base)
+    # The folder before the first wildcard is listed; the rest of the pattern is matched with fnmatch.
+    pattern = None if wildcard is None else join(base_path, location[len(base) :])
+    info = fs.get_file_info(base_path)
+    if info.type == pafs.FileType.NotFound:
+        raise InputError(f"input {location!r} does not exist")
+    if info.type == pafs.FileType.File and pattern is None:
+        return fs, [base_path]
+    selector = pafs.FileSelector(base_path, recursive=True)
+    files = []
+    for entry in fs.get_file_info(selector):
+        if entry.type != pafs.FileType.File:
+            continue
+        rel = entry.path[len(base_path) :].lstrip("/")
+        if any(part.startswith(("_", ".")) for part in rel.split("/")):
+            continue
+        if pattern is not None and not fnmatch.fnmatch(entry.path, pattern):
+            continue
+        if extensions and not entry.path.lower().endswith(extensions):
+            continue
+        files.append(entry.path)
+    if not files:
+        raise InputError(f"no {'/'.join(extensions) or ''} files found at {location!r}")
+    return fs, sorted(files)
+
+
+@contextlib.contextmanager
+def atomic_output(fs: pafs.FileSystem, path: str) -> Iterator:
+    """An output stream whose file appears at ``path`` complete, or not at all.
+
+    The file is written beside the target under a hidden name (skipped by dataset discovery) and
+    moved into place when complete: a rename on local disks; on object stores, which cannot
+    rename, a server-side copy, which publishes the whole object at once. If the block raises, the
+    partial file is removed and the target is left as it was.
+    """
+    folder, name = path.rsplit("/", 1)
+    tmp = f"{folder}/.tmp-{uuid.uuid4().hex}-{name}"
+    if isinstance(fs, pafs.LocalFileSystem):
+        os.makedirs(folder, exist_ok=True)
+        try:
+            with open(tmp, "wb") as fh:
+                yield fh
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        return
+    try:
+        with fs.open_output_stream(tmp) as stream:
+            yield stream
+        fs.copy_file(tmp, path)
+    finally:
+        with contextlib.suppress(OSError):
+            fs.delete_file(tmp)
+
+
+def write_bytes_atomic(fs: pafs.FileSystem, path: str, data: bytes) -> None:
+    with atomic_output(fs, path) as out:
+        out.write(data)
+
+
+def write_json_atomic(fs: pafs.FileSystem, path: str, obj) -> None:
+    write_bytes_atomic(fs, path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+
+
+def read_json(fs: pafs.FileSystem, path: str):
+    with fs.open_input_stream(path) as fh:
+        return json.loads(fh.read().decode())
+
+
+def exists(fs: pafs.FileSystem, path: str) -> bool:
+    return fs.get_file_info(path).type != pafs.FileType.NotFound
