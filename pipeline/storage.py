@@ -95,6 +95,7 @@ def atomic_output(fs: pafs.FileSystem, path: str) -> Iterator:
             if os.path.exists(tmp):
                 os.unlink(tmp)
         return
+    fs.create_dir(folder, recursive=True)  # a no-op on object stores, needed on other file systems
     try:
         with fs.open_output_stream(tmp) as stream:
             yield stream

@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import pytest
+
 from speclabel.pipeline.setups import get_setup
 from speclabel.pipeline.simulate import SurveyConfig, simulate_chunk
 

@@ -3,6 +3,7 @@
 import numpy as np
 import pyarrow as pa
 import pytest
+
 from speclabel.pipeline import contract
 from speclabel.pipeline.errors import InputError
 

@@ -1,5 +1,6 @@
 import numpy as np
 import pytest
+
 from speclabel.pipeline.errors import ConfigError
 from speclabel.pipeline.setups import Setup, available_setups, get_setup
 

@@ -3,6 +3,7 @@
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+
 from speclabel.jobs.cli import main
 from speclabel.pipeline import contract
 from speclabel.pipeline.simulate import (
