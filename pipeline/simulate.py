@@ -64,9 +64,10 @@ ELEMENTS: dict[str, tuple[float, float, float, str]] = {
 
 # Zero points of log10(line-centre optical depth), one per line class, calibrated so that solar
 # equivalent widths come out near observed ones (Fe I 5522 ~ 40 mA, Fe II 5534 ~ 60 mA,
-# Ca II 8542 ~ 3.5 A, Paschen 12 ~ 0.4 A).
-LOG_TAU_ZERO = {"neutral_of_ionised": 5.115, "ion": 6.058, "neutral_majority": 5.913}
+# Ca II 8542 ~ 3.5 A, Paschen 12 ~ 0.2 A).
+LOG_TAU_ZERO = {"neutral_of_ionised": 5.115, "ion": 6.058, "neutral_majority": 5.6}
 SUN_THETA = 5040.0 / 5772.0
+STARK_HWHM = 1.2  # Angstrom, Paschen lines of a log g = 4.4 dwarf
 MAX_LINE_DEPTH = 0.85  # cores of saturated lines do not reach zero flux (source function > 0)
 BOLTZMANN_KMS2 = 0.0165  # 2kT/m_u in (km/s)^2 per K, so v_th^2 = 0.0165 T / A
 
@@ -187,6 +188,10 @@ def line_parameters(
     width_total = doppler * curve_of_growth(log_tau0, log_a)
     width_core = doppler * curve_of_growth(log_tau0, np.full_like(log_a, -4.0))
     width_core = np.minimum(width_core, width_total)
+    # Hydrogen lines are Stark broadened far beyond their Doppler core: all of their width is wing,
+    # a Lorentzian of ~1 A half width in dwarfs that narrows with the lower electron density of giants.
+    hydrogen = lines.species == "H I"
+    width_core[:, hydrogen] = 0.0
     # The intrinsic core widens as the line saturates (flat part of the curve of growth).
     core_intrinsic = (
         doppler / np.sqrt(2.0) * np.sqrt(np.maximum(1.0, np.log(np.maximum(10.0**log_tau0, 1.0))))
@@ -196,6 +201,9 @@ def line_parameters(
     sigma = np.sqrt(core_intrinsic**2 + broadening**2 + instrument**2)
     # Damping wings: where τ(Δλ) = τ0 a / (√π v²) falls to 1, a Lorentzian of that half width.
     wing_hwhm = doppler * np.sqrt(10.0 ** (log_tau0 + log_a) / np.sqrt(np.pi))
+    wing_hwhm[:, hydrogen] = np.broadcast_to(STARK_HWHM * 10.0 ** (0.25 * (logg - 4.4)), wing_hwhm.shape)[
+        :, hydrogen
+    ]
     return {
         "centre": centre,
         "width_core": width_core,

@@ -11,16 +11,18 @@ from __future__ import annotations
 import argparse
 import time
 
+from ._types import non_negative_int, positive_float, positive_int
+
 HELP = "write a synthetic survey (spectra + true labels) for demos, tests and benchmarks"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--n", type=int, required=True, help="number of spectra")
+    parser.add_argument("--n", type=non_negative_int, required=True, help="number of spectra")
     parser.add_argument("--out", required=True, help="output file (.parquet) or URI")
-    parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    parser.add_argument("--seed", type=non_negative_int, default=0, help="random seed (default 0)")
     parser.add_argument(
         "--snr-range",
-        type=float,
+        type=positive_float,
         nargs=2,
         metavar=("A", "B"),
         default=(10.0, 150.0),
@@ -35,8 +37,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="CSV/Parquet of label sets (Teff, logg, FeH, MgFe, AlFe) to resample instead of the "
         "built-in Milky Way prior, e.g. ../shared/data/apogee_dr16_label_prior.csv",
     )
-    parser.add_argument("--chunk-size", type=int, default=500, help="rows per chunk / Parquet row group")
-    parser.add_argument("--workers", type=int, default=None, help="processes (default: all CPUs)")
+    parser.add_argument(
+        "--chunk-size", type=positive_int, default=500, help="rows per chunk / Parquet row group"
+    )
+    parser.add_argument("--workers", type=positive_int, default=None, help="processes (default: all CPUs)")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -1,0 +1,45 @@
+"""The command line: every subcommand is listed and documented; usage errors exit 2."""
+
+import subprocess
+import sys
+
+import pytest
+
+from speclabel.jobs.cli import COMMANDS, build_parser, main
+
+
+def test_help_lists_every_subcommand(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    for name in COMMANDS:
+        assert name in out
+
+
+@pytest.mark.parametrize("name", COMMANDS)
+def test_each_subcommand_has_help(name, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([name, "--help"])
+    assert exit_info.value.code == 0
+    assert f"speclabel {name}" in capsys.readouterr().out
+
+
+def test_usage_errors_exit_2(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["simulate", "--n", "-4", "--out", "x.parquet"])
+    assert exit_info.value.code == 2
+    assert "--n" in capsys.readouterr().err
+
+
+def test_job_errors_exit_1_with_the_reason(tmp_path, capsys):
+    assert main(["simulate", "--n", "2", "--out", str(tmp_path / "x.parquet"), "--setup", "nope"]) == 1
+    assert "unknown setup 'nope'" in capsys.readouterr().err
+
+
+def test_console_script_is_installed():
+    result = subprocess.run(
+        [sys.executable, "-m", "speclabel.jobs", "--version"], capture_output=True, text=True
+    )
+    assert result.returncode == 0 and result.stdout.startswith("speclabel ")
+    assert build_parser().prog == "speclabel"
