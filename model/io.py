@@ -23,9 +23,6 @@ import contextlib
 import datetime as dt
 import hashlib
 import json
-import os
-import shutil
-import uuid
 from importlib.metadata import PackageNotFoundError, version
 
 import pyarrow.fs as pafs
@@ -36,7 +33,7 @@ from safetensors.torch import save as save_safetensors
 
 from ..pipeline.errors import ConfigError, IntegrityError, SpeclabelError
 from ..pipeline.setups import Setup
-from ..pipeline.storage import exists, filesystem_and_path, join, write_bytes_atomic
+from ..pipeline.storage import exists, filesystem_and_path, join, write_folder_atomic
 from .arch import ArchConfig, build_network
 from .ensemble import STD_DDOF, Ensemble
 from .scaling import LabelScaler
@@ -121,41 +118,11 @@ def save_model(ensemble: Ensemble, location: str, *, overwrite: bool = False) ->
     root = root.rstrip("/")
     if exists(fs, join(root, MODEL_JSON)) and not overwrite:
         raise SpeclabelError(f"a model already exists at {location}; choose another path or overwrite it")
-    if isinstance(fs, pafs.LocalFileSystem):
-        _save_local(root, {**weight_files, MODEL_JSON: text})
-    else:
-        for name, data in weight_files.items():
-            write_bytes_atomic(fs, join(root, name), data)
-        write_bytes_atomic(fs, join(root, MODEL_JSON), text)  # the commit point
+    # model.json last: on an object store it is the commit point, written after the weights it vouches for.
+    write_folder_atomic(location, {**weight_files, MODEL_JSON: text})
     ensemble.info = {k: v for k, v in document.items() if k not in RESERVED}
     ensemble.model_id = document["model_id"]
     return document["model_id"]
-
-
-def _save_local(root: str, files: dict[str, bytes]) -> None:
-    parent, name = os.path.split(root)
-    os.makedirs(parent or ".", exist_ok=True)
-    staging = os.path.join(parent, f".{name}.staging-{uuid.uuid4().hex[:8]}")
-    try:
-        for relative, data in files.items():
-            path = os.path.join(staging, relative)
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            with open(path, "wb") as fh:
-                fh.write(data)
-                fh.flush()
-                os.fsync(fh.fileno())
-        if os.path.exists(root):
-            # Replacing a model: move the old one aside first; a reader in the microseconds between
-            # the renames finds no model.json and fails cleanly rather than mixing two models.
-            retired = os.path.join(parent, f".{name}.old-{uuid.uuid4().hex[:8]}")
-            os.rename(root, retired)
-            os.rename(staging, root)
-            shutil.rmtree(retired, ignore_errors=True)
-        else:
-            os.rename(staging, root)
-    finally:
-        if os.path.exists(staging):
-            shutil.rmtree(staging, ignore_errors=True)
 
 
 def read_model_document(location: str) -> dict:

@@ -6,6 +6,7 @@ import contextlib
 import fnmatch
 import json
 import os
+import shutil
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -108,6 +109,55 @@ def atomic_output(fs: pafs.FileSystem, path: str) -> Iterator:
 def write_bytes_atomic(fs: pafs.FileSystem, path: str, data: bytes) -> None:
     with atomic_output(fs, path) as out:
         out.write(data)
+
+
+def write_folder_atomic(location: str | os.PathLike, files: dict[str, bytes]) -> None:
+    """Replace the folder at ``location`` with exactly ``files`` (relative path -> content).
+
+    On a local disk the folder is staged beside the target and renamed into place, so a reader sees
+    the old folder or the new one, never a mix. Object stores cannot rename: there each file is
+    written atomically in the order given, so the caller lists its commit file (the one readers
+    trust, e.g. model.json) last, and files of an older version that ``files`` lacks are removed
+    after it. Callers check that the location holds their own kind of folder before replacing it.
+    """
+    fs, root = filesystem_and_path(location)
+    root = root.rstrip("/")
+    if isinstance(fs, pafs.LocalFileSystem):
+        _write_local_folder(root, files)
+        return
+    for name, data in files.items():
+        write_bytes_atomic(fs, join(root, name), data)
+    wanted = {join(root, name) for name in files}
+    with contextlib.suppress(FileNotFoundError):
+        for entry in fs.get_file_info(pafs.FileSelector(root, recursive=True)):
+            if entry.type == pafs.FileType.File and entry.path not in wanted:
+                fs.delete_file(entry.path)
+
+
+def _write_local_folder(root: str, files: dict[str, bytes]) -> None:
+    parent, name = os.path.split(root)
+    os.makedirs(parent or ".", exist_ok=True)
+    staging = os.path.join(parent, f".{name}.staging-{uuid.uuid4().hex[:8]}")
+    try:
+        for relative, data in files.items():
+            path = os.path.join(staging, relative)
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            with open(path, "wb") as fh:
+                fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())
+        if os.path.exists(root):
+            # Replacing a folder: move the old one aside first; a reader in the microseconds between
+            # the renames finds nothing and fails cleanly rather than mixing two versions.
+            retired = os.path.join(parent, f".{name}.old-{uuid.uuid4().hex[:8]}")
+            os.rename(root, retired)
+            os.rename(staging, root)
+            shutil.rmtree(retired, ignore_errors=True)
+        else:
+            os.rename(staging, root)
+    finally:
+        if os.path.exists(staging):
+            shutil.rmtree(staging, ignore_errors=True)
 
 
 def write_json_atomic(fs: pafs.FileSystem, path: str, obj) -> None:

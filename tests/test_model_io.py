@@ -11,6 +11,7 @@ from speclabel.model import io
 from speclabel.model.arch import ArchConfig, build_network
 from speclabel.model.ensemble import Ensemble
 from speclabel.model.scaling import LabelScaler
+from speclabel.pipeline import storage
 from speclabel.pipeline.errors import IntegrityError, SpeclabelError
 from speclabel.pipeline.setups import Setup
 
@@ -149,7 +150,7 @@ def test_a_crash_while_saving_leaves_no_model(ensemble, tmp_path, monkeypatch):
     def fail(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(io.os, "rename", fail)
+    monkeypatch.setattr(storage.os, "rename", fail)  # the folder write of pipeline.storage
     with pytest.raises(OSError, match="disk full"):
         io.save_model(ensemble, str(tmp_path / "model"))
     assert os.listdir(tmp_path) == []
