@@ -1,0 +1,369 @@
+"""What an evaluation compares: predicted labels (with ensemble std), true labels and S/N, row by row.
+
+Two sources give the same :class:`Evaluation`:
+
+* :func:`from_model`: a model directory and the rows of its common test split (``model.splits``) in
+  the data it was trained on (``model.json``: ``training.data.location``) or in any labelled spectra
+  table. Rows are streamed in batches through ``Ensemble.predict``, which also adds every saliency
+  map to a :class:`~speclabel.model.saliency.SaliencyAccumulator` for the population maps. Rows
+  that fail the data contract are refused with a reason (quarantine), and counted.
+* :func:`from_catalogue`: the label catalogue that ``speclabel label`` wrote, joined on
+  ``spectrum_id`` with a table of true labels. Matched and unmatched rows on both sides are counted.
+  The population saliency comes from the accumulators the label job stored beside the release
+  (``_saliency/release=<R>/run=<run>/``) when there are any, else from the per-spectrum summary
+  columns ``sal_<label>_<group>``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as pads
+import pyarrow.parquet as pq
+
+from ...model.saliency import SaliencyAccumulator
+from ..catalogue import open_catalogue
+from ..catalogue.layout import saliency_column
+from ..contract import (
+    LABEL_NAMES,
+    check_table_columns,
+    model_inputs,
+    quarantine_table,
+    spectra_arrays,
+    validate,
+)
+from ..errors import InputError, IntegrityError
+from ..setups import Setup
+from ..storage import resolve_files
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Evaluation:
+    """Predicted and true labels of the same spectra, and where they came from.
+
+    ``predicted``, ``true`` and ``std`` are ``[n, n_labels]`` float64 in the order of ``labels``;
+    ``std`` (the ensemble std) and ``snr`` may be absent. ``saliency`` is the population sum of the
+    saliency maps (label order of ``labels``) and ``saliency_row_shares`` the mean per-spectrum share
+    of |gradient| in each line-window group, ``{label: {group: share}}``: a catalogue may offer only
+    the latter. ``source`` says what was evaluated; ``rows`` accounts for every input row.
+    """
+
+    labels: tuple[str, ...]
+    spectrum_id: np.ndarray
+    predicted: np.ndarray
+    true: np.ndarray
+    std: np.ndarray | None
+    snr: np.ndarray | None
+    setup: Setup
+    source: dict
+    rows: dict
+    saliency: SaliencyAccumulator | None = None
+    saliency_row_shares: dict[str, dict[str, float]] | None = None
+    quarantine: pa.Table | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        n = len(self.spectrum_id)
+        for name in ("predicted", "true", "std"):
+            value = getattr(self, name)
+            if value is not None and value.shape != (n, len(self.labels)):
+                raise ValueError(f"{name} has shape {value.shape}, expected {(n, len(self.labels))}")
+        if self.snr is not None and self.snr.shape != (n,):
+            raise ValueError(f"snr has shape {self.snr.shape}, expected {(n,)}")
+
+    @property
+    def n(self) -> int:
+        return len(self.spectrum_id)
+
+
+# -- a model and its test split ---------------------------------------------------------------------
+
+
+def training_data_location(info: dict) -> str | None:
+    """Where ``model.json`` says the model's training data came from, if it says."""
+    data = info.get("training", {}).get("data", {})
+    return data.get("location") if isinstance(data, dict) else None
+
+
+def from_model(
+    model_location: str,
+    data: str | None = None,
+    *,
+    batch_rows: int = 256,
+    saliency: bool = True,
+) -> Evaluation:
+    """The model's common test split of ``data`` (default: its training data), labelled by the model."""
+    from ...model.io import load_model
+    from ...model.splits import SplitRule
+
+    ensemble = load_model(model_location)
+    training = ensemble.info.get("training", {})
+    if "split" not in training:
+        raise IntegrityError(
+            f"check 'test split': model.json of {model_location} records no training split "
+            "(training.split), so its held-out test rows are unknown"
+        )
+    split = SplitRule.from_dict(training["split"])
+    recorded = training_data_location(ensemble.info)
+    location = data or recorded
+    if not location:
+        raise InputError(
+            f"model.json of {model_location} records no training data location (training.data.location); "
+            "give the labelled spectra with --data"
+        )
+    setup = ensemble.setup
+    labels = ensemble.label_names
+    fs, files = resolve_files(location, (".parquet",))
+    accumulator = SaliencyAccumulator.empty(len(labels), setup.n_pixels) if saliency else None
+    parts: dict[str, list] = {"id": [], "mean": [], "std": [], "true": [], "snr": []}
+    refused_ids, refused_reasons, refused_sources = [], [], []
+    seen: set[str] = set()
+    read = in_split = 0
+    for path in files:
+        with fs.open_input_file(path) as fh:
+            parquet = pq.ParquetFile(fh)
+            check_table_columns(parquet.schema_arrow, setup, labelled=True, source=path)
+            columns = [
+                c
+                for c in (
+                    "spectrum_id",
+                    *(col for arm in setup.arms for col in (arm.flux_column, arm.ivar_column)),
+                    *labels,
+                    "snr",
+                )
+                if c in parquet.schema_arrow.names
+            ]
+            for batch in parquet.iter_batches(batch_size=batch_rows, columns=columns):
+                table = pa.Table.from_batches([batch])
+                read += table.num_rows
+                table = table.filter(split.is_test(table.column("spectrum_id")))
+                if not table.num_rows:
+                    continue
+                in_split += table.num_rows
+                ids = table.column("spectrum_id").to_pylist()
+                known = np.array([sid in seen for sid in ids])
+                seen.update(s for s in ids if s is not None)
+                arrays = spectra_arrays(table, setup)
+                reasons = validate(table, setup, labelled=True, arrays=arrays, known_duplicates=known)
+                good = np.array([r is None for r in reasons])
+                for i in np.flatnonzero(~good):
+                    refused_ids.append(ids[i])
+                    refused_reasons.append(reasons[i])
+                    refused_sources.append(path)
+                if not good.any():
+                    continue
+                table = table.filter(pa.array(good))
+                flux, mask = model_inputs(spectra_arrays(table, setup), setup)
+                prediction = ensemble.predict(flux, mask, accumulator=accumulator)
+                parts["id"] += [ids[i] for i in np.flatnonzero(good)]
+                parts["mean"].append(prediction.mean)
+                parts["std"].append(prediction.std)
+                parts["true"].append(_label_matrix(table, labels))
+                parts["snr"].append(_optional_column(table, "snr"))
+    if not in_split:
+        raise InputError(
+            f"none of the {read} rows of {location} falls in the test split of model "
+            f"{ensemble.model_id} (rule {split.test_salt!r}, fraction {split.test_fraction:g})"
+        )
+    n_labels = len(labels)
+    has_snr = "snr" in pq.ParquetFile(fs.open_input_file(files[0])).schema_arrow.names
+    quarantined = Counter(r.split(":", 1)[0] for r in refused_reasons)
+    log.info("evaluate: %d test-split rows of %d read, %d refused", in_split, read, len(refused_ids))
+    return Evaluation(
+        labels=tuple(labels),
+        spectrum_id=np.array(parts["id"], dtype=object),
+        predicted=_stack(parts["mean"], n_labels),
+        true=_stack(parts["true"], n_labels),
+        std=_stack(parts["std"], n_labels) if ensemble.n_members > 1 else None,
+        snr=np.concatenate(parts["snr"]) if has_snr and parts["snr"] else None,
+        setup=setup,
+        source={
+            "mode": "model",
+            "model": model_location,
+            "model_id": ensemble.model_id,
+            "n_members": ensemble.n_members,
+            "data": location,
+            "training_data": recorded,
+            "split": split.to_dict(),
+        },
+        rows={
+            "read": read,
+            "test_split": in_split,
+            "evaluated": len(parts["id"]),
+            "quarantined": len(refused_ids),
+            "quarantine_reasons": dict(sorted(quarantined.items())),
+        },
+        saliency=accumulator if accumulator is not None and accumulator.count else None,
+        quarantine=quarantine_table(refused_ids, refused_reasons, refused_sources) if refused_ids else None,
+    )
+
+
+def _label_matrix(table: pa.Table, labels) -> np.ndarray:
+    return np.stack(
+        [table.column(name).cast(pa.float64()).fill_null(np.nan).to_numpy() for name in labels], axis=1
+    )
+
+
+def _optional_column(table: pa.Table, name: str) -> np.ndarray:
+    if name not in table.column_names:
+        return np.full(table.num_rows, np.nan)
+    return table.column(name).cast(pa.float64()).fill_null(np.nan).to_numpy()
+
+
+def _stack(parts: list[np.ndarray], n_labels: int) -> np.ndarray:
+    return np.concatenate(parts) if parts else np.zeros((0, n_labels))
+
+
+# -- a catalogue and a truth table ------------------------------------------------------------------
+
+
+def read_truth(location: str, labels) -> pa.Table:
+    """``spectrum_id``, the true labels found among ``labels`` and ``snr`` (when present) of a Parquet
+    file, folder or glob; other columns (e.g. the spectra of a simulated survey) are not read."""
+    fs, files = resolve_files(location, (".parquet",))
+    dataset = pads.dataset(files, format="parquet", filesystem=fs)
+    names = dataset.schema.names
+    if "spectrum_id" not in names:
+        raise InputError(f"truth table {location} has no spectrum_id column (it has {names})")
+    wanted = [n for n in ("spectrum_id", *labels, "snr") if n in names]
+    if len(wanted) == 1 + ("snr" in wanted):
+        raise InputError(
+            f"truth table {location} has none of the label columns {list(labels)} (it has {names})"
+        )
+    table = dataset.to_table(columns=wanted)
+    if table.column("spectrum_id").null_count:
+        raise InputError(f"truth table {location} has rows without a spectrum_id")
+    _check_unique(table.column("spectrum_id"), f"truth table {location}", "")
+    return table
+
+
+def _check_unique(ids: pa.ChunkedArray, what: str, hint: str) -> None:
+    if pc.count_distinct(ids).as_py() == len(ids):
+        return
+    counts = pa.table({"spectrum_id": ids}).group_by("spectrum_id").aggregate([("spectrum_id", "count")])
+    duplicated = counts.filter(pc.field("spectrum_id_count") > 1)
+    example = duplicated.column("spectrum_id")[0].as_py()
+    raise InputError(
+        f"check 'one row per spectrum': {what} has {duplicated.num_rows} spectrum_id(s) on more than "
+        f"one row, e.g. {example!r}{hint}"
+    )
+
+
+def from_catalogue(
+    catalogue: str,
+    truth: str,
+    *,
+    setup: Setup,
+    releases: list[str] | None = None,
+    model_id: str | None = None,
+    where: str | None = None,
+) -> Evaluation:
+    """Catalogue rows (selected like ``speclabel query``) joined with true labels on ``spectrum_id``.
+
+    ``setup``: the instrument setup of the labelled spectra (line windows, the saliency grid) when
+    the catalogue's saliency accumulators do not record one.
+    """
+    cat = open_catalogue(catalogue)
+    schema = cat.schema(releases, model_id)
+    truth_table = read_truth(truth, [n for n in LABEL_NAMES if n in schema.names])
+    labels = tuple(n for n in LABEL_NAMES if n in schema.names and n in truth_table.column_names)
+    with_std = all(f"{n}_std" in schema.names for n in labels)
+    sal_columns = [c for c in schema.names if c.startswith("sal_")]
+    columns = ["spectrum_id", "release", *labels]
+    columns += [f"{n}_std" for n in labels] if with_std else []
+    columns += ["snr"] if "snr" in schema.names else []
+    rows = cat.query(where, columns=columns + sal_columns, releases=releases, model_id=model_id)
+    _check_unique(
+        rows.column("spectrum_id"),
+        f"the selected rows of catalogue {catalogue}",
+        "; it holds several releases of these spectra: choose one with --release",
+    )
+    positions = pc.index_in(rows.column("spectrum_id"), value_set=truth_table.column("spectrum_id"))
+    matched = np.asarray(positions.is_valid())
+    n_matched = int(matched.sum())
+    if not n_matched:
+        raise InputError(
+            f"none of the {rows.num_rows} selected catalogue rows has a spectrum_id in {truth} "
+            f"({truth_table.num_rows} rows): is it the truth for this catalogue?"
+        )
+    joined = rows.filter(pa.array(matched))
+    truth_rows = truth_table.take(positions.filter(pa.array(matched)))
+    snr = None
+    if "snr" in joined.column_names:
+        snr = _optional_column(joined, "snr")
+    elif "snr" in truth_rows.column_names:
+        snr = _optional_column(truth_rows, "snr")
+    selected_releases = sorted(pc.unique(rows.column("release")).to_pylist())
+    runs = cat.runs(selected_releases or None, model_id) if selected_releases else []
+    accumulator, accumulator_setup = _catalogue_saliency(cat, runs, labels)
+    setup = accumulator_setup or setup
+    return Evaluation(
+        labels=labels,
+        spectrum_id=np.array(joined.column("spectrum_id").to_pylist(), dtype=object),
+        predicted=_label_matrix(joined, labels),
+        true=_label_matrix(truth_rows, labels),
+        std=_label_matrix(joined, [f"{n}_std" for n in labels]) if with_std else None,
+        snr=snr,
+        setup=setup,
+        source={
+            "mode": "catalogue",
+            "catalogue": catalogue,
+            "truth": truth,
+            "releases": selected_releases,
+            "runs": [{"release": r.release, "run_id": r.run_id, "model_id": r.model_id} for r in runs],
+            "model_id": model_id,
+            "where": where,
+        },
+        rows={
+            "catalogue": rows.num_rows,
+            "truth": truth_table.num_rows,
+            "matched": n_matched,
+            "unmatched_catalogue": rows.num_rows - n_matched,
+            "unmatched_truth": truth_table.num_rows - n_matched,
+            "evaluated": n_matched,
+        },
+        saliency=accumulator,
+        saliency_row_shares=None if accumulator is not None else _row_shares(joined, labels, setup),
+    )
+
+
+def _row_shares(rows: pa.Table, labels, setup: Setup) -> dict[str, dict[str, float]] | None:
+    """Mean over rows of each ``sal_<label>_<group>`` summary column that the catalogue has."""
+    out = {}
+    for label in labels:
+        shares = {}
+        for group in setup.line_windows:
+            column = saliency_column(label, group)
+            if column in rows.column_names:
+                values = rows.column(column).cast(pa.float64()).fill_null(np.nan).to_numpy()
+                if np.isfinite(values).any():
+                    shares[group] = float(np.nanmean(values))
+        if shares:
+            out[label] = shares
+    return out or None
+
+
+def _catalogue_saliency(cat, runs, labels) -> tuple[SaliencyAccumulator | None, Setup | None]:
+    """The population saliency sums the label job stored for the selected runs, merged (none: None)."""
+    from .population import read_run_saliency
+
+    merged, setup = None, None
+    for run in runs:
+        found = read_run_saliency(cat.dataset, run.release, run.run_id, labels)
+        if found is None:
+            continue
+        accumulator, run_setup = found
+        if setup is not None and run_setup is not None and not setup.same_grid(run_setup):
+            raise IntegrityError(
+                f"check 'saliency grid': release {run.release} was labelled on setup {run_setup.name!r}, "
+                f"another selected release on {setup.name!r}; evaluate them one at a time with --release"
+            )
+        setup = setup or run_setup
+        merged = accumulator if merged is None else merged.merge(accumulator)
+    return merged, setup

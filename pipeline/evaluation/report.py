@@ -1,0 +1,403 @@
+"""The validation report: ``metrics.json`` with every number, ``report.md`` and its PNG figures.
+
+:func:`evaluation_document` computes every number of the report from an :class:`~.inputs.Evaluation`
+(``model.metrics`` for accuracy and calibration, the saliency sums for where labels are read);
+:func:`render_markdown` writes ``report.md`` from that document alone, so the report can show no
+number that ``metrics.json`` lacks; :func:`write_report` draws the figures and publishes the folder
+atomically (a reader sees the previous report or the new one, never a mix).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from ...model.metrics import GAUSSIAN_WITHIN_1_SIGMA, metrics_by_snr
+from ..contract import LABELS
+from ..errors import InputError
+from ..storage import exists, filesystem_and_path, join, read_json, write_folder_atomic
+from . import plots
+from .inputs import Evaluation
+
+FORMAT = "speclabel-evaluation"
+FORMAT_VERSION = 1
+METRICS_JSON = "metrics.json"
+REPORT_MD = "report.md"
+QUARANTINE = "quarantine.parquet"
+UNITS = {label.name: label.unit for label in LABELS}
+
+
+@dataclass(frozen=True)
+class ReportOptions:
+    """S/N selections of the report: ``snr_cuts`` (rows at or above each) and the inner edges of the
+    S/N bins (``snr_edges`` 20 50 100 gives <20, 20-50, 50-100, >=100)."""
+
+    snr_cuts: tuple[float, ...] = (50.0,)
+    snr_edges: tuple[float, ...] = (20.0, 50.0, 100.0)
+
+
+def evaluation_document(ev: Evaluation, options: ReportOptions = ReportOptions()) -> dict:
+    """Every number of the report (NaN where a number is undefined, e.g. the scatter of one row)."""
+    from ...model.io import speclabel_version
+
+    snr = ev.snr if ev.snr is not None and np.isfinite(ev.snr).any() else None
+    metrics = metrics_by_snr(
+        ev.predicted,
+        ev.true,
+        ev.labels,
+        snr,
+        std=ev.std,
+        snr_cuts=options.snr_cuts,
+        snr_edges=options.snr_edges,
+    )
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "speclabel_version": speclabel_version(),
+        "created_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "source": ev.source,
+        "rows": ev.rows,
+        "labels": list(ev.labels),
+        "units": {n: UNITS.get(n, "") for n in ev.labels},
+        "snr": {
+            "available": snr is not None,
+            "cuts": list(options.snr_cuts),
+            "edges": list(options.snr_edges),
+            "selections": [k for k in metrics if k != "all"],
+        },
+        "metrics": metrics,
+        "calibration_reference": {"frac_within_std_gaussian": GAUSSIAN_WITHIN_1_SIGMA},
+        "saliency": saliency_section(ev),
+        "figures": {},
+    }
+
+
+def saliency_section(ev: Evaluation) -> dict | None:
+    """Share of |d label / d flux| in each line-window group and in each label's own lines.
+
+    From population sums: (sum over stars and window pixels of |gradient|) / (sum over stars and all
+    pixels). From catalogue summary columns only: the mean over stars of each star's share. Beside
+    each share, the share of the grid's pixels the windows cover: what a label blind to lines gets.
+    """
+    setup = ev.setup
+    masks = setup.window_masks()
+    pixel_fractions = {g: float(m.mean()) for g, m in masks.items()}
+    if ev.saliency is not None:
+        sum_abs = ev.saliency.sum_abs
+        method = "population"
+        method_text = f"population sums over {ev.saliency.count} spectra"
+    elif ev.saliency_row_shares:
+        method = "row_mean"
+        method_text = "mean of per-spectrum shares (catalogue summary columns)"
+    else:
+        return None
+    labels = {}
+    for k, label in enumerate(ev.labels):
+        own = list(setup.label_lines.get(label, ()))
+        own_mask = np.zeros(setup.n_pixels, dtype=bool)
+        for group in own:
+            own_mask |= masks[group]
+        entry: dict = {"own_groups": own, "own_pixel_fraction": float(own_mask.mean()) if own else None}
+        if method == "population":
+            entry["group_shares"] = {g: _share(sum_abs[k], m) for g, m in masks.items()}
+            entry["own_share"] = _share(sum_abs[k], own_mask) if own else None
+            entry["peak_wave"] = float(setup.wave[int(np.argmax(ev.saliency.mean_abs[k]))])
+        else:
+            shares = ev.saliency_row_shares.get(label)
+            if shares is None:
+                continue
+            entry["group_shares"] = dict(shares)
+            # Own groups' windows do not overlap in the shipped setups, so their shares add up.
+            entry["own_share"] = sum(shares.get(g, math.nan) for g in own) if own else None
+        entry["own_enrichment"] = (
+            entry["own_share"] / entry["own_pixel_fraction"] if own and entry["own_pixel_fraction"] else None
+        )
+        labels[label] = entry
+    return {
+        "method": method,
+        "method_text": method_text,
+        "n_spectra": ev.saliency.count if ev.saliency is not None else ev.n,
+        "setup": setup.name,
+        "pixel_fractions": pixel_fractions,
+        "labels": labels,
+    }
+
+
+def _share(magnitude: np.ndarray, mask: np.ndarray) -> float:
+    total = magnitude.sum()
+    return float(magnitude[mask].sum() / total) if total > 0 else math.nan
+
+
+def draw_figures(ev: Evaluation, document: dict) -> dict[str, bytes]:
+    """The PNGs of the report by file name; ``document["figures"]`` lists them by role."""
+    metrics = document["metrics"]
+    bins = [
+        k
+        for k in document["snr"]["selections"]
+        if not any(k == f"snr>={c:g}" for c in document["snr"]["cuts"])
+    ]
+    saliency = document["saliency"]
+    figures = {
+        "one_to_one": plots.one_to_one(ev, metrics),
+        "snr": plots.snr_trends(ev, metrics, bins) if document["snr"]["available"] else None,
+        "calibration": plots.calibration(ev, metrics),
+        "kiel": plots.kiel(ev),
+        "abundances": plots.abundances(ev),
+        "saliency": plots.saliency_maps(ev, saliency) if saliency else None,
+        "saliency_shares": plots.saliency_shares(ev, saliency) if saliency else None,
+    }
+    out = {}
+    for role, data in figures.items():
+        if data is not None:
+            document["figures"][role] = f"{role}.png"
+            out[f"{role}.png"] = data
+    return out
+
+
+def json_text(document: dict) -> str:
+    """JSON with NaN as null (strict JSON readers refuse NaN); floats keep full precision."""
+    return json.dumps(_finite(document), indent=1, allow_nan=False) + "\n"
+
+
+def _finite(value):
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v) for v in value]
+    if isinstance(value, float | np.floating):
+        return float(value) if math.isfinite(value) else None
+    if isinstance(value, np.integer):
+        return int(value)
+    return value
+
+
+def write_report(ev: Evaluation, out: str, options: ReportOptions = ReportOptions()) -> dict:
+    """Compute, draw and publish the report folder at ``out`` (local path or URI); returns the
+    document as written to metrics.json. An existing report there is replaced; any other
+    non-empty folder is refused, so a mistyped --out never deletes someone's data."""
+    _check_out(out)
+    document = evaluation_document(ev, options)
+    files = draw_figures(ev, document)
+    if ev.quarantine is not None and ev.quarantine.num_rows:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        sink = pa.BufferOutputStream()
+        pq.write_table(ev.quarantine, sink)
+        files[QUARANTINE] = sink.getvalue().to_pybytes()
+        document["quarantine_file"] = QUARANTINE
+    text = json_text(document)
+    document = json.loads(text)
+    files[REPORT_MD] = render_markdown(document).encode()
+    files[METRICS_JSON] = text.encode()  # last: the file that says a report is complete
+    write_folder_atomic(out, files)
+    return document
+
+
+def _check_out(out: str) -> None:
+    fs, root = filesystem_and_path(out)
+    root = root.rstrip("/")
+    if not exists(fs, root):
+        return
+    from pyarrow import fs as pafs
+
+    entries = fs.get_file_info(pafs.FileSelector(root, recursive=False))
+    if not entries:
+        return
+    marker = join(root, METRICS_JSON)
+    if exists(fs, marker):
+        try:
+            if read_json(fs, marker).get("format") == FORMAT:
+                return
+        except (ValueError, OSError):
+            pass
+    raise InputError(
+        f"--out {out} is a folder that holds something other than a speclabel evaluation report; "
+        "choose a new or empty folder (an existing report is replaced)"
+    )
+
+
+# -- report.md --------------------------------------------------------------------------------------
+
+
+def render_markdown(doc: dict) -> str:
+    """``report.md`` from the metrics document alone (as read back from metrics.json)."""
+    labels = doc["labels"]
+    units = doc["units"]
+    metrics = doc["metrics"]
+    figures = doc["figures"]
+    source, rows = doc["source"], doc["rows"]
+    lines = [f"# speclabel evaluation: {_title(source)}", ""]
+    lines += [
+        f"Written {doc['created_at']} by speclabel {doc['speclabel_version']}. Every number here is in "
+        "`metrics.json` at full precision.",
+        "",
+        "## What was evaluated",
+        "",
+    ]
+    lines += _source_lines(source, rows, doc.get("quarantine_file"))
+    lines += [
+        "",
+        "## Accuracy",
+        "",
+        "Residual = predicted - true over every evaluated spectrum: bias = mean residual, scatter = "
+        "sample standard deviation (ddof = 1), robust scatter = 1.4826 x median absolute deviation, "
+        "rmse = root mean square residual.",
+        "",
+        "| label | unit | n | bias | scatter | robust scatter | rmse |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for name in labels:
+        m = metrics["all"][name]
+        lines.append(
+            f"| {name} | {units[name]} | {m['n']} | {_n(m['bias'])} | {_n(m['scatter'])} | "
+            f"{_n(m['robust_scatter'])} | {_n(m['rmse'])} |"
+        )
+    lines += ["", *_figure(figures, "one_to_one", "Predicted against true labels, residuals below")]
+    selections = doc["snr"]["selections"]
+    if selections:
+        lines += ["", "### By S/N", "", "Scatter (robust scatter) [bias] and n per S/N selection.", ""]
+        lines += ["| label | " + " | ".join(_snr_text(s) for s in selections) + " |"]
+        lines += ["|---|" + "---:|" * len(selections)]
+        for name in labels:
+            cells = [
+                f"{_n(metrics[s][name]['scatter'])} ({_n(metrics[s][name]['robust_scatter'])}) "
+                f"[{_n(metrics[s][name]['bias'])}] n={metrics[s][name]['n']}"
+                for s in selections
+            ]
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        lines += ["", *_figure(figures, "snr", "Bias, scatter and robust scatter per S/N bin")]
+    elif not doc["snr"]["available"]:
+        lines += ["", "No S/N is known for these spectra, so there are no S/N bins."]
+    lines += ["", "## Internal precision: ensemble std against the actual error", ""]
+    if "std_ratio" in metrics["all"][labels[0]]:
+        reference = doc["calibration_reference"]["frac_within_std_gaussian"]
+        lines += [
+            "std ratio = rms(ensemble std) / rms(predicted - true): 1 when the ensemble std is the actual "
+            "error, below 1 when it is over-confident. Within std = the fraction of spectra with "
+            f"|predicted - true| < ensemble std ({_n(reference)} for Gaussian errors of exactly that "
+            "std). The ensemble std measures how much the members disagree, not the noise of the "
+            "spectrum, so a ratio below 1 is expected; it says how to read the catalogue's `<label>_std`.",
+            "",
+            "| label | selection | rms std | rms error | std ratio | within std |",
+            "|---|---|---:|---:|---:|---:|",
+        ]
+        for name in labels:
+            for s in ["all", *selections]:
+                m = metrics[s][name]
+                lines.append(
+                    f"| {name} | {_snr_text(s)} | {_n(m['rms_std'])} | {_n(m['rmse'])} | "
+                    f"{_n(m['std_ratio'])} | {_n(m['frac_within_std'])} |"
+                )
+        lines += ["", *_figure(figures, "calibration", "|predicted - true| against the ensemble std")]
+    else:
+        lines += ["No ensemble std is available (a one-member model, or a catalogue without `<label>_std`)."]
+    lines += ["", "## Science views", ""]
+    lines += _figure(figures, "kiel", "Kiel diagram coloured by [Fe/H], predicted next to true") or [
+        "The Kiel diagram needs teff, logg and feh."
+    ]
+    lines += [""]
+    lines += _figure(figures, "abundances", "[Mg/Fe] and [Al/Fe] against [Fe/H], predicted next to true") or [
+        "The abundance planes need feh and mgfe or alfe."
+    ]
+    lines += ["", "## Saliency: where each label is read", ""]
+    lines += _saliency_lines(doc["saliency"], figures)
+    return "\n".join(lines) + "\n"
+
+
+def _title(source: dict) -> str:
+    if source["mode"] == "model":
+        return f"model {source['model_id']} on its test split"
+    releases = ", ".join(source.get("releases") or []) or "no release"
+    return f"catalogue {source['catalogue']} ({releases}) against {source['truth']}"
+
+
+def _source_lines(source: dict, rows: dict, quarantine_file: str | None) -> list[str]:
+    if source["mode"] == "model":
+        out = [
+            f"- Model: `{source['model']}` (model_id `{source['model_id']}`, {source['n_members']} members).",
+            f"- Data: `{source['data']}`"
+            + (
+                ""
+                if source["data"] == source["training_data"]
+                else " (not the data the model was trained on)"
+            )
+            + ".",
+            f"- Rows: {rows['read']} read, {rows['test_split']} in the common test split "
+            f"(test fraction {source['split']['test_fraction']}), {rows['evaluated']} evaluated, "
+            f"{rows['quarantined']} refused by the data contract.",
+        ]
+        if rows["quarantined"]:
+            reasons = ", ".join(f"{k}: {v}" for k, v in rows["quarantine_reasons"].items())
+            out.append(f"- Refused rows by reason: {reasons} (listed in `{quarantine_file}`).")
+        return out
+    runs = ", ".join(f"{r['release']} run {r['run_id']} (model {r['model_id']})" for r in source["runs"])
+    out = [
+        f"- Catalogue: `{source['catalogue']}`: {runs or 'no run'}"
+        + (f", rows where `{source['where']}`" if source.get("where") else "")
+        + ".",
+        f"- Truth: `{source['truth']}`, joined on spectrum_id.",
+        f"- Rows: {rows['catalogue']} catalogue rows, {rows['truth']} truth rows, {rows['matched']} matched; "
+        f"{rows['unmatched_catalogue']} catalogue rows without truth, {rows['unmatched_truth']} truth rows "
+        "not in the catalogue selection.",
+    ]
+    return out
+
+
+def _saliency_lines(saliency: dict | None, figures: dict) -> list[str]:
+    if saliency is None:
+        return ["No saliency is available for these spectra."]
+    out = [
+        f"Saliency = d label / d flux of the ensemble mean ({saliency['method_text']}, setup "
+        f"`{saliency['setup']}`). Gradient share = the share of |d label / d flux| that falls in a "
+        "group of line windows; own lines = the groups each label is expected to be read from; pixel share "
+        "= the share of the grid's pixels they cover; enrichment = gradient share / pixel share (1 = no "
+        "preference for those lines); peak = the wavelength of the largest mean |gradient|.",
+        "",
+        "| label | own lines | gradient share in own lines | pixel share | enrichment | peak (Å) |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
+    for name, entry in saliency["labels"].items():
+        own = ", ".join(entry["own_groups"]) or "–"
+        out.append(
+            f"| {name} | {own} | {_n(entry['own_share'])} | {_n(entry['own_pixel_fraction'])} | "
+            f"{_n(entry['own_enrichment'])} | {_n(entry.get('peak_wave'), digits=6)} |"
+        )
+    groups = list(saliency["pixel_fractions"])
+    out += [
+        "",
+        "Gradient share per line-window group (last row: pixel share):",
+        "",
+        "| label | " + " | ".join(groups) + " |",
+        "|---|" + "---:|" * len(groups),
+    ]
+    for name, entry in saliency["labels"].items():
+        out.append(f"| {name} | " + " | ".join(_n(entry["group_shares"].get(g)) for g in groups) + " |")
+    out.append("| pixels | " + " | ".join(_n(saliency["pixel_fractions"][g]) for g in groups) + " |")
+    out += [""]
+    out += _figure(figures, "saliency", "Population-averaged d label / d flux with the line windows shaded")
+    out += [""]
+    out += _figure(figures, "saliency_shares", "Share of |gradient| per line-window group")
+    return out
+
+
+def _figure(figures: dict, role: str, caption: str) -> list[str]:
+    return [f"![{caption}]({figures[role]})"] if role in figures else []
+
+
+def _snr_text(selection: str) -> str:
+    return (
+        selection.replace("snr", "S/N").replace("<=", " ≤ ").replace(">=", " ≥ ").replace("<", " < ").strip()
+    )
+
+
+def _n(value, digits: int = 4) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, int):
+        return str(value)
+    return f"{value:.{digits}g}"

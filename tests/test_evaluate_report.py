@@ -1,0 +1,354 @@
+"""speclabel evaluate: test-split rows of a model, catalogue joins, metrics.json and the rendered report."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+
+import matplotlib.image as mpimg
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from speclabel.jobs.cli import main
+from speclabel.model.arch import ArchConfig, build_network
+from speclabel.model.ensemble import Ensemble
+from speclabel.model.io import save_model
+from speclabel.model.saliency import SaliencyAccumulator
+from speclabel.model.scaling import LabelScaler
+from speclabel.model.splits import SplitRule
+from speclabel.pipeline.catalogue import write_release
+from speclabel.pipeline.catalogue.layout import saliency_column
+from speclabel.pipeline.catalogue.synthetic import SyntheticCatalogue, synthetic_label_rows
+from speclabel.pipeline.contract import LABEL_NAMES, model_inputs, spectra_arrays
+from speclabel.pipeline.errors import InputError
+from speclabel.pipeline.evaluation import from_catalogue, from_model, render_markdown, write_report
+from speclabel.pipeline.evaluation import report as report_module
+from speclabel.pipeline.evaluation.population import read_run_saliency, write_run_saliency
+from speclabel.pipeline.publish import Dataset
+
+# A large test fraction, so that a 40-spectrum survey has a test split worth plotting.
+SPLIT = SplitRule(test_fraction=0.6)
+TINY = ArchConfig(name="tiny", conv_channels=(2,), kernel_size=5, pool_size=16, dense_units=(4,), dropout=0.0)
+
+
+@pytest.fixture(scope="module")
+def survey_file(small_survey, tmp_path_factory):
+    path = tmp_path_factory.mktemp("survey") / "survey.parquet"
+    pq.write_table(small_survey, path, row_group_size=16)  # several row groups and batches
+    return path
+
+
+@pytest.fixture(scope="module")
+def model_dir(setup, small_survey, survey_file, tmp_path_factory):
+    torch.manual_seed(3)
+    labels = np.stack([small_survey.column(n).to_numpy() for n in LABEL_NAMES], axis=1).astype(np.float64)
+    ensemble = Ensemble(
+        setup,
+        TINY,
+        LabelScaler.fit(labels),
+        [build_network(TINY, setup) for _ in range(3)],
+        info={"training": {"split": SPLIT.to_dict(), "data": {"location": str(survey_file)}}},
+    )
+    path = tmp_path_factory.mktemp("model") / "model"
+    save_model(ensemble, str(path))
+    return path
+
+
+@pytest.fixture(scope="module")
+def model_evaluation(model_dir):
+    return from_model(str(model_dir))
+
+
+@pytest.fixture(scope="module")
+def report(model_evaluation, tmp_path_factory):
+    """One rendered report of the model evaluation (figures take seconds): its folder and document."""
+    out = tmp_path_factory.mktemp("report") / "report"
+    return out, write_report(model_evaluation, str(out))
+
+
+def test_model_mode_labels_exactly_the_test_split(setup, small_survey, model_dir, model_evaluation):
+    from speclabel.model.io import load_model
+
+    ev = model_evaluation
+    test = SPLIT.is_test(small_survey.column("spectrum_id"))
+    assert 0 < test.sum() < small_survey.num_rows
+    rows = small_survey.filter(pa.array(test))
+    assert list(ev.spectrum_id) == rows.column("spectrum_id").to_pylist()
+    assert ev.rows == {
+        "read": small_survey.num_rows,
+        "test_split": int(test.sum()),
+        "evaluated": int(test.sum()),
+        "quarantined": 0,
+        "quarantine_reasons": {},
+    }
+    # predictions and saliency sums against the ensemble run once on all test rows
+    flux, mask = model_inputs(spectra_arrays(rows, setup), setup)
+    reference = load_model(str(model_dir)).predict(flux, mask, saliency="full")
+    np.testing.assert_allclose(ev.predicted, reference.mean, rtol=1e-6, atol=1e-9)
+    np.testing.assert_allclose(ev.std, reference.std, rtol=1e-5, atol=1e-9)
+    np.testing.assert_array_equal(ev.true[:, 0], rows.column("teff").to_numpy())
+    np.testing.assert_array_equal(ev.snr, rows.column("snr").to_numpy())
+    assert ev.saliency.count == test.sum()
+    np.testing.assert_allclose(ev.saliency.sum, reference.saliency_maps.sum(axis=0), rtol=1e-4, atol=1e-7)
+    assert ev.source["model_id"] and ev.source["data"] == ev.source["training_data"]
+
+
+def test_bad_rows_are_refused_and_counted(setup, small_survey, model_dir, tmp_path):
+    test_rows = np.flatnonzero(SPLIT.is_test(small_survey.column("spectrum_id")))
+    flux = small_survey.column("flux_hr10").to_pylist()
+    flux[test_rows[0]][100] = float("nan")  # an unmasked NaN pixel in a test-split row
+    column = pa.FixedSizeListArray.from_arrays(pa.array(np.array(flux, np.float32).ravel()), len(flux[0]))
+    bad = small_survey.set_column(small_survey.schema.get_field_index("flux_hr10"), "flux_hr10", column)
+    bad = pa.concat_tables([bad, bad.slice(int(test_rows[1]), 1)])  # and a duplicate of a test row
+    path = tmp_path / "bad.parquet"
+    pq.write_table(bad, path, row_group_size=16)
+    ev = from_model(str(model_dir), str(path), saliency=False)
+    rows = ev.rows
+    assert rows["test_split"] == len(test_rows) + 1
+    assert rows["quarantined"] == 2 and rows["evaluated"] == len(test_rows) - 1
+    assert rows["quarantine_reasons"] == {"duplicate_id": 1, "nonfinite_flux": 1}
+    assert rows["test_split"] == rows["evaluated"] + rows["quarantined"]
+    assert ev.saliency is None and ev.source["training_data"] != ev.source["data"]
+    document = write_report(ev, str(tmp_path / "report"))
+    quarantine = pq.read_table(tmp_path / "report" / "quarantine.parquet")
+    assert sorted(quarantine.column("reason").to_pylist()) == ["duplicate_id", "nonfinite_flux"]
+    assert document["quarantine_file"] == "quarantine.parquet"
+
+
+def test_metrics_json_holds_the_numbers_numpy_gives(model_evaluation, report):
+    ev = model_evaluation
+    text = (report[0] / "metrics.json").read_text()
+    document = json.loads(text, parse_constant=lambda c: pytest.fail(f"non-JSON constant {c}"))
+    for k, name in enumerate(ev.labels):
+        r = ev.predicted[:, k] - ev.true[:, k]
+        m = document["metrics"]["all"][name]
+        assert m["bias"] == pytest.approx(np.mean(r), rel=1e-12)
+        assert m["scatter"] == pytest.approx(np.std(r, ddof=1), rel=1e-12)
+        assert m["robust_scatter"] == pytest.approx(1.4826 * np.median(np.abs(r - np.median(r))), rel=1e-12)
+        assert m["frac_within_std"] == pytest.approx(np.mean(np.abs(r) < ev.std[:, k]))
+        high = ev.snr >= 50
+        assert document["metrics"]["snr>=50"][name]["n"] == high.sum()
+        low = ev.snr < 20
+        assert document["metrics"]["snr<20"][name]["n"] == low.sum()
+        assert document["metrics"]["snr<20"][name]["bias"] == (
+            pytest.approx(np.mean(r[low])) if low.any() else None
+        )
+    # full precision: the JSON float is the float64 itself
+    r = ev.predicted[:, 0] - ev.true[:, 0]
+    assert document["metrics"]["all"][ev.labels[0]]["bias"] == float(r.mean())
+
+
+def test_report_renders_with_real_figures(report):
+    out, document = report
+    expected = {"one_to_one", "snr", "calibration", "kiel", "abundances", "saliency", "saliency_shares"}
+    assert set(document["figures"]) == expected
+    report = (out / "report.md").read_text()
+    for name in document["figures"].values():
+        path = out / name
+        assert path.stat().st_size > 8_000
+        image = mpimg.imread(path)
+        assert image.ndim == 3 and min(image.shape[:2]) > 200
+        rgb = np.round(image[..., :3] * 255).astype(np.uint32)
+        colours = np.unique(rgb[..., 0] << 16 | rgb[..., 1] << 8 | rgb[..., 2])
+        assert len(colours) > 50  # axes, points, text: not a blank or single-colour canvas
+        assert f"]({name})" in report
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        ["metrics.json", "report.md", *document["figures"].values()]
+    )
+
+
+def test_report_md_shows_only_numbers_from_metrics_json(report):
+    out = report[0]
+    document = json.loads((out / "metrics.json").read_text())
+    report = (out / "report.md").read_text()
+    assert render_markdown(document) == report  # report.md is a function of metrics.json alone
+    known = set()
+    for value in _numbers(document):
+        known |= {str(value)} if isinstance(value, int) else {f"{value:.4g}", f"{value:.6g}"}
+    tables = [line for line in report.splitlines() if line.startswith("|") and not line.startswith("|---")]
+    assert len(tables) > 20
+    for line in tables:
+        for token in re.findall(r"-?\d+(?:\.\d+)?(?:e[+-]\d+)?", line.split("|", 2)[2]):
+            assert token in known, f"{token!r} in report.md line {line!r} is not a number of metrics.json"
+
+
+def _numbers(value):
+    if isinstance(value, dict):
+        for v in value.values():
+            yield from _numbers(v)
+    elif isinstance(value, list):
+        for v in value:
+            yield from _numbers(v)
+    elif isinstance(value, int | float) and not isinstance(value, bool):
+        yield value
+
+
+def test_saliency_shares_against_the_window_masks(setup, model_evaluation, report):
+    saliency = report[1]["saliency"]
+    assert saliency["method"] == "population" and saliency["n_spectra"] == model_evaluation.n
+    masks = setup.window_masks()
+    magnitude = model_evaluation.saliency.sum_abs
+    for k, name in enumerate(model_evaluation.labels):
+        own = np.zeros(setup.n_pixels, bool)
+        for group in setup.label_lines[name]:
+            own |= masks[group]
+        entry = saliency["labels"][name]
+        assert entry["own_share"] == pytest.approx(magnitude[k, own].sum() / magnitude[k].sum())
+        assert entry["own_pixel_fraction"] == pytest.approx(own.mean())
+        assert entry["own_enrichment"] == pytest.approx(entry["own_share"] / entry["own_pixel_fraction"])
+        assert entry["group_shares"]["Mg I"] == pytest.approx(
+            magnitude[k, masks["Mg I"]].sum() / magnitude[k].sum()
+        )
+
+
+def test_an_existing_report_is_replaced_and_other_folders_are_refused(
+    model_evaluation, tmp_path, monkeypatch
+):
+    monkeypatch.setattr(report_module, "draw_figures", lambda ev, document: {})  # folder handling only
+    out = tmp_path / "report"
+    write_report(model_evaluation, str(out))
+    (out / "stale.png").write_bytes(b"old")
+    write_report(model_evaluation, str(out))
+    assert not (out / "stale.png").exists()
+    precious = tmp_path / "precious"
+    precious.mkdir()
+    (precious / "thesis.tex").write_text("years of work")
+    with pytest.raises(InputError, match="other than a speclabel evaluation report"):
+        write_report(model_evaluation, str(precious))
+    assert (precious / "thesis.tex").read_text() == "years of work"
+
+
+# -- catalogue mode ---------------------------------------------------------------------------------
+
+
+OFFSETS = {"teff": 40.0, "logg": -0.1, "feh": 0.05, "mgfe": 0.0, "alfe": 0.02}
+
+
+@pytest.fixture
+def catalogue(setup, tmp_path):
+    rows = synthetic_label_rows(setup, SyntheticCatalogue(release="DR1", n_members=0), 0, 300)
+    location = str(tmp_path / "catalogue")
+    result = write_release(location, "DR1", [rows], model_id="m1")
+    return location, rows, result.run_id
+
+
+def _truth(rows: pa.Table, drop: int, extra: int) -> pa.Table:
+    """True labels = catalogue labels - offset + noise, for all but ``drop`` rows, plus ``extra`` ids."""
+    rng = np.random.default_rng(5)
+    kept = rows.slice(drop)
+    columns = {"spectrum_id": kept.column("spectrum_id").to_pylist() + [f"other-{i}" for i in range(extra)]}
+    for name in LABEL_NAMES:
+        values = kept.column(name).to_numpy().astype(np.float64) - OFFSETS[name]
+        values = values + rng.normal(0, 0.01, values.size)
+        columns[name] = np.concatenate([values, np.zeros(extra)])
+    return pa.table(columns)
+
+
+def test_catalogue_mode_joins_on_spectrum_id_and_counts(setup, catalogue, tmp_path):
+    location, rows, _ = catalogue
+    truth = _truth(rows, drop=20, extra=7)
+    pq.write_table(truth, tmp_path / "truth.parquet")
+    ev = from_catalogue(location, str(tmp_path / "truth.parquet"), setup=setup)
+    assert ev.rows == {
+        "catalogue": 300,
+        "truth": 287,
+        "matched": 280,
+        "unmatched_catalogue": 20,
+        "unmatched_truth": 7,
+        "evaluated": 280,
+    }
+    # the join pairs each row with its own truth, whatever the catalogue's (HEALPix) row order
+    by_id = dict(zip(truth.column("spectrum_id").to_pylist(), truth.column("feh").to_pylist(), strict=True))
+    np.testing.assert_allclose(ev.true[:, 2], [by_id[i] for i in ev.spectrum_id])
+    document = write_report(ev, str(tmp_path / "report"))
+    for name in LABEL_NAMES:
+        assert document["metrics"]["all"][name]["bias"] == pytest.approx(OFFSETS[name], abs=0.01)
+    assert document["rows"]["matched"] == 280
+    assert document["saliency"]["method"] == "row_mean"
+    # the row-mean share of a group is the mean of the catalogue's summary column over matched rows
+    matched = rows.filter(pc.is_in(rows.column("spectrum_id"), pa.array(ev.spectrum_id.tolist())))
+    column = matched.column(saliency_column("mgfe", "Mg I")).to_numpy()
+    assert document["saliency"]["labels"]["mgfe"]["own_share"] == pytest.approx(column.mean(), rel=1e-6)
+    assert {"one_to_one", "kiel", "abundances", "saliency_shares"} <= set(document["figures"])
+    assert "saliency" not in document["figures"]  # no population sums stored: no maps to draw
+
+
+def test_catalogue_population_saliency_is_read_back_and_merged(setup, catalogue, tmp_path):
+    location, rows, run_id = catalogue
+    rng = np.random.default_rng(1)
+    parts = []
+    for part in ("a", "b"):
+        accumulator = SaliencyAccumulator.empty(len(LABEL_NAMES), setup.n_pixels)
+        accumulator.add(rng.normal(size=(3, len(LABEL_NAMES), setup.n_pixels)))
+        parts.append(accumulator)
+        # stored in another label order: the reader puts rows back in the order asked for
+        reordered = SaliencyAccumulator(accumulator.sum[::-1], accumulator.sum_abs[::-1], accumulator.count)
+        write_run_saliency(
+            Dataset.open(location), "DR1", run_id, reordered, LABEL_NAMES[::-1], setup, part=part
+        )
+    merged, stored_setup = read_run_saliency(Dataset.open(location), "DR1", run_id, LABEL_NAMES)
+    assert merged.count == 6 and stored_setup.same_grid(setup)
+    np.testing.assert_allclose(merged.sum, parts[0].sum + parts[1].sum)
+    pq.write_table(_truth(rows, 0, 0), tmp_path / "truth.parquet")
+    ev = from_catalogue(location, str(tmp_path / "truth.parquet"), setup=setup)
+    assert ev.saliency.count == 6 and ev.saliency_row_shares is None
+    document = write_report(ev, str(tmp_path / "report"))
+    assert document["saliency"]["method"] == "population" and "saliency" in document["figures"]
+
+
+def test_catalogue_with_a_spectrum_in_two_releases_needs_a_release(setup, catalogue, tmp_path):
+    location, rows, _ = catalogue
+    write_release(location, "DR2", [rows.slice(0, 50)], model_id="m1")
+    pq.write_table(_truth(rows, 0, 0), tmp_path / "truth.parquet")
+    with pytest.raises(InputError, match=r"check 'one row per spectrum'.*--release"):
+        from_catalogue(location, str(tmp_path / "truth.parquet"), setup=setup)
+    ev = from_catalogue(location, str(tmp_path / "truth.parquet"), setup=setup, releases=["DR2"])
+    assert ev.rows["catalogue"] == 50 and ev.source["releases"] == ["DR2"]
+    with pytest.raises(InputError, match="one row per spectrum"):  # a filter keeps both releases' copies
+        from_catalogue(location, str(tmp_path / "truth.parquet"), setup=setup, where="snr >= 50")
+    ev = from_catalogue(
+        location, str(tmp_path / "truth.parquet"), setup=setup, releases=["DR1"], where="snr >= 50"
+    )
+    assert ev.rows["catalogue"] == int((rows.column("snr").to_numpy() >= 50).sum())
+    assert not math.isnan(ev.snr.min()) and ev.snr.min() >= 50
+
+
+# -- the command line -------------------------------------------------------------------------------
+
+
+def test_cli_model_mode_writes_the_report(model_dir, tmp_path, capsys):
+    out = tmp_path / "report"
+    argv = [
+        "evaluate",
+        "--model",
+        str(model_dir),
+        "--out",
+        str(out),
+        "--snr-bins",
+        "30",
+        "80",
+        "--no-saliency",
+    ]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "spectra evaluated" in printed and "teff" in printed
+    document = json.loads((out / "metrics.json").read_text())
+    assert document["snr"]["selections"] == ["snr>=50", "snr<30", "30<=snr<80", "snr>=80"]
+
+
+def test_cli_usage_and_job_errors(model_dir, tmp_path, capsys):
+    out = str(tmp_path / "report")
+    assert main(["evaluate", "--model", str(model_dir), "--out", out, "--truth", "t.parquet"]) == 2
+    assert "go with --catalogue" in capsys.readouterr().err
+    assert main(["evaluate", "--catalogue", str(tmp_path), "--out", out]) == 2
+    assert "--truth" in capsys.readouterr().err
+    assert main(["evaluate", "--model", str(tmp_path / "nothing"), "--out", out]) == 1
+    assert "model.json" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        main(["evaluate", "--out", out])
+    assert exit_info.value.code == 2
