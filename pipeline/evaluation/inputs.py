@@ -125,10 +125,12 @@ def from_model(
     refused_ids, refused_reasons, refused_sources = [], [], []
     seen: set[str] = set()
     read = in_split = 0
+    has_snr = False
     for path in files:
         with fs.open_input_file(path) as fh:
             parquet = pq.ParquetFile(fh)
             check_table_columns(parquet.schema_arrow, setup, labelled=True, source=path)
+            has_snr = has_snr or "snr" in parquet.schema_arrow.names
             columns = [
                 c
                 for c in (
@@ -172,7 +174,6 @@ def from_model(
             f"{ensemble.model_id} (rule {split.test_salt!r}, fraction {split.test_fraction:g})"
         )
     n_labels = len(labels)
-    has_snr = "snr" in pq.ParquetFile(fs.open_input_file(files[0])).schema_arrow.names
     quarantined = Counter(r.split(":", 1)[0] for r in refused_reasons)
     log.info("evaluate: %d test-split rows of %d read, %d refused", in_split, read, len(refused_ids))
     return Evaluation(
