@@ -295,14 +295,15 @@ def saliency_shares(ev: Evaluation, saliency: dict) -> bytes | None:
         fraction = saliency["pixel_fractions"].get(group)
         ax.plot(x, [_nan(fraction)] * len(labels), "_", color="k", ms=10, mew=1.5)
     ax.plot([], [], "_", color="k", ms=10, mew=1.5, label="share of pixels")
-    for i, name in enumerate(labels):
-        own = saliency["labels"][name]["own_groups"]
-        ax.text(i, 1.02, "own: " + ", ".join(own), ha="center", va="bottom", fontsize=7)
-    ax.set_xticks(np.arange(len(labels)), [symbol(n) for n in labels])
-    ax.set_ylim(0, 1.1)
+    ticks = [f"{symbol(n)}\nown: {', '.join(saliency['labels'][n]['own_groups']) or '-'}" for n in labels]
+    ax.set_xticks(np.arange(len(labels)), ticks, fontsize=8)
+    heights = [_nan(v) for n in labels for v in saliency["labels"][n]["group_shares"].values()]
+    heights += list(saliency["pixel_fractions"].values())
+    tallest = float(np.nanmax(heights)) if np.isfinite(heights).any() else 1.0
+    ax.set_ylim(0, min(1.0, 1.15 * tallest) or 1.0)
     ax.set_ylabel("share of |d label / d flux|")
     ax.set_title(f"where each label is read ({saliency['method_text']})", fontsize=10)
-    ax.legend(fontsize=7, ncol=2, loc="upper right")
+    fig.legend(*ax.get_legend_handles_labels(), loc="outside right upper", fontsize=7)
     return png(fig)
 
 
