@@ -25,10 +25,10 @@ from speclabel.pipeline.catalogue import write_release
 from speclabel.pipeline.catalogue.layout import saliency_column
 from speclabel.pipeline.catalogue.synthetic import SyntheticCatalogue, synthetic_label_rows
 from speclabel.pipeline.contract import LABEL_NAMES, model_inputs, spectra_arrays
-from speclabel.pipeline.errors import InputError
+from speclabel.pipeline.errors import InputError, IntegrityError
 from speclabel.pipeline.evaluation import from_catalogue, from_model, render_markdown, write_report
 from speclabel.pipeline.evaluation import report as report_module
-from speclabel.pipeline.evaluation.population import read_run_saliency, write_run_saliency
+from speclabel.pipeline.evaluation.population import read_run_saliency
 from speclabel.pipeline.publish import Dataset
 
 # A large test fraction, so that a 40-spectrum survey has a test split worth plotting.
@@ -278,8 +278,27 @@ def test_catalogue_mode_joins_on_spectrum_id_and_counts(setup, catalogue, tmp_pa
     assert "saliency" not in document["figures"]  # no population sums stored: no maps to draw
 
 
-def test_catalogue_population_saliency_is_read_back_and_merged(setup, catalogue, tmp_path):
+def _population_file(accumulator: SaliencyAccumulator, labels, wave) -> pa.Table:
+    """A population saliency table as ``speclabel label`` stores it: one row per label."""
+    n = len(labels)
+    return pa.table(
+        {
+            "label": list(labels),
+            "count": [accumulator.count] * n,
+            "wave": [wave.tolist()] * n,
+            "mean": [row.tolist() for row in accumulator.mean.astype(np.float32)],
+            "mean_abs": [row.tolist() for row in accumulator.mean_abs.astype(np.float32)],
+            "sum": [row.tolist() for row in accumulator.sum],
+            "sum_abs": [row.tolist() for row in accumulator.sum_abs],
+        }
+    )
+
+
+def test_catalogue_population_saliency_is_read_back_and_merged(setup, tiny_setup, catalogue, tmp_path):
     location, rows, run_id = catalogue
+    dataset = Dataset.open(location)
+    folder = tmp_path / "catalogue" / "_population_saliency" / "release=DR1" / f"run={run_id}"
+    folder.mkdir(parents=True)
     rng = np.random.default_rng(1)
     parts = []
     for part in ("a", "b"):
@@ -288,12 +307,13 @@ def test_catalogue_population_saliency_is_read_back_and_merged(setup, catalogue,
         parts.append(accumulator)
         # stored in another label order: the reader puts rows back in the order asked for
         reordered = SaliencyAccumulator(accumulator.sum[::-1], accumulator.sum_abs[::-1], accumulator.count)
-        write_run_saliency(
-            Dataset.open(location), "DR1", run_id, reordered, LABEL_NAMES[::-1], setup, part=part
-        )
-    merged, stored_setup = read_run_saliency(Dataset.open(location), "DR1", run_id, LABEL_NAMES)
-    assert merged.count == 6 and stored_setup.same_grid(setup)
-    np.testing.assert_allclose(merged.sum, parts[0].sum + parts[1].sum)
+        pq.write_table(_population_file(reordered, LABEL_NAMES[::-1], setup.wave), folder / f"{part}.parquet")
+    merged = read_run_saliency(dataset, "DR1", run_id, LABEL_NAMES, setup)
+    assert merged.count == 6
+    np.testing.assert_array_equal(merged.sum, parts[0].sum + parts[1].sum)
+    np.testing.assert_array_equal(merged.sum_abs, parts[0].sum_abs + parts[1].sum_abs)
+    with pytest.raises(IntegrityError, match="check 'saliency grid'"):
+        read_run_saliency(dataset, "DR1", run_id, LABEL_NAMES, tiny_setup)
     pq.write_table(_truth(rows, 0, 0), tmp_path / "truth.parquet")
     ev = from_catalogue(location, str(tmp_path / "truth.parquet"), setup=setup)
     assert ev.saliency.count == 6 and ev.saliency_row_shares is None

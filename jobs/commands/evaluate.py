@@ -54,7 +54,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--setup",
         default="giraffe-hr10-hr21",
-        help="with --catalogue: setup of the labelled spectra when the catalogue does not record it",
+        help="with --catalogue: setup the catalogue was labelled with (default giraffe-hr10-hr21)",
     )
     parser.add_argument(
         "--snr-bins",

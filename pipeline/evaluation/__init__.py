@@ -6,7 +6,7 @@
 :mod:`.inputs` gathers predicted and true labels (a model on its test split, or a catalogue joined
 with a truth table), :mod:`.report` computes every number into ``metrics.json`` and writes
 ``report.md``, :mod:`.plots` draws its figures and :mod:`.population` reads the population saliency
-sums a labelling run stored beside its release.
+sums a labelling run stored beside its release (``_population_saliency/``).
 """
 
 from .inputs import Evaluation, from_catalogue, from_model

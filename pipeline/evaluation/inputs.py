@@ -9,9 +9,9 @@ Two sources give the same :class:`Evaluation`:
   that fail the data contract are refused with a reason (quarantine), and counted.
 * :func:`from_catalogue`: the label catalogue that ``speclabel label`` wrote, joined on
   ``spectrum_id`` with a table of true labels. Matched and unmatched rows on both sides are counted.
-  The population saliency comes from the accumulators the label job stored beside the release
-  (``_saliency/release=<R>/run=<run>/``) when there are any, else from the per-spectrum summary
-  columns ``sal_<label>_<group>``.
+  The population saliency comes from the sums the label job stored beside the release
+  (``_population_saliency/release=<R>/run=<run>/``, :mod:`.population`) when there are any, else
+  from the per-spectrum summary columns ``sal_<label>_<group>``.
 """
 
 from __future__ import annotations
@@ -267,8 +267,8 @@ def from_catalogue(
 ) -> Evaluation:
     """Catalogue rows (selected like ``speclabel query``) joined with true labels on ``spectrum_id``.
 
-    ``setup``: the instrument setup of the labelled spectra (line windows, the saliency grid) when
-    the catalogue's saliency accumulators do not record one.
+    ``setup``: the instrument setup of the labelled spectra: its line windows and the grid of the
+    stored population saliency maps.
     """
     cat = open_catalogue(catalogue)
     schema = cat.schema(releases, model_id)
@@ -302,8 +302,7 @@ def from_catalogue(
         snr = _optional_column(truth_rows, "snr")
     selected_releases = sorted(pc.unique(rows.column("release")).to_pylist())
     runs = cat.runs(selected_releases or None, model_id) if selected_releases else []
-    accumulator, accumulator_setup = _catalogue_saliency(cat, runs, labels)
-    setup = accumulator_setup or setup
+    accumulator = _catalogue_saliency(cat, runs, labels, setup)
     return Evaluation(
         labels=labels,
         spectrum_id=np.array(joined.column("spectrum_id").to_pylist(), dtype=object),
@@ -350,21 +349,13 @@ def _row_shares(rows: pa.Table, labels, setup: Setup) -> dict[str, dict[str, flo
     return out or None
 
 
-def _catalogue_saliency(cat, runs, labels) -> tuple[SaliencyAccumulator | None, Setup | None]:
+def _catalogue_saliency(cat, runs, labels, setup: Setup) -> SaliencyAccumulator | None:
     """The population saliency sums the label job stored for the selected runs, merged (none: None)."""
     from .population import read_run_saliency
 
-    merged, setup = None, None
+    merged = None
     for run in runs:
-        found = read_run_saliency(cat.dataset, run.release, run.run_id, labels)
-        if found is None:
-            continue
-        accumulator, run_setup = found
-        if setup is not None and run_setup is not None and not setup.same_grid(run_setup):
-            raise IntegrityError(
-                f"check 'saliency grid': release {run.release} was labelled on setup {run_setup.name!r}, "
-                f"another selected release on {setup.name!r}; evaluate them one at a time with --release"
-            )
-        setup = setup or run_setup
-        merged = accumulator if merged is None else merged.merge(accumulator)
-    return merged, setup
+        accumulator = read_run_saliency(cat.dataset, run.release, run.run_id, labels, setup)
+        if accumulator is not None:
+            merged = accumulator if merged is None else merged.merge(accumulator)
+    return merged
