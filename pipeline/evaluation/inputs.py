@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -119,55 +120,39 @@ def from_model(
         )
     setup = ensemble.setup
     labels = ensemble.label_names
-    fs, files = resolve_files(location, (".parquet",))
     accumulator = SaliencyAccumulator.empty(len(labels), setup.n_pixels) if saliency else None
     parts: dict[str, list] = {"id": [], "mean": [], "std": [], "true": [], "snr": []}
     refused_ids, refused_reasons, refused_sources = [], [], []
     seen: set[str] = set()
     read = in_split = 0
     has_snr = False
-    for path in files:
-        with fs.open_input_file(path) as fh:
-            parquet = pq.ParquetFile(fh)
-            check_table_columns(parquet.schema_arrow, setup, labelled=True, source=path)
-            has_snr = has_snr or "snr" in parquet.schema_arrow.names
-            columns = [
-                c
-                for c in (
-                    "spectrum_id",
-                    *(col for arm in setup.arms for col in (arm.flux_column, arm.ivar_column)),
-                    *labels,
-                    "snr",
-                )
-                if c in parquet.schema_arrow.names
-            ]
-            for batch in parquet.iter_batches(batch_size=batch_rows, columns=columns):
-                table = pa.Table.from_batches([batch])
-                read += table.num_rows
-                table = table.filter(split.is_test(table.column("spectrum_id")))
-                if not table.num_rows:
-                    continue
-                in_split += table.num_rows
-                ids = table.column("spectrum_id").to_pylist()
-                known = np.array([sid in seen for sid in ids])
-                seen.update(s for s in ids if s is not None)
-                arrays = spectra_arrays(table, setup)
-                reasons = validate(table, setup, labelled=True, arrays=arrays, known_duplicates=known)
-                good = np.array([r is None for r in reasons])
-                for i in np.flatnonzero(~good):
-                    refused_ids.append(ids[i])
-                    refused_reasons.append(reasons[i])
-                    refused_sources.append(path)
-                if not good.any():
-                    continue
-                table = table.filter(pa.array(good))
-                flux, mask = model_inputs(spectra_arrays(table, setup), setup)
-                prediction = ensemble.predict(flux, mask, accumulator=accumulator)
-                parts["id"] += [ids[i] for i in np.flatnonzero(good)]
-                parts["mean"].append(prediction.mean)
-                parts["std"].append(prediction.std)
-                parts["true"].append(_label_matrix(table, labels))
-                parts["snr"].append(_optional_column(table, "snr"))
+    for path, batch in _batches(location, setup, labels, batch_rows):
+        read += batch.num_rows
+        has_snr = has_snr or "snr" in batch.column_names
+        table = batch.filter(split.is_test(batch.column("spectrum_id")))
+        if not table.num_rows:
+            continue
+        in_split += table.num_rows
+        ids = table.column("spectrum_id").to_pylist()
+        known = np.array([sid in seen for sid in ids])  # duplicates of rows in earlier batches
+        seen.update(s for s in ids if s is not None)
+        arrays = spectra_arrays(table, setup)
+        reasons = validate(table, setup, labelled=True, arrays=arrays, known_duplicates=known)
+        good = np.array([r is None for r in reasons])
+        for i in np.flatnonzero(~good):
+            refused_ids.append(ids[i])
+            refused_reasons.append(reasons[i])
+            refused_sources.append(path)
+        if not good.any():
+            continue
+        flux, mask = model_inputs(arrays, setup)
+        prediction = ensemble.predict(flux[good], mask[good], accumulator=accumulator)
+        table = table.filter(pa.array(good))
+        parts["id"] += [ids[i] for i in np.flatnonzero(good)]
+        parts["mean"].append(prediction.mean)
+        parts["std"].append(prediction.std)
+        parts["true"].append(_label_matrix(table, labels))
+        parts["snr"].append(_optional_column(table, "snr"))
     if not in_split:
         raise InputError(
             f"none of the {read} rows of {location} falls in the test split of model "
@@ -203,6 +188,25 @@ def from_model(
         saliency=accumulator if accumulator is not None and accumulator.count else None,
         quarantine=quarantine_table(refused_ids, refused_reasons, refused_sources) if refused_ids else None,
     )
+
+
+def _batches(location: str, setup: Setup, labels, batch_rows: int) -> Iterator[tuple[str, pa.Table]]:
+    """``(file, rows)`` of every Parquet file at ``location``, reading only the columns evaluation uses."""
+    fs, files = resolve_files(location, (".parquet",))
+    wanted = [
+        "spectrum_id",
+        *(c for arm in setup.arms for c in (arm.flux_column, arm.ivar_column)),
+        *labels,
+        "snr",
+    ]
+    for path in files:
+        with fs.open_input_file(path) as fh:
+            parquet = pq.ParquetFile(fh)
+            schema = parquet.schema_arrow
+            check_table_columns(schema, setup, labelled=True, source=path)
+            columns = [c for c in wanted if c in schema.names]
+            for batch in parquet.iter_batches(batch_size=batch_rows, columns=columns):
+                yield path, pa.Table.from_batches([batch])
 
 
 def _label_matrix(table: pa.Table, labels) -> np.ndarray:
