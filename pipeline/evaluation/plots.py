@@ -176,7 +176,7 @@ def snr_trends(ev: Evaluation, metrics: dict, bins: list[str]) -> bytes | None:
         ax.axhline(0.0, color="0.6", lw=0.8)
         ax.set_xticks(x, [b.replace("snr", "S/N") for b in bins], rotation=30, fontsize=8)
         ax.set_title(symbol(label))
-        ax.set_ylabel(axis_label(label, "").strip() or label)
+        ax.set_ylabel(f"pred. - true{_unit_suffix(label)}")
         if k == 0:
             ax.legend(fontsize=7)
     return png(fig)
