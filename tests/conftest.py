@@ -47,3 +47,27 @@ def ray_session():
         )
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def tiny_setup():
+    """A two-arm setup of 96 + 64 pixels with line windows, small enough for fast model tests."""
+    from speclabel.pipeline.setups import Setup
+
+    return Setup.from_dict(
+        {
+            "name": "tiny-two-arm",
+            "arms": [
+                {
+                    "name": "blue",
+                    "wave_start": 5000.0,
+                    "wave_step": 0.5,
+                    "n_pixels": 96,
+                    "resolution": 5000.0,
+                },
+                {"name": "red", "wave_start": 8500.0, "wave_step": 0.5, "n_pixels": 64, "resolution": 5000.0},
+            ],
+            "line_windows": {"Fe I": [[5010.0, 5012.0], [5030.0, 5031.0]], "Ca II": [[8510.0, 8515.0]]},
+            "label_lines": {"feh": ["Fe I"]},
+        }
+    )

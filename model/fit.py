@@ -1,0 +1,197 @@
+"""An ensemble fitted in one process: member after member, then selection, test metrics, provenance.
+
+This is the notebook and benchmark path and the reference for the parallel Ray job, which runs
+the same steps with members in parallel: :func:`prepare_arrays` -> :func:`fit_scaler` ->
+:func:`member_data` + ``training.train_member`` per member seed -> :func:`assemble_ensemble`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow as pa
+
+from ..pipeline.errors import ConfigError, InputError
+from ..pipeline.setups import Setup
+from .arch import ArchConfig
+from .ensemble import Ensemble, select_members
+from .metrics import metrics_by_snr
+from .provenance import DataFingerprint
+from .scaling import LabelScaler
+from .splits import SplitRule
+from .training import (
+    ArrayData,
+    EpochMetrics,
+    MemberResult,
+    TrainConfig,
+    TrainingState,
+    train_member,
+    training_arrays,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EnsembleConfig:
+    """How many members, which seeds, which to keep, and how labels are scaled and rows split.
+
+    ``n_candidates`` > ``n_members`` trains more and keeps the ``n_members`` best by validation
+    loss; ``keep_percentile`` (e.g. 80, as Guiglion et al. 2020) keeps only members at or below that
+    percentile of the candidates' validation losses.
+    """
+
+    n_members: int = 8
+    n_candidates: int | None = None
+    keep_percentile: float | None = None
+    base_seed: int = 0
+    scaling: str = "standard"
+    split: SplitRule = field(default_factory=SplitRule)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.split, Mapping):
+            object.__setattr__(self, "split", SplitRule.from_dict(self.split))
+        if self.n_members < 1:
+            raise ConfigError(f"n_members must be >= 1, got {self.n_members}")
+        if self.n_candidates is not None and self.n_candidates < self.n_members:
+            raise ConfigError(f"n_candidates ({self.n_candidates}) must be >= n_members ({self.n_members})")
+
+    @property
+    def seeds(self) -> list[int]:
+        return [self.base_seed + i for i in range(self.n_candidates or self.n_members)]
+
+    def to_dict(self) -> dict:
+        return {**dataclasses.asdict(self), "split": self.split.to_dict()}
+
+
+def prepare_arrays(table: pa.Table, setup: Setup, *, clean: pa.Table | None = None) -> dict[str, np.ndarray]:
+    """Training arrays of a validated labelled table, with its fingerprint."""
+    arrays = training_arrays(table, setup, clean=clean)
+    arrays["fingerprint"] = DataFingerprint().add_table(table, setup).hexdigest
+    return arrays
+
+
+def fit_scaler(arrays: Mapping[str, np.ndarray], split: SplitRule, method: str) -> LabelScaler:
+    """The label scaling of the whole ensemble, from every row outside the common test split."""
+    rows = ~split.is_test(arrays["spectrum_id"])
+    if rows.sum() < 2:
+        raise InputError(f"only {int(rows.sum())} training rows outside the test split")
+    return LabelScaler.fit(arrays["labels"][rows], method)
+
+
+def member_data(arrays: Mapping[str, np.ndarray], split: SplitRule, seed: int) -> tuple[ArrayData, ArrayData]:
+    train_rows, val_rows = split.member_masks(arrays["spectrum_id"], seed)
+    if not train_rows.any() or not val_rows.any():
+        raise InputError(
+            f"member seed {seed} has {int(train_rows.sum())} training and {int(val_rows.sum())} "
+            "validation rows: it needs both"
+        )
+    return ArrayData.from_arrays(arrays, train_rows), ArrayData.from_arrays(arrays, val_rows)
+
+
+def assemble_ensemble(
+    setup: Setup,
+    arch: ArchConfig,
+    scaler: LabelScaler,
+    candidates: list[MemberResult],
+    *,
+    ensemble_config: EnsembleConfig,
+    train_config: TrainConfig,
+    test: Mapping[str, np.ndarray] | None,
+    data: Mapping,
+) -> Ensemble:
+    """Select the members, measure the ensemble on the common test split, record provenance.
+
+    ``test``: arrays of the test rows (flux, mask, labels, optional snr) or None; ``data``: where
+    the training data came from (location, fingerprint, n_rows, ...), stored in model.json.
+    """
+    kept = select_members(
+        [c.best_val_loss for c in candidates],
+        keep=ensemble_config.n_members,
+        percentile=ensemble_config.keep_percentile,
+    )
+    members = [candidates[i] for i in kept]
+    member_info = [
+        {
+            "seed": m.seed,
+            "split": {"rule": "member_masks(spectrum_id, seed)", "n_train": m.n_train, "n_val": m.n_val},
+            "best_val_loss": m.best_val_loss,
+            "best_epoch": m.best_epoch,
+            "epochs_run": m.epochs_run,
+            "stopped_early": m.stopped_early,
+            "validation": m.val_metrics,
+        }
+        for m in members
+    ]
+    ensemble = Ensemble(setup, arch, scaler, [m.network for m in members], member_info=member_info)
+    metrics = {
+        "validation": {
+            "note": "each member on its own validation split; val loss is MSE of scaled labels",
+            "mean_best_val_loss": float(np.mean([m.best_val_loss for m in members])),
+        },
+    }
+    if test is not None and len(test["labels"]):
+        prediction = ensemble.predict(test["flux"], test["mask"])
+        metrics["test"] = metrics_by_snr(
+            prediction.mean, test["labels"], scaler.names, test.get("snr"), std=prediction.std
+        )
+    ensemble.info = {
+        "training": {
+            "data": dict(data),
+            "split": ensemble_config.split.to_dict(),
+            "ensemble": ensemble_config.to_dict(),
+            "config": train_config.to_dict(),
+            "candidates": [
+                {"seed": c.seed, "best_val_loss": c.best_val_loss, "kept": i in kept}
+                for i, c in enumerate(candidates)
+            ],
+        },
+        "metrics": metrics,
+    }
+    return ensemble
+
+
+def fit_ensemble(
+    arrays: Mapping[str, np.ndarray],
+    setup: Setup,
+    arch: ArchConfig,
+    train_config: TrainConfig,
+    ensemble_config: EnsembleConfig,
+    *,
+    data: Mapping,
+    on_epoch: Callable[[int, EpochMetrics, TrainingState], None] | None = None,
+) -> Ensemble:
+    """Train every candidate member in turn (``on_epoch(seed, metrics, state)`` after each epoch)."""
+    split = ensemble_config.split
+    scaler = fit_scaler(arrays, split, ensemble_config.scaling)
+    candidates = []
+    for seed in ensemble_config.seeds:
+        train, val = member_data(arrays, split, seed)
+        callback = None if on_epoch is None else (lambda m, s, seed=seed: on_epoch(seed, m, s))
+        result = train_member(
+            arch, setup, scaler, train_config.replace(seed=seed), train, val, on_epoch=callback
+        )
+        log.info(
+            "member seed %d: best val loss %.4g at epoch %d of %d",
+            seed,
+            result.best_val_loss,
+            result.best_epoch,
+            result.epochs_run,
+        )
+        candidates.append(result)
+    test_rows = split.is_test(arrays["spectrum_id"])
+    test = {k: arrays[k][test_rows] for k in ("flux", "mask", "labels", "snr") if arrays.get(k) is not None}
+    return assemble_ensemble(
+        setup,
+        arch,
+        scaler,
+        candidates,
+        ensemble_config=ensemble_config,
+        train_config=train_config,
+        test=test,
+        data={"n_rows": len(arrays["labels"]), "fingerprint": arrays.get("fingerprint"), **data},
+    )

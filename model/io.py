@@ -1,0 +1,256 @@
+"""The model directory: ``model.json`` plus ``members/member-<i>.safetensors``, nothing else.
+
+``model.json`` holds everything needed to use and to trust the weights: the setup (grids), the
+architecture, the label scaling with training ranges, each member's weight file with its sha256,
+the training provenance and metrics (``Ensemble.info``), the speclabel version and a ``model_id``:
+the first 16 hex digits of the sha256 of model.json's canonical content without ``model_id``.
+Because that content includes every weight file's sha256, the id covers the weights too.
+
+Loading checks, in order, and fails with :class:`IntegrityError` naming the check: the format, the
+``model_id`` against the content (an edited model.json), the set of files in ``members/`` (a stray
+or missing weight file), each file's sha256 (a tampered or truncated file), each file's tensors
+against the architecture, and, when the caller names the setup of its input, the wavelength grid.
+Weights are safetensors only: nothing here can execute code from a model directory.
+
+Saving is atomic: on a local disk the directory is staged beside the target and renamed into
+place; on an object store the weight files are written first and model.json last, and a reader
+never trusts weights that model.json does not vouch for.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import hashlib
+import json
+import os
+import shutil
+import uuid
+from importlib.metadata import PackageNotFoundError, version
+
+import pyarrow.fs as pafs
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
+
+from ..pipeline.errors import ConfigError, IntegrityError, SpeclabelError
+from ..pipeline.setups import Setup
+from ..pipeline.storage import exists, filesystem_and_path, join, write_bytes_atomic
+from .arch import ArchConfig, build_network
+from .ensemble import STD_DDOF, Ensemble
+from .scaling import LabelScaler
+
+MODEL_JSON = "model.json"
+MEMBERS_DIR = "members"
+FORMAT = "speclabel-model"
+FORMAT_VERSION = 1
+# Sections of model.json written from the ensemble itself; Ensemble.info adds the others.
+RESERVED = (
+    "format",
+    "format_version",
+    "model_id",
+    "speclabel_version",
+    "created_at",
+    "labels",
+    "setup",
+    "arch",
+    "scaling",
+    "std_ddof",
+    "members",
+)
+
+
+def speclabel_version() -> str:
+    try:
+        return version("speclabel")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def member_file(index: int) -> str:
+    return f"{MEMBERS_DIR}/member-{index}.safetensors"
+
+
+def canonical_bytes(document: dict) -> bytes:
+    return json.dumps(document, sort_keys=True, separators=(",", ":"), allow_nan=False).encode()
+
+
+def compute_model_id(document: dict) -> str:
+    content = {k: v for k, v in document.items() if k != "model_id"}
+    return hashlib.sha256(canonical_bytes(content)).hexdigest()[:16]
+
+
+def member_bytes(network: torch.nn.Module, index: int) -> bytes:
+    # float32 on disk whatever the network computed in; contiguous copies (safetensors refuses views).
+    state = {k: v.detach().to(torch.float32).contiguous() for k, v in network.state_dict().items()}
+    return save_safetensors(state, metadata={"format": "pt", "speclabel_member": str(index)})
+
+
+def model_document(ensemble: Ensemble, weight_files: dict[str, bytes]) -> dict:
+    clash = sorted(set(ensemble.info) & set(RESERVED))
+    if clash:
+        raise ConfigError(f"Ensemble.info may not set the reserved model.json section(s) {clash}")
+    members = []
+    for index, info in enumerate(ensemble.member_info):
+        name = member_file(index)
+        members.append({**info, "file": name, "sha256": hashlib.sha256(weight_files[name]).hexdigest()})
+    document = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "speclabel_version": speclabel_version(),
+        "created_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "labels": list(ensemble.label_names),
+        "setup": ensemble.setup.to_dict(),
+        "arch": ensemble.arch.to_dict(),
+        "scaling": ensemble.scaler.to_dict(),
+        "std_ddof": STD_DDOF,
+        "members": members,
+        **ensemble.info,
+    }
+    document["model_id"] = compute_model_id(document)
+    return document
+
+
+def save_model(ensemble: Ensemble, location: str, *, overwrite: bool = False) -> str:
+    """Write the ensemble as a model directory at a local path or URI; returns its ``model_id``."""
+    weight_files = {member_file(i): member_bytes(net, i) for i, net in enumerate(ensemble.networks)}
+    document = model_document(ensemble, weight_files)
+    text = (json.dumps(document, indent=2, sort_keys=True, allow_nan=False) + "\n").encode()
+    fs, root = filesystem_and_path(location)
+    root = root.rstrip("/")
+    if exists(fs, join(root, MODEL_JSON)) and not overwrite:
+        raise SpeclabelError(f"a model already exists at {location}; choose another path or overwrite it")
+    if isinstance(fs, pafs.LocalFileSystem):
+        _save_local(root, {**weight_files, MODEL_JSON: text})
+    else:
+        for name, data in weight_files.items():
+            write_bytes_atomic(fs, join(root, name), data)
+        write_bytes_atomic(fs, join(root, MODEL_JSON), text)  # the commit point
+    ensemble.info = {k: v for k, v in document.items() if k not in RESERVED}
+    ensemble.model_id = document["model_id"]
+    return document["model_id"]
+
+
+def _save_local(root: str, files: dict[str, bytes]) -> None:
+    parent, name = os.path.split(root)
+    os.makedirs(parent or ".", exist_ok=True)
+    staging = os.path.join(parent, f".{name}.staging-{uuid.uuid4().hex[:8]}")
+    try:
+        for relative, data in files.items():
+            path = os.path.join(staging, relative)
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            with open(path, "wb") as fh:
+                fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())
+        if os.path.exists(root):
+            # Replacing a model: move the old one aside first; a reader in the microseconds between
+            # the renames finds no model.json and fails cleanly rather than mixing two models.
+            retired = os.path.join(parent, f".{name}.old-{uuid.uuid4().hex[:8]}")
+            os.rename(root, retired)
+            os.rename(staging, root)
+            shutil.rmtree(retired, ignore_errors=True)
+        else:
+            os.rename(staging, root)
+    finally:
+        if os.path.exists(staging):
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+def read_model_document(location: str) -> dict:
+    """model.json, checked against its own ``model_id`` (no weights read)."""
+    fs, root = filesystem_and_path(location)
+    path = join(root.rstrip("/"), MODEL_JSON)
+    if not exists(fs, path):
+        raise IntegrityError(
+            f"check 'model.json present': no {MODEL_JSON} in {location}; is this a model directory?"
+        )
+    try:
+        with fs.open_input_stream(path) as fh:
+            document = json.loads(fh.read().decode())
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise IntegrityError(
+            f"check 'model.json readable': {location}/{MODEL_JSON} is not valid JSON: {exc}"
+        ) from exc
+    if not isinstance(document, dict) or document.get("format") != FORMAT:
+        raise IntegrityError(f"check 'format': {location}/{MODEL_JSON} is not a {FORMAT} document")
+    if document.get("format_version") != FORMAT_VERSION:
+        raise IntegrityError(
+            f"check 'format version': {location} has model format {document.get('format_version')}, "
+            f"this speclabel ({speclabel_version()}) reads version {FORMAT_VERSION}"
+        )
+    expected = compute_model_id(document)
+    if document.get("model_id") != expected:
+        raise IntegrityError(
+            f"check 'model_id': the content of {location}/{MODEL_JSON} does not match its model_id "
+            f"{document.get('model_id')!r} (content hashes to {expected!r}): edited after it was written"
+        )
+    return document
+
+
+def load_model(location: str, *, setup: Setup | None = None, dtype: torch.dtype = torch.float32) -> Ensemble:
+    """Load and verify a model directory. ``setup``: the setup of the input the model will label."""
+    document = read_model_document(location)
+    model_setup = Setup.from_dict(document["setup"])
+    if setup is not None and not model_setup.same_grid(setup):
+        raise IntegrityError(
+            f"check 'setup': model {document['model_id']} at {location} was trained on setup "
+            f"{model_setup.name!r} ({_grid_text(model_setup)}), but the input uses setup {setup.name!r} "
+            f"({_grid_text(setup)})"
+        )
+    arch = ArchConfig.from_dict(document["arch"])
+    scaler = LabelScaler.from_dict(document["scaling"])
+    fs, root = filesystem_and_path(location)
+    root = root.rstrip("/")
+    listed = [m["file"] for m in document["members"]]
+    present = _member_files(fs, join(root, MEMBERS_DIR))
+    if sorted(present) != sorted(listed):
+        raise IntegrityError(
+            f"check 'member files': {location}/{MEMBERS_DIR} holds {sorted(present)}, model.json lists "
+            f"{sorted(listed)}"
+        )
+    networks = []
+    for member in document["members"]:
+        with fs.open_input_stream(join(root, member["file"])) as fh:
+            data = fh.read()
+        if hashlib.sha256(data).hexdigest() != member["sha256"]:
+            raise IntegrityError(
+                f"check 'weight sha256': {location}/{member['file']} does not match the sha256 in model.json "
+                "(the file was changed or truncated)"
+            )
+        network = build_network(arch, model_setup)
+        try:
+            state = load_safetensors(data)
+            network.load_state_dict(state, strict=True)
+        except (SafetensorError, RuntimeError) as exc:
+            raise IntegrityError(
+                f"check 'weights fit architecture': {location}/{member['file']} does not fit "
+                f"architecture {arch.name!r}: {exc}"
+            ) from exc
+        networks.append(network.to(dtype))
+    ensemble = Ensemble(
+        model_setup,
+        arch,
+        scaler,
+        networks,
+        member_info=[
+            {k: v for k, v in m.items() if k not in ("file", "sha256")} for m in document["members"]
+        ],
+        info={k: v for k, v in document.items() if k not in RESERVED},
+    )
+    ensemble.model_id = document["model_id"]
+    return ensemble
+
+
+def _member_files(fs: pafs.FileSystem, folder: str) -> list[str]:
+    if not exists(fs, folder):
+        return []
+    with contextlib.suppress(FileNotFoundError):
+        entries = fs.get_file_info(pafs.FileSelector(folder, recursive=True))
+        return [f"{MEMBERS_DIR}/{e.path[len(folder) + 1 :]}" for e in entries if e.type == pafs.FileType.File]
+    return []
+
+
+def _grid_text(setup: Setup) -> str:
+    return ", ".join(f"{a.name} {a.wave_start:g}+{a.wave_step:g}x{a.n_pixels}" for a in setup.arms)

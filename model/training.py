@@ -1,0 +1,585 @@
+"""Training one ensemble member: MSE with Adam, early stopping with best-weight restore, augmentation.
+
+Data come through a small interface, :class:`TrainingData`: ``batches(epoch, batch_size,
+shuffle_seed)`` yields dicts of arrays (numpy or torch) with the keys
+
+* ``flux`` [B, P] float (masked pixels = 1.0, as ``pipeline.contract.model_inputs`` gives them),
+* ``mask`` [B, P] bool (True = good pixel), ``labels`` [B, L] physical units,
+* optional ``label_err`` [B, L] (for inverse-variance weighting), ``ivar`` [B, P] (to add noise down
+  to a lower S/N) and ``flux_clean`` [B, P] (a noise-free twin: fresh noise at a drawn S/N).
+
+:class:`ArrayData` holds numpy arrays in memory; :class:`BatchStream` wraps any factory
+``epoch -> iterable of batches``, e.g. a Ray Data shard's ``iter_torch_batches``.
+
+Determinism and exact resume: every random draw of an epoch (dropout, augmentation, shuffling) comes
+from generators seeded by ``(seed, epoch)``, never from where the previous epoch left a global
+generator. The state passed to the per-epoch callback (model, optimiser, scheduler, best weights,
+counters, history) therefore resumes to the same weights, bit for bit, as an uninterrupted run.
+:meth:`TrainingState.save` writes it as safetensors + JSON, never as a pickle.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import math
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import pyarrow as pa
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from ..pipeline.contract import LABEL_NAMES, model_inputs, spectra_arrays
+from ..pipeline.errors import ConfigError, InputError
+from ..pipeline.setups import SPEED_OF_LIGHT_KMS, Setup
+from .arch import ArchConfig, build_network
+from .metrics import label_metrics
+from .scaling import LabelScaler
+
+STATE_FORMAT = "speclabel-train-state"
+STATE_VERSION = 1
+LOSS_WEIGHTINGS = ("none", "inverse_variance")
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    """Training-time augmentation: survey spectra come at many S/N and small velocity residuals.
+
+    ``noise``: each training spectrum is shown at an S/N drawn log-uniformly from ``snr_range``:
+    a noise-free twin (``flux_clean``) gets fresh noise of sigma = 1/S/N on the normalised flux; an
+    observed spectrum (with ``ivar``) gets extra noise only when the drawn S/N is below its own.
+    ``rv_shift_kms``: each spectrum is shifted by a velocity drawn uniformly in +-rv_shift_kms.
+    """
+
+    noise: bool = False
+    snr_range: tuple[float, float] = (10.0, 150.0)
+    rv_shift_kms: float = 0.0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "snr_range", tuple(float(s) for s in self.snr_range))
+        lo, hi = self.snr_range
+        if not 0 < lo <= hi:
+            raise ConfigError(f"augmentation snr_range must satisfy 0 < lo <= hi, got {self.snr_range}")
+        if self.rv_shift_kms < 0:
+            raise ConfigError(f"rv_shift_kms must be >= 0, got {self.rv_shift_kms}")
+
+    @property
+    def active(self) -> bool:
+        return self.noise or self.rv_shift_kms > 0
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = 200
+    batch_size: int = 32
+    learning_rate: float = 1e-3
+    weight_decay: float = 0.0
+    patience: int = 20  # epochs without a better validation loss before stopping
+    min_delta: float = 0.0  # improvement smaller than this does not count
+    plateau_patience: int | None = None  # halve the learning rate after this many epochs without improvement
+    plateau_factor: float = 0.5
+    loss_weighting: str = "none"  # or "inverse_variance" (needs label_err)
+    error_floor: float = 0.02  # smallest label error in scaled units, so no row gets unbounded weight
+    seed: int = 0
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.augment, Mapping):
+            object.__setattr__(self, "augment", AugmentConfig(**self.augment))
+        problems = []
+        if self.epochs < 1 or self.batch_size < 1 or self.patience < 1:
+            problems.append("epochs, batch_size and patience must be >= 1")
+        if not self.learning_rate > 0:
+            problems.append(f"learning_rate must be > 0, got {self.learning_rate}")
+        if self.loss_weighting not in LOSS_WEIGHTINGS:
+            problems.append(f"loss_weighting must be one of {LOSS_WEIGHTINGS}, got {self.loss_weighting!r}")
+        if not self.error_floor > 0:
+            problems.append("error_floor must be > 0")
+        if self.plateau_patience is not None and (
+            self.plateau_patience < 1 or not 0 < self.plateau_factor < 1
+        ):
+            problems.append("plateau_patience must be >= 1 and plateau_factor in (0, 1)")
+        if problems:
+            raise ConfigError("training configuration: " + "; ".join(problems))
+
+    def to_dict(self) -> dict:
+        out = dataclasses.asdict(self)
+        out["augment"]["snr_range"] = list(self.augment.snr_range)
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Mapping) -> TrainConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"unknown training option(s) {unknown}; known: {sorted(known)}")
+        try:
+            return cls(**data)
+        except TypeError as exc:
+            raise ConfigError(f"invalid training configuration: {exc}") from exc
+
+    def replace(self, **changes) -> TrainConfig:
+        return dataclasses.replace(self, **changes)
+
+
+# -- data ------------------------------------------------------------------------------------------
+
+
+class TrainingData(Protocol):
+    def batches(self, epoch: int, batch_size: int, shuffle_seed: int | None) -> Iterable[Mapping]: ...
+
+
+@dataclass
+class ArrayData:
+    """Training or validation rows held in memory as numpy arrays (see the module docstring)."""
+
+    flux: np.ndarray
+    mask: np.ndarray
+    labels: np.ndarray
+    label_err: np.ndarray | None = None
+    ivar: np.ndarray | None = None
+    flux_clean: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        n = self.flux.shape[0]
+        for name in ("mask", "labels", "label_err", "ivar", "flux_clean"):
+            value = getattr(self, name)
+            if value is not None and value.shape[0] != n:
+                raise InputError(f"training array {name} has {value.shape[0]} rows, flux has {n}")
+
+    def __len__(self) -> int:
+        return self.flux.shape[0]
+
+    @classmethod
+    def from_arrays(cls, arrays: Mapping[str, np.ndarray], rows: np.ndarray | None = None) -> ArrayData:
+        """The rows (a boolean mask or indices) of a :func:`training_arrays` dict."""
+        keys = ("flux", "mask", "labels", "label_err", "ivar", "flux_clean")
+        pick = (lambda a: a) if rows is None else (lambda a: a[rows])
+        return cls(**{k: pick(arrays[k]) if arrays.get(k) is not None else None for k in keys})
+
+    def batches(
+        self, epoch: int, batch_size: int, shuffle_seed: int | None
+    ) -> Iterator[dict[str, np.ndarray]]:
+        order = (
+            np.random.default_rng(shuffle_seed).permutation(len(self))
+            if shuffle_seed is not None
+            else np.arange(len(self))
+        )
+        for start in range(0, len(self), batch_size):
+            rows = np.sort(order[start : start + batch_size])  # sorted: contiguous reads, same batch
+            yield {
+                name: value[rows]
+                for name in ("flux", "mask", "labels", "label_err", "ivar", "flux_clean")
+                if (value := getattr(self, name)) is not None
+            }
+
+
+@dataclass
+class BatchStream:
+    """Batches from a factory ``epoch -> iterable of batches`` (e.g. Ray Data ``iter_torch_batches``).
+
+    The factory owns batching and shuffling; for exact resume it must give the same batches for the
+    same epoch, as Ray Data does with a seeded ``random_shuffle`` or ``local_shuffle_seed``.
+    """
+
+    factory: Callable[[int], Iterable[Mapping]]
+
+    def batches(self, epoch: int, batch_size: int, shuffle_seed: int | None) -> Iterable[Mapping]:
+        return self.factory(epoch)
+
+
+def training_arrays(table: pa.Table, setup: Setup, *, clean: pa.Table | None = None) -> dict[str, np.ndarray]:
+    """The arrays of :class:`ArrayData` from a labelled spectra table (validated rows).
+
+    ``clean``: a table of noise-free twins (``spectrum_id`` and flux columns) matched by id; rows
+    without a twin are an error, because augmentation would silently differ between rows.
+    """
+    arrays = spectra_arrays(table, setup)
+    flux, mask = model_inputs(arrays, setup)
+    _, ivar = arrays.concatenated(setup)
+    missing = [c for c in LABEL_NAMES if c not in table.column_names]
+    if missing:
+        raise InputError(f"training table lacks label column(s) {missing}")
+    labels = np.stack([table.column(c).to_numpy(zero_copy_only=False) for c in LABEL_NAMES], axis=1)
+    out = {
+        "spectrum_id": np.asarray(table.column("spectrum_id").to_pylist(), dtype=object),
+        "flux": flux,
+        "mask": mask,
+        "ivar": np.where(mask, ivar, 0.0).astype(np.float32),
+        "labels": labels.astype(np.float64),
+        "label_err": None,
+        "flux_clean": None,
+    }
+    err_columns = [f"{c}_err" for c in LABEL_NAMES]
+    if all(c in table.column_names for c in err_columns):
+        out["label_err"] = np.stack(
+            [table.column(c).cast(pa.float64()).fill_null(np.nan).to_numpy() for c in err_columns], axis=1
+        )
+    if "snr" in table.column_names:
+        out["snr"] = table.column("snr").cast(pa.float64()).fill_null(np.nan).to_numpy()
+    if clean is not None:
+        position = {sid: i for i, sid in enumerate(clean.column("spectrum_id").to_pylist())}
+        absent = [sid for sid in out["spectrum_id"] if sid not in position]
+        if absent:
+            raise InputError(f"{len(absent)} spectra have no noise-free twin, e.g. {absent[:3]}")
+        twins = clean.take(pa.array([position[sid] for sid in out["spectrum_id"]]))
+        clean_flux = np.concatenate(
+            [spectra_arrays(twins, setup).flux[a.name] for a in setup.arms], axis=1
+        ).astype(np.float32)
+        out["flux_clean"] = clean_flux
+    return out
+
+
+# -- augmentation ----------------------------------------------------------------------------------
+
+
+def rv_shift(flux: torch.Tensor, mask: torch.Tensor, setup: Setup, velocity_kms: torch.Tensor):
+    """Spectra seen at radial velocity ``velocity_kms`` [B]: f'(lambda) = f(lambda / (1 + v/c)).
+
+    Linear interpolation on each arm's grid; pixels beyond an arm's end take its edge value, and a
+    pixel interpolated from a masked one is masked.
+    """
+    beta = (velocity_kms.to(torch.float64) / SPEED_OF_LIGHT_KMS)[:, None]
+    out_flux, out_mask = torch.empty_like(flux), torch.empty_like(mask)
+    for arm, part in zip(setup.arms, setup.arm_slices.values(), strict=True):
+        wave = torch.as_tensor(arm.wave, dtype=torch.float64)[None, :]
+        index = ((wave / (1.0 + beta) - arm.wave_start) / arm.wave_step).clamp(0, arm.n_pixels - 1)
+        lo = index.floor().long().clamp(max=arm.n_pixels - 2)
+        weight = (index - lo).to(flux.dtype)
+        f, m = flux[:, part], mask[:, part]
+        out_flux[:, part] = f.gather(1, lo) * (1 - weight) + f.gather(1, lo + 1) * weight
+        out_mask[:, part] = m.gather(1, lo) & m.gather(1, lo + 1)
+    return out_flux, out_mask
+
+
+def augment(
+    batch: Mapping[str, torch.Tensor], config: AugmentConfig, setup: Setup, generator: torch.Generator
+):
+    """(flux, mask) of a training batch after augmentation; masked pixels end at 1.0."""
+    mask = batch["mask"]
+    clean = batch.get("flux_clean")
+    flux = clean if (config.noise and clean is not None) else batch["flux"]
+    n = flux.shape[0]
+    if config.rv_shift_kms > 0:
+        velocity = (torch.rand(n, generator=generator, dtype=torch.float64) * 2 - 1) * config.rv_shift_kms
+        flux, mask = rv_shift(flux, mask, setup, velocity)
+    if config.noise:
+        lo, hi = config.snr_range
+        snr = torch.exp(
+            math.log(lo)
+            + torch.rand(n, generator=generator, dtype=torch.float64) * (math.log(hi) - math.log(lo))
+        ).to(flux.dtype)[:, None]
+        noise = torch.randn(flux.shape, generator=generator, dtype=flux.dtype)
+        if clean is not None:
+            flux = flux + noise / snr
+        elif batch.get("ivar") is not None:
+            ivar = batch["ivar"].to(flux.dtype)
+            good = mask & (ivar > 0)
+            # The spectrum's own S/N: the median of 1/sigma over good pixels.
+            own = torch.where(good, ivar.sqrt(), torch.nan).nanmedian(dim=1).values[:, None]
+            factor2 = ((own / snr) ** 2 - 1).clamp(min=0).nan_to_num(0.0)
+            sigma = torch.where(good, (factor2 / ivar.clamp(min=1e-30)).sqrt(), 0.0)
+            flux = flux + noise * sigma
+        else:
+            raise InputError("noise augmentation needs ivar or noise-free twins (flux_clean) in the batches")
+    return torch.where(mask, flux, torch.ones_like(flux)), mask
+
+
+# -- the loop --------------------------------------------------------------------------------------
+
+
+def derived_seed(seed: int, *keys: int) -> int:
+    """A 63-bit seed for one purpose of one epoch, independent of every other (seed, keys)."""
+    return int(np.random.SeedSequence([int(seed), *keys]).generate_state(2, np.uint64)[0] >> np.uint64(1))
+
+
+# keys of derived_seed
+_INIT, _DROPOUT, _AUGMENT, _SHUFFLE = 0, 1, 2, 3
+
+
+@dataclass
+class EpochMetrics:
+    epoch: int  # 1-based count of completed epochs
+    train_loss: float
+    val_loss: float
+    best_val_loss: float
+    best_epoch: int
+    seconds: float
+    learning_rate: float
+    n_train: int
+    val_rmse: dict[str, float]  # physical units
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class TrainingState:
+    """Everything needed to continue training exactly where an epoch ended."""
+
+    epoch: int
+    model: dict[str, torch.Tensor]
+    best_model: dict[str, torch.Tensor]
+    optimizer: dict
+    scheduler: dict | None
+    best_val_loss: float
+    best_epoch: int
+    epochs_since_best: int
+    stopped: bool
+    history: list[dict]
+    config: dict
+    arch: dict
+
+    def save(self, folder: str | Path) -> None:
+        """``state.safetensors`` (all tensors) + ``state.json`` (the rest) in ``folder``."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        tensors = {f"model.{k}": v for k, v in self.model.items()}
+        tensors |= {f"best.{k}": v for k, v in self.best_model.items()}
+        optim_meta = {}
+        for index, slots in self.optimizer["state"].items():
+            optim_meta[str(index)] = sorted(slots)
+            tensors |= {f"optim.{index}.{name}": torch.as_tensor(v) for name, v in slots.items()}
+        save_file({k: v.detach().contiguous() for k, v in tensors.items()}, str(folder / "state.safetensors"))
+        meta = {
+            "format": STATE_FORMAT,
+            "version": STATE_VERSION,
+            **{k: getattr(self, k) for k in ("epoch", "scheduler", "best_val_loss", "best_epoch")},
+            **{k: getattr(self, k) for k in ("epochs_since_best", "stopped", "history", "config", "arch")},
+            "optimizer_param_groups": self.optimizer["param_groups"],
+            "optimizer_slots": optim_meta,
+        }
+        (folder / "state.json").write_text(json.dumps(meta, indent=1, sort_keys=True))
+
+    @classmethod
+    def load(cls, folder: str | Path) -> TrainingState:
+        folder = Path(folder)
+        try:
+            meta = json.loads((folder / "state.json").read_text())
+            tensors = load_file(str(folder / "state.safetensors"))
+        except (OSError, ValueError) as exc:
+            raise InputError(f"cannot read a training state from {folder}: {exc}") from exc
+        if meta.get("format") != STATE_FORMAT or meta.get("version") != STATE_VERSION:
+            raise InputError(f"{folder} does not hold a {STATE_FORMAT} version {STATE_VERSION}")
+
+        def section(prefix: str) -> dict[str, torch.Tensor]:
+            return {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+
+        optim_state = {
+            int(index): {name: tensors[f"optim.{index}.{name}"] for name in names}
+            for index, names in meta["optimizer_slots"].items()
+        }
+        return cls(
+            epoch=meta["epoch"],
+            model=section("model."),
+            best_model=section("best."),
+            optimizer={"state": optim_state, "param_groups": meta["optimizer_param_groups"]},
+            scheduler=meta["scheduler"],
+            best_val_loss=meta["best_val_loss"],
+            best_epoch=meta["best_epoch"],
+            epochs_since_best=meta["epochs_since_best"],
+            stopped=meta["stopped"],
+            history=meta["history"],
+            config=meta["config"],
+            arch=meta["arch"],
+        )
+
+
+@dataclass
+class MemberResult:
+    network: nn.Module  # with the best weights
+    seed: int
+    best_val_loss: float
+    best_epoch: int
+    epochs_run: int
+    stopped_early: bool
+    history: list[dict]
+    n_train: int
+    n_val: int
+    val_metrics: dict[str, dict[str, float]]  # per label: bias, scatter, ... (metrics.label_metrics)
+
+
+def _tensors(batch: Mapping) -> dict[str, torch.Tensor]:
+    out = {}
+    for key in ("flux", "mask", "labels", "label_err", "ivar", "flux_clean"):
+        value = batch.get(key)
+        if value is None:
+            continue
+        tensor = torch.as_tensor(np.asarray(value) if not isinstance(value, torch.Tensor) else value)
+        if key == "mask":
+            tensor = tensor.bool()
+        elif key in ("labels", "label_err"):
+            tensor = tensor.to(torch.float64)
+        else:
+            tensor = tensor.to(torch.float32)
+        out[key] = tensor
+    return out
+
+
+def _scaled(labels: torch.Tensor, scaler: LabelScaler) -> torch.Tensor:
+    offset = torch.as_tensor(scaler.offset)
+    scale = torch.as_tensor(scaler.scale)
+    return ((labels - offset) / scale).to(torch.float32)
+
+
+def _loss_weights(
+    batch: dict[str, torch.Tensor], scaler: LabelScaler, config: TrainConfig
+) -> torch.Tensor | None:
+    if config.loss_weighting == "none":
+        return None
+    err = batch.get("label_err")
+    if err is None:
+        raise InputError(
+            "loss_weighting='inverse_variance' needs label_err (<label>_err columns) in the batches"
+        )
+    scaled_err = (err / torch.as_tensor(scaler.scale)).to(torch.float32)
+    # Missing errors count as the floor: such rows weigh as much as the best-measured ones.
+    scaled_err = torch.nan_to_num(scaled_err, nan=config.error_floor).clamp(min=config.error_floor)
+    return 1.0 / scaled_err**2
+
+
+def predict_scaled(network: nn.Module, data: TrainingData, scaler: LabelScaler, batch_size: int):
+    """Scaled predictions and scaled true labels ``[N, L]`` of every row of ``data`` (eval mode)."""
+    network.eval()
+    predictions, targets = [], []
+    with torch.inference_mode():
+        for raw in data.batches(0, batch_size, None):
+            batch = _tensors(raw)
+            predictions.append(network(batch["flux"], batch["mask"]).double())
+            targets.append(_scaled(batch["labels"], scaler).double())
+    if not predictions:
+        raise InputError("the validation data are empty")
+    return torch.cat(predictions).numpy(), torch.cat(targets).numpy()
+
+
+def train_member(
+    arch: ArchConfig,
+    setup: Setup,
+    scaler: LabelScaler,
+    config: TrainConfig,
+    train: TrainingData,
+    val: TrainingData,
+    *,
+    resume: TrainingState | None = None,
+    on_epoch: Callable[[EpochMetrics, TrainingState], None] | None = None,
+) -> MemberResult:
+    """Train one member from scratch (or from ``resume``) and return it with its best weights."""
+    seed = config.seed
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(derived_seed(seed, _INIT))
+        network = build_network(arch, setup)
+    optimizer = torch.optim.Adam(
+        network.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay
+    )
+    scheduler = (
+        torch.optim.lr_scheduler.ReduceLROnPlateau(
+            optimizer, factor=config.plateau_factor, patience=config.plateau_patience
+        )
+        if config.plateau_patience is not None
+        else None
+    )
+    best_state = {k: v.clone() for k, v in network.state_dict().items()}
+    best_val, best_epoch, since_best, start, history, stopped = math.inf, 0, 0, 0, [], False
+    if resume is not None:
+        if resume.config != config.to_dict() or resume.arch != arch.to_dict():
+            raise ConfigError("the training state was made with another configuration or architecture")
+        network.load_state_dict(resume.model)
+        optimizer.load_state_dict(resume.optimizer)
+        if scheduler is not None and resume.scheduler is not None:
+            scheduler.load_state_dict(resume.scheduler)
+        best_state = {k: v.clone() for k, v in resume.best_model.items()}
+        best_val, best_epoch, since_best = resume.best_val_loss, resume.best_epoch, resume.epochs_since_best
+        start, history, stopped = resume.epoch, list(resume.history), resume.stopped
+
+    for epoch in range(start, config.epochs):
+        if stopped:
+            break
+        began = time.perf_counter()
+        generator = torch.Generator().manual_seed(derived_seed(seed, _AUGMENT, epoch))
+        network.train()
+        loss_sum, n_train = 0.0, 0
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(derived_seed(seed, _DROPOUT, epoch))
+            for raw in train.batches(epoch, config.batch_size, derived_seed(seed, _SHUFFLE, epoch)):
+                batch = _tensors(raw)
+                flux, mask = (
+                    augment(batch, config.augment, setup, generator)
+                    if config.augment.active
+                    else (batch["flux"], batch["mask"])
+                )
+                target = _scaled(batch["labels"], scaler)
+                sq = (network(flux, mask) - target) ** 2
+                weights = _loss_weights(batch, scaler, config)
+                loss = sq.mean() if weights is None else ((sq * weights).sum(0) / weights.sum(0)).mean()
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                loss_sum += float(loss.detach()) * flux.shape[0]
+                n_train += flux.shape[0]
+        if n_train == 0:
+            raise InputError("the training data are empty")
+        predicted, target = predict_scaled(network, val, scaler, max(config.batch_size, 256))
+        per_label = ((predicted - target) ** 2).mean(axis=0)
+        val_loss, val_rmse = float(per_label.mean()), np.sqrt(per_label) * scaler.scale
+        if not math.isfinite(val_loss):
+            stopped = True  # diverged: keep the best weights so far; selection will drop this member
+        elif val_loss < best_val - config.min_delta:
+            best_val, best_epoch, since_best = val_loss, epoch + 1, 0
+            best_state = {k: v.detach().clone() for k, v in network.state_dict().items()}
+        else:
+            since_best += 1
+        if scheduler is not None and math.isfinite(val_loss):
+            scheduler.step(val_loss)
+        stopped = stopped or since_best >= config.patience
+        metrics = EpochMetrics(
+            epoch=epoch + 1,
+            train_loss=loss_sum / n_train,
+            val_loss=val_loss,
+            best_val_loss=best_val,
+            best_epoch=best_epoch,
+            seconds=time.perf_counter() - began,
+            learning_rate=optimizer.param_groups[0]["lr"],
+            n_train=n_train,
+            val_rmse={name: float(v) for name, v in zip(scaler.names, val_rmse, strict=True)},
+        )
+        history.append(metrics.to_dict())
+        if on_epoch is not None:
+            on_epoch(
+                metrics,
+                TrainingState(
+                    epoch=epoch + 1,
+                    model={k: v.detach().clone() for k, v in network.state_dict().items()},
+                    best_model=best_state,
+                    # Copies: the optimiser updates its moment tensors in place in later epochs.
+                    optimizer=copy.deepcopy(optimizer.state_dict()),
+                    scheduler=copy.deepcopy(scheduler.state_dict()) if scheduler is not None else None,
+                    best_val_loss=best_val,
+                    best_epoch=best_epoch,
+                    epochs_since_best=since_best,
+                    stopped=stopped,
+                    history=list(history),
+                    config=config.to_dict(),
+                    arch=arch.to_dict(),
+                ),
+            )
+    network.load_state_dict(best_state)
+    predicted, target = predict_scaled(network, val, scaler, max(config.batch_size, 256))
+    return MemberResult(
+        network=network,
+        seed=seed,
+        best_val_loss=best_val,
+        best_epoch=best_epoch,
+        epochs_run=len(history),
+        stopped_early=stopped,
+        history=history,
+        n_train=history[-1]["n_train"] if history else 0,
+        n_val=len(target),
+        val_metrics=label_metrics(scaler.inverse(predicted), scaler.inverse(target), scaler.names),
+    )

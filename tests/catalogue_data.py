@@ -1,0 +1,46 @@
+"""Small synthetic catalogues shared by the catalogue, query and Flight tests."""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+from speclabel.pipeline.catalogue import CatalogueLayout, WriteOptions, write_release
+from speclabel.pipeline.catalogue.synthetic import SyntheticCatalogue, synthetic_label_rows
+from speclabel.pipeline.setups import get_setup
+
+# Coarse sky cells (order 1: 48 cells) and tiny files, so that a few thousand rows still make
+# several partitions, several files per partition and several row groups per file.
+LAYOUT = CatalogueLayout(sky_order=1, fine_order=10, hash_buckets=4)
+OPTIONS = WriteOptions(max_rows_per_file=150, row_group_rows=32, buffer_bytes=200_000)
+
+
+def label_rows(release: str, n: int, *, seed: int = 0, model_id: str = "m1", start: int = 0) -> pa.Table:
+    """Rows spread over the whole sky (wide fields), 5 % without a position."""
+    config = SyntheticCatalogue(
+        release=release,
+        model_id=model_id,
+        run_id="r",
+        seed=seed,
+        n_fields=12,
+        field_radius_deg=25.0,
+        positionless_fraction=0.05,
+        n_members=3,
+    )
+    return synthetic_label_rows(get_setup(), config, start, n)
+
+
+def build_catalogue(location, releases: dict[str, int], *, model_id: str = "m1", seed: int = 0) -> dict:
+    """Write and publish each release (name -> rows) in batches of 500; return the input tables."""
+    tables = {}
+    for i, (release, n) in enumerate(releases.items()):
+        table = label_rows(release, n, seed=seed + i, model_id=model_id)
+        write_release(
+            str(location),
+            release,
+            table.to_batches(max_chunksize=500),
+            model_id=model_id,
+            layout=LAYOUT,
+            options=OPTIONS,
+        )
+        tables[release] = table
+    return tables

@@ -1,0 +1,226 @@
+"""One member's training loop: determinism, exact resume, early stopping, weighting, augmentation."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from speclabel.model.arch import ArchConfig
+from speclabel.model.scaling import LabelScaler
+from speclabel.model.training import (
+    ArrayData,
+    AugmentConfig,
+    BatchStream,
+    TrainConfig,
+    TrainingState,
+    augment,
+    derived_seed,
+    rv_shift,
+    train_member,
+)
+from speclabel.pipeline.errors import ConfigError, InputError
+from speclabel.pipeline.setups import SPEED_OF_LIGHT_KMS
+
+ARCH = ArchConfig(
+    name="tiny", conv_channels=(4, 2), kernel_size=5, pool_size=2, dense_units=(8,), dropout=0.2
+)
+
+
+def _data(setup, n, seed):
+    """Spectra whose line depths follow the labels, so that there is something to learn."""
+    rng = np.random.default_rng(seed)
+    labels = np.column_stack(
+        [
+            rng.uniform(4000, 6500, n),
+            rng.uniform(1, 5, n),
+            rng.uniform(-2, 0.4, n),
+            rng.uniform(-0.2, 0.4, n),
+            rng.uniform(-0.3, 0.4, n),
+        ]
+    )
+    z = (labels - labels.mean(0)) / labels.std(0)
+    x = np.arange(setup.n_pixels)
+    lines = np.stack([np.exp(-0.5 * ((x - c) / 2.0) ** 2) for c in (20, 50, 70, 110, 140)])
+    clean = 1.0 - 0.3 * (1 + np.tanh(z)) @ lines / 2
+    flux = (clean + rng.normal(0, 0.01, clean.shape)).astype(np.float32)
+    mask = np.ones(flux.shape, bool)
+    ivar = np.full(flux.shape, 1e4, np.float32)
+    err = np.tile([50.0, 0.1, 0.05, 0.03, 0.04], (n, 1))
+    return ArrayData(flux, mask, labels, err, ivar, clean.astype(np.float32))
+
+
+@pytest.fixture(scope="module")
+def data(tiny_setup):
+    train, val = _data(tiny_setup, 64, 0), _data(tiny_setup, 24, 1)
+    return train, val, LabelScaler.fit(train.labels)
+
+
+def _weights(network):
+    return {k: v.clone() for k, v in network.state_dict().items()}
+
+
+def _same(a, b):
+    return all(torch.equal(a[k], b[k]) for k in a)
+
+
+CONFIG = TrainConfig(
+    epochs=6,
+    batch_size=16,
+    learning_rate=3e-3,
+    patience=50,
+    seed=3,
+    augment=AugmentConfig(noise=True, snr_range=(30, 100), rv_shift_kms=3.0),
+)
+
+
+def test_training_learns_and_is_deterministic_by_seed(tiny_setup, data):
+    train, val, scaler = data
+    a = train_member(ARCH, tiny_setup, scaler, CONFIG, train, val)
+    b = train_member(ARCH, tiny_setup, scaler, CONFIG, train, val)
+    c = train_member(ARCH, tiny_setup, scaler, CONFIG.replace(seed=4), train, val)
+    assert _same(_weights(a.network), _weights(b.network))
+    assert a.history == [{**h, "seconds": a.history[i]["seconds"]} for i, h in enumerate(b.history)]
+    assert not _same(_weights(a.network), _weights(c.network))
+    assert a.history[-1]["val_loss"] < a.history[0]["val_loss"]
+    assert a.n_train == 64 and a.n_val == 24 and set(a.val_metrics) == set(scaler.names)
+    # A global torch seed set by the caller neither changes the result nor is consumed by training.
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    d = train_member(ARCH, tiny_setup, scaler, CONFIG, train, val)
+    assert torch.equal(torch.get_rng_state(), before) and _same(_weights(a.network), _weights(d.network))
+
+
+def test_resume_from_saved_state_equals_an_uninterrupted_run(tiny_setup, data, tmp_path):
+    train, val, scaler = data
+    config = CONFIG.replace(plateau_patience=1)
+    states = {}
+    whole = train_member(
+        ARCH, tiny_setup, scaler, config, train, val, on_epoch=lambda m, s: states.setdefault(m.epoch, s)
+    )
+    states[3].save(tmp_path / "epoch-3")
+    assert sorted(p.name for p in (tmp_path / "epoch-3").iterdir()) == ["state.json", "state.safetensors"]
+    resumed_state = TrainingState.load(tmp_path / "epoch-3")
+    resumed = train_member(ARCH, tiny_setup, scaler, config, train, val, resume=resumed_state)
+    assert _same(_weights(whole.network), _weights(resumed.network))
+    assert [h["val_loss"] for h in resumed.history] == [h["val_loss"] for h in whole.history]
+    assert resumed.best_epoch == whole.best_epoch
+    with pytest.raises(ConfigError, match="another configuration"):
+        train_member(
+            ARCH, tiny_setup, scaler, config.replace(learning_rate=1e-2), train, val, resume=resumed_state
+        )
+
+
+def test_early_stopping_restores_the_best_weights(tiny_setup, data):
+    train, val, scaler = data
+    config = TrainConfig(
+        epochs=40, batch_size=16, learning_rate=0.3, patience=2, seed=0
+    )  # lr this high diverges
+    best = {}
+
+    def keep(metrics, state):
+        if metrics.best_epoch == metrics.epoch:
+            best["weights"] = {k: v.clone() for k, v in state.model.items()}
+
+    result = train_member(ARCH, tiny_setup, scaler, config, train, val, on_epoch=keep)
+    assert result.stopped_early and result.epochs_run < 40
+    assert result.epochs_run - result.best_epoch == 2 or not math.isfinite(result.history[-1]["val_loss"])
+    assert _same(_weights(result.network), best["weights"])
+    assert result.best_val_loss == min(h["val_loss"] for h in result.history if math.isfinite(h["val_loss"]))
+
+
+def test_batch_stream_gives_the_same_result_as_arrays(tiny_setup, data):
+    train, val, scaler = data
+    config = CONFIG.replace(epochs=2)
+
+    def factory(data, config, seed):
+        return BatchStream(lambda epoch: data.batches(epoch, config.batch_size, derived_seed(seed, 3, epoch)))
+
+    a = train_member(ARCH, tiny_setup, scaler, config, train, val)
+    streamed = factory(train, config, config.seed)
+    torch_batches = BatchStream(
+        lambda epoch: (
+            {k: torch.from_numpy(v) for k, v in b.items()} for b in streamed.batches(epoch, 0, None)
+        )
+    )
+    b = train_member(
+        ARCH, tiny_setup, scaler, config, torch_batches, BatchStream(lambda epoch: val.batches(0, 256, None))
+    )
+    assert _same(_weights(a.network), _weights(b.network))
+
+
+def test_inverse_variance_weighting_ignores_rows_with_huge_errors(tiny_setup, data):
+    """Rows with enormous label errors and absurd labels train the same network as leaving them out."""
+    train, val, scaler = data
+    arch = ARCH.replace(
+        dropout=0.0
+    )  # dropout masks depend on the batch size; without it only the rows matter
+    config = TrainConfig(
+        epochs=3, batch_size=64, learning_rate=3e-3, seed=1, loss_weighting="inverse_variance"
+    )
+    labels, err = train.labels.copy(), train.label_err.copy()
+    labels[:8] += 1000.0
+    err[:8] = 1e9
+    poisoned = ArrayData(train.flux, train.mask, labels, err)
+    without = ArrayData(train.flux[8:], train.mask[8:], train.labels[8:], train.label_err[8:])
+    a = train_member(arch, tiny_setup, scaler, config, poisoned, val)
+    b = train_member(arch, tiny_setup, scaler, config, without, val)
+    for key, value in _weights(a.network).items():
+        assert torch.allclose(value, _weights(b.network)[key], rtol=1e-4, atol=1e-6), key
+    unweighted = train_member(arch, tiny_setup, scaler, config.replace(loss_weighting="none"), poisoned, val)
+    assert unweighted.history[0]["train_loss"] > 1000 * a.history[0]["train_loss"]
+    assert not torch.allclose(
+        _weights(unweighted.network)["head.1.bias"], _weights(b.network)["head.1.bias"], rtol=1e-2
+    )
+    with pytest.raises(InputError, match="label_err"):
+        train_member(arch, tiny_setup, scaler, config, ArrayData(train.flux, train.mask, train.labels), val)
+
+
+def test_rv_shift_matches_numpy_interpolation(tiny_setup):
+    rng = np.random.default_rng(0)
+    flux = torch.from_numpy(rng.uniform(0.5, 1.0, (3, tiny_setup.n_pixels)))
+    mask = torch.ones(flux.shape, dtype=torch.bool)
+    mask[1, 30] = False
+    velocity = torch.tensor([5.0, -3.0, 0.0], dtype=torch.float64)
+    shifted, shifted_mask = rv_shift(flux, mask, tiny_setup, velocity)
+    for row in range(3):
+        for arm, part in zip(tiny_setup.arms, tiny_setup.arm_slices.values(), strict=True):
+            wave = arm.wave
+            rest = wave / (1 + velocity[row].item() / SPEED_OF_LIGHT_KMS)
+            expected = np.interp(rest, wave, flux[row, part].numpy())
+            assert np.allclose(shifted[row, part].numpy(), expected, atol=1e-12)
+    assert torch.equal(shifted[2], flux[2])
+    assert not shifted_mask[1, 30] and shifted_mask.sum() >= flux.numel() - 2
+
+
+def test_noise_augmentation_reaches_the_drawn_snr(tiny_setup):
+    n, p = 400, tiny_setup.n_pixels
+    clean = torch.ones((n, p))
+    batch = {
+        "flux": clean.clone(),
+        "mask": torch.ones((n, p), dtype=torch.bool),
+        "flux_clean": clean,
+        "ivar": torch.full((n, p), 1e6),
+    }
+    generator = torch.Generator().manual_seed(0)
+    config = AugmentConfig(noise=True, snr_range=(20.0, 20.0))
+    noisy, _ = augment(batch, config, tiny_setup, generator)
+    assert (noisy - clean).std().item() == pytest.approx(1 / 20, rel=0.02)
+    # Without twins: an S/N 1000 spectrum (ivar 1e6) is degraded to the drawn S/N 20.
+    observed = {k: v for k, v in batch.items() if k != "flux_clean"}
+    degraded, _ = augment(observed, config, tiny_setup, generator)
+    assert (degraded - clean).std().item() == pytest.approx(1 / 20, rel=0.02)
+    # A spectrum already noisier than the drawn S/N gets no extra noise.
+    low = {**observed, "ivar": torch.full((n, p), 100.0)}
+    same, _ = augment(low, config, tiny_setup, generator)
+    assert torch.equal(same, clean)
+    with pytest.raises(InputError, match="needs ivar"):
+        augment({"flux": clean, "mask": batch["mask"]}, config, tiny_setup, generator)
+
+
+def test_config_round_trip_and_validation():
+    assert TrainConfig.from_dict(CONFIG.to_dict()) == CONFIG
+    with pytest.raises(ConfigError, match="unknown training option"):
+        TrainConfig.from_dict({"epoch": 3})
+    with pytest.raises(ConfigError, match="loss_weighting"):
+        TrainConfig(loss_weighting="huber")
