@@ -32,7 +32,6 @@ import datetime as dt
 import hashlib
 import json
 import logging
-import re
 import time
 from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass, field
@@ -44,6 +43,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from . import contract
+from .catalogue.layout import check_release_name
 from .errors import ConfigError, InputError, IntegrityError, SpeclabelError
 from .fits_formats import (
     GZIP_MAGIC,
@@ -72,7 +72,6 @@ log = logging.getLogger(__name__)
 PARQUET_EXTENSIONS = (".parquet",)
 INPUT_EXTENSIONS = (".fits", ".fit", ".fts", ".fits.gz", ".fit.gz", ".fts.gz", *PARQUET_EXTENSIONS)
 MISSING_ARM_MODES = ("quarantine", "mask")
-RELEASE_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")  # a safe folder name: release=<R>
 
 SCAN_SCHEMA = pa.schema(
     [
@@ -130,8 +129,7 @@ class IngestOptions:
     files_per_scan_task: int = 512
 
     def __post_init__(self) -> None:
-        if not RELEASE_PATTERN.fullmatch(self.release):
-            raise ConfigError(f"release {self.release!r} must be letters, digits, '.', '_' or '-'")
+        check_release_name(self.release)
         if self.normalised not in NORMALISED_MODES:
             raise ConfigError(f"normalised must be one of {NORMALISED_MODES}, not {self.normalised!r}")
         if self.missing_arm not in MISSING_ARM_MODES:

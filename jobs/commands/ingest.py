@@ -26,18 +26,10 @@ from ._types import positive_int
 HELP = "read FITS / Parquet survey spectra into the spectra store (setup grid, quarantine, manifest)"
 
 
-def release_name(text: str) -> str:
-    from ...pipeline.ingest import RELEASE_PATTERN
-
-    if not RELEASE_PATTERN.fullmatch(text):
-        raise argparse.ArgumentTypeError(f"must be letters, digits, '.', '_' or '-', got {text!r}")
-    return text
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("input", metavar="INPUT_DIR_OR_GLOB", help="input file, directory or glob (or URI)")
     parser.add_argument("--out", required=True, metavar="SPECTRA_STORE", help="spectra store folder or URI")
-    parser.add_argument("--release", required=True, type=release_name, help="release to write, e.g. iDR6")
+    parser.add_argument("--release", required=True, help="release to write, e.g. iDR6")
     parser.add_argument("--setup", default="giraffe-hr10-hr21", help="instrument setup name or TOML file")
     parser.add_argument(
         "--normalised",
