@@ -261,7 +261,7 @@ def assemble_star(
         try:
             if isinstance(data, Unusable):
                 raise data
-            by_arm_entry = prepare_file(path, data, setup, options)
+            prepared = prepare_file(path, data, setup, options)
         except Unusable as exc:
             quarantine.append((f"{exc.reason}: {exc.detail}", path))
             continue
@@ -269,7 +269,7 @@ def assemble_star(
             log.exception("unexpected error decoding %s", path)
             quarantine.append((f"{contract.DECODE_ERROR}: {type(exc).__name__}: {exc}", path))
             continue
-        by_arm[by_arm_entry.arm].append(by_arm_entry)
+        by_arm[prepared.arm].append(prepared)
     kept: dict[str, PreparedArm] = {}
     for arm in setup.arms:
         candidates = by_arm.get(arm.name, [])

@@ -490,3 +490,24 @@ def test_a_parquet_file_damaged_after_the_scan_is_quarantined_not_fatal(tmp_path
     assert output.files == [
         {"path": str(path), "sha256": None, "outcome": "quarantined", "reason": "corrupt_file"}
     ]
+
+
+def test_an_unexpected_decoding_error_quarantines_the_file_not_the_run(setup, monkeypatch):
+    from speclabel.pipeline import ingest
+
+    real = ingest.prepare_file
+
+    def flaky(path, data, setup, options):
+        if path == "odd.fits":
+            raise ZeroDivisionError("an astropy corner case")
+        return real(path, data, setup, options)
+
+    monkeypatch.setattr(ingest, "prepare_file", flaky)
+    files = [
+        ("odd.fits", b""),
+        ("red.fits", _arm_file(setup.arm("hr21"))),
+        ("blue.fits", _arm_file(setup.arm("hr10"))),
+    ]
+    star = assemble_star("S3", files, setup, OPTIONS)
+    assert star.stored and set(star.arms) == {"hr10", "hr21"}
+    assert star.quarantine == [("decode_error: ZeroDivisionError: an astropy corner case", "odd.fits")]
