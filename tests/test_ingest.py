@@ -511,3 +511,49 @@ def test_an_unexpected_decoding_error_quarantines_the_file_not_the_run(setup, mo
     star = assemble_star("S3", files, setup, OPTIONS)
     assert star.stored and set(star.arms) == {"hr10", "hr21"}
     assert star.quarantine == [("decode_error: ZeroDivisionError: an astropy corner case", "odd.fits")]
+
+
+@pytest.mark.shared_data
+def test_shared_training_spectra_pass_through_and_survive_a_fits_round_trip(shared_data, setup, tmp_path):
+    from speclabel.pipeline.fits_formats import write_wcs1d
+    from speclabel.pipeline.ingest import scan_block
+
+    path = str(shared_data / "giraffe_synth_train.parquet")
+    fs = pafs.LocalFileSystem()
+    plan = make_plan(scan_block(pa.table({"path": [path]}), fs=fs, setup=setup), OPTIONS)
+    ctx = TaskContext(fs, fs, setup, OPTIONS, "run", str(tmp_path / "stage"), str(tmp_path / "q"))
+    outputs = [ingest_task(task, ctx) for task in plan.tasks]
+    stored = pa.concat_tables([o.store_rows for o in outputs])
+    assert stored.num_rows + sum(o.spectra_quarantined for o in outputs) == plan.spectra_in == 524
+    assert stored.num_rows == 524
+    original = pq.read_table(path).slice(0, 4)
+    arrays = contract.spectra_arrays(original, setup)
+    np.testing.assert_array_equal(
+        contract.spectra_arrays(stored.slice(0, 4), setup).flux["hr21"], arrays.flux["hr21"]
+    )
+
+    # The same spectra as Gaia-ESO-like FITS files (observed at -80 km/s) come back on the same grid.
+    for k, sid in enumerate(original.column("spectrum_id").to_pylist()):
+        files = []
+        for arm in setup.arms:
+            ivar = arrays.ivar[arm.name][k]
+            sigma = np.where(ivar > 0, 1 / np.sqrt(np.where(ivar > 0, ivar, 1)), 0)
+            scale = 1 - 80.0 / SPEED_OF_LIGHT_KMS
+            cards = {"CNAME": sid, "SETUP": arm.name.upper(), "VRAD": -80.0}
+            data = write_wcs1d(
+                arrays.flux[arm.name][k],
+                sigma,
+                wave_start=arm.wave_start * scale,
+                wave_step=arm.wave_step * scale,
+                medium="air",
+                cards=cards,
+            )
+            files.append((f"{sid}_{arm.name}.fits", data))
+        star = assemble_star(sid, files, setup, OPTIONS)
+        assert star.stored, star.quarantine
+        for arm in setup.arms:
+            good = arrays.ivar[arm.name][k] > 0
+            np.testing.assert_array_equal(star.arms[arm.name].ivar > 0, good)
+            np.testing.assert_allclose(
+                star.arms[arm.name].flux[good], arrays.flux[arm.name][k][good], rtol=1e-5, atol=1e-6
+            )
