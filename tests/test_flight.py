@@ -141,3 +141,16 @@ def test_cli_refuses_to_start_without_a_token(catalogue, tmp_path):
         timeout=60,
     )
     assert result.returncode == 1 and "at least 16" in result.stderr
+
+
+def test_bounds_query_time_and_keeps_serving(catalogue):
+    # A zero-second budget is exceeded by the first batch: the call fails, the server does not.
+    slow = serve(catalogue, port=0, insecure_localhost=True, limits=ServiceLimits(max_seconds=0.0))
+    try:
+        with connect(slow.url) as client:
+            with pytest.raises(flight.FlightTimedOutError, match="bound of 0 s"):
+                client.query()
+            with pytest.raises(flight.FlightTimedOutError):
+                client.query(limit=5)
+    finally:
+        slow.shutdown()
