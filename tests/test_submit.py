@@ -246,6 +246,27 @@ def test_job_table_lists_speclabel_jobs_oldest_first():
 # -- real jobs on a real Ray head -----------------------------------------------------------------
 
 
+@pytest.mark.ray
+def test_token_auth_from_ray_auth_token_path(tmp_path, capsys, monkeypatch):
+    # Its own head, started before the module's head so that the two do not share the 2 cores.
+    token = "speclabel-test-" + os.urandom(12).hex()
+    head = RayHead(num_cpus=1, env={"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token})
+    try:
+        for name in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):
+            monkeypatch.delenv(name, raising=False)
+        assert main(["jobs", "--address", head.address]) == 1
+        err = capsys.readouterr().err
+        assert "Authentication required" in err and "RAY_AUTH_TOKEN_PATH" in err
+        assert "Traceback" not in err
+        token_file = tmp_path / "auth_token"
+        token_file.write_text(token + "\n")
+        monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(token_file))
+        assert main(["jobs", "--address", head.address]) == 0
+        assert "no speclabel jobs" in capsys.readouterr().out
+    finally:
+        head.stop()
+
+
 def _jobs(address: str) -> dict:
     return {job.submission_id: job for job in sub.list_jobs(sub.connect(address))}
 
@@ -305,23 +326,3 @@ def test_a_failed_job_is_resubmitted_as_a_retry(ray_head, tmp_path, capsys):
 
     assert main(argv) == 0
     assert f"{base_id}-retry1 already succeeded" in capsys.readouterr().out
-
-
-@pytest.mark.ray
-def test_token_auth_from_ray_auth_token_path(tmp_path, capsys, monkeypatch):
-    token = "speclabel-test-" + os.urandom(12).hex()
-    head = RayHead(num_cpus=1, env={"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token})
-    try:
-        for name in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):
-            monkeypatch.delenv(name, raising=False)
-        assert main(["jobs", "--address", head.address]) == 1
-        err = capsys.readouterr().err
-        assert "Authentication required" in err and "RAY_AUTH_TOKEN_PATH" in err
-        assert "Traceback" not in err
-        token_file = tmp_path / "auth_token"
-        token_file.write_text(token + "\n")
-        monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(token_file))
-        assert main(["jobs", "--address", head.address]) == 0
-        assert "no speclabel jobs" in capsys.readouterr().out
-    finally:
-        head.stop()
