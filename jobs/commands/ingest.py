@@ -19,7 +19,6 @@ Runs on the Ray cluster in RAY_ADDRESS, or starts a local Ray instance.
 from __future__ import annotations
 
 import argparse
-import os
 
 from ._types import positive_int
 
@@ -82,7 +81,7 @@ def run(args: argparse.Namespace) -> int:
     )
     started_ray = not ray.is_initialized()
     if started_ray:
-        ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False, configure_logging=False)
+        ray.init(include_dashboard=False, configure_logging=False)  # joins $RAY_ADDRESS when set
     try:
         report = run_ingest(args.input, args.out, setup, options, force=args.force)
     finally:
