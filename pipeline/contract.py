@@ -61,6 +61,21 @@ NEGATIVE_IVAR = "negative_ivar"
 MISSING_LABEL = "missing_label"
 LABEL_OUT_OF_RANGE = "label_out_of_range"
 
+# Quarantine reason codes for whole input files (speclabel ingest); MISSING_ARM is shared with rows.
+CORRUPT_FILE = "corrupt_file"  # not readable as FITS/Parquet, or truncated
+DECODE_ERROR = "decode_error"  # readable, but decoding failed unexpectedly (detail has the error)
+UNKNOWN_FORMAT = "unknown_format"  # FITS, but no registered layout matches
+MISSING_WCS = "missing_wcs"  # no usable wavelength solution
+WRONG_UNITS = "wrong_units"  # the wavelength unit is not a length
+BAD_WAVELENGTHS = "bad_wavelengths"  # wavelengths not monotonic, or not finite
+MISSING_ERROR = "missing_error"  # no error, variance or ivar to weight the pixels with
+WRONG_SETUP = "wrong_setup"  # the header names a setup this setup has no arm for
+WRONG_RESOLUTION = "wrong_resolution"  # declared resolving power far from the arm's
+NO_OVERLAP = "no_overlap"  # wavelengths miss every arm (or cover too little of one)
+NO_GOOD_PIXELS = "no_good_pixels"  # nothing unmasked left on the arm's grid
+DUPLICATE = "duplicate"  # another file of the same star and arm has a higher S/N
+WRONG_SCHEMA = "wrong_schema"  # a Parquet file that does not follow the spectra contract
+
 QUARANTINE_SCHEMA = pa.schema(
     [
         ("spectrum_id", pa.string()),
@@ -83,6 +98,24 @@ def spectra_schema(setup: Setup, *, labelled: bool = False, with_errors: bool = 
         if with_errors:
             fields += [pa.field(f"{name}_err", pa.float32()) for name in LABEL_NAMES]
     return pa.schema(fields, metadata={"speclabel.setup": setup.name})
+
+
+# Columns the spectra store adds to the contract. The store's files carry no ``release`` column: the
+# release is the hive partition (``release=<R>/``), and a column of the same name inside the files
+# would clash with it when the store is read as a dataset.
+INPUT_SHA256 = "input_sha256"
+SOURCE_FILES = "source_files"
+
+
+def store_schema(setup: Setup) -> pa.Schema:
+    """The schema of the spectra store's files: the contract plus content hash and source files."""
+    base = spectra_schema(setup)
+    fields = [f for f in base if f.name != "release"]
+    fields += [
+        pa.field(INPUT_SHA256, pa.string(), nullable=False),
+        pa.field(SOURCE_FILES, pa.list_(pa.string())),
+    ]
+    return pa.schema(fields, metadata=base.metadata)
 
 
 def required_columns(setup: Setup, *, labelled: bool = False) -> list[str]:

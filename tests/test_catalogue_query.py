@@ -5,6 +5,7 @@ import os
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
 from catalogue_data import LAYOUT, OPTIONS, build_catalogue, label_rows
@@ -13,6 +14,7 @@ from speclabel.pipeline.catalogue import CONE_DISTANCE, Catalogue, Cone, Query, 
 from speclabel.pipeline.catalogue.reader import left_join_by_id
 from speclabel.pipeline.contract import quarantine_table
 from speclabel.pipeline.errors import InputError
+from speclabel.pipeline.publish import Dataset
 
 
 @pytest.fixture(scope="module")
@@ -211,3 +213,18 @@ def test_left_join_carries_list_columns_and_renames_clashes():
     joined = left_join_by_id(left, right, suffix="_r")
     assert joined.column("x_r").to_pylist() == [10, None, 30]
     assert joined.column("m").to_pylist() == [[2.0], None, [1.0]]
+
+
+def test_reads_through_a_non_local_filesystem(catalogue):
+    # A SubTreeFileSystem is not a LocalFileSystem: the same code path as s3:// or gs:// catalogues.
+    cat, _ = catalogue
+    root = cat.dataset.root
+    remote = Catalogue.open(
+        Dataset(root, pafs.SubTreeFileSystem(os.path.dirname(root), pafs.LocalFileSystem()), "cat")
+    )
+    kwargs = {"columns": ["spectrum_id", "feh"], "cone": (40.0, -30.0, 30.0), "model_id": "m1"}
+    assert (
+        remote.query("feh < 0", **kwargs)
+        .sort_by("spectrum_id")
+        .equals(cat.query("feh < 0", **kwargs).sort_by("spectrum_id"))
+    )

@@ -4,6 +4,12 @@ The spectra have absorption lines at laboratory wavelengths whose depths follow 
 [Fe/H], [Mg/Fe] and [Al/Fe] through excitation, ionisation and a curve of growth, broadened to the
 arm's resolving power, with photon noise at a drawn S/N, matching ivar, small radial-velocity
 residuals and a few masked pixels. The same --seed gives the same rows in the same order.
+
+--format parquet (default) writes one Parquet file with spectra and labels. --format fits writes the
+Gaia-ESO-like layout that `speclabel ingest` reads: --out is a folder that receives
+spectra/<chunk>/<id>_<arm>.fits (one file per star and arm: flux with a linear air-wavelength WCS in
+the observed frame of a drawn radial velocity, an ERROR extension, and OBJECT, CNAME, RA, DEC, SETUP,
+SNR, VRAD in the header) and labels.parquet, the true labels keyed by CNAME, the id ingest gives.
 """
 
 from __future__ import annotations
@@ -18,7 +24,9 @@ HELP = "write a synthetic survey (spectra + true labels) for demos, tests and be
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--n", type=non_negative_int, required=True, help="number of spectra")
-    parser.add_argument("--out", required=True, help="output file (.parquet) or URI")
+    parser.add_argument(
+        "--out", required=True, help="output file (.parquet) or URI; a folder for --format fits"
+    )
     parser.add_argument("--seed", type=non_negative_int, default=0, help="random seed (default 0)")
     parser.add_argument(
         "--snr-range",
@@ -28,7 +36,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=(10.0, 150.0),
         help="continuum S/N drawn log-uniformly in [A, B] (default 10 150)",
     )
-    parser.add_argument("--format", choices=("parquet",), default="parquet", help="output format")
+    parser.add_argument(
+        "--format",
+        choices=("parquet", "fits"),
+        default="parquet",
+        help="parquet: one file (default); fits: one FITS file per star and arm plus labels.parquet",
+    )
     parser.add_argument("--setup", default="giraffe-hr10-hr21", help="instrument setup name or TOML file")
     parser.add_argument("--release", default="SIM", help="value of the release column (default SIM)")
     parser.add_argument(
@@ -45,7 +58,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ...pipeline.setups import get_setup
-    from ...pipeline.simulate import SurveyConfig, write_parquet
+    from ...pipeline.simulate import SurveyConfig, write_fits, write_parquet
 
     setup = get_setup(args.setup)
     config = SurveyConfig(
@@ -57,10 +70,11 @@ def run(args: argparse.Namespace) -> int:
         label_prior=args.label_prior,
     )
     start = time.perf_counter()
-    rows = write_parquet(args.out, setup, config, workers=args.workers)
+    writer = write_fits if args.format == "fits" else write_parquet
+    rows = writer(args.out, setup, config, workers=args.workers)
     elapsed = time.perf_counter() - start
     print(
-        f"simulate: wrote {rows} spectra ({setup.name}, seed {args.seed}) to {args.out} "
+        f"simulate: wrote {rows} spectra ({setup.name}, seed {args.seed}, {args.format}) to {args.out} "
         f"in {elapsed:.1f} s ({rows / max(elapsed, 1e-9):.0f} spectra/s)"
     )
     return 0

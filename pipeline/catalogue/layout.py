@@ -13,10 +13,13 @@ statistics let a cone search skip most of a file as well as most of the partitio
 
 Defaults and why:
 
-- ``sky_order = 3``: 768 cells of 54 deg² (about 7.3° across). A release then has at most a few
-  hundred sky folders, so a multi-million-row release gets files of useful size (megabytes, not
-  kilobytes) while a cone search of a few degrees reads one to four partitions; order 4 (3072
-  cells) suits catalogues of tens of millions of rows.
+- ``sky_order = 2``: 192 cells of 215 deg² (about 15° across). Fibre surveys observe hundreds to
+  thousands of fields spread over half the sky, so each release occupies most cells a sky order
+  offers: at order 2 a 2-million-row release makes ~150 files of several MB, at order 3 ~600 files
+  of ~1 MB and a 100k-row release (Gaia-ESO size) mostly files of a few hundred rows. Coarse cells
+  cost cone searches little because inside each file the rows are sorted by the fine index and
+  row groups outside the cone are skipped. Catalogues of tens of millions of rows per release can
+  choose order 3 (``CatalogueLayout(sky_order=3)``) for more, smaller partitions.
 - ``fine_order = 12``: 0.86 arcmin pixels, finer than any GIRAFFE fibre spacing matters for pruning,
   and the HEALPix level encoded in Gaia source ids (``source_id // 2**35`` is the nested level-12
   index), so ``healpix`` joins directly with Gaia.
@@ -106,7 +109,7 @@ def check_release_name(release: str) -> str:
 class CatalogueLayout:
     """How a catalogue is partitioned; stored in ``_catalogue.json``, the same for all releases."""
 
-    sky_order: int = 3
+    sky_order: int = 2
     fine_order: int = 12
     hash_buckets: int = 16
     schema_version: int = SCHEMA_VERSION

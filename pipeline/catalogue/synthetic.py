@@ -72,7 +72,8 @@ def synthetic_label_rows(setup: Setup, config: SyntheticCatalogue, start: int, n
                 np.arange(0, n * config.n_members + 1, config.n_members, dtype=np.int32),
                 pa.array(members.astype(np.float32).ravel()),
             )
-    columns["input_sha256"] = pa.array([rng.bytes(32).hex() for _ in range(n)], pa.string())
+    digests = rng.bytes(32 * n).hex()
+    columns["input_sha256"] = pa.array([digests[64 * k : 64 * (k + 1)] for k in range(n)], pa.string())
     columns["flags"] = pa.array(flags)
     groups = list(setup.line_windows)
     wave = setup.wave

@@ -1,0 +1,167 @@
+"""Catalogue query speed against DuckDB over the same files, on a multi-million-row catalogue.
+
+Writes a catalogue of synthetic label rows (two releases, 4MOST-like fields, 1 % without a
+position, 8 ensemble members) with the catalogue writer, then times, in one run:
+
+- a partition-pruned filter: release DR2 and a label cut,
+- a cone search (1 degree around a field centre),
+- a full-scan aggregate (rows and mean [Fe/H] per release),
+
+with speclabel's reader (pyarrow dataset from the index) and with DuckDB's read_parquet over the same
+files and the same predicates, each the median of --repeat runs, and checks both return the same rows.
+
+    python bench/query.py                         # 2 million rows (~2 minutes to write)
+    python bench/query.py --rows 200000 --repeat 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import shutil
+import statistics
+import tempfile
+import time
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from speclabel.pipeline.catalogue import Catalogue, Cone, Query, write_release
+from speclabel.pipeline.catalogue.synthetic import SyntheticCatalogue, iter_synthetic
+from speclabel.pipeline.setups import get_setup
+from speclabel.pipeline.simulate import survey_fields
+
+FIELDS = dict(n_fields=2000, field_radius_deg=1.2, positionless_fraction=0.01, n_members=8)
+COLUMNS = ["spectrum_id", "ra", "dec", "feh", "mgfe", "mgfe_std"]
+WHERE = "feh < -1 and mgfe_std < 0.05"
+
+
+def write(root: str, rows: int) -> tuple[float, int, int]:
+    setup = get_setup()
+    start = time.perf_counter()
+    for i, release in enumerate(("DR1", "DR2")):
+        config = SyntheticCatalogue(release=release, model_id="bench", run_id="bench", seed=i, **FIELDS)
+        write_release(root, release, iter_synthetic(setup, config, rows // 2, 200_000), model_id="bench")
+    elapsed = time.perf_counter() - start
+    files = [os.path.join(d, f) for d, _, fs in os.walk(root) for f in fs if f.endswith(".parquet")]
+    return elapsed, len(files), sum(os.path.getsize(f) for f in files)
+
+
+def timed(fn, repeat: int) -> tuple[float, object]:
+    times, result = [], None
+    for _ in range(repeat):
+        start = time.perf_counter()
+        result = fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times), result
+
+
+def duckdb_cone_sql(cat: Catalogue, cone: Cone) -> str:
+    """The same three-stage predicate the reader builds: sky cells, fine ranges, haversine."""
+    layout = cat.layout
+    cells = layout.cone_cells(cone.ra, cone.dec, cone.radius, layout.sky_order)
+    order = layout.range_order(cone.radius)
+    ranges = layout.fine_ranges(layout.cone_cells(cone.ra, cone.dec, cone.radius, order), order)
+    in_ranges = " OR ".join(f"healpix BETWEEN {lo} AND {hi}" for lo, hi in ranges)
+    hav = (
+        f"pow(sin(radians(dec - {cone.dec}) / 2), 2) + cos(radians(dec)) * cos(radians({cone.dec})) "
+        f"* pow(sin(radians(ra - {cone.ra}) / 2), 2)"
+    )
+    return (
+        f"SELECT {', '.join(COLUMNS)}, degrees(2 * asin(sqrt(least({hav}, 1.0)))) AS cone_distance FROM cat "
+        f"WHERE sky IN ({', '.join(str(c) for c in cells)}) AND ({in_ranges}) "
+        f"AND {hav} <= {float(np.sin(np.radians(cone.radius) / 2) ** 2)!r}"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--rows", type=int, default=2_000_000)
+    parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--tmp", default=None, help="folder for the catalogue (removed afterwards)")
+    parser.add_argument("--keep", metavar="DIR", help="write the catalogue to DIR and keep it")
+    args = parser.parse_args()
+    import duckdb
+
+    threads = os.cpu_count() or 1
+    print(f"# {platform.node()} {threads} CPUs, {time.strftime('%Y-%m-%d')}, {args.rows} rows")
+    workdir = args.keep or tempfile.mkdtemp(dir=args.tmp)
+    root = os.path.join(workdir, "catalogue")
+    try:
+        if not os.path.exists(root):
+            seconds, n_files, size = write(root, args.rows)
+            rate = args.rows / seconds
+            mb = size / 1e6
+            print(
+                f"write: {seconds:.1f} s ({rate:,.0f} rows/s incl. generation), {n_files} files, {mb:.0f} MB"
+            )
+        cat = Catalogue.open(root)
+        con = duckdb.connect()
+        con.execute(f"SET threads = {threads}")
+        con.execute(
+            f"CREATE VIEW cat AS SELECT * FROM read_parquet('{root}/release=*/sky=*/*.parquet', "
+            "hive_partitioning = true, hive_types = {'release': VARCHAR, 'sky': INTEGER})"
+        )
+        ra0, dec0 = (float(v[7]) for v in survey_fields(0, FIELDS["n_fields"]))
+        cone = Cone(ra0, dec0, 1.0)
+
+        def aggregate():
+            dataset = cat.arrow_dataset()
+            table = dataset.to_table(columns=["release", "feh"])
+            return table.group_by("release").aggregate([("feh", "count"), ("feh", "mean")])
+
+        cases = [
+            (
+                "filter (release DR2, labels)",
+                lambda: cat.run(Query(where=WHERE, columns=tuple(COLUMNS), releases=("DR2",))),
+                f"SELECT {', '.join(COLUMNS)} FROM cat "
+                "WHERE release = 'DR2' AND feh < -1 AND mgfe_std < 0.05",
+            ),
+            (
+                "cone search (1 deg)",
+                lambda: cat.run(Query(columns=tuple(COLUMNS), cone=cone)),
+                duckdb_cone_sql(cat, cone),
+            ),
+            (
+                "full-scan aggregate",
+                aggregate,
+                "SELECT release, count(feh), avg(feh) FROM cat GROUP BY release",
+            ),
+        ]
+        print(f"{'query':<30} {'rows':>8} {'speclabel s':>12} {'duckdb s':>9} {'ratio':>6}")
+        for name, ours, sql in cases:
+            ours_s, ours_table = timed(ours, args.repeat)
+            duck_s, duck_table = timed(lambda sql=sql: con.sql(sql).to_arrow_table(), args.repeat)
+            _check_same(name, ours_table, duck_table)
+            print(
+                f"{name:<30} {ours_table.num_rows:>8} {ours_s:>12.3f} {duck_s:>9.3f} {ours_s / duck_s:>6.2f}"
+            )
+        stats_s, _ = timed(lambda: _stats(cat), max(1, args.repeat // 2))
+        print(f"{'speclabel stats (all columns)':<30} {'':>8} {stats_s:>12.3f}")
+    finally:
+        if not args.keep:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _stats(cat: Catalogue) -> dict:
+    from speclabel.pipeline.catalogue.stats import catalogue_stats
+
+    return catalogue_stats(cat)
+
+
+def _check_same(name: str, ours: pa.Table, theirs: pa.Table) -> None:
+    if ours.num_rows != theirs.num_rows:
+        raise SystemExit(f"{name}: speclabel returned {ours.num_rows} rows, DuckDB {theirs.num_rows}")
+    if "spectrum_id" in ours.column_names:
+        a = pc.sort_indices(ours.column("spectrum_id"))
+        b = pc.sort_indices(theirs.column("spectrum_id"))
+        if ours.column("spectrum_id").take(a) != theirs.column("spectrum_id").take(b):
+            raise SystemExit(f"{name}: speclabel and DuckDB returned different rows")
+
+
+if __name__ == "__main__":
+    main()

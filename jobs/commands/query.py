@@ -1,0 +1,108 @@
+"""Query a label catalogue: filter, cone search, choose columns; print the rows or write a file.
+
+Examples:
+  speclabel query labels/ --where "feh < -1 and mgfe_std < 0.05" --columns spectrum_id,feh,mgfe
+  speclabel query labels/ --cone 83.82 -5.39 0.5 --out orion.fits
+  speclabel query s3://survey/labels --release DR6 --where "has_flag(high_std)" --out flagged.parquet
+
+--where takes a small filter language: comparisons (< <= > >= = !=), and / or / not, parentheses,
+numbers, 'quoted strings', `col in ('a', 'b')`, `col between 1 and 2`, `col is [not] null`,
++ - * /, abs(x) and has_flag(low_snr, high_std, extrapolated, heavily_masked). It is parsed, never
+evaluated as code. --cone takes RA DEC RADIUS in degrees (ICRS) and adds a cone_distance column.
+Rows are the live rows of each release unless --model-id names a model. Without --out, the first
+rows are printed (20 unless --limit says otherwise); --out writes .parquet, .csv or .fits (a binary
+table with units for TOPCAT).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from ._types import non_negative_int
+
+HELP = "query a label catalogue (filters, cone search) and print or write the rows"
+PRINT_ROWS = 20
+
+
+def comma_list(text: str) -> list[str]:
+    items = [item.strip() for item in text.split(",") if item.strip()]
+    if not items:
+        raise argparse.ArgumentTypeError("give a comma-separated list of names")
+    return items
+
+
+def add_query_arguments(parser: argparse.ArgumentParser) -> None:
+    """The catalogue and row-selection options shared by `query` and `stats`."""
+    parser.add_argument("catalogue", metavar="CATALOGUE", help="catalogue folder or URI (s3://, gs://)")
+    parser.add_argument(
+        "--release",
+        type=comma_list,
+        action="extend",
+        dest="releases",
+        metavar="NAME[,NAME]",
+        help="only these releases (repeatable; default: all)",
+    )
+    parser.add_argument("--model-id", help="rows labelled by this model (default: the live rows)")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_query_arguments(parser)
+    parser.add_argument("--where", metavar="EXPR", help='filter, e.g. "feh < -1 and mgfe_std < 0.05"')
+    parser.add_argument(
+        "--cone",
+        type=float,
+        nargs=3,
+        metavar=("RA", "DEC", "RADIUS"),
+        help="rows within RADIUS degrees of (RA, DEC), ICRS degrees",
+    )
+    parser.add_argument(
+        "--columns", type=comma_list, metavar="A,B,...", help="columns to return (default: all)"
+    )
+    parser.add_argument("--limit", type=non_negative_int, metavar="N", help="at most N rows")
+    parser.add_argument("--out", metavar="FILE", help="write the rows to FILE.parquet, .csv or .fits")
+    parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+
+
+def run(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from ...pipeline.catalogue import Catalogue, Cone, Query
+    from ...pipeline.catalogue.export import format_table, output_format, write_table
+
+    if args.out:
+        output_format(args.out)  # a bad suffix is a usage error before any work
+    cat = Catalogue.open(args.catalogue)
+    query = Query(
+        where=args.where,
+        columns=tuple(args.columns) if args.columns else None,
+        releases=tuple(args.releases) if args.releases else None,
+        cone=Cone(*args.cone) if args.cone else None,
+        model_id=args.model_id,
+        limit=args.limit,
+    )
+    if args.out:
+        table = cat.run(query)
+        fmt = write_table(table, args.out, overwrite=args.overwrite)
+        print(f"query: wrote {table.num_rows} rows, {table.num_columns} columns to {args.out} ({fmt})")
+        return 0
+    if query.columns is None:
+        query = replace(
+            query, columns=tuple(_print_columns(cat.schema(query.releases, query.model_id).names))
+        )
+    if query.limit is not None:
+        print(format_table(cat.run(query)))
+        return 0
+    shown = cat.run(replace(query, limit=PRINT_ROWS))
+    total = cat.count(query) if shown.num_rows == PRINT_ROWS else shown.num_rows
+    print(format_table(shown, total=total))
+    return 0
+
+
+def _print_columns(names: list[str]) -> list[str]:
+    """A terminal-wide selection: identity, position and the labels with their precision."""
+    from ...pipeline.contract import LABEL_NAMES
+
+    wanted = ["spectrum_id", "release", "ra", "dec", "snr"]
+    for label in LABEL_NAMES:
+        wanted += [label, f"{label}_std"]
+    return [name for name in [*wanted, "flags"] if name in names]
