@@ -26,14 +26,11 @@ class DataFingerprint:
     total: int = 0
 
     def add_table(self, table: pa.Table, setup: Setup) -> DataFingerprint:
-        content = spectrum_sha256(spectra_arrays(table, setup), setup)
-        labels = np.stack(
-            [table.column(c).cast(pa.float64()).fill_null(np.nan).to_numpy() for c in LABEL_NAMES], axis=1
-        )
-        for sid, digest, row in zip(table.column("spectrum_id").to_pylist(), content, labels, strict=True):
-            row_digest = hashlib.sha256(
-                f"{sid}\x00{digest}\x00".encode() + row.astype("<f8").tobytes()
-            ).digest()
+        return self.add_digests(row_digests(table, setup))
+
+    def add_digests(self, digests) -> DataFingerprint:
+        """Add rows by their :func:`row_digests` (a streaming job keeps digests, not rows)."""
+        for row_digest in digests:
             self.total = (self.total + int.from_bytes(row_digest, "big")) % _MODULUS
             self.count += 1
         return self
@@ -44,3 +41,15 @@ class DataFingerprint:
     @property
     def hexdigest(self) -> str:
         return hashlib.sha256(f"{self.count}:{self.total:064x}".encode()).hexdigest()[:32]
+
+
+def row_digests(table: pa.Table, setup: Setup) -> list[bytes]:
+    """Each row's 32-byte contribution: sha256 of its id, its flux and ivar content and its labels."""
+    content = spectrum_sha256(spectra_arrays(table, setup), setup)
+    labels = np.stack(
+        [table.column(c).cast(pa.float64()).fill_null(np.nan).to_numpy() for c in LABEL_NAMES], axis=1
+    )
+    return [
+        hashlib.sha256(f"{sid}\x00{digest}\x00".encode() + row.astype("<f8").tobytes()).digest()
+        for sid, digest, row in zip(table.column("spectrum_id").to_pylist(), content, labels, strict=True)
+    ]

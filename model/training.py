@@ -406,6 +406,17 @@ class MemberResult:
     val_metrics: dict[str, dict[str, float]]  # per label: bias, scatter, ... (metrics.label_metrics)
 
 
+def _cpu_copy(state):
+    """A detached CPU copy of a (nested) state dict: later steps update the live tensors in place."""
+    if isinstance(state, torch.Tensor):
+        return state.detach().to("cpu", copy=True)
+    if isinstance(state, dict):
+        return {k: _cpu_copy(v) for k, v in state.items()}
+    if isinstance(state, list | tuple):
+        return type(state)(_cpu_copy(v) for v in state)
+    return copy.deepcopy(state)
+
+
 def _tensors(batch: Mapping) -> dict[str, torch.Tensor]:
     out = {}
     for key in ("flux", "mask", "labels", "label_err", "ivar", "flux_clean"):
@@ -445,14 +456,17 @@ def _loss_weights(
     return 1.0 / scaled_err**2
 
 
-def predict_scaled(network: nn.Module, data: TrainingData, scaler: LabelScaler, batch_size: int):
+def predict_scaled(
+    network: nn.Module, data: TrainingData, scaler: LabelScaler, batch_size: int, device: str = "cpu"
+):
     """Scaled predictions and scaled true labels ``[N, L]`` of every row of ``data`` (eval mode)."""
     network.eval()
     predictions, targets = [], []
     with torch.inference_mode():
         for raw in data.batches(0, batch_size, None):
             batch = _tensors(raw)
-            predictions.append(network(batch["flux"], batch["mask"]).double())
+            out = network(batch["flux"].to(device), batch["mask"].to(device))
+            predictions.append(out.double().cpu())
             targets.append(_scaled(batch["labels"], scaler).double())
     if not predictions:
         raise InputError("the validation data are empty")
@@ -469,12 +483,18 @@ def train_member(
     *,
     resume: TrainingState | None = None,
     on_epoch: Callable[[EpochMetrics, TrainingState], None] | None = None,
+    device: str = "cpu",
 ) -> MemberResult:
-    """Train one member from scratch (or from ``resume``) and return it with its best weights."""
+    """Train one member from scratch (or from ``resume``) and return it with its best weights.
+
+    ``device`` (e.g. ``"cuda"``) runs the network there; batches are drawn and augmented on the
+    CPU, so the random draws are the same on every device, and the states passed to ``on_epoch``
+    and the returned network are on the CPU.
+    """
     seed = config.seed
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(derived_seed(seed, _INIT))
-        network = build_network(arch, setup)
+        network = build_network(arch, setup).to(device)
     optimizer = torch.optim.Adam(
         network.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay
     )
@@ -485,7 +505,7 @@ def train_member(
         if config.plateau_patience is not None
         else None
     )
-    best_state = {k: v.clone() for k, v in network.state_dict().items()}
+    best_state = _cpu_copy(network.state_dict())
     best_val, best_epoch, since_best, start, history, stopped = math.inf, 0, 0, 0, [], False
     if resume is not None:
         if resume.config != config.to_dict() or resume.arch != arch.to_dict():
@@ -514,9 +534,10 @@ def train_member(
                     if config.augment.active
                     else (batch["flux"], batch["mask"])
                 )
-                target = _scaled(batch["labels"], scaler)
-                sq = (network(flux, mask) - target) ** 2
+                target = _scaled(batch["labels"], scaler).to(device)
+                sq = (network(flux.to(device), mask.to(device)) - target) ** 2
                 weights = _loss_weights(batch, scaler, config)
+                weights = None if weights is None else weights.to(device)
                 loss = sq.mean() if weights is None else ((sq * weights).sum(0) / weights.sum(0)).mean()
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
@@ -525,14 +546,14 @@ def train_member(
                 n_train += flux.shape[0]
         if n_train == 0:
             raise InputError("the training data are empty")
-        predicted, target = predict_scaled(network, val, scaler, max(config.batch_size, 256))
+        predicted, target = predict_scaled(network, val, scaler, max(config.batch_size, 256), device)
         per_label = ((predicted - target) ** 2).mean(axis=0)
         val_loss, val_rmse = float(per_label.mean()), np.sqrt(per_label) * scaler.scale
         if not math.isfinite(val_loss):
             stopped = True  # diverged: keep the best weights so far; selection will drop this member
         elif val_loss < best_val - config.min_delta:
             best_val, best_epoch, since_best = val_loss, epoch + 1, 0
-            best_state = {k: v.detach().clone() for k, v in network.state_dict().items()}
+            best_state = _cpu_copy(network.state_dict())
         else:
             since_best += 1
         if scheduler is not None and math.isfinite(val_loss):
@@ -555,10 +576,10 @@ def train_member(
                 metrics,
                 TrainingState(
                     epoch=epoch + 1,
-                    model={k: v.detach().clone() for k, v in network.state_dict().items()},
+                    model=_cpu_copy(network.state_dict()),
                     best_model=best_state,
                     # Copies: the optimiser updates its moment tensors in place in later epochs.
-                    optimizer=copy.deepcopy(optimizer.state_dict()),
+                    optimizer=_cpu_copy(optimizer.state_dict()),
                     scheduler=copy.deepcopy(scheduler.state_dict()) if scheduler is not None else None,
                     best_val_loss=best_val,
                     best_epoch=best_epoch,
@@ -570,6 +591,7 @@ def train_member(
                 ),
             )
     network.load_state_dict(best_state)
+    network.cpu()
     predicted, target = predict_scaled(network, val, scaler, max(config.batch_size, 256))
     return MemberResult(
         network=network,

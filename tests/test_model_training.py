@@ -224,3 +224,26 @@ def test_config_round_trip_and_validation():
         TrainConfig.from_dict({"epoch": 3})
     with pytest.raises(ConfigError, match="loss_weighting"):
         TrainConfig(loss_weighting="huber")
+
+
+def test_states_and_result_are_on_cpu_whatever_the_device(tiny_setup, data):
+    train, val, scaler = data
+    devices = []
+    config = CONFIG.replace(epochs=2)
+    result = train_member(
+        ARCH,
+        tiny_setup,
+        scaler,
+        config,
+        train,
+        val,
+        device="cuda" if torch.cuda.is_available() else "cpu",
+        on_epoch=lambda m, s: devices.extend(
+            v.device.type for v in (*s.model.values(), *s.best_model.values())
+        ),
+    )
+    assert set(devices) == {"cpu"}
+    assert {p.device.type for p in result.network.parameters()} == {"cpu"}
+    if torch.cuda.is_available():  # the GPU run learns the same function up to float rounding
+        reference = train_member(ARCH, tiny_setup, scaler, config, train, val)
+        assert result.best_val_loss == pytest.approx(reference.best_val_loss, rel=1e-3)
