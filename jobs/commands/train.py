@@ -1,0 +1,120 @@
+"""Fit the ensemble's members in parallel with Ray and write one model directory.
+
+One Ray Tune trial per member runs that member's training (train/validation split by hashed
+spectrum_id, early stopping, augmentation as configured) with --cpus-per-member CPUs and, where the
+cluster has GPUs, one GPU each: 8 members on 8 GPUs take the time of one. Locally it starts a Ray
+instance on this machine; with --address or RAY_ADDRESS it uses that cluster.
+
+Every member checkpoints every epoch into the run folder (--storage/--name; by default
+<OUT's parent>/.speclabel-train/<OUT's name>). Rerunning the same command, or --resume, continues an
+interrupted or failed run: finished members are kept, the others continue from their last epoch.
+Rows that fail validation are left out and counted (quarantine.parquet in the run folder).
+
+At the end the members are assembled into OUT (model.json + members/*.safetensors) and the job prints
+a table per member and the per-label bias and scatter on the validation and test splits.
+
+Configuration file (--config model.toml; command-line options override it):
+
+  arch = "paper"                 # a preset or an architecture .toml, or an [arch] table
+  [train]                        # model.training.TrainConfig: epochs, batch_size, learning_rate, ...
+  epochs = 200
+  [train.augment]
+  noise = true
+  [ensemble]                     # model.fit.EnsembleConfig
+  n_members = 8
+  n_candidates = 10              # train 10, keep the 8 best by validation loss
+  [ensemble.split]
+  test_fraction = 0.1
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from ._types import non_negative_int, positive_float, positive_int
+
+HELP = "fit the ensemble members in parallel with Ray (resumable) and write a model directory"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--data", required=True, help="labelled spectra: a Parquet file, folder or glob, local or URI"
+    )
+    parser.add_argument("--out", required=True, help="model directory to write (local path or URI)")
+    parser.add_argument("--config", metavar="TOML", help="model.toml with [arch], [train], [ensemble]")
+    parser.add_argument("--members", type=positive_int, help="ensemble members (default 8)")
+    parser.add_argument("--epochs", type=positive_int, help="maximum epochs per member (default 200)")
+    parser.add_argument("--arch", help="architecture preset name or .toml file (default paper)")
+    parser.add_argument("--setup", help="instrument setup name or TOML (default: as the input declares)")
+    parser.add_argument(
+        "--gpus-per-member",
+        choices=("auto", "0", "1"),
+        default="auto",
+        help="auto (default): 1 where the cluster has GPUs, else 0",
+    )
+    parser.add_argument(
+        "--cpus-per-member", type=positive_float, default=1.0, help="CPUs (and torch threads) per member"
+    )
+    parser.add_argument("--storage", help="folder or URI for run folders (default: beside --out)")
+    parser.add_argument("--name", help="run name (default: the name of --out)")
+    parser.add_argument("--resume", action="store_true", help="continue the run; fail if there is none")
+    parser.add_argument(
+        "--max-failures",
+        type=non_negative_int,
+        default=2,
+        help="times a failed member is restarted from its checkpoint within the run (default 2)",
+    )
+    parser.add_argument(
+        "--streaming",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="stream the rows with Ray Data instead of holding them in memory "
+        "(auto: when they would take more than a quarter of a node's memory)",
+    )
+    parser.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local instance)")
+
+
+def build_job(args: argparse.Namespace):
+    from ...model.arch import get_arch
+    from ..train import TrainJob, read_model_config
+
+    settings = read_model_config(args.config) if args.config else {}
+    if args.arch:
+        settings["arch"] = get_arch(args.arch)
+    if args.epochs:
+        settings["train"] = settings.get("train", TrainJob.__dataclass_fields__["train"].default_factory())
+        settings["train"] = settings["train"].replace(epochs=args.epochs)
+    if args.members:
+        import dataclasses
+
+        from ...model.fit import EnsembleConfig
+
+        ensemble = settings.get("ensemble", EnsembleConfig())
+        settings["ensemble"] = dataclasses.replace(ensemble, n_members=args.members)
+    if args.setup:
+        settings["setup"] = args.setup
+    return TrainJob(
+        data=args.data,
+        out=args.out,
+        gpus_per_member=args.gpus_per_member,
+        cpus_per_member=args.cpus_per_member,
+        storage=args.storage,
+        name=args.name,
+        resume=args.resume,
+        max_failures=args.max_failures,
+        streaming=args.streaming,
+        address=args.address,
+        **settings,
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..train import run_training
+
+    outcome = run_training(build_job(args))
+    print(
+        f"\ntrain: model {outcome.model_id} written to {outcome.out} ({sum(m.kept for m in outcome.members)} "
+        f"members) in {outcome.seconds:.0f} s; {outcome.n_input} rows in = {outcome.n_used} used + "
+        f"{outcome.n_input - outcome.n_used} quarantined; run folder {outcome.run_path}"
+    )
+    return 0

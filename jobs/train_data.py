@@ -1,0 +1,394 @@
+"""Labelled spectra for the train job: one validating scan, then each member's rows in memory or streamed.
+
+:func:`open_training_set` resolves the input (a Parquet file, folder, glob or object-store URI), checks
+every file's schema against the contract and scans every row once: :func:`scan_batch` validates it
+(``contract.validate`` with labels) and keeps only what the driver needs, its id, reason, labels, S/N
+and a 32-byte content digest (``model.provenance.row_digests``). The driver then
+
+* quarantines every row of a ``spectrum_id`` that occurs more than once: which label belongs to which
+  spectrum is unknown, and excluding *all* its rows makes "excluded ids" an exact row filter that a
+  streaming reader can apply batch by batch;
+* accounts for every input row (``n_input = n_used + quarantined``), fits nothing itself but hands
+  the used rows' ids and labels to ``model.fit.fit_scaler``, and fingerprints the used rows.
+
+Two ways to serve the rows to the members, chosen by the job from the estimated in-memory size:
+
+* :class:`InMemoryRows`: the training arrays of the used rows, read once by the driver; put in the
+  Ray object store once, every trial on a node reads the same copy (``model.fit.member_data``).
+* :class:`StreamedRows`: a Ray Data pipeline per member and part (train / val / test) that reads the
+  Parquet files, keeps the part's rows by the hash split and decodes them in Ray Data tasks, epoch
+  after epoch; nothing larger than a few blocks is ever held. Batches are shuffled by row-group order and
+  a local shuffle buffer, both seeded by the epoch's seed, with order preserved, so a resumed member
+  sees the same batches as an uninterrupted one.
+
+In streaming mode the scan itself runs as Ray Data tasks; in memory it runs on the table in the
+driver. Both give the same accounting, scaler and fingerprint for the same input.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from ..model.fit import member_data
+from ..model.provenance import DataFingerprint, row_digests
+from ..model.splits import SplitRule
+from ..model.training import ArrayData, training_arrays
+from ..pipeline.contract import DUPLICATE_ID, LABEL_NAMES, check_table_columns, quarantine_table
+from ..pipeline.contract import validate as validate_rows
+from ..pipeline.errors import InputError
+from ..pipeline.setups import Setup
+from ..pipeline.storage import resolve_files
+
+PARQUET_EXTENSIONS = (".parquet", ".parq", ".pq")
+# Bytes per pixel of one spectrum as training arrays: float32 flux + float32 ivar + bool mask.
+BYTES_PER_PIXEL = 9
+STREAM_PARTS = ("train", "val", "test")
+ARRAY_KEYS = ("flux", "mask", "labels", "label_err", "ivar", "snr")
+
+
+@dataclass(frozen=True)
+class TrainingInput:
+    """The resolved input: Parquet files on one filesystem, their row groups, the columns a row needs.
+
+    Ray Data work over the input runs as one task per row group (:meth:`map_pieces`), not through
+    ``ray.data.read_parquet``: in Ray 2.60 that plans a file-listing task with a fixed 1-CPU request,
+    which can never start inside trials that hold every CPU of a node (seen on a 2-CPU machine: the
+    members waited forever). Row groups are also the unit of the training shuffle.
+    """
+
+    location: str
+    filesystem: object  # pyarrow.fs.FileSystem
+    files: tuple[str, ...]
+    columns: tuple[str, ...]
+    pieces: tuple[tuple[str, int], ...]  # (file, row group)
+    n_rows: int  # from the Parquet footers
+    batch_rows: int = 256  # rows decoded at a time inside a row group
+
+    def estimated_bytes(self, setup: Setup) -> int:
+        """Memory the used rows take as training arrays (the in-memory mode's footprint)."""
+        return self.n_rows * setup.n_pixels * BYTES_PER_PIXEL
+
+    def read_table(self) -> pa.Table:
+        tables = [
+            pq.read_table(f, filesystem=self.filesystem, columns=list(self.columns)) for f in self.files
+        ]
+        return pa.concat_tables(tables, promote_options="permissive")
+
+    def read_piece(self, path: str, row_group: int) -> Iterator[pa.Table]:
+        with self.filesystem.open_input_file(path) as handle:
+            reader = pq.ParquetFile(handle)
+            for batch in reader.iter_batches(
+                batch_size=self.batch_rows, row_groups=[row_group], columns=list(self.columns)
+            ):
+                yield pa.Table.from_batches([batch])
+
+    def map_pieces(self, fn, fn_kwargs: dict, *, num_cpus: float, shuffle_seed: int | None = None):
+        """A Ray Data dataset of ``fn(table, **fn_kwargs)`` over every row group, in file order or in a
+        seeded random order of row groups."""
+        import ray.data
+
+        # One INFO block per dataset execution, i.e. per member epoch: the job prints its own progress.
+        logging.getLogger("ray.data").setLevel(logging.WARNING)
+        pieces = list(self.pieces)
+        if shuffle_seed is not None:
+            pieces = [pieces[i] for i in np.random.default_rng(shuffle_seed).permutation(len(pieces))]
+        items = [{"path": path, "row_group": group} for path, group in pieces]
+        dataset = ray.data.from_items(items, override_num_blocks=max(1, len(items))).map_batches(
+            _over_pieces,
+            fn_kwargs={"input": self, "fn": fn, "fn_kwargs": fn_kwargs},
+            batch_size=1,
+            batch_format="pyarrow",
+            num_cpus=num_cpus,
+        )
+        # This dataset's own context (not the process-wide one): rows in piece order, so that an
+        # epoch's batches are the same in every run, and no progress bars.
+        dataset.context.execution_options.preserve_order = True
+        dataset.context.enable_progress_bars = False
+        return dataset
+
+
+def _over_pieces(items: pa.Table, *, input: TrainingInput, fn, fn_kwargs: dict):
+    for path, group in zip(
+        items.column("path").to_pylist(), items.column("row_group").to_pylist(), strict=True
+    ):
+        for table in input.read_piece(path, group):
+            yield fn(table, **fn_kwargs)
+
+
+def resolve_input(location: str, setup: Setup) -> TrainingInput:
+    """The Parquet files at ``location``, each checked to hold a labelled spectra table for ``setup``."""
+    fs, files = resolve_files(location, PARQUET_EXTENSIONS)
+    columns: list[str] | None = None
+    pieces: list[tuple[str, int]] = []
+    n_rows = 0
+    for path in files:
+        try:
+            metadata = pq.read_metadata(path, filesystem=fs)
+            schema = metadata.schema.to_arrow_schema()
+        except (OSError, pa.ArrowInvalid) as exc:
+            raise InputError(f"cannot read Parquet file {path}: {exc}") from exc
+        check_table_columns(schema, setup, labelled=True, source=path)
+        n_rows += metadata.num_rows
+        pieces += [(path, group) for group in range(metadata.num_row_groups)]
+        present = set(schema.names)
+        wanted = [
+            "spectrum_id",
+            *(c for arm in setup.arms for c in (arm.flux_column, arm.ivar_column)),
+            *LABEL_NAMES,
+            *(f"{label}_err" for label in LABEL_NAMES),
+            "snr",
+        ]
+        # Optional columns are used only when every file has them: one schema for all batches.
+        file_columns = [c for c in wanted if c in present]
+        columns = file_columns if columns is None else [c for c in columns if c in file_columns]
+    return TrainingInput(location, fs, tuple(files), tuple(columns or ()), tuple(pieces), n_rows)
+
+
+SCAN_SCHEMA = pa.schema(
+    [
+        ("spectrum_id", pa.string()),
+        ("reason", pa.string()),
+        *[(name, pa.float64()) for name in LABEL_NAMES],
+        ("snr", pa.float64()),
+        ("digest", pa.binary(32)),
+    ]
+)
+
+
+def scan_batch(table: pa.Table, setup: Setup) -> pa.Table:
+    """What the driver keeps of each row (:data:`SCAN_SCHEMA`): the reason is null for a good row."""
+    reasons = validate_rows(table, setup, labelled=True)
+    columns = {
+        "spectrum_id": table.column("spectrum_id").cast(pa.string()),
+        "reason": pa.array(list(reasons), pa.string()),
+        **{name: table.column(name).cast(pa.float64()) for name in LABEL_NAMES},
+        "snr": (
+            table.column("snr").cast(pa.float64())
+            if "snr" in table.column_names
+            else pa.nulls(table.num_rows, pa.float64())
+        ),
+        "digest": pa.array(row_digests(table, setup), pa.binary(32)),
+    }
+    return pa.table(columns, schema=SCAN_SCHEMA)
+
+
+@dataclass
+class TrainingSet:
+    """The outcome of the scan: what is used, what is quarantined and why, and the used rows' content."""
+
+    input: TrainingInput
+    setup: Setup
+    scan: pa.Table  # SCAN_SCHEMA, reasons final (cross-batch duplicates included)
+    excluded_ids: frozenset[str] = field(repr=False)
+
+    @property
+    def used(self) -> np.ndarray:
+        return np.asarray(self.scan.column("reason").is_null())
+
+    @property
+    def n_input(self) -> int:
+        return self.scan.num_rows
+
+    @property
+    def n_used(self) -> int:
+        return int(self.used.sum())
+
+    def quarantined_by_reason(self) -> dict[str, int]:
+        codes = [r.split(":", 1)[0] for r in self.scan.column("reason").drop_null().to_pylist()]
+        return dict(sorted(collections.Counter(codes).items()))
+
+    def quarantine(self) -> pa.Table:
+        bad = self.scan.filter(pc.invert(pc.is_null(self.scan.column("reason"))))
+        return quarantine_table(
+            bad.column("spectrum_id").to_pylist(), bad.column("reason").to_pylist(), self.input.location
+        )
+
+    def label_arrays(self) -> dict[str, np.ndarray]:
+        """``spectrum_id`` and ``labels`` of the used rows, as ``model.fit.fit_scaler`` takes them."""
+        used = self.scan.filter(pa.array(self.used))
+        labels = np.stack([used.column(name).to_numpy() for name in LABEL_NAMES], axis=1)
+        return {
+            "spectrum_id": np.asarray(used.column("spectrum_id").to_pylist(), dtype=object),
+            "labels": labels,
+        }
+
+    def fingerprint(self) -> str:
+        digests = self.scan.column("digest").filter(pa.array(self.used)).to_pylist()
+        return DataFingerprint().add_digests(digests).hexdigest
+
+    def describe(self, mode: str) -> dict:
+        """The ``training.data`` section of model.json."""
+        return {
+            "location": self.input.location,
+            "files": len(self.input.files),
+            "mode": mode,
+            "n_input": self.n_input,
+            "n_rows": self.n_used,
+            "quarantined": self.quarantined_by_reason(),
+            "fingerprint": self.fingerprint(),
+        }
+
+
+def finish_scan(scan: pa.Table, input: TrainingInput, setup: Setup) -> TrainingSet:
+    """Quarantine every row of a duplicated id (see the module docstring) and collect excluded ids."""
+    ids = scan.column("spectrum_id").to_pylist()
+    reasons = scan.column("reason").to_pylist()
+    counts = collections.Counter(sid for sid in ids if sid)
+    for i, sid in enumerate(ids):
+        # The same reason text whether validate saw both copies in one batch or the scan in two.
+        first_problem = reasons[i] is None or reasons[i].startswith(f"{DUPLICATE_ID}:")
+        if first_problem and counts.get(sid, 0) > 1:
+            reasons[i] = (
+                f"{DUPLICATE_ID}: spectrum_id {sid!r} occurs {counts[sid]} times in the training data; "
+                "which label belongs to which spectrum is unknown, so none of its rows is used"
+            )
+    scan = scan.set_column(scan.schema.get_field_index("reason"), "reason", pa.array(reasons, pa.string()))
+    excluded = frozenset(sid for sid, reason in zip(ids, reasons, strict=True) if reason is not None and sid)
+    return TrainingSet(input, setup, scan, excluded)
+
+
+def scan_in_memory(input: TrainingInput, setup: Setup) -> tuple[TrainingSet, InMemoryRows]:
+    """Read the whole input in this process, scan it, and keep the used rows as training arrays."""
+    table = input.read_table()
+    training_set = finish_scan(scan_batch(table, setup), input, setup)
+    arrays = training_arrays(table.filter(pa.array(training_set.used)), setup)
+    return training_set, InMemoryRows(arrays)
+
+
+def scan_streaming(input: TrainingInput, setup: Setup, *, num_cpus: float = 1.0) -> TrainingSet:
+    """Scan the input in Ray Data tasks; only the small per-row results come back to the driver."""
+    scanned = input.map_pieces(scan_batch, {"setup": setup}, num_cpus=num_cpus)
+    parts = [pa.Table.from_batches([b]) if isinstance(b, pa.RecordBatch) else b for b in _blocks(scanned)]
+    scan = pa.concat_tables(parts).cast(SCAN_SCHEMA) if parts else SCAN_SCHEMA.empty_table()
+    if scan.num_rows != input.n_rows:
+        raise InputError(
+            f"the scan of {input.location} returned {scan.num_rows} rows, the Parquet footers say "
+            f"{input.n_rows}: rows were lost on the way; nothing was trained"
+        )
+    return finish_scan(scan, input, setup)
+
+
+def _blocks(dataset) -> Iterator[pa.Table]:
+    return dataset.iter_batches(batch_size=None, batch_format="pyarrow")
+
+
+# -- serving rows to the members -------------------------------------------------------------------
+
+
+@dataclass
+class InMemoryRows:
+    """The used rows' training arrays (``model.training.training_arrays``), shared by every member."""
+
+    arrays: dict[str, np.ndarray]
+
+    mode = "memory"
+
+    def member(self, split: SplitRule, seed: int) -> tuple[ArrayData, ArrayData]:
+        return member_data(self.arrays, split, seed)
+
+    def test_batches(self, split: SplitRule, batch_size: int) -> Iterator[dict[str, np.ndarray]]:
+        rows = np.flatnonzero(split.is_test(self.arrays["spectrum_id"]))
+        for start in range(0, len(rows), batch_size):
+            take = rows[start : start + batch_size]
+            yield {k: self.arrays[k][take] for k in ARRAY_KEYS if self.arrays.get(k) is not None}
+
+
+def member_rows(
+    table: pa.Table,
+    *,
+    setup: Setup,
+    split: SplitRule,
+    seed: int,
+    part: str,
+    excluded_ids: frozenset[str],
+) -> dict[str, np.ndarray]:
+    """The rows of ``table`` in ``part`` of member ``seed``, as training arrays (a Ray Data UDF)."""
+    ids = table.column("spectrum_id").to_pylist()
+    usable = np.array([bool(sid) and sid not in excluded_ids for sid in ids], dtype=bool)
+    if part == "test":
+        keep = split.is_test(ids)
+    else:
+        train, val = split.member_masks(ids, seed)
+        keep = train if part == "train" else val
+    arrays = training_arrays(table.filter(pa.array(usable & keep)), setup)
+    return {k: arrays[k] for k in ARRAY_KEYS if arrays.get(k) is not None}
+
+
+@dataclass
+class StreamedRows:
+    """One part (train / val / test) of one member's rows, read from the input every epoch.
+
+    Implements ``model.training.TrainingData``: ``batches(epoch, batch_size, shuffle_seed)``. The
+    Ray Data pipeline is built lazily in the process that iterates (a Tune trial), so that its tasks
+    run in that trial's placement group.
+    """
+
+    input: TrainingInput
+    setup: Setup
+    split: SplitRule
+    seed: int
+    part: str
+    excluded_ids: frozenset[str] = field(repr=False)
+    num_cpus: float = 0.0  # Ray Data tasks share the CPUs of the trial that iterates them
+    shuffle_buffer_rows: int = 1024
+
+    def __post_init__(self) -> None:
+        if self.part not in STREAM_PARTS:
+            raise ValueError(f"part must be one of {STREAM_PARTS}, got {self.part!r}")
+
+    def dataset(self, shuffle_seed: int | None = None):
+        return self.input.map_pieces(
+            member_rows,
+            {
+                "setup": self.setup,
+                "split": self.split,
+                "seed": self.seed,
+                "part": self.part,
+                "excluded_ids": self.excluded_ids,
+            },
+            num_cpus=self.num_cpus,
+            shuffle_seed=shuffle_seed,
+        )
+
+    def batches(self, epoch: int, batch_size: int, shuffle_seed: int | None) -> Iterator[Mapping]:
+        if shuffle_seed is None:
+            yield from self.dataset().iter_batches(batch_size=batch_size, batch_format="numpy")
+            return
+        # Row-group order and a local buffer, not a global shuffle: a global shuffle (or a block-order
+        # shuffle, an all-to-all step) would hold the whole member's data at once.
+        seed = shuffle_seed % 2**32
+        yield from self.dataset(seed).iter_batches(
+            batch_size=batch_size,
+            batch_format="numpy",
+            local_shuffle_buffer_size=self.shuffle_buffer_rows,
+            local_shuffle_seed=seed,
+        )
+
+
+@dataclass
+class StreamingRows:
+    """Every member's rows served by :class:`StreamedRows` pipelines."""
+
+    input: TrainingInput
+    setup: Setup
+    excluded_ids: frozenset[str] = field(repr=False)
+    num_cpus: float = 0.0
+
+    mode = "streaming"
+
+    def part(self, split: SplitRule, seed: int, part: str) -> StreamedRows:
+        return StreamedRows(self.input, self.setup, split, seed, part, self.excluded_ids, self.num_cpus)
+
+    def member(self, split: SplitRule, seed: int) -> tuple[StreamedRows, StreamedRows]:
+        return self.part(split, seed, "train"), self.part(split, seed, "val")
+
+    def test_batches(self, split: SplitRule, batch_size: int) -> Iterator[Mapping]:
+        return self.part(split, 0, "test").batches(0, batch_size, None)

@@ -1,0 +1,89 @@
+"""The train job's data: one scan accounts for every row; in-memory and streamed rows are the same rows."""
+
+import numpy as np
+import pyarrow as pa
+import pytest
+from train_inputs import BAD_ROWS, faulty_survey, write_in_two_files
+
+from speclabel.jobs.train_data import StreamingRows, resolve_input, scan_in_memory, scan_streaming
+from speclabel.model.fit import member_data
+from speclabel.model.provenance import DataFingerprint
+from speclabel.model.splits import SplitRule
+from speclabel.pipeline.errors import InputError
+
+SPLIT = SplitRule(test_fraction=0.2, val_fraction=0.25)
+
+
+@pytest.fixture(scope="module")
+def faulty(small_survey):
+    return faulty_survey(small_survey)
+
+
+@pytest.fixture(scope="module")
+def faulty_folder(faulty, tmp_path_factory):
+    return write_in_two_files(faulty, tmp_path_factory.mktemp("train-data") / "survey")
+
+
+@pytest.fixture(scope="module")
+def in_memory(faulty_folder, setup):
+    training_input = resolve_input(str(faulty_folder), setup)
+    return training_input, *scan_in_memory(training_input, setup)
+
+
+def test_scan_accounts_for_every_row_and_quarantines_every_copy_of_a_duplicate(in_memory, faulty, setup):
+    training_input, training_set, rows = in_memory
+    assert len(training_input.files) == 2 and len(training_input.pieces) == 6  # 20 rows in groups of 8
+    assert training_set.n_input == 40 and training_set.n_used == 40 - len(BAD_ROWS)
+    expected = {}
+    for reason in BAD_ROWS.values():
+        expected[reason] = expected.get(reason, 0) + 1
+    assert training_set.quarantined_by_reason() == expected
+    quarantine = training_set.quarantine()
+    bad_ids = {faulty.column("spectrum_id")[i].as_py() for i in BAD_ROWS}
+    assert set(quarantine.column("spectrum_id").to_pylist()) == bad_ids == set(training_set.excluded_ids)
+    good = faulty.filter(pa.array([i not in BAD_ROWS for i in range(40)]))
+    assert list(rows.arrays["spectrum_id"]) == good.column("spectrum_id").to_pylist()
+    # The fingerprint of the kept digests is the fingerprint of the good rows as a table.
+    assert training_set.fingerprint() == DataFingerprint().add_table(good, setup).hexdigest
+
+
+def test_unreadable_input_is_refused_with_the_file_named(tmp_path, setup):
+    (tmp_path / "broken.parquet").write_bytes(b"not parquet")
+    with pytest.raises(InputError, match=r"broken\.parquet"):
+        resolve_input(str(tmp_path), setup)
+
+
+def _rows_by_id(batches):
+    """{label tuple: flux sum} over batches: identifies rows without relying on order."""
+    out = {}
+    for batch in batches:
+        for labels, flux in zip(batch["labels"], batch["flux"], strict=True):
+            out[tuple(np.round(labels, 6))] = float(np.asarray(flux, dtype=np.float64).sum())
+    return out
+
+
+@pytest.mark.ray
+def test_streamed_rows_are_the_in_memory_rows_in_a_seeded_order(ray_session, in_memory, setup):
+    training_input, training_set, rows = in_memory
+    streamed_set = scan_streaming(training_input, setup, num_cpus=0.5)
+    assert streamed_set.scan.column("reason").to_pylist() == training_set.scan.column("reason").to_pylist()
+    assert streamed_set.fingerprint() == training_set.fingerprint()
+    assert streamed_set.excluded_ids == training_set.excluded_ids
+
+    streaming = StreamingRows(training_input, setup, streamed_set.excluded_ids)
+    train_stream, val_stream = streaming.member(SPLIT, seed=1)
+    train_mem, val_mem = member_data(rows.arrays, SPLIT, 1)
+    epoch0 = list(train_stream.batches(0, 8, shuffle_seed=123))
+    assert sum(len(b["labels"]) for b in epoch0) == len(train_mem)
+    assert _rows_by_id(epoch0) == pytest.approx(_rows_by_id(train_mem.batches(0, 8, None)))
+    assert _rows_by_id(val_stream.batches(0, 8, None)) == pytest.approx(
+        _rows_by_id(val_mem.batches(0, 8, None))
+    )
+    # The same epoch seed gives the same batches (exact resume); another seed another order.
+    again = list(train_stream.batches(0, 8, shuffle_seed=123))
+    assert all(np.array_equal(a["flux"], b["flux"]) for a, b in zip(epoch0, again, strict=True))
+    other = np.concatenate([b["labels"][:, 0] for b in train_stream.batches(1, 8, shuffle_seed=456)])
+    assert not np.array_equal(other, np.concatenate([b["labels"][:, 0] for b in epoch0]))
+    test_memory = _rows_by_id(rows.test_batches(SPLIT, 8))
+    assert _rows_by_id(streaming.test_batches(SPLIT, 8)) == pytest.approx(test_memory)
+    assert len(test_memory) == SPLIT.is_test(rows.arrays["spectrum_id"]).sum() > 0
