@@ -1,0 +1,141 @@
+"""speclabel train: configuration, the parallel fit against the in-process reference, kill-and-resume,
+streaming with quarantined rows."""
+
+import json
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from train_inputs import BAD_ROWS, faulty_survey, tiny_model_toml, write_in_two_files
+
+from speclabel.jobs.cli import build_parser, main
+from speclabel.jobs.commands.train import build_job
+from speclabel.jobs.train import FAULT_ENV, QUARANTINE_FILE, read_model_config
+from speclabel.model import io
+from speclabel.model.arch import PAPER
+from speclabel.model.fit import fit_ensemble, prepare_arrays
+from speclabel.pipeline.errors import ConfigError
+
+
+def _job(argv):
+    return build_job(build_parser().parse_args(["train", *argv]))
+
+
+def test_config_file_sections_and_command_line_overrides(tmp_path):
+    config = tiny_model_toml(tmp_path / "model.toml", epochs=7, members=3)
+    job = _job(["--data", "d.parquet", "--out", str(tmp_path / "m"), "--config", str(config)])
+    assert job.arch.conv_channels == (2, 2) and job.arch.pool_size == 8
+    assert job.train.epochs == 7 and job.train.batch_size == 8
+    assert job.ensemble.n_members == 3 and job.ensemble.split.test_fraction == 0.2
+    assert job.run_name == "m" and job.storage_path == str(tmp_path / ".speclabel-train")
+    job = _job(["--data", "d", "--out", "m", "--config", str(config), "--epochs", "2", "--members", "5"])
+    assert (job.train.epochs, job.ensemble.n_members, job.train.batch_size) == (2, 5, 8)
+    assert _job(["--data", "d", "--out", "m", "--arch", "paper"]).arch == PAPER
+    (tmp_path / "preset.toml").write_text('arch = "paper"\n[train.augment]\nnoise = true\n')
+    settings = read_model_config(tmp_path / "preset.toml")
+    assert settings["arch"] == PAPER and settings["train"].augment.noise
+    (tmp_path / "bad.toml").write_text("[ensemble]\nmembers = 3\n")
+    with pytest.raises(ConfigError, match="members"):
+        read_model_config(tmp_path / "bad.toml")
+
+
+def _epochs_reported(run_folder, member):
+    """(epoch, resumed_from_epoch) of every epoch report Tune recorded for a member, over all runs."""
+    lines = (run_folder / f"member-{member}" / "result.json").read_text().splitlines()
+    results = [json.loads(line) for line in lines]
+    return [(r["epoch"], r["resumed_from_epoch"]) for r in results if not r["member_finished"]]
+
+
+@pytest.mark.ray
+def test_killed_member_resumes_and_the_model_matches_the_in_process_fit(
+    ray_session, small_survey, setup, tmp_path, monkeypatch, capsys
+):
+    data = tmp_path / "survey.parquet"
+    pq.write_table(small_survey, data, row_group_size=10)
+    config = tiny_model_toml(tmp_path / "model.toml", epochs=3, members=3)
+    out = tmp_path / "models" / "tiny"
+    argv = ["train", "--data", str(data), "--out", str(out), "--config", str(config), "--streaming", "off"]
+
+    monkeypatch.setenv(FAULT_ENV, "member=1,epoch=2")
+    assert main([*argv, "--max-failures", "0"]) == 1
+    captured = capsys.readouterr()
+    assert "member 1: FAILED after epoch 2" in captured.out
+    assert "1 of 3 members did not finish" in captured.err and "--resume" in captured.err
+    assert not out.exists()  # no half-done model
+
+    monkeypatch.delenv(FAULT_ENV)
+    assert main([*argv, "--resume"]) == 0
+    assert "member 1: resumed from its checkpoint at epoch 2" in capsys.readouterr().out
+    run_folder = tmp_path / "models" / ".speclabel-train" / "tiny"
+    # Every epoch of every member was trained exactly once over the two runs: the finished members
+    # were not retrained, the failed one continued from its epoch-2 checkpoint.
+    assert _epochs_reported(run_folder, 0) == [(1, 0), (2, 0), (3, 0)]
+    assert _epochs_reported(run_folder, 1) == [(1, 0), (2, 0), (3, 2)]
+    assert _epochs_reported(run_folder, 2) == [(1, 0), (2, 0), (3, 0)]
+
+    model = io.load_model(str(out), setup=setup)
+    document = json.loads((out / "model.json").read_text())
+    assert model.n_members == 3 and sorted(m["seed"] for m in document["members"]) == [0, 1, 2]
+    assert [m["epochs_run"] for m in document["members"]] == [3, 3, 3]
+    data_info = document["training"]["data"]
+    assert (data_info["n_input"], data_info["n_rows"], data_info["quarantined"]) == (40, 40, {})
+    assert data_info["mode"] == "memory" and set(document["metrics"]["test"]["all"]) == set(model.label_names)
+    assert sorted(p.name for p in out.iterdir()) == ["members", "model.json"]
+
+    # The same members as model.fit.fit_ensemble trains one after another in this process: the
+    # parallel job is the reference computation, and the resumed member resumed exactly.
+    settings = read_model_config(config)
+    arrays = prepare_arrays(small_survey, setup)
+    reference = fit_ensemble(
+        arrays, setup, settings["arch"], settings["train"], settings["ensemble"], data={}
+    )
+    assert data_info["fingerprint"] == arrays["fingerprint"]
+    assert [m["seed"] for m in document["members"]] == [m["seed"] for m in reference.member_info]
+    flux, mask = arrays["flux"][:12], arrays["mask"][:12]
+    ours = model.predict(flux, mask, members=True).members
+    theirs = reference.predict(flux, mask, members=True).members
+    difference = np.abs(ours - theirs) / model.scaler.scale  # in units of each label's spread
+    assert difference.max() < 1e-4
+    test_metrics = document["metrics"]["test"]["all"]["feh"]
+    assert test_metrics["bias"] == pytest.approx(
+        reference.info["metrics"]["test"]["all"]["feh"]["bias"], rel=1e-3
+    )
+
+    assert main(argv) == 1  # the model exists: nothing is overwritten
+    assert "a model already exists" in capsys.readouterr().err
+
+
+@pytest.mark.ray
+def test_streamed_training_leaves_bad_rows_out_and_accounts_for_them(
+    ray_session, small_survey, setup, tmp_path, capsys
+):
+    faulty = faulty_survey(small_survey)
+    folder = write_in_two_files(faulty, tmp_path / "survey", row_group_size=20)
+    config = tiny_model_toml(tmp_path / "model.toml", epochs=1, members=2)
+    out = tmp_path / "model"
+    storage = tmp_path / "runs"
+    argv = ["train", "--data", str(folder), "--out", str(out), "--config", str(config)]
+    assert main([*argv, "--streaming", "on", "--storage", str(storage), "--name", "streamed"]) == 0
+    printed = capsys.readouterr().out
+    assert f"40 in = {40 - len(BAD_ROWS)} used + {len(BAD_ROWS)} quarantined" in printed
+    assert "member 0  epoch    1/1" in printed and "val bias" in printed
+
+    document = json.loads((out / "model.json").read_text())
+    data_info = document["training"]["data"]
+    assert data_info["mode"] == "streaming" and data_info["n_input"] == 40
+    assert data_info["n_rows"] == 40 - len(BAD_ROWS)
+    assert data_info["quarantined"] == {"duplicate_id": 4, "missing_label": 1, "nonfinite_flux": 1}
+    quarantine = pq.read_table(storage / "streamed" / QUARANTINE_FILE)
+    assert quarantine.num_rows == len(BAD_ROWS)
+    good = faulty.filter([i not in BAD_ROWS for i in range(40)])
+    assert data_info["fingerprint"] == prepare_arrays(good, setup)["fingerprint"]
+    n_train = sum(m["split"]["n_train"] + m["split"]["n_val"] for m in document["members"])
+    n_test = document["metrics"]["test"]["all"]["teff"]["n"]
+    assert n_train + 2 * n_test == 2 * (40 - len(BAD_ROWS))  # every used row in one split per member
+
+    # A rerun with other settings under the same run name is refused, not mixed into the run.
+    other = tiny_model_toml(tmp_path / "other.toml", epochs=2, members=2)
+    rerun = ["train", "--data", str(folder), "--out", str(tmp_path / "again"), "--config", str(other)]
+    assert main([*rerun, "--storage", str(storage), "--name", "streamed"]) == 1
+    error = capsys.readouterr().err
+    assert "was started with other" in error and "train" in error and "--name" in error
