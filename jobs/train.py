@@ -348,7 +348,7 @@ def _progress_callback():
 class MemberSummary:
     member: int
     seed: int
-    status: str  # "finished" or "failed"
+    status: str  # "finished", "failed" or "pending" (never started)
     epochs: int = 0
     best_epoch: int = 0
     best_val_loss: float = math.nan
@@ -602,7 +602,8 @@ def fit_members(job: TrainJob, spec: MemberSpec, rows, gpus: int, echo: Callable
             ),
         )
     grid = tuner.fit()
-    return {int(result.config["member"]): result for result in grid}
+    # A member that never started (the run was interrupted first) has no result folder, no config.
+    return {int(result.config["member"]): result for result in grid if result.config}
 
 
 def _trial_name(trial) -> str:
@@ -612,7 +613,7 @@ def _trial_name(trial) -> str:
 def summarise_result(job: TrainJob, spec: MemberSpec, member: int, result) -> MemberSummary:
     summary = MemberSummary(member=member, seed=spec.seeds[member], status="failed")
     if result is None:
-        summary.error = "no result"
+        summary.status, summary.error = "pending", "not started"
         return summary
     metrics = result.metrics or {}
     summary.epochs = int(metrics.get("epoch", 0))
