@@ -469,18 +469,14 @@ def run_training(job: TrainJob, *, echo: Callable[[str], None] = print) -> Train
 
 
 def connect_ray(address: str | None) -> bool:
-    """Join the cluster at ``address`` / ``RAY_ADDRESS``, or start a local instance (returns True)."""
+    """Join the cluster at ``address``, else Ray's own choice (``RAY_ADDRESS``, a cluster started with
+    ``ray start`` on this machine, or a new local instance). True when this call started Ray."""
     import ray
 
     if ray.is_initialized():
         return False
-    address = address or os.environ.get("RAY_ADDRESS")
     # Worker INFO lines (one per checkpoint) would bury the progress table; warnings still show.
-    quiet_workers = ray.LoggingConfig(log_level="WARNING")
-    if address:
-        ray.init(address=address, logging_config=quiet_workers)
-    else:
-        ray.init(address="local", include_dashboard=False, logging_config=quiet_workers)
+    ray.init(address=address, include_dashboard=False, logging_config=ray.LoggingConfig(log_level="WARNING"))
     return True
 
 

@@ -139,3 +139,11 @@ def test_streamed_training_leaves_bad_rows_out_and_accounts_for_them(
     assert main([*rerun, "--storage", str(storage), "--name", "streamed"]) == 1
     error = capsys.readouterr().err
     assert "was started with other" in error and "train" in error and "--name" in error
+
+
+def test_the_documented_example_configuration_is_valid():
+    from pathlib import Path
+
+    settings = read_model_config(Path(__file__).resolve().parents[1] / "examples" / "model.toml")
+    assert settings["arch"] == PAPER and settings["ensemble"].n_candidates == 10
+    assert settings["train"].augment.noise and settings["ensemble"].split.val_fraction == 0.1

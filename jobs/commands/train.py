@@ -71,7 +71,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="stream the rows with Ray Data instead of holding them in memory "
         "(auto: when they would take more than a quarter of a node's memory)",
     )
-    parser.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local instance)")
+    parser.add_argument(
+        "--address", help="Ray cluster address (default: RAY_ADDRESS, a `ray start` cluster here, else local)"
+    )
 
 
 def build_job(args: argparse.Namespace):

@@ -1,0 +1,101 @@
+"""Ensemble training: the Ray job (members in parallel) against a plain loop (members one by one).
+
+For 1, 2 and 8 members, in one run on one machine: the wall time of ``model.fit.fit_ensemble`` in
+this process (members one after another, torch using every core) and of ``jobs.train.run_training``
+on a local Ray instance (one Tune trial per member, ``--cpus-per-member`` CPUs each), on the same
+simulated survey with the same architecture and epochs. Printed per member count: both times, the
+Ray/loop ratio (> 1: Ray costs more), the speed-up, and the parallel efficiency = speed-up / members
+that can run at once. The Ray instance is started once, before the timings.
+
+    python bench/train_scaling.py                          # ~10-15 min on 2 shared CPUs
+    python bench/train_scaling.py --spectra 200 --epochs 2 --members 1 2    # quicker
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import os
+import platform
+import tempfile
+import time
+
+import pyarrow.parquet as pq
+import torch
+
+from speclabel.jobs.train import TrainJob, run_training
+from speclabel.model.arch import get_arch
+from speclabel.model.fit import EnsembleConfig, fit_ensemble, prepare_arrays
+from speclabel.model.training import TrainConfig
+from speclabel.pipeline.setups import get_setup
+from speclabel.pipeline.simulate import SurveyConfig, simulate_chunk
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--spectra", type=int, default=300, help="survey size (default 300)")
+    parser.add_argument("--epochs", type=int, default=3, help="epochs per member (default 3)")
+    parser.add_argument("--members", type=int, nargs="+", default=[1, 2, 8])
+    parser.add_argument("--arch", default="paper", help="architecture preset or .toml (default paper)")
+    parser.add_argument("--cpus", type=int, default=os.cpu_count(), help="CPUs of the Ray instance")
+    parser.add_argument("--cpus-per-member", type=float, default=1.0)
+    args = parser.parse_args()
+
+    import ray
+
+    setup = get_setup()
+    arch = get_arch(args.arch)
+    train = TrainConfig(epochs=args.epochs, patience=args.epochs + 1)
+    table = simulate_chunk(setup, SurveyConfig(n=args.spectra, seed=7, chunk_size=args.spectra), 0)
+    arrays = prepare_arrays(table, setup)
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a throwaway local instance
+    started = time.perf_counter()
+    ray.init(num_cpus=args.cpus, include_dashboard=False, log_to_driver=False)
+    ray_start = time.perf_counter() - started
+    slots = max(1, int(args.cpus // args.cpus_per_member))
+    print(
+        f"# {platform.node()}, {os.cpu_count()} CPUs (load average {os.getloadavg()[0]:.1f} at start), "
+        f"{time.strftime('%Y-%m-%d')}; {args.spectra} spectra x {setup.n_pixels} px, arch {arch.name}, "
+        f"{args.epochs} epochs; loop: torch {torch.get_num_threads()} threads; Ray: {args.cpus} CPUs, "
+        f"{args.cpus_per_member:g} per member (started in {ray_start:.1f} s, not counted)"
+    )
+    print(
+        f"{'members':>7} {'loop s':>8} {'ray s':>8} {'ray/loop':>8} {'speed-up':>8} "
+        f"{'at once':>7} {'efficiency':>10} {'loop s/member':>13}"
+    )
+    with tempfile.TemporaryDirectory() as folder:
+        data = os.path.join(folder, "survey.parquet")
+        pq.write_table(table, data)
+        for members in args.members:
+            ensemble = EnsembleConfig(n_members=members)
+            began = time.perf_counter()
+            fit_ensemble(arrays, setup, arch, train, ensemble, data={})
+            loop = time.perf_counter() - began
+            job = TrainJob(
+                data=data,
+                out=os.path.join(folder, f"model-{members}"),
+                arch=arch,
+                train=train,
+                ensemble=ensemble,
+                cpus_per_member=args.cpus_per_member,
+                streaming="off",
+            )
+            began = time.perf_counter()
+            with contextlib.redirect_stdout(io.StringIO()):  # the job's per-epoch progress lines
+                run_training(job, echo=lambda line: None)
+            parallel = time.perf_counter() - began
+            at_once = min(members, slots)
+            speedup = loop / parallel
+            print(
+                f"{members:>7} {loop:>8.1f} {parallel:>8.1f} {parallel / loop:>8.2f} {speedup:>8.2f} "
+                f"{at_once:>7} {speedup / at_once:>10.2f} {loop / members:>13.1f}",
+                flush=True,
+            )
+    ray.shutdown()
+
+
+if __name__ == "__main__":
+    main()
