@@ -418,9 +418,7 @@ def run_training(job: TrainJob, *, echo: Callable[[str], None] = print) -> Train
         )
         prepare_run_folder(job, spec, training_set)
         results = fit_members(job, spec, rows, gpus, echo)
-        summaries = [
-            summarise_result(job, spec, member, results.get(member)) for member in range(len(spec.seeds))
-        ]
+        summaries = [summarise_result(spec, member, results.get(member)) for member in range(len(spec.seeds))]
         failed = [s for s in summaries if s.status != "finished"]
         if failed:
             echo(member_table(summaries))
@@ -430,7 +428,7 @@ def run_training(job: TrainJob, *, echo: Callable[[str], None] = print) -> Train
                 f"Their checkpoints are in {job.run_path}: rerun the same command (or add --resume) to "
                 "continue them; finished members are not trained again"
             )
-        candidates = [member_result(job, spec, results[s.member]) for s in summaries]
+        candidates = [member_result(spec, results[s.member]) for s in summaries]
         ensemble = assemble_ensemble(
             setup,
             job.arch,
@@ -606,7 +604,7 @@ def _trial_name(trial) -> str:
     return f"member-{trial.config['member']}"
 
 
-def summarise_result(job: TrainJob, spec: MemberSpec, member: int, result) -> MemberSummary:
+def summarise_result(spec: MemberSpec, member: int, result) -> MemberSummary:
     summary = MemberSummary(member=member, seed=spec.seeds[member], status="failed")
     if result is None:
         summary.status, summary.error = "pending", "not started"
@@ -629,7 +627,7 @@ def summarise_result(job: TrainJob, spec: MemberSpec, member: int, result) -> Me
     return summary
 
 
-def member_result(job: TrainJob, spec: MemberSpec, result) -> MemberResult:
+def member_result(spec: MemberSpec, result) -> MemberResult:
     """A finished member as ``model.fit.assemble_ensemble`` takes it: best weights from its checkpoint."""
     with result.checkpoint.as_directory() as folder:
         state = TrainingState.load(folder)

@@ -1,8 +1,9 @@
 """Labelled spectra for the train job: one validating scan, then each member's rows in memory or streamed.
 
-:func:`open_training_set` resolves the input (a Parquet file, folder, glob or object-store URI), checks
-every file's schema against the contract and scans every row once: :func:`scan_batch` validates it
-(``contract.validate`` with labels) and keeps only what the driver needs, its id, reason, labels, S/N
+:func:`resolve_input` finds the input (a Parquet file, folder, glob or object-store URI) and checks
+every file's schema against the contract; :func:`scan_in_memory` or :func:`scan_streaming` then reads
+every row once, and :func:`scan_batch` validates it
+(``contract.validate`` with labels) and keeps only what the driver needs, its id, reason, labels
 and a 32-byte content digest (``model.provenance.row_digests``). The driver then
 
 * quarantines every row of a ``spectrum_id`` that occurs more than once: which label belongs to which
@@ -157,7 +158,6 @@ SCAN_SCHEMA = pa.schema(
         ("spectrum_id", pa.string()),
         ("reason", pa.string()),
         *[(name, pa.float64()) for name in LABEL_NAMES],
-        ("snr", pa.float64()),
         ("digest", pa.binary(32)),
     ]
 )
@@ -170,11 +170,6 @@ def scan_batch(table: pa.Table, setup: Setup) -> pa.Table:
         "spectrum_id": table.column("spectrum_id").cast(pa.string()),
         "reason": pa.array(list(reasons), pa.string()),
         **{name: table.column(name).cast(pa.float64()) for name in LABEL_NAMES},
-        "snr": (
-            table.column("snr").cast(pa.float64())
-            if "snr" in table.column_names
-            else pa.nulls(table.num_rows, pa.float64())
-        ),
         "digest": pa.array(row_digests(table, setup), pa.binary(32)),
     }
     return pa.table(columns, schema=SCAN_SCHEMA)
