@@ -662,8 +662,10 @@ def test_metrics(ensemble: Ensemble, rows, split: SplitRule, batch_size: int = 2
     if not labels:
         return None
     snr_all = None if any(s is None for s in snr) else np.concatenate(snr)
+    # One member has no ensemble spread (std is NaN): no std ratio, rather than NaN in model.json.
+    spread = np.concatenate(std) if ensemble.n_members > 1 else None
     return metrics_by_snr(
-        np.concatenate(mean), np.concatenate(labels), ensemble.label_names, snr_all, std=np.concatenate(std)
+        np.concatenate(mean), np.concatenate(labels), ensemble.label_names, snr_all, std=spread
     )
 
 

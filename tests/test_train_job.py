@@ -147,3 +147,36 @@ def test_the_documented_example_configuration_is_valid():
     settings = read_model_config(Path(__file__).resolve().parents[1] / "examples" / "model.toml")
     assert settings["arch"] == PAPER and settings["ensemble"].n_candidates == 10
     assert settings["train"].augment.noise and settings["ensemble"].split.val_fraction == 0.1
+
+
+def test_test_split_metrics_in_batches_equal_the_one_shot_reference(small_survey, setup):
+    from speclabel.jobs.train import test_metrics
+    from speclabel.jobs.train_data import InMemoryRows
+    from speclabel.model.arch import build_network
+    from speclabel.model.ensemble import Ensemble
+    from speclabel.model.metrics import metrics_by_snr
+    from speclabel.model.scaling import LabelScaler
+    from speclabel.model.splits import SplitRule
+
+    settings_arch = PAPER.replace(conv_channels=(2,), pool_size=16, dense_units=(4,))
+    arrays = prepare_arrays(small_survey, setup)
+    scaler = LabelScaler.fit(arrays["labels"])
+    split = SplitRule(test_fraction=0.3)
+    test = split.is_test(arrays["spectrum_id"])
+    networks = [build_network(settings_arch, setup) for _ in range(2)]
+    for members in (2, 1):
+        ensemble = Ensemble(setup, settings_arch, scaler, networks[:members])
+        batched = test_metrics(ensemble, InMemoryRows(arrays), split, batch_size=3)
+        prediction = ensemble.predict(arrays["flux"][test], arrays["mask"][test])
+        reference = metrics_by_snr(
+            prediction.mean,
+            arrays["labels"][test],
+            scaler.names,
+            arrays["snr"][test],
+            std=prediction.std if members > 1 else None,
+        )
+        assert batched.keys() == reference.keys()
+        for cut, per_label in reference.items():
+            for label, values in per_label.items():
+                assert batched[cut][label] == pytest.approx(values, nan_ok=True, rel=1e-6)  # float32 batches
+        assert ("std_ratio" in batched["all"]["teff"]) == (members > 1)  # one member: no spread
