@@ -36,7 +36,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--spectra", type=int, default=300, help="survey size (default 300)")
+    parser.add_argument("--spectra", type=int, default=500, help="survey size (default 500)")
     parser.add_argument("--epochs", type=int, default=3, help="epochs per member (default 3)")
     parser.add_argument("--members", type=int, nargs="+", default=[1, 2, 8])
     parser.add_argument("--arch", default="paper", help="architecture preset or .toml (default paper)")
