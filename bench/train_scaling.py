@@ -53,7 +53,8 @@ def main() -> None:
     arrays = prepare_arrays(table, setup)
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a throwaway local instance
     started = time.perf_counter()
-    ray.init(num_cpus=args.cpus, include_dashboard=False, log_to_driver=False)
+    # Never join another Ray instance on a shared machine: its load would be in the timings.
+    ray.init(address="local", num_cpus=args.cpus, include_dashboard=False, log_to_driver=False)
     ray_start = time.perf_counter() - started
     slots = max(1, int(args.cpus // args.cpus_per_member))
     print(
