@@ -21,7 +21,8 @@ def faulty(small_survey):
 
 @pytest.fixture(scope="module")
 def faulty_folder(faulty, tmp_path_factory):
-    return write_in_two_files(faulty, tmp_path_factory.mktemp("train-data") / "survey")
+    folder = tmp_path_factory.mktemp("train-data") / "survey"
+    return write_in_two_files(faulty, folder, row_group_size=10)
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +33,7 @@ def in_memory(faulty_folder, setup):
 
 def test_scan_accounts_for_every_row_and_quarantines_every_copy_of_a_duplicate(in_memory, faulty, setup):
     training_input, training_set, rows = in_memory
-    assert len(training_input.files) == 2 and len(training_input.pieces) == 6  # 20 rows in groups of 8
+    assert len(training_input.files) == 2 and len(training_input.pieces) == 4  # 20 rows in groups of 10
     assert training_set.n_input == 40 and training_set.n_used == 40 - len(BAD_ROWS)
     expected = {}
     for reason in BAD_ROWS.values():
