@@ -348,7 +348,7 @@ def _progress_callback():
 class MemberSummary:
     member: int
     seed: int
-    status: str  # "finished", "failed" or "pending" (never started)
+    status: str  # "finished", "failed", "stopped" (interrupted) or "pending" (never started)
     epochs: int = 0
     best_epoch: int = 0
     best_val_loss: float = math.nan
@@ -622,8 +622,8 @@ def summarise_result(spec: MemberSpec, member: int, result) -> MemberSummary:
         summary.error = f"{type(result.error).__name__}: {str(result.error).strip().splitlines()[-1][:200]}"
     elif metrics.get("member_finished"):
         summary.status = "finished"
-    else:
-        summary.error = f"stopped after epoch {summary.epochs} without finishing"
+    else:  # interrupted (Ctrl-C, a lost driver connection) before it finished
+        summary.status, summary.error = "stopped", f"stopped after epoch {summary.epochs} without finishing"
     return summary
 
 
