@@ -11,6 +11,8 @@ would understate the spread by 7 %). With a single member the std is NaN (unknow
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -21,11 +23,61 @@ from torch import nn
 from ..pipeline.errors import ConfigError, InputError
 from ..pipeline.setups import Setup
 from .arch import ArchConfig, build_network
+from .fused import PRECISIONS, FusedEnsemble, fusable
 from .saliency import SaliencyAccumulator, SaliencySummary, member_gradients, summarise
 from .scaling import LabelScaler
 
+log = logging.getLogger(__name__)
+
 STD_DDOF = 1
 SALIENCY_MODES = (None, "summary", "full")
+ENGINES = ("fused", "reference")
+# The fused engine must reproduce the reference to these fractions (issue 10): labels of each
+# label's training range, saliency of the largest |gradient|.
+LABEL_MATCH = 1e-5
+SALIENCY_MATCH = 1e-4
+PROBE_SPECTRA = 2  # input spectra the fused engine is checked on against the reference
+PRECISION_PROBE_SPECTRA = 16  # ... and a reduced precision against float32
+# precision="auto" tries these, fastest first, and keeps the first within tolerance of float32.
+AUTO_PRECISIONS = {"cuda": ("bf16", "tf32"), "cpu": ()}
+
+
+@dataclass(frozen=True)
+class InferenceOptions:
+    """How :meth:`Ensemble.predict` computes; configuration as data (jobs set it from their options).
+
+    ``precision``: ``float32``; ``tf32`` (CUDA) or ``bf16``, refused unless the labels of the first
+    spectra labelled stay within ``label_tolerance`` of each label's training range of the float32
+    labels and the saliency within ``saliency_tolerance`` of the largest |gradient|; or ``auto``,
+    the fastest of those that passes on the device, else float32. ``tile``: spectra per fused step
+    (None: sized to the device's caches or memory).
+    """
+
+    engine: str = "fused"
+    device: str = "cpu"
+    precision: str = "float32"
+    tile: int | None = None
+    label_tolerance: float = 1e-3
+    saliency_tolerance: float = 1e-2
+
+    def __post_init__(self) -> None:
+        if self.engine not in ENGINES:
+            raise ConfigError(f"engine must be one of {ENGINES}, not {self.engine!r}")
+        if self.precision not in (*PRECISIONS, "auto"):
+            raise ConfigError(f"precision must be one of {(*PRECISIONS, 'auto')}, not {self.precision!r}")
+        if self.tile is not None and self.tile < 1:
+            raise ConfigError(f"tile must be >= 1, got {self.tile}")
+        if self.precision != "float32" and self.engine != "fused":
+            raise ConfigError(f"precision {self.precision!r} needs the fused engine")
+        try:
+            device = torch.device(self.device)
+        except RuntimeError as exc:
+            raise ConfigError(f"unknown device {self.device!r}: {exc}") from exc
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ConfigError(f"device {self.device!r} asked for, but this torch sees no CUDA device")
+
+    def replace(self, **changes) -> InferenceOptions:
+        return dataclasses.replace(self, **changes)
 
 
 @dataclass
@@ -50,6 +102,7 @@ class Ensemble:
         *,
         member_info: Sequence[dict] | None = None,
         info: dict | None = None,
+        inference: InferenceOptions | None = None,
     ):
         if not networks:
             raise ConfigError("an ensemble needs at least one member network")
@@ -66,6 +119,9 @@ class Ensemble:
         self.member_info = list(member_info) if member_info is not None else [{} for _ in self.networks]
         self.info = dict(info or {})
         self.model_id: str | None = None  # set when saved or loaded (model/io.py)
+        self.inference = inference or InferenceOptions()
+        self._fused: FusedEnsemble | None = None
+        self._fused_key: tuple | None = None
 
     @classmethod
     def from_state_dicts(
@@ -95,6 +151,106 @@ class Ensemble:
     def dtype(self) -> torch.dtype:
         return next(self.networks[0].parameters()).dtype
 
+    def fused_engine(
+        self, flux: np.ndarray | None = None, mask: np.ndarray | None = None
+    ) -> FusedEnsemble | None:
+        """The fused engine for the current weights and :attr:`inference`, built and checked on first
+        use; None when it does not cover the architecture or disagrees with the reference.
+
+        ``flux``, ``mask``: the spectra about to be labelled; the first few are the check's probe
+        (synthetic spectra when none are given). Changing :attr:`inference` or any weight in place
+        rebuilds it.
+        """
+        key = (
+            self.inference,
+            tuple((id(p), p._version) for network in self.networks for p in network.parameters()),
+        )
+        if key != self._fused_key:
+            self._fused, self._fused_key = self._build_fused(flux, mask), key
+        return self._fused
+
+    def _build_fused(self, flux: np.ndarray | None, mask: np.ndarray | None) -> FusedEnsemble | None:
+        options = self.inference
+        reason = next((r for r in map(fusable, self.networks) if r), None)
+        if reason:
+            log.warning("the fused engine does not cover this ensemble (%s): using the reference", reason)
+            return None
+        probe_flux, probe_mask = self._probe(flux, mask, PRECISION_PROBE_SPECTRA)
+        exact = FusedEnsemble(self.networks, device=options.device, tile=options.tile)
+        problem = self._disagreement(
+            exact,
+            None,
+            probe_flux[:PROBE_SPECTRA],
+            None if probe_mask is None else probe_mask[:PROBE_SPECTRA],
+            LABEL_MATCH,
+            SALIENCY_MATCH,
+        )
+        if problem:
+            log.warning("the fused engine disagrees with the reference (%s): using the reference", problem)
+            return None
+        if options.precision == "float32":
+            return exact
+        candidates = (
+            AUTO_PRECISIONS[exact.device.type] if options.precision == "auto" else (options.precision,)
+        )
+        for precision in candidates:
+            reduced = FusedEnsemble(
+                self.networks, device=options.device, precision=precision, tile=options.tile
+            )
+            problem = self._disagreement(
+                reduced, exact, probe_flux, probe_mask, options.label_tolerance, options.saliency_tolerance
+            )
+            if problem is None:
+                log.info("fused engine in %s on %s (checked against float32)", precision, exact.device)
+                return reduced
+            if options.precision != "auto":
+                raise ConfigError(
+                    f"check 'precision': {precision} is not within tolerance of float32 for this model: "
+                    f"{problem}; use precision 'float32' or 'auto', or loosen the tolerance"
+                )
+            log.info("precision %s not within tolerance of float32 (%s)", precision, problem)
+        return exact
+
+    def _probe(
+        self, flux: np.ndarray | None, mask: np.ndarray | None, n: int
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        if flux is not None and len(flux):
+            return np.asarray(flux[:n]), None if mask is None else np.asarray(mask[:n])
+        rng = np.random.default_rng(0)
+        return rng.uniform(0.5, 1.0, (n, self.setup.n_pixels)), None
+
+    def _disagreement(
+        self,
+        engine: FusedEnsemble,
+        baseline: FusedEnsemble | None,
+        flux: np.ndarray,
+        mask: np.ndarray | None,
+        label_tolerance: float,
+        saliency_tolerance: float,
+    ) -> str | None:
+        """How far ``engine`` is from ``baseline`` (None: the reference) on ``flux``, or None when
+        labels and saliency are within tolerance. Saliency is compared label by label: Teff
+        gradients are ~1000x those of abundances."""
+        labels, maps = self._run_engine(engine, flux, mask, True)
+        if baseline is None:
+            want_labels, want_maps = self._reference_batch(flux, mask, True)
+        else:
+            want_labels, want_maps = self._run_engine(baseline, flux, mask, True)
+        span = self.scaler.train_max - self.scaler.train_min
+        span = np.where(span > 0, span, self.scaler.scale)
+        label_error = (np.abs(labels.mean(axis=0) - want_labels.mean(axis=0)) / span).max(axis=0)
+        peak = np.abs(want_maps).max(axis=(0, 2))
+        map_error = np.abs(maps - want_maps).max(axis=(0, 2)) / np.where(peak > 0, peak, 1.0)
+        worst_label, worst_map = int(label_error.argmax()), int(map_error.argmax())
+        if label_error[worst_label] <= label_tolerance and map_error[worst_map] <= saliency_tolerance:
+            return None
+        names = self.label_names
+        return (
+            f"{names[worst_label]} off by {label_error[worst_label]:.2g} of its training range "
+            f"(tolerance {label_tolerance:g}), saliency of {names[worst_map]} off by "
+            f"{map_error[worst_map]:.2g} of its largest |gradient| (tolerance {saliency_tolerance:g})"
+        )
+
     def predict(
         self,
         flux: np.ndarray,
@@ -104,6 +260,7 @@ class Ensemble:
         saliency: str | None = None,
         accumulator: SaliencyAccumulator | None = None,
         batch_size: int = 256,
+        engine: str | None = None,
     ) -> Prediction:
         """Labels for spectra on the setup's grid.
 
@@ -111,9 +268,13 @@ class Ensemble:
         returns them: masked pixels already set to 1.0. ``members=True`` adds each member's
         prediction; ``saliency="summary"`` adds the per-spectrum saliency summary, ``"full"`` also
         the full maps ``[B, L, P]``; an ``accumulator`` receives every map for population averages.
+        ``engine`` overrides ``self.inference.engine`` for this call (``"reference"`` for checks).
         """
         if saliency not in SALIENCY_MODES:
             raise ConfigError(f"saliency must be one of {SALIENCY_MODES}, not {saliency!r}")
+        engine = engine or self.inference.engine
+        if engine not in ENGINES:
+            raise ConfigError(f"engine must be one of {ENGINES}, not {engine!r}")
         flux = np.asarray(flux)
         if flux.ndim != 2 or flux.shape[1] != self.setup.n_pixels:
             raise InputError(
@@ -128,8 +289,9 @@ class Ensemble:
                 "(pipeline.contract.model_inputs does this)"
             )
         need_maps = saliency is not None or accumulator is not None
+        fused = self.fused_engine(flux, mask) if engine == "fused" else None
         parts = [
-            self._predict_batch(
+            (self._fused_batch if fused is not None else self._reference_batch)(
                 flux[i : i + batch_size], None if mask is None else mask[i : i + batch_size], need_maps
             )
             for i in range(0, flux.shape[0], batch_size)
@@ -165,7 +327,26 @@ class Ensemble:
                 out.saliency_maps = maps
         return out
 
-    def _predict_batch(
+    def _fused_batch(
+        self, flux: np.ndarray, mask: np.ndarray | None, need_maps: bool
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        """As :meth:`_reference_batch`, through the fused engine."""
+        return self._run_engine(self._fused, flux, mask, need_maps)
+
+    def _run_engine(
+        self, engine: FusedEnsemble, flux: np.ndarray, mask: np.ndarray | None, need_maps: bool
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        x = torch.as_tensor(flux, dtype=self.dtype)
+        good = None if mask is None else torch.as_tensor(np.asarray(mask, dtype=bool))
+        # d(ensemble mean)/d(flux) in physical units: each member's scaled output times its scale / M.
+        weights = torch.as_tensor(self.scaler.scale / self.n_members, dtype=self.dtype) if need_maps else None
+        scaled, maps = engine.run(x, good, weights)
+        physical = self.scaler.inverse(scaled.double().numpy())
+        if maps is None:
+            return physical, None
+        return physical, maps.numpy().astype(np.float32 if self.dtype == torch.float32 else np.float64)
+
+    def _reference_batch(
         self, flux: np.ndarray, mask: np.ndarray | None, need_maps: bool
     ) -> tuple[np.ndarray, np.ndarray | None]:
         """Member predictions ``[M, b, L]`` (physical) and ensemble-mean gradients ``[b, L, P]``."""
