@@ -36,8 +36,15 @@ ENGINES = ("fused", "reference")
 # label's training range, saliency of the largest |gradient|.
 LABEL_MATCH = 1e-5
 SALIENCY_MATCH = 1e-4
-PROBE_SPECTRA = 2  # input spectra the fused engine is checked on against the reference
-PRECISION_PROBE_SPECTRA = 16  # ... and a reduced precision against float32
+PROBE_SPECTRA = 2  # synthetic spectra the fused engine is checked on against the reference
+PRECISION_PROBE_SPECTRA = 16  # input spectra a reduced precision is checked on against float32
+# Saliency values allowed outside the tolerance in those checks. Where the two values of a max-pool
+# window are equal to within float rounding, two implementations that round differently pick
+# different positions, both valid subgradients; the gradient of that unit then lands one
+# pixel over, in a patch of up to ~100 pixels per such near-tie. On real spectra, whose continuum
+# makes neighbouring activations close, this happens in a fair fraction of spectra; an error in the
+# fused engine would be off almost everywhere.
+NEAR_TIE_FRACTION = 0.01
 # precision="auto" tries these, fastest first, and keeps the first within tolerance of float32.
 AUTO_PRECISIONS = {"cuda": ("bf16", "tf32"), "cpu": ()}
 
@@ -157,9 +164,10 @@ class Ensemble:
         """The fused engine for the current weights and :attr:`inference`, built and checked on first
         use; None when it does not cover the architecture or disagrees with the reference.
 
-        ``flux``, ``mask``: the spectra about to be labelled; the first few are the check's probe
-        (synthetic spectra when none are given). Changing :attr:`inference` or any weight in place
-        rebuilds it.
+        The engine is checked against the reference on synthetic spectra (the same check for the
+        same model, whatever it labels first). A reduced precision is checked against float32 on
+        the first spectra of ``flux``/``mask``, the data about to be labelled. Changing
+        :attr:`inference` or any weight in place rebuilds the engine.
         """
         key = (
             self.inference,
@@ -175,16 +183,8 @@ class Ensemble:
         if reason:
             log.warning("the fused engine does not cover this ensemble (%s): using the reference", reason)
             return None
-        probe_flux, probe_mask = self._probe(flux, mask, PRECISION_PROBE_SPECTRA)
         exact = FusedEnsemble(self.networks, device=options.device, tile=options.tile)
-        problem = self._disagreement(
-            exact,
-            None,
-            probe_flux[:PROBE_SPECTRA],
-            None if probe_mask is None else probe_mask[:PROBE_SPECTRA],
-            LABEL_MATCH,
-            SALIENCY_MATCH,
-        )
+        problem = self._disagreement(exact, None, *self._synthetic_probe(), LABEL_MATCH, SALIENCY_MATCH)
         if problem:
             log.warning("the fused engine disagrees with the reference (%s): using the reference", problem)
             return None
@@ -193,12 +193,19 @@ class Ensemble:
         candidates = (
             AUTO_PRECISIONS[exact.device.type] if options.precision == "auto" else (options.precision,)
         )
+        if flux is not None and len(flux):
+            probe = (
+                np.asarray(flux[:PRECISION_PROBE_SPECTRA]),
+                None if mask is None else mask[:PRECISION_PROBE_SPECTRA],
+            )
+        else:
+            probe = self._synthetic_probe()
         for precision in candidates:
             reduced = FusedEnsemble(
                 self.networks, device=options.device, precision=precision, tile=options.tile
             )
             problem = self._disagreement(
-                reduced, exact, probe_flux, probe_mask, options.label_tolerance, options.saliency_tolerance
+                reduced, exact, *probe, options.label_tolerance, options.saliency_tolerance
             )
             if problem is None:
                 log.info("fused engine in %s on %s (checked against float32)", precision, exact.device)
@@ -211,13 +218,13 @@ class Ensemble:
             log.info("precision %s not within tolerance of float32 (%s)", precision, problem)
         return exact
 
-    def _probe(
-        self, flux: np.ndarray | None, mask: np.ndarray | None, n: int
-    ) -> tuple[np.ndarray, np.ndarray | None]:
-        if flux is not None and len(flux):
-            return np.asarray(flux[:n]), None if mask is None else np.asarray(mask[:n])
+    def _synthetic_probe(self) -> tuple[np.ndarray, np.ndarray]:
+        """Absorption-like random spectra with scattered masked pixels and one masked run."""
         rng = np.random.default_rng(0)
-        return rng.uniform(0.5, 1.0, (n, self.setup.n_pixels)), None
+        flux = rng.uniform(0.5, 1.0, (PROBE_SPECTRA, self.setup.n_pixels))
+        mask = rng.random(flux.shape) > 0.02
+        mask[0, : min(40, self.setup.n_pixels // 4)] = False
+        return np.where(mask, flux, 1.0), mask
 
     def _disagreement(
         self,
@@ -228,9 +235,11 @@ class Ensemble:
         label_tolerance: float,
         saliency_tolerance: float,
     ) -> str | None:
-        """How far ``engine`` is from ``baseline`` (None: the reference) on ``flux``, or None when
-        labels and saliency are within tolerance. Saliency is compared label by label: Teff
-        gradients are ~1000x those of abundances."""
+        """How far ``engine`` is from ``baseline`` (None: the reference) on ``flux``; None when within
+        tolerance: every label within ``label_tolerance`` of its training range, and all but
+        :data:`NEAR_TIE_FRACTION` of the saliency values of each label within
+        ``saliency_tolerance`` of that label's largest |gradient| (Teff gradients are ~1000x those
+        of abundances). See :data:`NEAR_TIE_FRACTION` for why not all."""
         labels, maps = self._run_engine(engine, flux, mask, True)
         if baseline is None:
             want_labels, want_maps = self._reference_batch(flux, mask, True)
@@ -240,15 +249,17 @@ class Ensemble:
         span = np.where(span > 0, span, self.scaler.scale)
         label_error = (np.abs(labels.mean(axis=0) - want_labels.mean(axis=0)) / span).max(axis=0)
         peak = np.abs(want_maps).max(axis=(0, 2))
-        map_error = np.abs(maps - want_maps).max(axis=(0, 2)) / np.where(peak > 0, peak, 1.0)
-        worst_label, worst_map = int(label_error.argmax()), int(map_error.argmax())
-        if label_error[worst_label] <= label_tolerance and map_error[worst_map] <= saliency_tolerance:
+        outside = np.abs(maps - want_maps) > saliency_tolerance * peak[None, :, None]
+        outside_fraction = outside.mean(axis=(0, 2))
+        worst_label, worst_map = int(label_error.argmax()), int(outside_fraction.argmax())
+        if label_error[worst_label] <= label_tolerance and outside_fraction[worst_map] <= NEAR_TIE_FRACTION:
             return None
         names = self.label_names
         return (
             f"{names[worst_label]} off by {label_error[worst_label]:.2g} of its training range "
-            f"(tolerance {label_tolerance:g}), saliency of {names[worst_map]} off by "
-            f"{map_error[worst_map]:.2g} of its largest |gradient| (tolerance {saliency_tolerance:g})"
+            f"(tolerance {label_tolerance:g}); {100 * outside_fraction[worst_map]:.2g}% of the saliency "
+            f"values of {names[worst_map]} off by more than {saliency_tolerance:g} of its largest "
+            f"|gradient| (at most {100 * NEAR_TIE_FRACTION:g}% may be)"
         )
 
     def predict(
