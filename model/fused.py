@@ -48,6 +48,7 @@ PRECISIONS = ("float32", "tf32", "bf16")
 # largest recycled allocation (32 MiB); on a GPU it should be large enough to fill the device.
 CPU_TILE_BYTES = 24 * 2**20
 GPU_TILE_BYTES = 2 * 2**30
+CPU_CHUNK_BYTES = 2**20
 MAX_TILE = 1024
 
 
@@ -56,7 +57,7 @@ class _ConvLayer:
     weight: torch.Tensor  # [M*C_out, C_in per group, 1, k], channels-last
     bias: torch.Tensor  # [M*C_out]
     groups: int  # 1 for the first layer (every member reads the same input), M after it
-    # Backward: the first layer keeps the depth-channel taps, flipped, [M*C_out, k]; later layers the
+    # Backward: the first layer keeps the depth-channel taps, flipped, [k, M*C_out]; later layers the
     # transposed convolution as a grouped convolution with flipped kernels, [M*C_in, C_out, 1, k].
     back: torch.Tensor
     kernel: int
@@ -172,6 +173,7 @@ class FusedEnsemble:
         first = networks[0]
         source_dtype = next(first.parameters()).dtype
         self.dtype = torch.bfloat16 if precision == "bf16" else source_dtype
+        self.itemsize = torch.empty((), dtype=self.dtype).element_size()
         # Outputs and saliency maps in the networks' own dtype (float64 for float64 networks).
         self.out_dtype = source_dtype
         self.n_members = len(networks)
@@ -184,7 +186,12 @@ class FusedEnsemble:
             ]
             self.head = self._stack_head(networks)
         self.n_outputs = self.head[-1].weight.shape[1]
-        self.tile = tile or self._auto_tile()
+        # Spectra per step, with and without saliency (the forward alone needs far less memory).
+        self.tile = tile or self._auto_tile(saliency=True)
+        self.forward_tile = tile or self._auto_tile(saliency=False)
+        # Bytes of first-layer gradient expanded at a time: within a CPU core's L2 cache; a GPU has
+        # nothing to gain from chunks and would pay for the launches.
+        self.chunk_bytes = 2**62 if self.device.type == "cuda" else CPU_CHUNK_BYTES
         self._workspace = threading.local()
 
     # ---- building -------------------------------------------------------------------------------
@@ -201,7 +208,7 @@ class FusedEnsemble:
             weight = torch.cat([c.weight for c in convs])  # [M*C_out, C_in, k]
             c_out, c_in, kernel = convs[0].weight.shape
             if i == 0:
-                back = weight[:, 0, :].flip(-1).contiguous()  # d/d depth only: the mask is not an input
+                back = weight[:, 0, :].flip(-1).T.contiguous()  # [k, M*C1], d/d depth: the mask is no input
             else:
                 per_member = weight.view(m, c_out, c_in, kernel).transpose(1, 2)
                 back = _conv2d_weight(per_member.reshape(m * c_in, c_out, kernel).flip(-1))
@@ -255,18 +262,23 @@ class FusedEnsemble:
             offset += channels * last.pooled
         return torch.cat(parts, dim=2)
 
-    def _auto_tile(self) -> int:
+    def _auto_tile(self, *, saliency: bool) -> int:
         budget = GPU_TILE_BYTES if self.device.type == "cuda" else CPU_TILE_BYTES
-        return max(1, min(MAX_TILE, budget // self.bytes_per_spectrum()))
+        # At least 2 on a CPU: PyTorch does not give a batch of one spectrum to oneDNN.
+        smallest = 1 if self.device.type == "cuda" else 2
+        return max(smallest, min(MAX_TILE, budget // self.bytes_per_spectrum(saliency=saliency)))
 
-    def bytes_per_spectrum(self) -> int:
-        """Bytes of the largest backward buffers and saved multipliers for one spectrum."""
-        item = torch.empty((), dtype=self.dtype).element_size()
+    def bytes_per_spectrum(self, *, saliency: bool) -> int:
+        """Bytes of the activations, and with saliency of the multipliers and backward buffers,
+        of one spectrum."""
+        item = self.itemsize
         total = 0
         for branch in self.branches:
             for i, layer in enumerate(branch.layers):
-                padded = layer.length + (2 * (layer.kernel - 1) if i == 0 else 0)
-                total += (self.n_outputs * padded + 2 * layer.length) * layer.channels * item
+                total += 2 * layer.length * layer.channels * item  # convolution output, multiplier
+                if saliency:
+                    padded = layer.length + (2 * (layer.kernel - 1) if i == 0 else 0)
+                    total += self.n_outputs * padded * layer.channels * item
         return total
 
     # ---- running --------------------------------------------------------------------------------
@@ -286,9 +298,10 @@ class FusedEnsemble:
         if label_weights is not None:
             grads = torch.empty((n, self.n_outputs, self.n_pixels), dtype=self.out_dtype)
             label_weights = label_weights.to(device=self.device, dtype=self.dtype)
+        tile = self.tile if label_weights is not None else self.forward_tile
         with torch.inference_mode(), self._precision_flags():
-            for lo in range(0, n, self.tile):
-                hi = min(lo + self.tile, n)
+            for lo in range(0, n, tile):
+                hi = min(lo + tile, n)
                 x = flux[lo:hi].to(self.device, non_blocking=True)
                 g = None if good is None else good[lo:hi].to(self.device, non_blocking=True)
                 out, grad = self._tile(x, g, label_weights)
@@ -328,13 +341,18 @@ class FusedEnsemble:
                 z = _from_conv(
                     F.conv2d(_conv2d_input(h), layer.weight, layer.bias, groups=layer.groups)
                 ).contiguous()
-                F.leaky_relu_(z, layer.slope)
                 windows = z[:, : layer.pooled * layer.pool].view(b, layer.pooled, layer.pool, -1)
+                if not saliency:
+                    # LeakyReLU is monotone, so it commutes with the max: apply it to the pooled half.
+                    h = F.leaky_relu_(_max_over_windows(windows), layer.slope)
+                    continue
+                # With saliency, pool after the activation as the network does, so that ties
+                # between activations are the network's ties.
+                F.leaky_relu_(z, layer.slope)
                 h = _max_over_windows(windows)
-                if saliency:
-                    multiplier = self._buffer(("S", index, i), (b, layer.pooled, layer.pool, layer.channels))
-                    _pool_and_slope_multiplier(windows, h, layer.slope, out=multiplier)
-                    multipliers.append(multiplier)
+                multiplier = self._buffer(("S", index, i), (b, layer.pooled, layer.pool, layer.channels))
+                _pool_and_slope_multiplier(windows, h, layer.slope, out=multiplier)
+                multipliers.append(multiplier)
             saved.append(multipliers)
             m = self.n_members
             features.append(h.view(b, h.shape[1], m, -1).permute(2, 0, 1, 3).reshape(m, b, -1))
@@ -354,11 +372,11 @@ class FusedEnsemble:
         last = self.head[-1].weight  # [M, K, U]
         g = (last * label_weights[None, :, None]).unsqueeze(1)  # [M, 1, K, U]: same for every spectrum
         for dense, act in zip(reversed(self.head[:-1]), reversed(activations), strict=True):
-            slope = _slope_where_negative(act, dense.slope).unsqueeze(2)  # [M, b, 1, U]
+            slope = _leaky_derivative(act, dense.slope).unsqueeze(2)  # [M, b, 1, U]
             g = (g * slope).view(m, b * k, -1)
             g = torch.bmm(g, dense.weight).view(m, b, k, -1)
         g = g.expand(m, b, k, g.shape[-1])
-        grads = torch.zeros((b, k, self.n_pixels), dtype=self.dtype, device=self.device)
+        grads = torch.empty((b, k, self.n_pixels), dtype=self.dtype, device=self.device)
         offset = 0
         for index, branch in enumerate(self.branches):
             last_layer = branch.layers[-1]
@@ -368,8 +386,8 @@ class FusedEnsemble:
             offset += width
             for i in reversed(range(len(branch.layers))):
                 gb = self._layer_backward(index, i, branch.layers[i], gb, saved[index][i], b, grads, branch)
-        if good is not None:
-            grads *= good.unsqueeze(1)
+        if good is not None:  # no label was read from masked pixels
+            grads *= good.to(grads.dtype).unsqueeze(1)
         return grads
 
     def _layer_backward(self, index, i, layer, g_pooled, multiplier, b, grads, branch):
@@ -389,20 +407,30 @@ class FusedEnsemble:
             flat = buffer.view(b * k, layer.length, c)
             back = F.conv2d(_conv2d_input(flat), layer.back, padding=(0, taps - 1), groups=m)
             return _from_conv(back).contiguous()
-        # First layer: labels innermost, [b, rows, K, C], so that each row of the multiplier is
-        # reused for all K labels while it is in cache; k-1 zero rows on both ends for the diagonals.
+        # First layer, in wavelength chunks sized to stay in cache: the expanded gradient of a chunk
+        # is written and read back by the matmul before it leaves L2. One output channel:
+        # per_tap[j, r] = sum_c w[c, k-1-j] g[r, c], tap-major, rows r with k-1 zero rows on both
+        # ends; the depth gradient at pixel p then sums per_tap[j, p + j] over j.
         rows = layer.length + 2 * (taps - 1)
-        buffer = self._buffer(("G", index, i), (b, rows, k, c), zero=True)
-        expanded = buffer[:, taps - 1 : taps - 1 + layer.pooled * layer.pool].view(b, *windows, k, c)
-        labels_inner = g_pooled.view(b, k, layer.pooled, c).transpose(1, 2).unsqueeze(2)
-        torch.mul(labels_inner, multiplier.unsqueeze(3), out=expanded)
-        # One output channel: per_tap[r, j] = sum_c g[r, c] w[c, k-1-j]; the depth gradient at pixel
-        # p is the sum of per_tap[p + j, j] over j, a strided view along a diagonal.
-        per_tap = torch.matmul(buffer.view(-1, c), layer.back)  # [b * rows * K, taps]
+        per_tap = self._buffer(("T", index), (taps, rows, b, k), zero=True)
+        chunk = max(1, self.chunk_bytes // (layer.pool * b * k * c * self.itemsize))
+        scratch = self._buffer(("X", index), (min(chunk, layer.pooled), layer.pool, b, k, c))
+        g_rows = g_pooled.view(b, k, layer.pooled, c).permute(2, 0, 1, 3).unsqueeze(1)  # [Lp, 1, b, K, C]
+        s_rows = multiplier.permute(1, 2, 0, 3).unsqueeze(3)  # [Lp, pool, b, 1, C]
+        for q0 in range(0, layer.pooled, chunk):
+            q1 = min(q0 + chunk, layer.pooled)
+            expanded = scratch[: q1 - q0]
+            torch.mul(g_rows[q0:q1], s_rows[q0:q1], out=expanded)
+            r0 = taps - 1 + q0 * layer.pool
+            target = per_tap[:, r0 : r0 + (q1 - q0) * layer.pool].view(taps, -1)
+            torch.matmul(layer.back, expanded.view(-1, c).T, out=target)
+        # Sum over taps as shifted, contiguous slices (a strided reduction is several times slower).
         n_in = branch.stop - branch.start
-        diagonal = per_tap.as_strided((b, k, n_in, taps), (rows * k * taps, taps, k * taps, k * taps + 1))
-        # d/d flux = -d/d depth, depth = 1 - flux.
-        grads[:, :, branch.start : branch.stop] -= diagonal.sum(-1)
+        depth_grad = per_tap[0, :n_in].clone()  # [n_in, b, K]
+        for j in range(1, taps):
+            depth_grad += per_tap[j, j : j + n_in]
+        # d/d flux = -d/d depth, depth = 1 - flux. The branches cover every pixel once.
+        torch.neg(depth_grad.permute(1, 2, 0), out=grads[:, :, branch.start : branch.stop])
         return None
 
     def _buffer(self, key, shape, *, zero: bool = False) -> torch.Tensor:
@@ -445,21 +473,29 @@ def _max_over_windows(windows: torch.Tensor) -> torch.Tensor:
     return pooled
 
 
-def _slope_where_negative(x: torch.Tensor, slope: float) -> torch.Tensor:
-    """LeakyReLU's derivative, 1 where ``x > 0`` else ``slope``, in ``x``'s dtype (as autograd has it)."""
-    one, negative = (torch.tensor(v, dtype=x.dtype, device=x.device) for v in (1.0, slope))
-    return torch.where(x > 0, one, negative)
+def _leaky_derivative(x: torch.Tensor, slope: float) -> torch.Tensor:
+    """LeakyReLU's derivative at ``x`` (post-activation has the sign of pre-activation): 1 where
+    ``x > 0``, else ``slope``. Written with a float-valued comparison: PyTorch's boolean tensors
+    and ``where`` are several times slower on a CPU than plain float arithmetic."""
+    positive = torch.empty_like(x)
+    torch.gt(x, 0, out=positive)
+    return positive.mul_(1.0 - slope).add_(slope)
 
 
 def _pool_and_slope_multiplier(windows, pooled, slope: float, *, out: torch.Tensor) -> None:
-    """``out[b, q, o, c]``: LeakyReLU slope at the maximum if position o is the first maximum of
-    window q (PyTorch's tie rule), else 0. ``pooled`` holds post-activation maxima, so its sign is
-    the sign of the pre-activation."""
-    # The slope while no earlier position has claimed the window, 0 after.
-    remaining = _slope_where_negative(pooled, slope)
-    for o in range(windows.shape[2]):
-        if o == windows.shape[2] - 1:
-            out[:, :, o] = remaining
-            break
-        torch.mul(remaining, windows[:, :, o] == pooled, out=out[:, :, o])
-        remaining -= out[:, :, o]
+    """``out[b, q, o, c]``: the LeakyReLU derivative at the maximum if position o is the first
+    maximum of window q (PyTorch's tie rule), else 0."""
+    pool = windows.shape[2]
+    if pool == 2:
+        torch.gt(windows[:, :, 1], windows[:, :, 0], out=out[:, :, 1])  # ties go to the first
+        torch.sub(1.0, out[:, :, 1], out=out[:, :, 0])
+    elif pool > 2:
+        unclaimed = torch.ones_like(pooled)
+        for o in range(pool - 1):
+            torch.eq(windows[:, :, o], pooled, out=out[:, :, o])
+            out[:, :, o].mul_(unclaimed)
+            unclaimed.sub_(out[:, :, o])
+        out[:, :, pool - 1] = unclaimed
+    else:
+        out.fill_(1.0)
+    out.mul_(_leaky_derivative(pooled, slope).unsqueeze(2))
