@@ -269,17 +269,22 @@ class FusedEnsemble:
         return max(smallest, min(MAX_TILE, budget // self.bytes_per_spectrum(saliency=saliency)))
 
     def bytes_per_spectrum(self, *, saliency: bool) -> int:
-        """Bytes of the activations, and with saliency of the multipliers and backward buffers,
-        of one spectrum."""
-        item = self.itemsize
-        total = 0
+        """Bytes of the activations of one spectrum and, with saliency, of its multipliers and
+        backward buffers (the first layer's expanded gradient only where it is not chunked)."""
+        k, values = self.n_outputs, 0
         for branch in self.branches:
             for i, layer in enumerate(branch.layers):
-                total += 2 * layer.length * layer.channels * item  # convolution output, multiplier
-                if saliency:
-                    padded = layer.length + (2 * (layer.kernel - 1) if i == 0 else 0)
-                    total += self.n_outputs * padded * layer.channels * item
-        return total
+                values += layer.length * layer.channels  # convolution output
+                if not saliency:
+                    continue
+                values += layer.length * layer.channels  # multiplier
+                if i > 0:
+                    values += k * layer.length * layer.channels  # expanded gradient
+                else:
+                    values += layer.kernel * (layer.length + 2 * layer.kernel) * k  # per-tap sums
+                    if self.device.type == "cuda":
+                        values += k * layer.length * layer.channels
+        return values * self.itemsize
 
     # ---- running --------------------------------------------------------------------------------
 
@@ -477,9 +482,11 @@ def _leaky_derivative(x: torch.Tensor, slope: float) -> torch.Tensor:
     """LeakyReLU's derivative at ``x`` (post-activation has the sign of pre-activation): 1 where
     ``x > 0``, else ``slope``. Written with a float-valued comparison: PyTorch's boolean tensors
     and ``where`` are several times slower on a CPU than plain float arithmetic."""
-    positive = torch.empty_like(x)
-    torch.gt(x, 0, out=positive)
-    return positive.mul_(1.0 - slope).add_(slope)
+    derivative = torch.empty_like(x)
+    torch.gt(x, 0, out=derivative)  # 1.0 or 0.0
+    if slope <= 1.0:
+        return derivative.clamp_(min=slope)
+    return derivative.mul_(1.0 - slope).add_(slope)
 
 
 def _pool_and_slope_multiplier(windows, pooled, slope: float, *, out: torch.Tensor) -> None:

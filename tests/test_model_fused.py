@@ -21,14 +21,17 @@ LABELS = np.array(
 )
 TINY = ArchConfig(name="tiny", conv_channels=(3, 2), kernel_size=5, pool_size=2, dense_units=(8,))
 # Every axis of ArchConfig the fast path must serve: branches, mask channel, channel counts, kernel,
-# pooling (none, odd windows with a remainder), dense layers (none, several), the leaky slope (ReLU).
+# pooling (none, odd windows with a remainder), dense layers (none, several), the leaky slope (ReLU,
+# and a slope above 1, which the network allows).
 ARCHS = {
     "tiny": TINY,
     "per-arm+mask": TINY.replace(arms="per_arm", mask_channel=True),
     "three-layers-pool3": TINY.replace(conv_channels=(4, 3, 2), kernel_size=3, pool_size=3, leaky_slope=0.1),
     "no-pool-no-hidden": TINY.replace(conv_channels=(2,), kernel_size=7, pool_size=1, dense_units=()),
     "two-hidden-relu": TINY.replace(dense_units=(6, 4), leaky_slope=0.0, kernel_size=4),
-    "wide-one-member-channel": TINY.replace(conv_channels=(1, 5), kernel_size=2, pool_size=4),
+    "one-channel-then-five-steep-slope": TINY.replace(
+        conv_channels=(1, 5), kernel_size=2, pool_size=4, leaky_slope=1.5
+    ),
 }
 
 
