@@ -22,7 +22,8 @@ Max-pool ties go to the first maximum, as in PyTorch, so the reference's subgrad
 
 Memory. Spectra are processed in tiles sized to a byte budget, and the large backward buffers are
 allocated once per tile size and reused: fresh multi-megabyte allocations are returned to the
-operating system after each use and page-faulted back in, which costs more than the arithmetic.
+operating system after each use and page-faulted back in, which costs more than the arithmetic. On a
+CPU the first layer's backward (the largest tensors) runs in wavelength chunks that stay in L2.
 
 Anything :func:`fusable` does not recognise (another layer type, padding, strides) is left to the
 reference implementation; ``Ensemble`` also checks the fused numbers against the reference once when
@@ -129,7 +130,12 @@ def fusable(network: nn.Module) -> str | None:
             ):
                 return f"unsupported pooling {pool}"
     kinds = [type(m) for m in network.head if type(m) is not nn.Dropout]
-    if not kinds or kinds[-1] is not nn.Linear or any(k not in (nn.Linear, nn.LeakyReLU) for k in kinds):
+    if (
+        not kinds
+        or kinds[0] is not nn.Linear
+        or kinds[-1] is not nn.Linear
+        or any(k not in (nn.Linear, nn.LeakyReLU) for k in kinds)
+    ):
         return "the head is not Linear layers with LeakyReLU between them"
     if any(a is b for a, b in itertools.pairwise(kinds)):
         return "the head has two Linear or two LeakyReLU layers in a row"
@@ -147,7 +153,7 @@ class FusedEnsemble:
     ``label_weights [K]`` is given, ``sum_m label_weights[k] * d out[m, :, k] / d flux`` as
     ``[b, K, P]`` (zero at masked pixels). ``precision``: ``float32`` (IEEE float32 also on GPUs,
     where cuDNN would otherwise use TF32), ``tf32`` (CUDA only) or ``bf16`` (weights and
-    activations in bfloat16, accumulation in float32).
+    activations in bfloat16; convolutions and matmuls accumulate in float32).
     """
 
     def __init__(

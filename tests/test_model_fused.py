@@ -150,6 +150,20 @@ def test_tile_size_does_not_change_the_numbers(tiny_setup):
         assert np.allclose(other.saliency_maps, results[0].saliency_maps, rtol=1e-5, atol=1e-6)
 
 
+def test_first_layer_chunking_does_not_change_the_numbers(tiny_setup):
+    """CPU engines run the first layer's backward in cache-sized wavelength chunks, GPU engines in
+    one piece: both, and chunks of a single position, give the same maps."""
+    ensemble = make_ensemble(tiny_setup, ARCHS["per-arm+mask"])
+    flux, mask = spectra(tiny_setup, 5)
+    x, good, weights = torch.as_tensor(flux), torch.as_tensor(mask), torch.ones(5)
+    maps = []
+    for chunk_bytes in (1, 2**12, 2**62):
+        engine = FusedEnsemble(ensemble.networks, tile=2)
+        engine.chunk_bytes = chunk_bytes
+        maps.append(engine.run(x, good, weights)[1])
+    assert all(torch.allclose(m, maps[0], rtol=1e-5, atol=1e-6) for m in maps[1:])
+
+
 def test_weights_changed_in_place_rebuild_the_engine(tiny_setup):
     ensemble = make_ensemble(tiny_setup, TINY)
     flux, mask = spectra(tiny_setup, 2)
