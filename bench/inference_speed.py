@@ -7,7 +7,9 @@ For each torch thread count, the machine's float32 matmul peak (2048^3, best of 
 the same run, then each engine labels the same simulated spectra (``pipeline.simulate``, masked
 pixels included) through ``Ensemble.predict``: forward only, and forward + saliency for all labels
 (``saliency="summary"``), at a few batch sizes. Reported: spectra/s (wall clock, best of
-``--repeats``), fused / reference, GFLOP/s and % of the matmul peak, and % of the FLOP limit. FLOPs
+``--repeats``), fused / reference, GFLOP/s and % of the matmul peak, % of the FLOP limit, and
+spectra per CPU-second of this process with its fused / reference ratio (other jobs on a shared
+machine distort wall-clock rates, 2-thread ones most: OpenMP threads wait for each other). FLOPs
 come from the architecture (``arch.forward_flops``: convolutions and dense layers, 2 per
 multiply-add) times the members; a saliency pass counts 1 + n_labels forwards (each input-gradient
 backward costs about one forward). The FLOP limit is the matmul peak divided by those FLOPs.
@@ -49,14 +51,17 @@ def _timed(fn) -> float:
     return time.perf_counter() - start
 
 
-def spectra_per_second(ensemble, flux, mask, saliency, batch, engine, repeats) -> float:
-    """Best of ``repeats`` wall-clock rates of ``Ensemble.predict``, after a warm-up batch."""
+def spectra_per_second(ensemble, flux, mask, saliency, batch, engine, repeats) -> tuple[float, float]:
+    """Best of ``repeats`` rates of ``Ensemble.predict`` after a warm-up batch: spectra per wall-clock
+    second, and per second of this process's CPU time (less sensitive to other jobs on the machine)."""
     ensemble.predict(flux[:batch], mask[:batch], saliency=saliency, batch_size=batch, engine=engine)
-    seconds = min(
-        _timed(lambda: ensemble.predict(flux, mask, saliency=saliency, batch_size=batch, engine=engine))
-        for _ in range(repeats)
-    )
-    return len(flux) / seconds
+    wall, cpu = [], []
+    for _ in range(repeats):
+        start_wall, start_cpu = time.perf_counter(), time.process_time()
+        ensemble.predict(flux, mask, saliency=saliency, batch_size=batch, engine=engine)
+        wall.append(time.perf_counter() - start_wall)
+        cpu.append(time.process_time() - start_cpu)
+    return len(flux) / min(wall), len(flux) / min(cpu)
 
 
 def simulated_inputs(setup, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -111,7 +116,8 @@ def main() -> None:
     print(f"# load average at start: {' '.join(f'{v:.1f}' for v in os.getloadavg())}")
     header = (
         f"{'arch':<8} {'thr':>3} {'peak GF/s':>9} {'mode':<9} {'batch':>5} {'engine':<9} "
-        f"{'spectra/s':>9} {'x ref':>6} {'GFLOP/s':>8} {'% peak':>6} {'% limit':>7}"
+        f"{'spectra/s':>9} {'x ref':>6} {'GFLOP/s':>8} {'% peak':>6} {'% limit':>7} "
+        f"{'/CPU-s':>7} {'x ref':>6}"
     )
     for arch_name in args.arch:
         arch = get_arch(arch_name)
@@ -142,13 +148,13 @@ def main() -> None:
                         )
                         for engine, n in (("reference", args.reference_spectra), ("fused", args.spectra))
                     }
-                    for engine, rate in rates.items():
+                    for engine, (rate, cpu_rate) in rates.items():
                         gflops = rate * flops * work / 1e9
-                        ratio = rate / rates["reference"]
                         print(
                             f"{arch.name:<8} {threads:>3} {peak:>9.1f} {mode:<9} {batch:>5} {engine:<9} "
-                            f"{rate:>9.1f} {ratio:>6.1f} {gflops:>8.2f} {100 * gflops / peak:>5.1f}% "
-                            f"{100 * rate / limit:>6.1f}%"
+                            f"{rate:>9.1f} {rate / rates['reference'][0]:>6.1f} {gflops:>8.2f} "
+                            f"{100 * gflops / peak:>5.1f}% {100 * rate / limit:>6.1f}% "
+                            f"{cpu_rate:>7.1f} {cpu_rate / rates['reference'][1]:>6.1f}"
                         )
     print(f"\n# load average at end: {' '.join(f'{v:.1f}' for v in os.getloadavg())}")
 
