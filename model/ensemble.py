@@ -130,6 +130,11 @@ class Ensemble:
         self._fused: FusedEnsemble | None = None
         self._fused_key: tuple | None = None
 
+    def __getstate__(self) -> dict:
+        # Ray ships ensembles to workers by pickling: the fused engine (thread-local buffers, maybe
+        # on a GPU) is rebuilt where it runs.
+        return {**self.__dict__, "_fused": None, "_fused_key": None}
+
     @classmethod
     def from_state_dicts(
         cls,

@@ -200,6 +200,13 @@ class FusedEnsemble:
         self.chunk_bytes = 2**62 if self.device.type == "cuda" else CPU_CHUNK_BYTES
         self._workspace = threading.local()
 
+    def __getstate__(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if k != "_workspace"}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._workspace = threading.local()
+
     # ---- building -------------------------------------------------------------------------------
 
     def _to(self, tensor: torch.Tensor) -> torch.Tensor:

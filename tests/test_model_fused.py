@@ -1,6 +1,7 @@
 """The fused engine against the member-by-member reference: labels, members, saliency, edge cases."""
 
 import logging
+import pickle
 import threading
 
 import numpy as np
@@ -258,6 +259,20 @@ def test_threads_sharing_one_engine_get_their_own_buffers(tiny_setup):
     for thread in threads:
         thread.join()
     assert all(torch.equal(r, expected) for r in results)
+
+
+def test_ensembles_and_engines_pickle_as_ray_ships_them(tiny_setup):
+    ensemble = make_ensemble(tiny_setup, TINY)
+    flux, mask = spectra(tiny_setup, 3)
+    before = ensemble.predict(flux, mask, saliency="full")
+    engine = ensemble.fused_engine()
+    copy = pickle.loads(pickle.dumps(ensemble))
+    after = copy.predict(flux, mask, saliency="full")
+    assert np.array_equal(before.mean, after.mean)
+    assert np.array_equal(before.saliency_maps, after.saliency_maps)
+    engine_copy = pickle.loads(pickle.dumps(engine))
+    x, good = torch.as_tensor(flux), torch.as_tensor(mask)
+    assert torch.equal(engine_copy.run(x, good, torch.ones(5))[1], engine.run(x, good, torch.ones(5))[1])
 
 
 def _two_arm():
