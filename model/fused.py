@@ -36,6 +36,7 @@ import contextlib
 import itertools
 import threading
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -201,7 +202,7 @@ class FusedEnsemble:
         self._workspace = threading.local()
 
     def __getstate__(self) -> dict:
-        return {k: v for k, v in self.__dict__.items() if k != "_workspace"}
+        return {k: v for k, v in self.__dict__.items() if k not in ("_workspace", "_pool")}
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
@@ -317,16 +318,41 @@ class FusedEnsemble:
             grads = torch.empty((n, self.n_outputs, self.n_pixels), dtype=self.out_dtype)
             label_weights = label_weights.to(device=self.device, dtype=self.dtype)
         tile = self.tile if label_weights is not None else self.forward_tile
-        with torch.inference_mode(), self._precision_flags():
-            for lo in range(0, n, tile):
-                hi = min(lo + tile, n)
+        starts = range(0, n, tile)
+
+        def run_tile(lo: int) -> None:
+            hi = min(lo + tile, n)
+            with torch.inference_mode(), self._precision_flags():
                 x = flux[lo:hi].to(self.device, non_blocking=True)
                 g = None if good is None else good[lo:hi].to(self.device, non_blocking=True)
                 out, grad = self._tile(x, g, label_weights)
                 outs[:, lo:hi] = out.to("cpu", self.out_dtype)
                 if grads is not None:
                     grads[lo:hi] = grad.to("cpu", self.out_dtype)
+
+        threads = torch.get_num_threads() if self.device.type == "cpu" else 1
+        if threads == 1 or len(starts) == 1:
+            for lo in starts:
+                run_tile(lo)
+            return outs, grads
+        # Several CPU threads: run that many tiles at once, one thread each, rather than split each
+        # of a tile's ~100 small operations across the threads; no thread then waits for another at
+        # every operation (OpenMP threads spin there, and lose most of their time on a busy machine).
+        torch.set_num_threads(1)
+        try:
+            list(self._tile_pool(threads).map(run_tile, starts))
+        finally:
+            torch.set_num_threads(threads)
         return outs, grads
+
+    def _tile_pool(self, threads: int) -> ThreadPoolExecutor:
+        """Worker threads that live as long as the engine, so that their buffers are reused."""
+        pool = getattr(self, "_pool", None)
+        if pool is None or pool._max_workers != threads:
+            if pool is not None:
+                pool.shutdown()
+            pool = self._pool = ThreadPoolExecutor(threads, thread_name_prefix="fused-tile")
+        return pool
 
     @contextlib.contextmanager
     def _precision_flags(self) -> Iterator[None]:

@@ -151,6 +151,23 @@ def test_tile_size_does_not_change_the_numbers(tiny_setup):
         assert np.allclose(other.saliency_maps, results[0].saliency_maps, rtol=1e-5, atol=1e-6)
 
 
+def test_tiles_run_on_several_threads_give_the_same_numbers(tiny_setup):
+    """With n torch threads the CPU engine runs n tiles at once, one thread each."""
+    ensemble = make_ensemble(tiny_setup, TINY, tile=2)
+    flux, mask = spectra(tiny_setup, 7)
+    threads = torch.get_num_threads()
+    try:
+        results = []
+        for n in (1, 3):
+            torch.set_num_threads(n)
+            results.append(ensemble.predict(flux, mask, saliency="full"))
+            assert torch.get_num_threads() == n  # restored after the call
+    finally:
+        torch.set_num_threads(threads)
+    assert np.array_equal(results[0].mean, results[1].mean)
+    assert np.array_equal(results[0].saliency_maps, results[1].saliency_maps)
+
+
 def test_first_layer_chunking_does_not_change_the_numbers(tiny_setup):
     """CPU engines run the first layer's backward in cache-sized wavelength chunks, GPU engines in
     one piece: both, and chunks of a single position, give the same maps."""
