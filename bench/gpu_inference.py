@@ -99,7 +99,7 @@ def main() -> None:
         )
         print(
             f"{'precision':<9} {'mode':<9} {'tile':>5} {'spectra/s':>10} {'in predict':>10} "
-            f"{'10M on 8 GPUs':>14}"
+            f"{'10M, 8 devices':>14}"
         )
         for precision in args.precisions:
             for mode, saliency in (("forward", None), ("saliency", "summary")):
