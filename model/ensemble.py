@@ -53,15 +53,18 @@ AUTO_PRECISIONS = {"cuda": ("bf16", "tf32"), "cpu": ()}
 class InferenceOptions:
     """How :meth:`Ensemble.predict` computes; configuration as data (jobs set it from their options).
 
-    ``precision``: ``float32``; ``tf32`` (CUDA) or ``bf16``, refused unless the labels of the first
-    spectra labelled stay within ``label_tolerance`` of each label's training range of the float32
-    labels and the saliency within ``saliency_tolerance`` of the largest |gradient|; or ``auto``,
-    the fastest of those that passes on the device, else float32. ``tile``: spectra per fused step
-    (None: sized to the device's caches or memory).
+    ``device``: where the fused engine computes (``"cpu"``, ``"cuda:1"``); None: where the member
+    networks are. ``precision``: ``float32``; ``tf32`` (CUDA) or ``bf16``, refused unless the labels
+    of the first spectra labelled stay within ``label_tolerance`` of each label's training range of
+    the float32 labels and the saliency within ``saliency_tolerance`` of the largest |gradient|; or
+    ``auto``, the fastest of those that passes on the device, else float32. A ``torch.autocast``
+    to bfloat16 around ``predict`` also selects bf16 (unchecked: the caller chose it, as it would for
+    the reference engine). ``tile``: spectra per fused step (None: sized to the device's caches or
+    memory).
     """
 
     engine: str = "fused"
-    device: str = "cpu"
+    device: str | None = None
     precision: str = "float32"
     tile: int | None = None
     label_tolerance: float = 1e-3
@@ -76,6 +79,8 @@ class InferenceOptions:
             raise ConfigError(f"tile must be >= 1, got {self.tile}")
         if self.precision != "float32" and self.engine != "fused":
             raise ConfigError(f"precision {self.precision!r} needs the fused engine")
+        if self.device is None:
+            return
         try:
             device = torch.device(self.device)
         except RuntimeError as exc:
@@ -172,32 +177,43 @@ class Ensemble:
         The engine is checked against the reference on synthetic spectra (the same check for the
         same model, whatever it labels first). A reduced precision is checked against float32 on
         the first spectra of ``flux``/``mask``, the data about to be labelled. Changing
-        :attr:`inference` or any weight in place rebuilds the engine.
+        :attr:`inference`, moving the networks or changing any weight in place rebuilds the engine.
         """
+        device = torch.device(self.inference.device or next(self.networks[0].parameters()).device)
+        autocast_bf16 = (
+            torch.is_autocast_enabled(device.type) and torch.get_autocast_dtype(device.type) == torch.bfloat16
+        )
         key = (
             self.inference,
+            device,
+            autocast_bf16,
             tuple((id(p), p._version) for network in self.networks for p in network.parameters()),
         )
         if key != self._fused_key:
-            self._fused, self._fused_key = self._build_fused(flux, mask), key
+            # The checks compare against float32 and the reference: no autocast around them.
+            with torch.autocast(device.type, enabled=False):
+                self._fused = self._build_fused(device, autocast_bf16, flux, mask)
+            self._fused_key = key
         return self._fused
 
-    def _build_fused(self, flux: np.ndarray | None, mask: np.ndarray | None) -> FusedEnsemble | None:
+    def _build_fused(
+        self, device: torch.device, autocast_bf16: bool, flux: np.ndarray | None, mask: np.ndarray | None
+    ) -> FusedEnsemble | None:
         options = self.inference
         reason = next((r for r in map(fusable, self.networks) if r), None)
         if reason:
             log.warning("the fused engine does not cover this ensemble (%s): using the reference", reason)
             return None
-        exact = FusedEnsemble(self.networks, device=options.device, tile=options.tile)
+        exact = FusedEnsemble(self.networks, device=device, tile=options.tile)
         problem = self._disagreement(exact, None, *self._synthetic_probe(), LABEL_MATCH, SALIENCY_MATCH)
         if problem:
             log.warning("the fused engine disagrees with the reference (%s): using the reference", problem)
             return None
+        if autocast_bf16:
+            return FusedEnsemble(self.networks, device=device, precision="bf16", tile=options.tile)
         if options.precision == "float32":
             return exact
-        candidates = (
-            AUTO_PRECISIONS[exact.device.type] if options.precision == "auto" else (options.precision,)
-        )
+        candidates = AUTO_PRECISIONS[device.type] if options.precision == "auto" else (options.precision,)
         if flux is not None and len(flux):
             probe = (
                 np.asarray(flux[:PRECISION_PROBE_SPECTRA]),
@@ -206,14 +222,12 @@ class Ensemble:
         else:
             probe = self._synthetic_probe()
         for precision in candidates:
-            reduced = FusedEnsemble(
-                self.networks, device=options.device, precision=precision, tile=options.tile
-            )
+            reduced = FusedEnsemble(self.networks, device=device, precision=precision, tile=options.tile)
             problem = self._disagreement(
                 reduced, exact, *probe, options.label_tolerance, options.saliency_tolerance
             )
             if problem is None:
-                log.info("fused engine in %s on %s (checked against float32)", precision, exact.device)
+                log.info("fused engine in %s on %s (checked against float32)", precision, device)
                 return reduced
             if options.precision != "auto":
                 raise ConfigError(

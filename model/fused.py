@@ -322,7 +322,12 @@ class FusedEnsemble:
 
         def run_tile(lo: int) -> None:
             hi = min(lo + tile, n)
-            with torch.inference_mode(), self._precision_flags():
+            # The engine's dtypes are its precision: an enclosing autocast must not change them.
+            with (
+                torch.inference_mode(),
+                torch.autocast(self.device.type, enabled=False),
+                self._precision_flags(),
+            ):
                 x = flux[lo:hi].to(self.device, non_blocking=True)
                 g = None if good is None else good[lo:hi].to(self.device, non_blocking=True)
                 out, grad = self._tile(x, g, label_weights)

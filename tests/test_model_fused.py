@@ -241,6 +241,20 @@ def test_bf16_is_used_only_within_its_tolerance(tiny_setup):
     assert auto.fused_engine().precision == "float32"  # no reduced precision is tried on a CPU
 
 
+def test_an_enclosing_bf16_autocast_selects_the_bf16_engine(tiny_setup):
+    """As the reference engine would compute in bf16 under torch.autocast, so does the fused one."""
+    ensemble = make_ensemble(tiny_setup, TINY)
+    flux, mask = spectra(tiny_setup, 4)
+    exact = ensemble.predict(flux, mask).mean
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        reduced = ensemble.predict(flux, mask).mean
+        assert ensemble.fused_engine().precision == "bf16"
+    span = ensemble.scaler.train_max - ensemble.scaler.train_min
+    assert 0 < np.abs(reduced - exact).max() and np.all(np.abs(reduced - exact) <= 0.2 * span)
+    assert np.array_equal(ensemble.predict(flux, mask).mean, exact)
+    assert ensemble.fused_engine().precision == "float32"
+
+
 def test_inference_options_are_checked():
     with pytest.raises(ConfigError, match="engine"):
         InferenceOptions(engine="fast")
