@@ -352,11 +352,12 @@ class FusedEnsemble:
 
     def _tile_pool(self, threads: int) -> ThreadPoolExecutor:
         """Worker threads that live as long as the engine, so that their buffers are reused."""
-        pool = getattr(self, "_pool", None)
-        if pool is None or pool._max_workers != threads:
+        size, pool = getattr(self, "_pool", (0, None))
+        if size != threads:
             if pool is not None:
                 pool.shutdown()
-            pool = self._pool = ThreadPoolExecutor(threads, thread_name_prefix="fused-tile")
+            pool = ThreadPoolExecutor(threads, thread_name_prefix="fused-tile")
+            self._pool = (threads, pool)
         return pool
 
     @contextlib.contextmanager
