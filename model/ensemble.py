@@ -132,13 +132,14 @@ class Ensemble:
         self.info = dict(info or {})
         self.model_id: str | None = None  # set when saved or loaded (model/io.py)
         self.inference = inference or InferenceOptions()
-        self._fused: FusedEnsemble | None = None
-        self._fused_key: tuple | None = None
+        # Fused engines by (options, device, autocast, weight versions): a job that switches between
+        # float32 and a bf16 autocast keeps both. None: the reference is used for that key.
+        self._fused: dict[tuple, FusedEnsemble | None] = {}
 
     def __getstate__(self) -> dict:
         # Ray ships ensembles to workers by pickling: the fused engine (thread-local buffers, maybe
         # on a GPU) is rebuilt where it runs.
-        return {**self.__dict__, "_fused": None, "_fused_key": None}
+        return {**self.__dict__, "_fused": {}}
 
     @classmethod
     def from_state_dicts(
@@ -189,12 +190,13 @@ class Ensemble:
             autocast_bf16,
             tuple((id(p), p._version) for network in self.networks for p in network.parameters()),
         )
-        if key != self._fused_key:
+        if key not in self._fused:
+            if len(self._fused) >= 4:  # engines for older weights or options
+                self._fused.clear()
             # The checks compare against float32 and the reference: no autocast around them.
             with torch.autocast(device.type, enabled=False):
-                self._fused = self._build_fused(device, autocast_bf16, flux, mask)
-            self._fused_key = key
-        return self._fused
+                self._fused[key] = self._build_fused(device, autocast_bf16, flux, mask)
+        return self._fused[key]
 
     def _build_fused(
         self, device: torch.device, autocast_bf16: bool, flux: np.ndarray | None, mask: np.ndarray | None
@@ -320,12 +322,14 @@ class Ensemble:
             )
         need_maps = saliency is not None or accumulator is not None
         fused = self.fused_engine(flux, mask) if engine == "fused" else None
-        parts = [
-            (self._fused_batch if fused is not None else self._reference_batch)(
-                flux[i : i + batch_size], None if mask is None else mask[i : i + batch_size], need_maps
-            )
-            for i in range(0, flux.shape[0], batch_size)
-        ]
+
+        def run_batch(rows: slice) -> tuple[np.ndarray, np.ndarray | None]:
+            part, part_mask = flux[rows], None if mask is None else mask[rows]
+            if fused is None:
+                return self._reference_batch(part, part_mask, need_maps)
+            return self._run_engine(fused, part, part_mask, need_maps)
+
+        parts = [run_batch(slice(i, i + batch_size)) for i in range(0, flux.shape[0], batch_size)]
         member_values = (
             np.concatenate([p[0] for p in parts], axis=1)
             if parts
@@ -357,15 +361,10 @@ class Ensemble:
                 out.saliency_maps = maps
         return out
 
-    def _fused_batch(
-        self, flux: np.ndarray, mask: np.ndarray | None, need_maps: bool
-    ) -> tuple[np.ndarray, np.ndarray | None]:
-        """As :meth:`_reference_batch`, through the fused engine."""
-        return self._run_engine(self._fused, flux, mask, need_maps)
-
     def _run_engine(
         self, engine: FusedEnsemble, flux: np.ndarray, mask: np.ndarray | None, need_maps: bool
     ) -> tuple[np.ndarray, np.ndarray | None]:
+        """As :meth:`_reference_batch`, through a fused engine."""
         x = torch.as_tensor(flux, dtype=self.dtype)
         good = None if mask is None else torch.as_tensor(np.asarray(mask, dtype=bool))
         # d(ensemble mean)/d(flux) in physical units: each member's scaled output times its scale / M.
