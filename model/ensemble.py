@@ -11,6 +11,8 @@ would understate the spread by 7 %). With a single member the std is NaN (unknow
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -21,11 +23,73 @@ from torch import nn
 from ..pipeline.errors import ConfigError, InputError
 from ..pipeline.setups import Setup
 from .arch import ArchConfig, build_network
+from .fused import PRECISIONS, FusedEnsemble, fusable
 from .saliency import SaliencyAccumulator, SaliencySummary, member_gradients, summarise
 from .scaling import LabelScaler
 
+log = logging.getLogger(__name__)
+
 STD_DDOF = 1
 SALIENCY_MODES = (None, "summary", "full")
+ENGINES = ("fused", "reference")
+# The fused engine must reproduce the reference to these fractions (issue 10): labels of each
+# label's training range, saliency of the largest |gradient|.
+LABEL_MATCH = 1e-5
+SALIENCY_MATCH = 1e-4
+PROBE_SPECTRA = 2  # synthetic spectra the fused engine is checked on against the reference
+PRECISION_PROBE_SPECTRA = 16  # input spectra a reduced precision is checked on against float32
+# Saliency values allowed outside the tolerance in those checks. Where the two values of a max-pool
+# window are equal to within float rounding, two implementations that round differently pick
+# different positions, both valid subgradients; the gradient of that unit then lands one
+# pixel over, in a patch of up to ~100 pixels per such near-tie. On real spectra, whose continuum
+# makes neighbouring activations close, this happens in a fair fraction of spectra; an error in the
+# fused engine would be off almost everywhere.
+NEAR_TIE_FRACTION = 0.01
+# precision="auto" tries these, fastest first, and keeps the first within tolerance of float32.
+AUTO_PRECISIONS = {"cuda": ("bf16", "tf32"), "cpu": ()}
+
+
+@dataclass(frozen=True)
+class InferenceOptions:
+    """How :meth:`Ensemble.predict` computes; configuration as data (jobs set it from their options).
+
+    ``device``: where the fused engine computes (``"cpu"``, ``"cuda:1"``); None: where the member
+    networks are. ``precision``: ``float32``; ``tf32`` (CUDA) or ``bf16``, refused unless the labels
+    of the first spectra labelled stay within ``label_tolerance`` of each label's training range of
+    the float32 labels and the saliency within ``saliency_tolerance`` of the largest |gradient|; or
+    ``auto``, the fastest of those that passes on the device, else float32. A ``torch.autocast``
+    to bfloat16 around ``predict`` also selects bf16 (unchecked: the caller chose it, as it would for
+    the reference engine). ``tile``: spectra per fused step (None: sized to the device's caches or
+    memory).
+    """
+
+    engine: str = "fused"
+    device: str | None = None
+    precision: str = "float32"
+    tile: int | None = None
+    label_tolerance: float = 1e-3
+    saliency_tolerance: float = 1e-2
+
+    def __post_init__(self) -> None:
+        if self.engine not in ENGINES:
+            raise ConfigError(f"engine must be one of {ENGINES}, not {self.engine!r}")
+        if self.precision not in (*PRECISIONS, "auto"):
+            raise ConfigError(f"precision must be one of {(*PRECISIONS, 'auto')}, not {self.precision!r}")
+        if self.tile is not None and self.tile < 1:
+            raise ConfigError(f"tile must be >= 1, got {self.tile}")
+        if self.precision != "float32" and self.engine != "fused":
+            raise ConfigError(f"precision {self.precision!r} needs the fused engine")
+        if self.device is None:
+            return
+        try:
+            device = torch.device(self.device)
+        except RuntimeError as exc:
+            raise ConfigError(f"unknown device {self.device!r}: {exc}") from exc
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ConfigError(f"device {self.device!r} asked for, but this torch sees no CUDA device")
+
+    def replace(self, **changes) -> InferenceOptions:
+        return dataclasses.replace(self, **changes)
 
 
 @dataclass
@@ -50,6 +114,7 @@ class Ensemble:
         *,
         member_info: Sequence[dict] | None = None,
         info: dict | None = None,
+        inference: InferenceOptions | None = None,
     ):
         if not networks:
             raise ConfigError("an ensemble needs at least one member network")
@@ -66,6 +131,15 @@ class Ensemble:
         self.member_info = list(member_info) if member_info is not None else [{} for _ in self.networks]
         self.info = dict(info or {})
         self.model_id: str | None = None  # set when saved or loaded (model/io.py)
+        self.inference = inference or InferenceOptions()
+        # Fused engines by (options, device, autocast, weight versions): a job that switches between
+        # float32 and a bf16 autocast keeps both. None: the reference is used for that key.
+        self._fused: dict[tuple, FusedEnsemble | None] = {}
+
+    def __getstate__(self) -> dict:
+        # Ray ships ensembles to workers by pickling: the fused engine (thread-local buffers, maybe
+        # on a GPU) is rebuilt where it runs.
+        return {**self.__dict__, "_fused": {}}
 
     @classmethod
     def from_state_dicts(
@@ -95,6 +169,120 @@ class Ensemble:
     def dtype(self) -> torch.dtype:
         return next(self.networks[0].parameters()).dtype
 
+    def fused_engine(
+        self, flux: np.ndarray | None = None, mask: np.ndarray | None = None
+    ) -> FusedEnsemble | None:
+        """The fused engine for the current weights and :attr:`inference`, built and checked on first
+        use; None when it does not cover the architecture or disagrees with the reference.
+
+        The engine is checked against the reference on synthetic spectra (the same check for the
+        same model, whatever it labels first). A reduced precision is checked against float32 on
+        the first spectra of ``flux``/``mask``, the data about to be labelled. Changing
+        :attr:`inference`, moving the networks or changing any weight in place rebuilds the engine.
+        """
+        device = torch.device(self.inference.device or next(self.networks[0].parameters()).device)
+        autocast_bf16 = (
+            torch.is_autocast_enabled(device.type) and torch.get_autocast_dtype(device.type) == torch.bfloat16
+        )
+        key = (
+            self.inference,
+            device,
+            autocast_bf16,
+            tuple((id(p), p._version) for network in self.networks for p in network.parameters()),
+        )
+        if key not in self._fused:
+            if len(self._fused) >= 4:  # engines for older weights or options
+                self._fused.clear()
+            # The checks compare against float32 and the reference: no autocast around them.
+            with torch.autocast(device.type, enabled=False):
+                self._fused[key] = self._build_fused(device, autocast_bf16, flux, mask)
+        return self._fused[key]
+
+    def _build_fused(
+        self, device: torch.device, autocast_bf16: bool, flux: np.ndarray | None, mask: np.ndarray | None
+    ) -> FusedEnsemble | None:
+        options = self.inference
+        reason = next((r for r in map(fusable, self.networks) if r), None)
+        if reason:
+            log.warning("the fused engine does not cover this ensemble (%s): using the reference", reason)
+            return None
+        exact = FusedEnsemble(self.networks, device=device, tile=options.tile)
+        problem = self._disagreement(exact, None, *self._synthetic_probe(), LABEL_MATCH, SALIENCY_MATCH)
+        if problem:
+            log.warning("the fused engine disagrees with the reference (%s): using the reference", problem)
+            return None
+        if autocast_bf16:
+            return FusedEnsemble(self.networks, device=device, precision="bf16", tile=options.tile)
+        if options.precision == "float32":
+            return exact
+        candidates = AUTO_PRECISIONS[device.type] if options.precision == "auto" else (options.precision,)
+        if flux is not None and len(flux):
+            probe = (
+                np.asarray(flux[:PRECISION_PROBE_SPECTRA]),
+                None if mask is None else mask[:PRECISION_PROBE_SPECTRA],
+            )
+        else:
+            probe = self._synthetic_probe()
+        for precision in candidates:
+            reduced = FusedEnsemble(self.networks, device=device, precision=precision, tile=options.tile)
+            problem = self._disagreement(
+                reduced, exact, *probe, options.label_tolerance, options.saliency_tolerance
+            )
+            if problem is None:
+                log.info("fused engine in %s on %s (checked against float32)", precision, device)
+                return reduced
+            if options.precision != "auto":
+                raise ConfigError(
+                    f"check 'precision': {precision} is not within tolerance of float32 for this model: "
+                    f"{problem}; use precision 'float32' or 'auto', or loosen the tolerance"
+                )
+            log.info("precision %s not within tolerance of float32 (%s)", precision, problem)
+        return exact
+
+    def _synthetic_probe(self) -> tuple[np.ndarray, np.ndarray]:
+        """Absorption-like random spectra with scattered masked pixels and one masked run."""
+        rng = np.random.default_rng(0)
+        flux = rng.uniform(0.5, 1.0, (PROBE_SPECTRA, self.setup.n_pixels))
+        mask = rng.random(flux.shape) > 0.02
+        mask[0, : min(40, self.setup.n_pixels // 4)] = False
+        return np.where(mask, flux, 1.0), mask
+
+    def _disagreement(
+        self,
+        engine: FusedEnsemble,
+        baseline: FusedEnsemble | None,
+        flux: np.ndarray,
+        mask: np.ndarray | None,
+        label_tolerance: float,
+        saliency_tolerance: float,
+    ) -> str | None:
+        """How far ``engine`` is from ``baseline`` (None: the reference) on ``flux``; None when within
+        tolerance: every label within ``label_tolerance`` of its training range, and all but
+        :data:`NEAR_TIE_FRACTION` of the saliency values of each label within
+        ``saliency_tolerance`` of that label's largest |gradient| (Teff gradients are ~1000x those
+        of abundances). See :data:`NEAR_TIE_FRACTION` for why not all."""
+        labels, maps = self._run_engine(engine, flux, mask, True)
+        if baseline is None:
+            want_labels, want_maps = self._reference_batch(flux, mask, True)
+        else:
+            want_labels, want_maps = self._run_engine(baseline, flux, mask, True)
+        span = self.scaler.train_max - self.scaler.train_min
+        span = np.where(span > 0, span, self.scaler.scale)
+        label_error = (np.abs(labels.mean(axis=0) - want_labels.mean(axis=0)) / span).max(axis=0)
+        peak = np.abs(want_maps).max(axis=(0, 2))
+        outside = np.abs(maps - want_maps) > saliency_tolerance * peak[None, :, None]
+        outside_fraction = outside.mean(axis=(0, 2))
+        worst_label, worst_map = int(label_error.argmax()), int(outside_fraction.argmax())
+        if label_error[worst_label] <= label_tolerance and outside_fraction[worst_map] <= NEAR_TIE_FRACTION:
+            return None
+        names = self.label_names
+        return (
+            f"{names[worst_label]} off by {label_error[worst_label]:.2g} of its training range "
+            f"(tolerance {label_tolerance:g}); {100 * outside_fraction[worst_map]:.2g}% of the saliency "
+            f"values of {names[worst_map]} off by more than {saliency_tolerance:g} of its largest "
+            f"|gradient| (at most {100 * NEAR_TIE_FRACTION:g}% may be)"
+        )
+
     def predict(
         self,
         flux: np.ndarray,
@@ -104,6 +292,7 @@ class Ensemble:
         saliency: str | None = None,
         accumulator: SaliencyAccumulator | None = None,
         batch_size: int = 256,
+        engine: str | None = None,
     ) -> Prediction:
         """Labels for spectra on the setup's grid.
 
@@ -111,9 +300,13 @@ class Ensemble:
         returns them: masked pixels already set to 1.0. ``members=True`` adds each member's
         prediction; ``saliency="summary"`` adds the per-spectrum saliency summary, ``"full"`` also
         the full maps ``[B, L, P]``; an ``accumulator`` receives every map for population averages.
+        ``engine`` overrides ``self.inference.engine`` for this call (``"reference"`` for checks).
         """
         if saliency not in SALIENCY_MODES:
             raise ConfigError(f"saliency must be one of {SALIENCY_MODES}, not {saliency!r}")
+        engine = engine or self.inference.engine
+        if engine not in ENGINES:
+            raise ConfigError(f"engine must be one of {ENGINES}, not {engine!r}")
         flux = np.asarray(flux)
         if flux.ndim != 2 or flux.shape[1] != self.setup.n_pixels:
             raise InputError(
@@ -128,12 +321,15 @@ class Ensemble:
                 "(pipeline.contract.model_inputs does this)"
             )
         need_maps = saliency is not None or accumulator is not None
-        parts = [
-            self._predict_batch(
-                flux[i : i + batch_size], None if mask is None else mask[i : i + batch_size], need_maps
-            )
-            for i in range(0, flux.shape[0], batch_size)
-        ]
+        fused = self.fused_engine(flux, mask) if engine == "fused" else None
+
+        def run_batch(rows: slice) -> tuple[np.ndarray, np.ndarray | None]:
+            part, part_mask = flux[rows], None if mask is None else mask[rows]
+            if fused is None:
+                return self._reference_batch(part, part_mask, need_maps)
+            return self._run_engine(fused, part, part_mask, need_maps)
+
+        parts = [run_batch(slice(i, i + batch_size)) for i in range(0, flux.shape[0], batch_size)]
         member_values = (
             np.concatenate([p[0] for p in parts], axis=1)
             if parts
@@ -165,7 +361,21 @@ class Ensemble:
                 out.saliency_maps = maps
         return out
 
-    def _predict_batch(
+    def _run_engine(
+        self, engine: FusedEnsemble, flux: np.ndarray, mask: np.ndarray | None, need_maps: bool
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        """As :meth:`_reference_batch`, through a fused engine."""
+        x = torch.as_tensor(flux, dtype=self.dtype)
+        good = None if mask is None else torch.as_tensor(np.asarray(mask, dtype=bool))
+        # d(ensemble mean)/d(flux) in physical units: each member's scaled output times its scale / M.
+        weights = torch.as_tensor(self.scaler.scale / self.n_members, dtype=self.dtype) if need_maps else None
+        scaled, maps = engine.run(x, good, weights)
+        physical = self.scaler.inverse(scaled.double().numpy())
+        if maps is None:
+            return physical, None
+        return physical, maps.numpy().astype(np.float32 if self.dtype == torch.float32 else np.float64)
+
+    def _reference_batch(
         self, flux: np.ndarray, mask: np.ndarray | None, need_maps: bool
     ) -> tuple[np.ndarray, np.ndarray | None]:
         """Member predictions ``[M, b, L]`` (physical) and ensemble-mean gradients ``[b, L, P]``."""
