@@ -93,7 +93,7 @@ def test_training_learns_and_is_deterministic_by_seed(tiny_setup, data):
 
 def test_resume_from_saved_state_equals_an_uninterrupted_run(tiny_setup, data, tmp_path):
     train, val, scaler = data
-    config = CONFIG.replace(plateau_patience=1)
+    config = CONFIG.replace(lr_schedule="plateau", plateau_patience=1)
     states = {}
     whole = train_member(
         ARCH, tiny_setup, scaler, config, train, val, on_epoch=lambda m, s: states.setdefault(m.epoch, s)
@@ -224,3 +224,23 @@ def test_config_round_trip_and_validation():
         TrainConfig.from_dict({"epoch": 3})
     with pytest.raises(ConfigError, match="loss_weighting"):
         TrainConfig(loss_weighting="huber")
+
+
+def test_centred_input_uses_the_training_mean_and_survives_resume(tiny_setup, data, tmp_path):
+    train, val, scaler = data
+    arch = ARCH.replace(center_input=True)
+    config = CONFIG.replace(epochs=3, lr_schedule="cosine")
+    states = []
+    result = train_member(
+        arch, tiny_setup, scaler, config, train, val, on_epoch=lambda m, s: states.append(s)
+    )
+    expected = (train.flux * train.mask).sum(0) / train.mask.sum(0)
+    assert np.allclose(result.network.reference.numpy(), expected, atol=1e-6)
+    assert [h["learning_rate"] for h in result.history] == pytest.approx(
+        [3e-3 * (0.01 + 0.99 * (1 + math.cos(math.pi * e / 3)) / 2) for e in (1, 2, 3)]
+    )
+    states[0].save(tmp_path / "s")
+    resumed = train_member(
+        arch, tiny_setup, scaler, config, train, val, resume=TrainingState.load(tmp_path / "s")
+    )
+    assert _same(_weights(result.network), _weights(resumed.network))
