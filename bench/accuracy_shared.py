@@ -7,7 +7,9 @@ runs them, on the rows outside the common test split (each member with its own v
 and prints the ensemble's per-label bias and scatter on the held-out test spectra: at S/N >= 50 (the
 issue's target), at all S/N, and on the same held-out stars' noise-free twins with fresh noise at
 S/N 50-150 (``twins``: the same stars, 10 noise draws each, a steadier number than ~20 spectra).
-``--cannon`` adds a quadratic Cannon (Ness et al. 2015) fitted on the same rows as a yardstick.
+``--workers 2`` trains two members at a time in separate processes (as the Ray job does on this
+2-core machine) and reports the wall time of the whole ensemble; ``--save DIR`` writes the model
+directory. ``--cannon`` adds a quadratic Cannon (Ness et al. 2015) fitted on the same rows as a yardstick.
 Results are appended as JSON lines to ``--out`` so runs made one at a time can be tabled together
 (``--table-only``).
 """
@@ -16,8 +18,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import platform
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -25,9 +29,10 @@ import pyarrow.parquet as pq
 import torch
 
 from speclabel.model.arch import PRESETS, ArchConfig
-from speclabel.model.fit import EnsembleConfig, fit_ensemble, prepare_arrays
+from speclabel.model.fit import EnsembleConfig, assemble_ensemble, fit_scaler, member_data, prepare_arrays
+from speclabel.model.io import save_model
 from speclabel.model.metrics import label_metrics
-from speclabel.model.training import AugmentConfig, TrainConfig
+from speclabel.model.training import AugmentConfig, TrainConfig, train_member
 from speclabel.pipeline.contract import LABEL_NAMES
 from speclabel.pipeline.setups import get_setup
 
@@ -36,38 +41,50 @@ TARGETS = {"teff": 30.0, "logg": 0.06, "feh": 0.03, "mgfe": 0.03, "alfe": 0.04}
 
 BASE_TRAIN = TrainConfig(epochs=150, batch_size=32, learning_rate=1e-3, patience=25)
 TWIN_NOISE = AugmentConfig(noise=True, snr_range=(10.0, 150.0))
+# Centred input, no dropout, cosine schedule: the training that measured best (BENCHMARKS.md).
+TUNED = TrainConfig(
+    epochs=120, batch_size=16, learning_rate=1e-3, patience=120, lr_schedule="cosine", augment=TWIN_NOISE
+)
+PAPER = PRESETS["paper"]
+TWO_CONV = PAPER.replace(
+    name="two-conv16", conv_channels=(16, 16), pool_size=4, dense_units=(64,), dropout=0.0, center_input=True
+)
+ONE_CONV = PAPER.replace(
+    name="one-conv", conv_channels=(8,), pool_size=4, dense_units=(64,), dropout=0.0, center_input=True
+)
 
 # name -> (architecture, training configuration)
 VARIANTS: dict[str, tuple[ArchConfig, TrainConfig]] = {
-    "paper": (PRESETS["paper"], BASE_TRAIN),
-    "paper+noise": (PRESETS["paper"], BASE_TRAIN.replace(augment=TWIN_NOISE)),
-    "paper+noise+rv": (
-        PRESETS["paper"],
-        BASE_TRAIN.replace(augment=AugmentConfig(noise=True, snr_range=(10.0, 150.0), rv_shift_kms=2.0)),
-    ),
-    "paper-per-arm+noise": (PRESETS["paper"].replace(arms="per_arm"), BASE_TRAIN.replace(augment=TWIN_NOISE)),
-    "wide+noise": (
-        PRESETS["paper"].replace(name="wide", conv_channels=(16, 16, 8), dense_units=(64,)),
-        BASE_TRAIN.replace(augment=TWIN_NOISE),
-    ),
+    "paper": (PAPER, BASE_TRAIN),
+    "paper+noise": (PAPER, BASE_TRAIN.replace(augment=TWIN_NOISE)),
+    "paper-centred-tuned": (PAPER.replace(dropout=0.0, center_input=True), TUNED),
+    "one-conv-tuned": (ONE_CONV, TUNED),
+    "two-conv16-tuned": (TWO_CONV, TUNED),
+    "two-conv16-per-arm-tuned": (TWO_CONV.replace(arms="per_arm"), TUNED),
+    "two-conv16-tuned+rv": (TWO_CONV, TUNED.replace(augment=AugmentConfig(noise=True, rv_shift_kms=2.0))),
+    "three-conv16-tuned": (TWO_CONV.replace(conv_channels=(16, 16, 16)), TUNED),
+    "two-conv16-dense128-tuned": (TWO_CONV.replace(dense_units=(128,)), TUNED),
+    "paper+default-training": (PAPER, TrainConfig()),
 }
 
 
-def add_variant_presets() -> None:
-    """Every architecture preset (the default included) also runs with the default training configuration."""
-    for name, arch in PRESETS.items():
-        VARIANTS.setdefault(name, (arch, TrainConfig()))
+# Every architecture preset (the default included) also runs with the default training configuration.
+for _name, _arch in PRESETS.items():
+    VARIANTS.setdefault(_name, (_arch, TrainConfig()))
 
 
 def twin_test(ensemble, arrays, rows, *, draws=10, snr=(50.0, 150.0), seed=0):
-    """Held-out stars' noise-free twins with fresh noise (sigma = 1/S/N), S/N log-uniform in ``snr``."""
+    """Held-out stars' noise-free twins with fresh noise at S/N log-uniform in ``snr``, keeping each
+    spectrum's own noise pattern (its ivar rescaled), as the training augmentation does."""
     rng = np.random.default_rng(seed)
     clean, mask, labels = arrays["flux_clean"][rows], arrays["mask"][rows], arrays["labels"][rows]
+    inv_sigma = np.sqrt(arrays["ivar"][rows])
+    own = np.array([np.median(s[m]) for s, m in zip(inv_sigma, mask, strict=True)])[:, None]
     predicted, truth, spread = [], [], []
     for _ in range(draws):
         level = np.exp(rng.uniform(np.log(snr[0]), np.log(snr[1]), len(clean)))[:, None]
-        flux = clean + rng.standard_normal(clean.shape).astype(np.float32) / level.astype(np.float32)
-        flux = np.where(mask, flux, np.float32(1.0))
+        sigma = np.where(mask, own / level / np.maximum(inv_sigma, 1e-30), 0.0)
+        flux = np.where(mask, clean + rng.standard_normal(clean.shape) * sigma, 1.0).astype(np.float32)
         prediction = ensemble.predict(flux, mask)
         predicted.append(prediction.mean)
         spread.append(prediction.std)
@@ -77,22 +94,72 @@ def twin_test(ensemble, arrays, rows, *, draws=10, snr=(50.0, 150.0), seed=0):
     )
 
 
-def run_variant(name, arrays, setup, members, epochs):
-    arch, config = VARIANTS[name]
-    if epochs is not None:
-        config = config.replace(epochs=epochs)
-    ensemble_config = EnsembleConfig(n_members=members)
+_LOADED: dict = {}
+
+
+def load_shared():
+    """The shared file's training arrays (with the noise-free twins), once per process."""
+    if not _LOADED:
+        setup = get_setup()
+        table = pq.read_table(SHARED / "giraffe_synth_train.parquet")
+        clean = pq.read_table(SHARED / "giraffe_synth_train_noisefree.parquet")
+        _LOADED.update(setup=setup, arrays=prepare_arrays(table, setup, clean=clean))
+    return _LOADED["arrays"], _LOADED["setup"]
+
+
+def train_one(task):
+    """One member in a worker process with one torch thread, as the Ray job runs members."""
+    name, seed, epochs = task
+    torch.set_num_threads(1)
+    arrays, setup = load_shared()
+    arch, config = variant_config(name, epochs)
+    split = EnsembleConfig().split
+    scaler = fit_scaler(arrays, split, "standard")
+    train, val = member_data(arrays, split, seed)
     began = time.perf_counter()
-    ensemble = fit_ensemble(arrays, setup, arch, config, ensemble_config, data={"location": str(SHARED)})
-    seconds = time.perf_counter() - began
+    result = train_member(arch, setup, scaler, config.replace(seed=seed), train, val)
+    return result, time.perf_counter() - began
+
+
+def variant_config(name, epochs):
+    arch, config = VARIANTS[name]
+    return arch, config if epochs is None else config.replace(epochs=epochs)
+
+
+def run_variant(name, members, epochs, workers, save=None):
+    arrays, setup = load_shared()
+    arch, config = variant_config(name, epochs)
+    ensemble_config = EnsembleConfig(n_members=members)
+    tasks = [(name, seed, epochs) for seed in ensemble_config.seeds]
+    began = time.perf_counter()
+    if workers > 1:
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+            done = list(pool.map(train_one, tasks))
+    else:
+        done = [train_one(task) for task in tasks]
+    wall = time.perf_counter() - began
     test_rows = ensemble_config.split.is_test(arrays["spectrum_id"])
+    ensemble = assemble_ensemble(
+        setup,
+        arch,
+        fit_scaler(arrays, ensemble_config.split, ensemble_config.scaling),
+        [result for result, _ in done],
+        ensemble_config=ensemble_config,
+        train_config=config,
+        test={k: arrays[k][test_rows] for k in ("flux", "mask", "labels", "snr")},
+        data={"location": str(SHARED), "n_rows": len(arrays["labels"]), "fingerprint": arrays["fingerprint"]},
+    )
+    if save:
+        save_model(ensemble, save, overwrite=True)
     metrics = ensemble.info["metrics"]["test"]
     return {
         "variant": name,
         "members": members,
         "arch": arch.to_dict(),
         "train": config.to_dict(),
-        "seconds_per_member": seconds / members,
+        "seconds_per_member": float(np.mean([seconds for _, seconds in done])),
+        "wall_seconds": wall,
+        "workers": workers,
         "epochs_run": [m["epochs_run"] for m in ensemble.member_info],
         "best_epoch": [m["best_epoch"] for m in ensemble.member_info],
         "val": [m["validation"] for m in ensemble.member_info],
@@ -161,6 +228,13 @@ def print_table(results: list[dict]) -> None:
             seconds = f"{r['seconds_per_member']:.0f}" if r.get("seconds_per_member") else "-"
             print(f"{r['variant']:<26} {r['members']:>2} {seconds:>7} {epochs:>7}  {cells}")
     print("\ntargets at S/N >= 50: " + ", ".join(f"{n} {v:g}" for n, v in TARGETS.items()))
+    for r in results:
+        if r.get("workers", 1) > 1:
+            print(
+                f"\n{r['variant']}: {r['members']} members, {r['workers']} at a time: "
+                f"{r['wall_seconds'] / 60:.1f} min wall "
+                f"({r['seconds_per_member'] / 60:.1f} min per member, one thread each)"
+            )
     ratios = [r for r in results if "twins" in r and r["members"] > 1]
     if ratios:
         print("\nensemble std / actual error (rms ratio), twins at S/N 50-150")
@@ -172,7 +246,6 @@ def print_table(results: list[dict]) -> None:
 
 
 def main() -> None:
-    add_variant_presets()
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -181,24 +254,20 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=None, help="override the variant's epoch limit")
     parser.add_argument("--cannon", action="store_true")
     parser.add_argument("--out", default="out/accuracy_shared.jsonl")
+    parser.add_argument("--workers", type=int, default=1, help="members trained at a time (processes)")
+    parser.add_argument("--save", help="write the (last) ensemble as a model directory here")
     parser.add_argument("--table-only", action="store_true")
     args = parser.parse_args()
     out = Path(args.out)
     if not args.table_only:
-        torch.set_num_threads(1)
-        setup = get_setup()
-        table = pq.read_table(SHARED / "giraffe_synth_train.parquet")
-        clean = pq.read_table(SHARED / "giraffe_synth_train_noisefree.parquet")
-        arrays = prepare_arrays(table, setup, clean=clean)
         out.parent.mkdir(parents=True, exist_ok=True)
         todo = [("cannon", None)] if args.cannon else []
         todo += [(name, name) for name in args.variants]
         for kind, name in todo:
-            result = (
-                cannon_baseline(arrays, EnsembleConfig().split)
-                if kind == "cannon"
-                else run_variant(name, arrays, setup, args.members, args.epochs)
-            )
+            if kind == "cannon":
+                result = cannon_baseline(load_shared()[0], EnsembleConfig().split)
+            else:
+                result = run_variant(name, args.members, args.epochs, args.workers, args.save)
             with out.open("a") as fh:
                 fh.write(json.dumps(result) + "\n")
             print_table([result])
