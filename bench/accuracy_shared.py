@@ -116,9 +116,9 @@ def train_one(task):
     split = EnsembleConfig().split
     scaler = fit_scaler(arrays, split, "standard")
     train, val = member_data(arrays, split, seed)
-    began = time.perf_counter()
+    began, cpu = time.perf_counter(), time.process_time()
     result = train_member(arch, setup, scaler, config.replace(seed=seed), train, val)
-    return result, time.perf_counter() - began
+    return result, time.perf_counter() - began, time.process_time() - cpu
 
 
 def variant_config(name, epochs):
@@ -143,7 +143,7 @@ def run_variant(name, members, epochs, workers, save=None):
         setup,
         arch,
         fit_scaler(arrays, ensemble_config.split, ensemble_config.scaling),
-        [result for result, _ in done],
+        [result for result, _, _ in done],
         ensemble_config=ensemble_config,
         train_config=config,
         test={k: arrays[k][test_rows] for k in ("flux", "mask", "labels", "snr")},
@@ -157,7 +157,8 @@ def run_variant(name, members, epochs, workers, save=None):
         "members": members,
         "arch": arch.to_dict(),
         "train": config.to_dict(),
-        "seconds_per_member": float(np.mean([seconds for _, seconds in done])),
+        "seconds_per_member": float(np.mean([seconds for _, seconds, _ in done])),
+        "cpu_seconds_per_member": float(np.mean([cpu for _, _, cpu in done])),
         "wall_seconds": wall,
         "workers": workers,
         "epochs_run": [m["epochs_run"] for m in ensemble.member_info],
@@ -233,7 +234,8 @@ def print_table(results: list[dict]) -> None:
             print(
                 f"\n{r['variant']}: {r['members']} members, {r['workers']} at a time: "
                 f"{r['wall_seconds'] / 60:.1f} min wall "
-                f"({r['seconds_per_member'] / 60:.1f} min per member, one thread each)"
+                f"({r['seconds_per_member'] / 60:.1f} min wall, "
+                f"{r.get('cpu_seconds_per_member', 0) / 60:.1f} min CPU per member, one thread each)"
             )
     ratios = [r for r in results if "twins" in r and r["members"] > 1]
     if ratios:
