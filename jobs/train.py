@@ -47,7 +47,7 @@ from ..model.io import MODEL_JSON, save_model
 from ..model.metrics import metrics_by_snr
 from ..model.scaling import LabelScaler
 from ..model.splits import SplitRule
-from ..model.training import MemberResult, TrainConfig, TrainingState, train_member
+from ..model.training import MemberResult, TrainConfig, TrainingState, input_reference, train_member
 from ..pipeline.errors import ConfigError, InputError, SpeclabelError
 from ..pipeline.setups import DEFAULT_SETUP, Setup, get_setup
 from ..pipeline.storage import (
@@ -196,6 +196,7 @@ class MemberSpec:
     seeds: tuple[int, ...]
     cpus_per_member: float
     fault_at: tuple[int, int] | None = None  # (member, epoch) of an injected failure
+    reference: np.ndarray | None = None  # the members' common input reference (center_input)
 
 
 def parse_fault(text: str | None) -> tuple[int, int] | None:
@@ -273,6 +274,7 @@ def member_trial(config: dict, *, spec: MemberSpec, rows: InMemoryRows | Streami
         resume=resume,
         on_epoch=report_epoch,
         device=device,
+        reference=spec.reference,
     )
     tune.report(
         {
@@ -415,6 +417,10 @@ def run_training(job: TrainJob, *, echo: Callable[[str], None] = print) -> Train
             seeds=tuple(job.ensemble.seeds),
             cpus_per_member=job.cpus_per_member,
             fault_at=parse_fault(os.environ.get(FAULT_ENV)),
+            # One pass over the training pool (train + val rows of any member) in the driver.
+            reference=input_reference(*rows.member(split, job.ensemble.seeds[0]))
+            if job.arch.center_input
+            else None,
         )
         prepare_run_folder(job, spec, training_set)
         results = fit_members(job, spec, rows, gpus, echo)

@@ -23,7 +23,7 @@ from torch import nn
 from ..pipeline.errors import ConfigError, InputError
 from ..pipeline.setups import Setup
 from .arch import ArchConfig, build_network
-from .fused import PRECISIONS, FusedEnsemble, fusable
+from .fused import PRECISIONS, FusedEnsemble, fusable_ensemble
 from .saliency import SaliencyAccumulator, SaliencySummary, member_gradients, summarise
 from .scaling import LabelScaler
 
@@ -202,7 +202,7 @@ class Ensemble:
         self, device: torch.device, autocast_bf16: bool, flux: np.ndarray | None, mask: np.ndarray | None
     ) -> FusedEnsemble | None:
         options = self.inference
-        reason = next((r for r in map(fusable, self.networks) if r), None)
+        reason = fusable_ensemble(self.networks)
         if reason:
             log.warning("the fused engine does not cover this ensemble (%s): using the reference", reason)
             return None

@@ -29,6 +29,7 @@ from .training import (
     MemberResult,
     TrainConfig,
     TrainingState,
+    input_reference,
     train_member,
     training_arrays,
 )
@@ -168,12 +169,22 @@ def fit_ensemble(
     """Train every candidate member in turn (``on_epoch(seed, metrics, state)`` after each epoch)."""
     split = ensemble_config.split
     scaler = fit_scaler(arrays, split, ensemble_config.scaling)
+    reference = (
+        input_reference(*member_data(arrays, split, ensemble_config.seeds[0])) if arch.center_input else None
+    )
     candidates = []
     for seed in ensemble_config.seeds:
         train, val = member_data(arrays, split, seed)
         callback = None if on_epoch is None else (lambda m, s, seed=seed: on_epoch(seed, m, s))
         result = train_member(
-            arch, setup, scaler, train_config.replace(seed=seed), train, val, on_epoch=callback
+            arch,
+            setup,
+            scaler,
+            train_config.replace(seed=seed),
+            train,
+            val,
+            on_epoch=callback,
+            reference=reference,
         )
         log.info(
             "member seed %d: best val loss %.4g at epoch %d of %d",

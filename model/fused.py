@@ -143,6 +143,21 @@ def fusable(network: nn.Module) -> str | None:
     return None
 
 
+def fusable_ensemble(networks: Sequence[nn.Module]) -> str | None:
+    """Why these member networks cannot be fused together, or None when they can.
+
+    Besides each network being :func:`fusable`, the members must measure their input from the same
+    reference spectrum (``center_input``): the fused first layer reads one input for all members.
+    """
+    reason = next((r for r in map(fusable, networks) if r), None)
+    if reason:
+        return reason
+    first = networks[0].reference
+    if any(not torch.equal(network.reference, first) for network in networks[1:]):
+        return "the members measure their input from different reference spectra"
+    return None
+
+
 def _single(value) -> int:
     return value[0] if isinstance(value, tuple) else int(value)
 
@@ -167,10 +182,9 @@ class FusedEnsemble:
     ):
         if not networks:
             raise ConfigError("a fused ensemble needs at least one member network")
-        for network in networks:
-            reason = fusable(network)
-            if reason:
-                raise ConfigError(f"cannot fuse this ensemble: {reason}")
+        reason = fusable_ensemble(networks)
+        if reason:
+            raise ConfigError(f"cannot fuse this ensemble: {reason}")
         if precision not in PRECISIONS:
             raise ConfigError(f"precision must be one of {PRECISIONS}, not {precision!r}")
         self.device = torch.device(device)
@@ -186,6 +200,10 @@ class FusedEnsemble:
         self.n_members = len(networks)
         self.n_pixels = first.n_pixels
         self.mask_channel = first.arch.mask_channel
+        # The input is reference - flux, zeroed at masked pixels. Masked flux arrives as 1.0 (see
+        # pipeline.contract.model_inputs), so with the plain continuum reference the zeroing is free.
+        reference = first.reference.detach()
+        self.reference = None if bool((reference == 1).all()) else reference.to(self.device, source_dtype)
         with torch.no_grad():
             self.branches = [
                 self._stack_branch(networks, index, start, stop)
@@ -378,7 +396,13 @@ class FusedEnsemble:
     def _tile(self, flux: torch.Tensor, good: torch.Tensor | None, label_weights: torch.Tensor | None):
         b = flux.shape[0]
         # Depth before any cast to bf16: near the continuum it keeps its relative precision.
-        depth = (1.0 - flux).to(self.dtype).unsqueeze(-1)
+        if self.reference is None:
+            depth = 1.0 - flux
+        else:
+            depth = self.reference - flux
+            if good is not None:
+                depth = depth * good
+        depth = depth.to(self.dtype).unsqueeze(-1)
         if self.mask_channel:
             mask = torch.ones_like(depth) if good is None else good.to(self.dtype).unsqueeze(-1)
             depth = torch.cat([depth, mask], dim=-1)
@@ -479,7 +503,7 @@ class FusedEnsemble:
         depth_grad = per_tap[0, :n_in].clone()  # [n_in, b, K]
         for j in range(1, taps):
             depth_grad += per_tap[j, j : j + n_in]
-        # d/d flux = -d/d depth, depth = 1 - flux. The branches cover every pixel once.
+        # d/d flux = -d/d depth, depth = reference - flux. The branches cover every pixel once.
         torch.neg(depth_grad.permute(1, 2, 0), out=grads[:, :, branch.start : branch.stop])
         return None
 

@@ -46,6 +46,7 @@ from .scaling import LabelScaler
 STATE_FORMAT = "speclabel-train-state"
 STATE_VERSION = 1
 LOSS_WEIGHTINGS = ("none", "inverse_variance")
+LR_SCHEDULES = ("constant", "cosine", "plateau")
 
 
 @dataclass(frozen=True)
@@ -53,8 +54,10 @@ class AugmentConfig:
     """Training-time augmentation: survey spectra come at many S/N and small velocity residuals.
 
     ``noise``: each training spectrum is shown at an S/N drawn log-uniformly from ``snr_range``:
-    a noise-free twin (``flux_clean``) gets fresh noise of sigma = 1/S/N on the normalised flux; an
-    observed spectrum (with ``ivar``) gets extra noise only when the drawn S/N is below its own.
+    a noise-free twin (``flux_clean``) gets fresh noise, with the per-pixel pattern of its observed
+    twin's ivar rescaled to the drawn S/N (sigma = 1/S/N everywhere without ivar); an observed
+    spectrum (with ``ivar``) gets extra noise only when the drawn S/N is below its own. A spectrum's
+    S/N is the median of sqrt(ivar) over its good pixels.
     ``rv_shift_kms``: each spectrum is shifted by a velocity drawn uniformly in +-rv_shift_kms.
     """
 
@@ -77,18 +80,24 @@ class AugmentConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    epochs: int = 200
-    batch_size: int = 32
+    """Defaults: what measured best on the shared GIRAFFE file within the 40-minute budget of 8 members
+    on 2 cores (BENCHMARKS.md): batches of 16, Adam at 1e-3 annealed (cosine) over 120 epochs, every
+    training spectrum shown at a fresh S/N between 10 and 150."""
+
+    epochs: int = 120
+    batch_size: int = 16
     learning_rate: float = 1e-3
     weight_decay: float = 0.0
-    patience: int = 20  # epochs without a better validation loss before stopping
+    patience: int = 40  # epochs without a better validation loss before stopping
     min_delta: float = 0.0  # improvement smaller than this does not count
-    plateau_patience: int | None = None  # halve the learning rate after this many epochs without improvement
-    plateau_factor: float = 0.5
+    lr_schedule: str = "cosine"  # "cosine": anneal to lr * lr_floor over `epochs`; "plateau": see below
+    lr_floor: float = 0.01
+    plateau_patience: int = 10  # "plateau": multiply the learning rate by plateau_factor after this many
+    plateau_factor: float = 0.5  # epochs without a better validation loss
     loss_weighting: str = "none"  # or "inverse_variance" (needs label_err)
     error_floor: float = 0.02  # smallest label error in scaled units, so no row gets unbounded weight
     seed: int = 0
-    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    augment: AugmentConfig = field(default_factory=lambda: AugmentConfig(noise=True, snr_range=(10.0, 150.0)))
 
     def __post_init__(self) -> None:
         if isinstance(self.augment, Mapping):
@@ -102,10 +111,10 @@ class TrainConfig:
             problems.append(f"loss_weighting must be one of {LOSS_WEIGHTINGS}, got {self.loss_weighting!r}")
         if not self.error_floor > 0:
             problems.append("error_floor must be > 0")
-        if self.plateau_patience is not None and (
-            self.plateau_patience < 1 or not 0 < self.plateau_factor < 1
-        ):
-            problems.append("plateau_patience must be >= 1 and plateau_factor in (0, 1)")
+        if self.lr_schedule not in LR_SCHEDULES:
+            problems.append(f"lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}")
+        if self.plateau_patience < 1 or not 0 < self.plateau_factor < 1 or not 0 < self.lr_floor <= 1:
+            problems.append("plateau_patience must be >= 1, plateau_factor in (0, 1) and lr_floor in (0, 1]")
         if problems:
             raise ConfigError("training configuration: " + "; ".join(problems))
 
@@ -277,16 +286,21 @@ def augment(
             + torch.rand(n, generator=generator, dtype=torch.float64) * (math.log(hi) - math.log(lo))
         ).to(flux.dtype)[:, None]
         noise = torch.randn(flux.shape, generator=generator, dtype=flux.dtype)
-        if clean is not None:
-            flux = flux + noise / snr
-        elif batch.get("ivar") is not None:
-            ivar = batch["ivar"].to(flux.dtype)
+        ivar = batch.get("ivar")
+        if ivar is not None:
+            ivar = ivar.to(flux.dtype)
             good = mask & (ivar > 0)
-            # The spectrum's own S/N: the median of 1/sigma over good pixels.
+            # The spectrum's own S/N: the median of 1/sigma over its good pixels. Noise keeps the
+            # spectrum's own pattern (arm to arm, pixel to pixel), rescaled to the drawn S/N.
             own = torch.where(good, ivar.sqrt(), torch.nan).nanmedian(dim=1).values[:, None]
-            factor2 = ((own / snr) ** 2 - 1).clamp(min=0).nan_to_num(0.0)
-            sigma = torch.where(good, (factor2 / ivar.clamp(min=1e-30)).sqrt(), 0.0)
+            inv_sigma = ivar.clamp(min=1e-30).sqrt()
+        if clean is not None:
+            sigma = 1.0 / snr if ivar is None else torch.where(good, own / snr / inv_sigma, 0.0)
             flux = flux + noise * sigma
+        elif ivar is not None:
+            # Only extra noise: sigma_new = sigma * own / drawn, when the drawn S/N is the lower one.
+            factor = ((own / snr) ** 2 - 1).clamp(min=0).nan_to_num(0.0).sqrt()
+            flux = flux + noise * torch.where(good, factor / inv_sigma, 0.0)
         else:
             raise InputError("noise augmentation needs ivar or noise-free twins (flux_clean) in the batches")
     return torch.where(mask, flux, torch.ones_like(flux)), mask
@@ -473,6 +487,36 @@ def predict_scaled(
     return torch.cat(predictions).numpy(), torch.cat(targets).numpy()
 
 
+def _scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig):
+    if config.lr_schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(
+            optimizer, T_max=config.epochs, eta_min=config.learning_rate * config.lr_floor
+        )
+    if config.lr_schedule == "plateau":
+        return torch.optim.lr_scheduler.ReduceLROnPlateau(
+            optimizer, factor=config.plateau_factor, patience=config.plateau_patience
+        )
+    return None
+
+
+def input_reference(*datas: TrainingData, batch_size: int = 256) -> np.ndarray:
+    """The mean spectrum of the rows of ``datas`` over their good pixels (1.0 where no row is good).
+
+    An ensemble passes its whole training pool (one member's train + val rows), so that every member
+    measures its input from the same spectrum and the fused engine can read one input for all.
+    """
+    total, count = None, None
+    for raw in (raw for data in datas for raw in data.batches(0, batch_size, None)):
+        batch = _tensors(raw)
+        good = batch["mask"].to(torch.float64)
+        flux = batch["flux"].to(torch.float64) * good
+        total = flux.sum(0) if total is None else total + flux.sum(0)
+        count = good.sum(0) if count is None else count + good.sum(0)
+    if total is None:
+        raise InputError("the training data are empty")
+    return torch.where(count > 0, total / count.clamp(min=1), 1.0).numpy()
+
+
 def train_member(
     arch: ArchConfig,
     setup: Setup,
@@ -484,27 +528,28 @@ def train_member(
     resume: TrainingState | None = None,
     on_epoch: Callable[[EpochMetrics, TrainingState], None] | None = None,
     device: str = "cpu",
+    reference: np.ndarray | None = None,
 ) -> MemberResult:
     """Train one member from scratch (or from ``resume``) and return it with its best weights.
 
     ``device`` (e.g. ``"cuda"``) runs the network there; batches are drawn and augmented on the
     CPU, so the random draws are the same on every device, and the states passed to ``on_epoch``
-    and the returned network are on the CPU.
+    and the returned network are on the CPU. ``reference`` is the input reference of a
+    ``center_input`` architecture (default: the mean of ``train``; ensembles pass their pool's).
     """
     seed = config.seed
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(derived_seed(seed, _INIT))
-        network = build_network(arch, setup).to(device)
+        network = build_network(arch, setup)
+    if arch.center_input and resume is None:
+        if reference is None:
+            reference = input_reference(train, batch_size=max(config.batch_size, 256))
+        network.set_reference(reference)
+    network = network.to(device)
     optimizer = torch.optim.Adam(
         network.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay
     )
-    scheduler = (
-        torch.optim.lr_scheduler.ReduceLROnPlateau(
-            optimizer, factor=config.plateau_factor, patience=config.plateau_patience
-        )
-        if config.plateau_patience is not None
-        else None
-    )
+    scheduler = _scheduler(optimizer, config)
     best_state = _cpu_copy(network.state_dict())
     best_val, best_epoch, since_best, start, history, stopped = math.inf, 0, 0, 0, [], False
     if resume is not None:
@@ -556,8 +601,11 @@ def train_member(
             best_state = _cpu_copy(network.state_dict())
         else:
             since_best += 1
-        if scheduler is not None and math.isfinite(val_loss):
-            scheduler.step(val_loss)
+        if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            if math.isfinite(val_loss):
+                scheduler.step(val_loss)
+        elif scheduler is not None:
+            scheduler.step()
         stopped = stopped or since_best >= config.patience
         metrics = EpochMetrics(
             epoch=epoch + 1,

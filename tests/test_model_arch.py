@@ -46,6 +46,14 @@ def test_paper_preset_is_the_published_network(setup):
     assert count_parameters(net) == sum(p.numel() for p in net.parameters()) > 0
 
 
+def test_default_preset_is_the_measured_best_and_runs_on_the_real_grid(setup):
+    default = get_arch()
+    assert default is PRESETS["default"] and default.arms == "per_arm" and default.center_input
+    net = build_network(default, setup).eval()
+    assert net.branch_slices == [(0, 5601), (5601, 15942)]
+    assert net(torch.ones(2, setup.n_pixels)).shape == (2, 5)
+
+
 @pytest.mark.parametrize("arms", ["joined", "per_arm"])
 @pytest.mark.parametrize("mask_channel", [False, True])
 def test_output_shape_and_branches(tiny_setup, arms, mask_channel):

@@ -24,7 +24,7 @@ def numpy_forward(state: dict, arch: ArchConfig, setup, flux: np.ndarray, mask: 
         return np.where(v > 0, v, arch.leaky_slope * v)
 
     sd = {k: v.detach().double().numpy() for k, v in state.items()}
-    x = (1.0 - flux)[:, None, :]
+    x = np.where(mask, sd["reference"] - flux, 0.0)[:, None, :]
     if arch.mask_channel:
         x = np.concatenate([x, mask[:, None, :].astype(float)], axis=1)
     slices = (
@@ -54,11 +54,16 @@ def numpy_forward(state: dict, arch: ArchConfig, setup, flux: np.ndarray, mask: 
     return h
 
 
-@pytest.mark.parametrize("arch", [ARCH, ARCH.replace(arms="per_arm", mask_channel=True)])
+@pytest.mark.parametrize(
+    "arch", [ARCH, ARCH.replace(arms="per_arm", mask_channel=True), ARCH.replace(center_input=True)]
+)
 def test_mean_and_std_match_a_numpy_reference(tiny_setup, arch):
     torch.manual_seed(3)
     scaler = LabelScaler.fit(LABELS)
     networks = [build_network(arch, tiny_setup) for _ in range(4)]
+    if arch.center_input:
+        for network in networks:
+            network.set_reference(np.random.default_rng(0).uniform(0.7, 1.0, tiny_setup.n_pixels))
     ensemble = Ensemble(tiny_setup, arch, scaler, networks)
     rng = np.random.default_rng(1)
     flux = rng.uniform(0.5, 1.1, (7, tiny_setup.n_pixels)).astype(np.float32)

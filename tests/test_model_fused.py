@@ -9,9 +9,9 @@ import pytest
 import torch
 from torch import nn
 
-from speclabel.model.arch import PAPER, ArchConfig, build_network
+from speclabel.model.arch import DEFAULT, PAPER, ArchConfig, build_network
 from speclabel.model.ensemble import NEAR_TIE_FRACTION, Ensemble, InferenceOptions
-from speclabel.model.fused import FusedEnsemble, fusable
+from speclabel.model.fused import FusedEnsemble, fusable, fusable_ensemble
 from speclabel.model.saliency import SaliencyAccumulator
 from speclabel.model.scaling import LabelScaler
 from speclabel.pipeline.contract import model_inputs, spectra_arrays
@@ -85,6 +85,30 @@ def test_paper_preset_on_the_giraffe_setup(setup):
     flux, mask = spectra(setup, 2)
     fast, _ = assert_matches_reference(ensemble, flux, mask)
     assert fast.saliency.shares.shape[:2] == (2, 5)
+
+
+def test_default_preset_with_a_centred_input_on_the_giraffe_setup(setup):
+    # The default measures its input from the training pool's mean spectrum: masked pixels must
+    # still read zero, not reference - 1.
+    ensemble = make_ensemble(setup, DEFAULT, n_members=3)
+    reference = np.random.default_rng(5).uniform(0.7, 1.0, setup.n_pixels)
+    for network in ensemble.networks:
+        network.set_reference(reference)
+    flux, mask = spectra(setup, 3)
+    assert_matches_reference(ensemble, flux, mask)
+    assert ensemble.fused_engine() is not None
+
+
+def test_members_with_different_references_are_left_to_the_reference_engine(tiny_setup, caplog):
+    ensemble = make_ensemble(tiny_setup, TINY.replace(center_input=True), n_members=2)
+    ensemble.networks[1].set_reference(np.full(tiny_setup.n_pixels, 0.9))
+    assert "different reference spectra" in fusable_ensemble(ensemble.networks)
+    flux, mask = spectra(tiny_setup, 3)
+    with caplog.at_level(logging.WARNING):
+        fast = ensemble.predict(flux, mask, saliency="full")
+    assert "different reference spectra" in caplog.text and ensemble.fused_engine() is None
+    ref = ensemble.predict(flux, mask, saliency="full", engine="reference")
+    assert np.array_equal(fast.mean, ref.mean)
 
 
 def test_simulated_survey_spectra_agree_up_to_max_pool_near_ties(setup, small_survey):

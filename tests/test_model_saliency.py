@@ -20,10 +20,15 @@ LABELS = np.array(
 def _ensemble(setup, arch, n=3):
     torch.manual_seed(5)
     networks = [build_network(arch, setup).double() for _ in range(n)]
+    if arch.center_input:
+        for network in networks:
+            network.set_reference(np.random.default_rng(1).uniform(0.7, 1.0, setup.n_pixels))
     return Ensemble(setup, arch, LabelScaler.fit(LABELS), networks)
 
 
-@pytest.mark.parametrize("arch", [ARCH, ARCH.replace(arms="per_arm", mask_channel=True)])
+@pytest.mark.parametrize(
+    "arch", [ARCH, ARCH.replace(arms="per_arm", mask_channel=True), ARCH.replace(center_input=True)]
+)
 def test_gradients_match_finite_differences(tiny_setup, arch):
     ensemble = _ensemble(tiny_setup, arch)
     rng = np.random.default_rng(2)

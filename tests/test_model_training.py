@@ -93,7 +93,7 @@ def test_training_learns_and_is_deterministic_by_seed(tiny_setup, data):
 
 def test_resume_from_saved_state_equals_an_uninterrupted_run(tiny_setup, data, tmp_path):
     train, val, scaler = data
-    config = CONFIG.replace(plateau_patience=1)
+    config = CONFIG.replace(lr_schedule="plateau", plateau_patience=1)
     states = {}
     whole = train_member(
         ARCH, tiny_setup, scaler, config, train, val, on_epoch=lambda m, s: states.setdefault(m.epoch, s)
@@ -156,7 +156,12 @@ def test_inverse_variance_weighting_ignores_rows_with_huge_errors(tiny_setup, da
         dropout=0.0
     )  # dropout masks depend on the batch size; without it only the rows matter
     config = TrainConfig(
-        epochs=3, batch_size=64, learning_rate=3e-3, seed=1, loss_weighting="inverse_variance"
+        epochs=3,
+        batch_size=64,
+        learning_rate=3e-3,
+        seed=1,
+        loss_weighting="inverse_variance",
+        augment=AugmentConfig(),
     )
     labels, err = train.labels.copy(), train.label_err.copy()
     labels[:8] += 1000.0
@@ -247,3 +252,23 @@ def test_states_and_result_are_on_cpu_whatever_the_device(tiny_setup, data):
     if torch.cuda.is_available():  # the GPU run learns the same function up to float rounding
         reference = train_member(ARCH, tiny_setup, scaler, config, train, val)
         assert result.best_val_loss == pytest.approx(reference.best_val_loss, rel=1e-3)
+
+
+def test_centred_input_uses_the_training_mean_and_survives_resume(tiny_setup, data, tmp_path):
+    train, val, scaler = data
+    arch = ARCH.replace(center_input=True)
+    config = CONFIG.replace(epochs=3, lr_schedule="cosine")
+    states = []
+    result = train_member(
+        arch, tiny_setup, scaler, config, train, val, on_epoch=lambda m, s: states.append(s)
+    )
+    expected = (train.flux * train.mask).sum(0) / train.mask.sum(0)
+    assert np.allclose(result.network.reference.numpy(), expected, atol=1e-6)
+    assert [h["learning_rate"] for h in result.history] == pytest.approx(
+        [3e-3 * (0.01 + 0.99 * (1 + math.cos(math.pi * e / 3)) / 2) for e in (1, 2, 3)]
+    )
+    states[0].save(tmp_path / "s")
+    resumed = train_member(
+        arch, tiny_setup, scaler, config, train, val, resume=TrainingState.load(tmp_path / "s")
+    )
+    assert _same(_weights(result.network), _weights(resumed.network))
