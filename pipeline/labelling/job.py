@@ -28,6 +28,7 @@ import hashlib
 import json
 import logging
 import platform
+import re
 import sys
 import time
 from collections.abc import Callable
@@ -44,7 +45,7 @@ from ...model.io import read_model_document
 from ...model.splits import hash_uniform
 from ..catalogue import CatalogueLayout, WriteOptions
 from ..catalogue.layout import check_release_name
-from ..errors import ConfigError, IntegrityError, UsageError
+from ..errors import ConfigError, IntegrityError, SpeclabelError, UsageError
 from ..publish import Dataset, new_run_id
 from ..setups import Setup
 from .batch import FlagThresholds, OutputSpec, prepare
@@ -227,12 +228,22 @@ def label_spectra(
             progress = Progress(release, source.rows_in, outputs, enabled=options.progress)
             heartbeat = time.monotonic()
             with ray_data_context(progress_bars=options.progress):
-                for batch in stream.iter_batches(batch_format="pyarrow", batch_size=None) if stream else ():
-                    outputs.add(batch)
-                    progress.update()
-                    if time.monotonic() - heartbeat > HEARTBEAT_S:
-                        dataset.refresh_lock(run_id)
-                        heartbeat = time.monotonic()
+                try:
+                    for batch in (
+                        stream.iter_batches(batch_format="pyarrow", batch_size=None) if stream else ()
+                    ):
+                        outputs.add(batch)
+                        progress.update()
+                        if time.monotonic() - heartbeat > HEARTBEAT_S:
+                            dataset.refresh_lock(run_id)
+                            heartbeat = time.monotonic()
+                except SpeclabelError:
+                    raise
+                except Exception as exc:
+                    raise SpeclabelError(
+                        f"labelling release {release} failed after {outputs.labelled_rows} of "
+                        f"{source.rows_in} rows; nothing was published: {_root_cause(exc)}"
+                    ) from exc
             label_s = time.perf_counter() - started
             written = outputs.close()
             progress.update(final=True)
@@ -524,6 +535,20 @@ class ray_data_context:
             self.context.enable_progress_bars,
             self.context.execution_options.preserve_order,
         ) = self.saved
+
+
+def _root_cause(exc: BaseException) -> str:
+    """The worker's original error, ``Type: message``: Ray wraps it in its own exceptions, and keeps
+    the original only as text in the remote traceback it carries."""
+    lines = str(exc).splitlines()
+    for line in reversed(lines):
+        match = _ERROR_LINE.match(line.strip())
+        if match and not match.group(1).startswith("ray."):
+            return f"{match.group(1).rsplit('.', 1)[-1]}: {match.group(2)}"
+    return f"{type(exc).__name__}: {lines[0] if lines else ''}"
+
+
+_ERROR_LINE = re.compile(r"^([A-Za-z_][\w.]*(?:Error|Exception|Fault)): (.+)$")
 
 
 def versions() -> dict:
