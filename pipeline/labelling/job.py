@@ -59,6 +59,7 @@ SALIENCY_CHOICES = ("summary", "full", "none")
 SAMPLE_SALT = "speclabel-saliency-sample-v1"
 HEARTBEAT_S = 60.0
 PROGRESS_S = 10.0
+ACTOR_START_TIMEOUT_S = 900  # model loading, and cluster autoscalers bringing up GPU nodes
 
 
 @dataclass(frozen=True)
@@ -510,7 +511,9 @@ class Progress:
 
 
 class ray_data_context:
-    """Ray Data settings for the run, restored afterwards: no silently dropped blocks, no forced order."""
+    """Ray Data settings for the run, restored afterwards: no silently dropped blocks, no forced
+    order, and the whole actor pool up before work starts (so every GPU gets work, and a cluster
+    that cannot host the pool fails after ``ACTOR_START_TIMEOUT_S`` instead of waiting forever)."""
 
     def __init__(self, *, progress_bars: bool) -> None:
         self.progress_bars = progress_bars
@@ -523,10 +526,12 @@ class ray_data_context:
             self.context.max_errored_blocks,
             self.context.enable_progress_bars,
             self.context.execution_options.preserve_order,
+            self.context.wait_for_min_actors_s,
         )
         self.context.max_errored_blocks = 0
         self.context.enable_progress_bars = self.progress_bars
         self.context.execution_options.preserve_order = False
+        self.context.wait_for_min_actors_s = ACTOR_START_TIMEOUT_S
         return self.context
 
     def __exit__(self, *exc) -> None:
@@ -534,6 +539,7 @@ class ray_data_context:
             self.context.max_errored_blocks,
             self.context.enable_progress_bars,
             self.context.execution_options.preserve_order,
+            self.context.wait_for_min_actors_s,
         ) = self.saved
 
 

@@ -1,0 +1,69 @@
+"""The GPU path's scheduling on a local multi-node Ray cluster with declared GPUs.
+
+The session's Ray instance owns this process, so the cluster runs in a subprocess: a head with CPUs
+only and two nodes with one (declared) GPU each. ``--gpus 2`` must start one actor per GPU, on
+different nodes, each seeing its own GPU id; torch has no CUDA here, so the actors compute on the
+CPU and say so, and ``--precision bf16`` falls back to float32 (bf16 is for GPUs only).
+"""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow.dataset as pads
+import pytest
+from label_data import saved_model, spectra_file
+
+pytestmark = pytest.mark.ray
+
+SCRIPT = """
+import json, os, sys
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+import ray
+from ray.cluster_utils import Cluster
+from speclabel.pipeline.labelling import LabelOptions, label_spectra
+
+spectra, model, catalogue = sys.argv[1:4]
+store = 80 * 2**20
+cluster = Cluster(
+    initialize_head=True,
+    head_node_args={"num_cpus": 2, "num_gpus": 0, "object_store_memory": store, "include_dashboard": False},
+)
+for _ in range(2):
+    cluster.add_node(num_cpus=1, num_gpus=1, object_store_memory=store)
+ray.init(address=cluster.address, log_to_driver=False)
+try:
+    options = LabelOptions(gpus=2, batch_size=4, saliency="none", precision="bf16", progress=False)
+    result = label_spectra(spectra, model, catalogue, options)
+    print("RESULT " + json.dumps({"labelled": result.labelled, "manifest": result.manifest}))
+finally:
+    ray.shutdown()
+    cluster.shutdown()
+"""
+
+
+def test_one_actor_per_gpu_across_nodes(tiny_setup, tmp_path):
+    model, _ = saved_model(tiny_setup, tmp_path / "model")
+    spectra_file(tiny_setup, tmp_path / "in.parquet", n=24, seed=4, row_group=4)
+    catalogue = tmp_path / "cat"
+    run = subprocess.run(
+        [sys.executable, "-c", SCRIPT, str(tmp_path / "in.parquet"), model, str(catalogue)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=Path(__file__).parent,
+    )
+    lines = [line for line in run.stdout.splitlines() if line.startswith("RESULT ")]
+    assert run.returncode == 0 and lines, run.stderr[-3000:]
+    result = json.loads(lines[0][len("RESULT ") :])
+    assert result["labelled"] == 24
+    assert pads.dataset(str(catalogue), partitioning="hive").count_rows() == 24
+    manifest = result["manifest"]
+    assert manifest["resources"]["gpus_per_actor"] == 1 and manifest["resources"]["actors"] == 2
+    actors = manifest["actors"]
+    assert len(actors) == 2
+    assert len({a["node_id"] for a in actors}) == 2  # one per GPU node
+    assert all(len(a["gpu_ids"]) == 1 for a in actors)
+    assert all(a["device"] == "cpu" and a["precision"] == "float32" for a in actors)
+    assert all(a["precision_check"]["why"] == "bf16 is used on GPUs only" for a in actors)
