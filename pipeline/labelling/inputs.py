@@ -28,6 +28,7 @@ import json
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import numpy as np
 import pyarrow as pa
@@ -50,6 +51,28 @@ from .batch import DUPLICATE, PASS_THROUGH, SOURCE
 PARQUET_EXTENSIONS = (".parquet", ".parq", ".pq")
 FITS_EXTENSIONS = (".fits", ".fit", ".fits.gz", ".fit.gz")
 _RELEASE_IN_PATH = re.compile(r"/release=([^/]+)/")
+
+
+class SpectraSource(Protocol):
+    """What the label job needs from its input; :class:`ParquetInput` is the real one, a benchmark
+    may pass a generating source. ``dataset`` yields input rows (contract columns plus ``_source``,
+    ``_duplicate``); every row's ``_source`` must be a key of ``rows_by_source``."""
+
+    fingerprint: str
+    releases: list[str]
+
+    @property
+    def rows_in(self) -> int: ...
+
+    def rows_by_source(self) -> dict[str, int]: ...
+
+    def describe(self) -> dict: ...
+
+    def refused_quarantine(self) -> Iterator[pa.Table]: ...
+
+    def all_ids(self) -> list[str]: ...
+
+    def dataset(self, *, read_rows: int, num_cpus: float): ...
 
 
 @dataclass

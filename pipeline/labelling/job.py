@@ -166,8 +166,8 @@ def label_spectra(
     """Label the spectra at ``spectra`` with the model at ``model`` into the catalogue at
     ``catalogue`` (see the module docstring). Needs a running Ray (``ray.init``).
 
-    ``source``: an object with the interface of :class:`.inputs.ParquetInput` to read instead of
-    ``spectra`` (benchmarks use a generating source).
+    ``source``: a :class:`.inputs.SpectraSource` to read instead of ``spectra`` (benchmarks use a
+    generating source).
     """
     import ray
 
@@ -299,7 +299,7 @@ def label_spectra(
         rows_in=source.rows_in,
         labelled=outputs.labelled_rows,
         quarantined=dict(outputs.reasons),
-        unreadable_files=sum(1 for f in getattr(source, "files", []) if f.rows is None),
+        unreadable_files=sum(1 for f in getattr(source, "files", ()) if f.rows is None),
         seconds=time.perf_counter() - began,
         label_seconds=label_s,
         manifest=dataset.manifest(release, run_id),
