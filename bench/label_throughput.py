@@ -148,6 +148,9 @@ class GeneratedSpectra:
     def refused_quarantine(self):
         return iter(())
 
+    def scan_ids(self) -> None:
+        pass  # generated ids are unique
+
     def all_ids(self) -> list[str]:
         return [f"G-{i:09d}" for i in range(self.n)]
 

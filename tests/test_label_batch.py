@@ -261,3 +261,15 @@ def test_prepass_refuses_whole_files_and_fingerprints_footers(tiny_setup, survey
     assert ParquetInput.open(str(folder), tiny_setup).fingerprint != source.fingerprint
     info = inspect_file(source.fs, str(folder / "a.parquet"), tiny_setup)
     assert footer_bytes(source.fs, info.path, info.size) is not None
+
+
+def test_release_values_from_statistics_or_the_column(tmp_path):
+    from speclabel.pipeline.labelling.inputs import release_values
+    from speclabel.pipeline.storage import filesystem_and_path
+
+    fs, _ = filesystem_and_path(str(tmp_path))
+    table = pa.table({"spectrum_id": ["a", "b", "c", "d"], "release": ["DR1", "DR1", "DR2", None]})
+    pq.write_table(table, tmp_path / "grouped.parquet", row_group_size=2)  # groups: {DR1}, {DR2, null}
+    assert release_values(fs, str(tmp_path / "grouped.parquet")) == {"DR1", "DR2"}
+    pq.write_table(table.slice(1, 2), tmp_path / "mixed.parquet")  # one group holding DR1 and DR2
+    assert release_values(fs, str(tmp_path / "mixed.parquet")) == {"DR1", "DR2"}

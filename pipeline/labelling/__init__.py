@@ -12,8 +12,21 @@ that ties them together and publishes a release::
     print(result.summary())
 """
 
-from .batch import FlagThresholds
-from .job import LabelOptions, LabelResult, label_spectra
-from .outputs import read_population_saliency
+from importlib import import_module
 
-__all__ = ["FlagThresholds", "LabelOptions", "LabelResult", "label_spectra", "read_population_saliency"]
+# Exports load on first use (PEP 562): the read/prepare tasks import this package to unpickle
+# `batch.prepare`, and must not pay for torch, which only the driver and the actors need.
+_EXPORTS = {
+    "FlagThresholds": "batch",
+    "LabelOptions": "job",
+    "LabelResult": "job",
+    "label_spectra": "job",
+    "read_population_saliency": "outputs",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(import_module(f".{_EXPORTS[name]}", __name__), name)

@@ -22,13 +22,12 @@ from __future__ import annotations
 import datetime as dt
 import json
 from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from ...model.ensemble import Prediction
-from ...model.saliency import SaliencyAccumulator
 from ..catalogue.layout import COLUMN_TYPES, saliency_column
 from ..contract import (
     MODEL_ERROR,
@@ -43,6 +42,10 @@ from ..contract import (
 from ..errors import ConfigError
 from ..flags import Flag
 from ..setups import Setup
+
+if TYPE_CHECKING:  # torch stays out of the read/prepare tasks' processes: they never need it
+    from ...model.ensemble import Prediction
+    from ...model.saliency import SaliencyAccumulator
 
 # Columns the reader adds to input rows.
 SOURCE = "_source"
@@ -384,22 +387,16 @@ def split_output(batch: pa.Table, spec: OutputSpec) -> tuple[pa.Table, pa.Table,
 
 def summary_accumulator(summaries: pa.Table, n_labels: int, n_pixels: int) -> SaliencyAccumulator:
     """The sum of the population saliency sums carried by BATCH_SUMMARY rows (exact: float64 sums)."""
+    from ...model.saliency import SaliencyAccumulator
+
     total = SaliencyAccumulator.empty(n_labels, n_pixels)
-    for sums, sums_abs, count in zip(
-        summaries.column(POP_SUM).to_pylist(),
-        summaries.column(POP_SUM_ABS).to_pylist(),
-        summaries.column(POP_COUNT).to_pylist(),
-        strict=True,
-    ):
-        if sums is None:
-            continue
-        total = total.merge(
-            SaliencyAccumulator(
-                np.asarray(sums).reshape(n_labels, n_pixels),
-                np.asarray(sums_abs).reshape(n_labels, n_pixels),
-                int(count),
-            )
-        )
+    sums = summaries.column(POP_SUM).combine_chunks()
+    sums_abs = summaries.column(POP_SUM_ABS).combine_chunks()
+    counts = summaries.column(POP_COUNT).fill_null(0).to_numpy(zero_copy_only=False)
+    for i in np.flatnonzero(np.asarray(sums.is_valid())):
+        total.sum += sums[i].values.to_numpy().reshape(n_labels, n_pixels)
+        total.sum_abs += sums_abs[i].values.to_numpy().reshape(n_labels, n_pixels)
+        total.count += int(counts[i])
     return total
 
 

@@ -70,6 +70,8 @@ class SpectraSource(Protocol):
 
     def refused_quarantine(self) -> Iterator[pa.Table]: ...
 
+    def scan_ids(self) -> None: ...
+
     def all_ids(self) -> list[str]: ...
 
     def dataset(self, *, read_rows: int, num_cpus: float): ...
@@ -108,27 +110,33 @@ class ParquetInput:
 
     @classmethod
     def open(cls, location: str, setup: Setup, *, read_releases: bool = True) -> ParquetInput:
+        """Footers, fingerprint and releases; enough to tell whether a run is up to date. The ids
+        are read by :meth:`scan_ids`, once the run is known to have work to do."""
         fs, paths = input_files(location)
         files = [inspect_file(fs, path, setup) for path in paths]
         digest = hashlib.sha256()
         for f in files:
             digest.update(f"{f.path}\x00{f.size}\x00".encode())
             digest.update(footer_bytes(fs, f.path, f.size) or b"unreadable")
-        ids, releases = [], set()
-        for f in files:
+        releases: set[str] = set()
+        for f in files if read_releases else ():
             if f.refused is not None:
                 continue
-            wanted = ["spectrum_id"] + (["release"] if read_releases and "release" in f.columns else [])
-            with fs.open_input_file(f.path) as fh:
-                table = pq.ParquetFile(fh).read(columns=wanted)
-            ids.append(table.column("spectrum_id").cast(pa.string()))
-            if "release" in wanted:
-                releases |= {r for r in pc.unique(table.column("release")).to_pylist() if r}
-            if read_releases and f.path_release:
+            if f.path_release:
                 releases.add(f.path_release)
-        accepted = [f for f in files if f.refused is None]
-        duplicates = duplicate_rows(accepted, ids)
-        return cls(location, fs, files, digest.hexdigest(), sorted(releases), duplicates)
+            if "release" in f.columns:
+                releases |= release_values(fs, f.path)
+        return cls(location, fs, files, digest.hexdigest(), sorted(releases))
+
+    def scan_ids(self) -> None:
+        """Read the ``spectrum_id`` column of the accepted files and decide the duplicates."""
+        ids = []
+        for f in self.accepted:
+            with self.fs.open_input_file(f.path) as fh:
+                ids.append(
+                    pq.ParquetFile(fh).read(columns=["spectrum_id"]).column("spectrum_id").cast(pa.string())
+                )
+        self.duplicates = duplicate_rows(self.accepted, ids)
 
     # -- counts -----------------------------------------------------------------------------------
 
@@ -296,6 +304,23 @@ def inspect_file(fs: pafs.FileSystem, path: str, setup: Setup) -> InputFile:
     except InputError as exc:
         refused = f"{WRONG_SETUP}: {exc}"
     return InputFile(path, size, metadata.num_rows, rows, columns, refused, path_release)
+
+
+def release_values(fs: pafs.FileSystem, path: str) -> set[str]:
+    """The distinct non-null values of a file's ``release`` column: from the row-group statistics
+    when every row group holds one value (the usual case), else by reading the column."""
+    with fs.open_input_file(path) as fh:
+        parquet = pq.ParquetFile(fh)
+        index = parquet.schema_arrow.get_field_index("release")
+        leaf = parquet.metadata.schema.names.index("release") if index >= 0 else -1
+        values: set[str] = set()
+        for group in range(parquet.metadata.num_row_groups):
+            stats = parquet.metadata.row_group(group).column(leaf).statistics if leaf >= 0 else None
+            if stats is None or not stats.has_min_max or stats.min != stats.max:
+                column = parquet.read(columns=["release"]).column("release").cast(pa.string())
+                return {v for v in pc.unique(column).to_pylist() if v}
+            values.add(stats.min if isinstance(stats.min, str) else bytes(stats.min).decode())
+        return values
 
 
 def footer_bytes(fs: pafs.FileSystem, path: str, size: int) -> bytes | None:

@@ -185,15 +185,16 @@ def label_spectra(
     )
     source = source or ParquetInput.open(spectra, setup, read_releases=options.release is None)
     release = decide_release(options.release, source.releases)
-    map_ids = selected_map_ids(options, source)
     fingerprints = {
         "model_id": model_id,
         "input_fingerprint": source.fingerprint,
-        "options_fingerprint": options_fingerprint(options, spec, map_ids),
+        "options_fingerprint": options_fingerprint(options),
     }
     dataset = Dataset.open(catalogue)
     if not options.force and _up_to_date(dataset, release, fingerprints):
         return LabelResult("up to date", release, catalogue, model_id, seconds=time.perf_counter() - began)
+    source.scan_ids()
+    map_ids = selected_map_ids(options, source)
     prepass_s = time.perf_counter() - began
     resources = plan_resources(options, ray.cluster_resources())
     run_id = new_run_id()
@@ -408,8 +409,6 @@ def selected_map_ids(options: LabelOptions, source) -> frozenset[str] | None:
 
 def read_id_file(path: str) -> set[str]:
     file = Path(path)
-    if not file.exists():
-        raise UsageError(f"--saliency-ids file {path} does not exist")
     if file.suffix.lower() in (".parquet", ".csv"):
         table = pq.read_table(file) if file.suffix.lower() == ".parquet" else pacsv.read_csv(file)
         if "spectrum_id" not in table.column_names:
@@ -419,20 +418,23 @@ def read_id_file(path: str) -> set[str]:
     return {line for line in lines if line and not line.startswith("#")}
 
 
-def options_fingerprint(options: LabelOptions, spec: OutputSpec, map_ids: frozenset[str] | None) -> str:
+def options_fingerprint(options: LabelOptions) -> str:
     """sha256 of the options that change what a run writes (not of how the work is spread)."""
-    return hashlib.sha256(json.dumps(_options_record(options, map_ids), sort_keys=True).encode()).hexdigest()[
-        :32
-    ]
+    record = json.dumps(_options_record(options), sort_keys=True).encode()
+    return hashlib.sha256(record).hexdigest()[:32]
 
 
-def _options_record(options: LabelOptions, map_ids: frozenset[str] | None) -> dict:
-    ids_digest = None
-    if map_ids is not None:
-        ids_digest = hashlib.sha256("\n".join(sorted(map_ids)).encode()).hexdigest()[:32]
+def _options_record(options: LabelOptions, map_ids: frozenset[str] | None = None) -> dict:
+    ids_file = None
+    if options.saliency_ids is not None:
+        if not Path(options.saliency_ids).is_file():
+            raise UsageError(f"--saliency-ids file {options.saliency_ids} does not exist")
+        ids_file = hashlib.sha256(Path(options.saliency_ids).read_bytes()).hexdigest()[:32]
     return {
         "saliency": options.saliency,
-        "saliency_maps": None if map_ids is None else {"n": len(map_ids), "ids_sha256": ids_digest},
+        "saliency_ids_file_sha256": ids_file,
+        "saliency_sample": options.saliency_sample,
+        **({"saliency_maps": len(map_ids)} if map_ids is not None else {}),
         "members": options.members,
         "precision": options.precision,
         "bf16_tolerance": BF16_TOLERANCE if options.precision == "bf16" else None,
