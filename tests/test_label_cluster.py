@@ -28,7 +28,8 @@ spectra, model, catalogue = sys.argv[1:4]
 store = 80 * 2**20
 cluster = Cluster(
     initialize_head=True,
-    head_node_args={"num_cpus": 2, "num_gpus": 0, "object_store_memory": store, "include_dashboard": False},
+    # The dashboard serves Ray's state API, which the test asks where the pool's actors ran.
+    head_node_args={"num_cpus": 2, "num_gpus": 0, "object_store_memory": store, "include_dashboard": True},
 )
 for _ in range(2):
     cluster.add_node(num_cpus=1, num_gpus=1, object_store_memory=store)
@@ -36,7 +37,14 @@ ray.init(address=cluster.address, log_to_driver=False)
 try:
     options = LabelOptions(gpus=2, batch_size=4, saliency="none", precision="bf16", progress=False)
     result = label_spectra(spectra, model, catalogue, options)
-    print("RESULT " + json.dumps({"labelled": result.labelled, "manifest": result.manifest}))
+    from ray.util.state import list_actors
+
+    pool = [
+        {"node_id": a.node_id, "resources": a.required_resources}
+        for a in list_actors(detail=True, limit=1000, raise_on_missing_output=False)
+        if "EnsembleLabeller" in (a.class_name or "")
+    ]
+    print("RESULT " + json.dumps({"labelled": result.labelled, "manifest": result.manifest, "pool": pool}))
 finally:
     ray.shutdown()
     cluster.shutdown()
@@ -61,9 +69,12 @@ def test_one_actor_per_gpu_across_nodes(tiny_setup, tmp_path):
     assert pads.dataset(str(catalogue), partitioning="hive").count_rows() == 24
     manifest = result["manifest"]
     assert manifest["resources"]["gpus_per_actor"] == 1 and manifest["resources"]["actors"] == 2
+    pool = result["pool"]
+    assert len(pool) == 2 and len({a["node_id"] for a in pool}) == 2  # one actor per GPU node
+    assert all(a["resources"].get("GPU") == 1 for a in pool)
+    # The actors that got batches (with a toy model one may do them all) saw their own GPU.
     actors = manifest["actors"]
-    assert len(actors) == 2
-    assert len({a["node_id"] for a in actors}) == 2  # one per GPU node
+    assert actors and {a["node_id"] for a in actors} <= {a["node_id"] for a in pool}
     assert all(len(a["gpu_ids"]) == 1 for a in actors)
     assert all(a["device"] == "cpu" and a["precision"] == "float32" for a in actors)
     assert all(a["precision_check"]["why"] == "bf16 is used on GPUs only" for a in actors)

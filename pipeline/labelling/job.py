@@ -226,10 +226,11 @@ def label_spectra(
                 fault_after_batches=options.fault_after_batches,
             )
             started = time.perf_counter()
-            stream = label_stream(source, setup, settings, resources, options)
             progress = Progress(release, source.rows_in, outputs, enabled=options.progress)
             heartbeat = time.monotonic()
+            # Inside the context: a dataset takes its settings from the context it was built in.
             with ray_data_context(progress_bars=options.progress):
+                stream = label_stream(source, setup, settings, resources, options)
                 try:
                     for batch in (
                         stream.iter_batches(batch_format="pyarrow", batch_size=None) if stream else ()
