@@ -60,8 +60,6 @@ NONFINITE_IVAR = "nonfinite_ivar"
 NEGATIVE_IVAR = "negative_ivar"
 MISSING_LABEL = "missing_label"
 LABEL_OUT_OF_RANGE = "label_out_of_range"
-# Whole files a job refuses (every row of the file is quarantined with the file's reason).
-UNREADABLE_FILE = "unreadable_file"
 # A validated row whose labels the model could not compute (e.g. non-finite network output).
 MODEL_ERROR = "model_error"
 

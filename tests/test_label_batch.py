@@ -208,6 +208,8 @@ def test_bf16_is_used_only_within_tolerance(tiny_setup):
 def test_resources_leave_a_cpu_for_reading_and_refuse_impossible_plans():
     plan = plan_resources(LabelOptions(), {"CPU": 2.0})
     assert (plan.actors, plan.cpus_per_actor, plan.threads_per_actor, plan.prepare_cpus) == (2, 0.5, 1, 1.0)
+    plan = plan_resources(LabelOptions(batch_size=10), {"CPU": 2.0}, rows=7)
+    assert plan.actors == 1  # one batch of work: one actor loads the model, not two
     plan = plan_resources(LabelOptions(), {"CPU": 16.0})
     assert plan.actors == 16 and plan.actors * plan.cpus_per_actor + plan.prepare_cpus <= 16
     plan = plan_resources(LabelOptions(gpus=2), {"CPU": 8.0, "GPU": 4.0})
@@ -238,19 +240,25 @@ def test_prepass_refuses_whole_files_and_fingerprints_footers(tiny_setup, survey
     other = Setup.from_dict({**tiny_setup.to_dict(), "name": "other-setup"})
     pq.write_table(survey.cast(spectra_schema(other, labelled=True)), folder / "b.parquet")
     (folder / "c.parquet").write_bytes(b"not parquet at all")
+    pq.write_table(survey.select(["spectrum_id", "ra", "dec"]), folder / "d.parquet")  # no flux at all
     source = ParquetInput.open(str(folder), tiny_setup)
     refused = {f.path.rsplit("/", 1)[1]: f.refused for f in source.files}
     assert refused["a.parquet"] is None
     assert refused["b.parquet"].startswith("wrong_setup: ") and "other-setup" in refused["b.parquet"]
-    assert refused["c.parquet"].startswith("unreadable_file: ")
-    assert source.rows_in == 2 * survey.num_rows and source.releases == ["SIM"]
+    assert refused["c.parquet"].startswith("corrupt_file: ")
+    assert refused["d.parquet"].startswith("wrong_schema: ") and "flux_blue" in refused["d.parquet"]
+    assert source.rows_in == 3 * survey.num_rows and source.releases == ["SIM"]
     quarantined = pa.concat_tables(source.refused_quarantine())
-    assert quarantined.num_rows == survey.num_rows + 1
+    assert quarantined.num_rows == 2 * survey.num_rows + 1
     assert (
         quarantined.column("spectrum_id").to_pylist()[: survey.num_rows]
         == survey.column("spectrum_id").to_pylist()
     )
-    assert sorted(set(quarantined.column("reason").to_pylist())) == ["unreadable_file", "wrong_setup"]
+    assert sorted(set(quarantined.column("reason").to_pylist())) == [
+        "corrupt_file",
+        "wrong_schema",
+        "wrong_setup",
+    ]
 
     again = ParquetInput.open(str(folder), tiny_setup)
     assert again.fingerprint == source.fingerprint

@@ -7,8 +7,10 @@ CPU and say so, and ``--precision bf16`` falls back to float32 (bf16 is for GPUs
 """
 
 import json
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pyarrow.dataset as pads
@@ -18,18 +20,31 @@ from label_data import saved_model, spectra_file
 pytestmark = pytest.mark.ray
 
 SCRIPT = """
-import json, os, sys
+import json, os, socket, sys
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 import ray
 from ray.cluster_utils import Cluster
 from speclabel.pipeline.labelling import LabelOptions, label_spectra
 
-spectra, model, catalogue = sys.argv[1:4]
+spectra, model, catalogue, temp_dir = sys.argv[1:5]
 store = 80 * 2**20
+ports = []
+for _ in range(2):  # free ports: other Ray instances on this machine may hold the default ones
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        ports.append(sock.getsockname()[1])
 cluster = Cluster(
     initialize_head=True,
-    # The dashboard serves Ray's state API, which the test asks where the pool's actors ran.
-    head_node_args={"num_cpus": 2, "num_gpus": 0, "object_store_memory": store, "include_dashboard": True},
+    head_node_args={
+        "num_cpus": 2,
+        "num_gpus": 0,
+        "object_store_memory": store,
+        # The dashboard serves Ray's state API, which the test asks where the pool's actors ran.
+        "include_dashboard": True,
+        "gcs_server_port": ports[0],
+        "dashboard_port": ports[1],
+        "temp_dir": temp_dir,
+    },
 )
 for _ in range(2):
     cluster.add_node(num_cpus=1, num_gpus=1, object_store_memory=store)
@@ -52,16 +67,21 @@ finally:
 
 
 def test_one_actor_per_gpu_across_nodes(tiny_setup, tmp_path):
+    # Short and private: Ray's socket paths under it must stay below the 107-byte limit.
+    temp_dir = tempfile.mkdtemp(prefix="slcl-", dir="/tmp")
     model, _ = saved_model(tiny_setup, tmp_path / "model")
     spectra_file(tiny_setup, tmp_path / "in.parquet", n=24, seed=4, row_group=4)
     catalogue = tmp_path / "cat"
-    run = subprocess.run(
-        [sys.executable, "-c", SCRIPT, str(tmp_path / "in.parquet"), model, str(catalogue)],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        cwd=Path(__file__).parent,
-    )
+    try:
+        run = subprocess.run(
+            [sys.executable, "-c", SCRIPT, str(tmp_path / "in.parquet"), model, str(catalogue), temp_dir],
+            capture_output=True,
+            text=True,
+            timeout=600,
+            cwd=Path(__file__).parent,
+        )
+    finally:
+        shutil.rmtree(temp_dir, ignore_errors=True)
     lines = [line for line in run.stdout.splitlines() if line.startswith("RESULT ")]
     assert run.returncode == 0 and lines, run.stderr[-3000:]
     result = json.loads(lines[0][len("RESULT ") :])

@@ -17,7 +17,7 @@ from speclabel.model.splits import hash_uniform
 from speclabel.pipeline.catalogue import Catalogue
 from speclabel.pipeline.catalogue.layout import saliency_column
 from speclabel.pipeline.contract import model_inputs, spectra_arrays, spectra_schema, spectrum_sha256
-from speclabel.pipeline.errors import SpeclabelError
+from speclabel.pipeline.errors import InputError, SpeclabelError
 from speclabel.pipeline.labelling import LabelOptions, label_spectra, read_population_saliency
 from speclabel.pipeline.labelling.job import SAMPLE_SALT
 from speclabel.pipeline.publish import Dataset
@@ -245,3 +245,34 @@ def test_cli_labels_reruns_and_fails_with_exit_codes(labelled, capsys, monkeypat
     assert main([*args, "--force"]) == 1
     assert "nothing was published" in capsys.readouterr().err
     assert Dataset.open(catalogue).index() == before
+
+
+def test_a_spectra_store_from_ingest_is_labelled_under_its_release(labelled, tiny_setup, tmp_path):
+    """The production chain: contract Parquet -> `speclabel ingest` -> spectra store -> label. The
+    store's files have no release column (it is the release=<R> folder) and extra columns."""
+    from speclabel.pipeline.ingest import IngestOptions, run_ingest
+
+    spectra_file(tiny_setup, tmp_path / "raw.parquet", n=10, seed=8, release="ignored")
+    store = str(tmp_path / "store")
+    run_ingest(str(tmp_path / "raw.parquet"), store, tiny_setup, IngestOptions(release="iDR3"))
+    catalogue = str(tmp_path / "cat")
+    result = label_spectra(store, labelled["model"], catalogue, LabelOptions(saliency="none", **OPTIONS))
+    assert result.release == "iDR3" and result.labelled == 10
+    stored = pads.dataset(store, partitioning="hive").to_table()
+    live = _live(catalogue)
+    assert set(live.column("release").to_pylist()) == {"iDR3"}
+    by_id = dict(
+        zip(stored.column("spectrum_id").to_pylist(), stored.column("input_sha256").to_pylist(), strict=True)
+    )
+    assert {i: by_id[i] for i in live.column("spectrum_id").to_pylist()} == dict(
+        zip(live.column("spectrum_id").to_pylist(), live.column("input_sha256").to_pylist(), strict=True)
+    )
+
+
+def test_fits_input_points_to_ingest(labelled, tmp_path):
+    (tmp_path / "fits").mkdir()
+    (tmp_path / "fits" / "star.fits").write_bytes(b"SIMPLE  =                    T")
+    with pytest.raises(InputError, match="speclabel ingest"):
+        label_spectra(
+            str(tmp_path / "fits"), labelled["model"], str(tmp_path / "cat"), LabelOptions(**OPTIONS)
+        )

@@ -4,10 +4,11 @@ Before any spectrum is read, the driver makes one cheap pass over the input (:me
 
 * INPUT (a Parquet file, a directory, a glob, local or object store, or a published spectra store
   with an ``_index.json``, whose live files are taken from the index) becomes a sorted list of files;
-* each file's Parquet footer gives its row count, row groups and schema. A file that cannot follow the
-  data contract for the model's setup (it declares another setup, lacks a flux column, has non-float
-  flux) is refused whole: every row is quarantined as ``wrong_setup``. A file whose footer cannot be
-  read is quarantined as ``unreadable_file`` (one row, no id: its row count is unknown);
+* each file's Parquet footer gives its row count, row groups and schema. A file that cannot be
+  labelled with the model's setup is refused whole, every row quarantined with the file's reason:
+  ``wrong_setup`` when it declares another setup (``speclabel.setup`` in its schema metadata),
+  ``wrong_schema`` when it lacks ``spectrum_id`` or a flux column or has non-float flux. A file whose
+  footer cannot be read is quarantined as ``corrupt_file`` (one row, no id: its row count is unknown);
 * the ``spectrum_id`` column (and ``release``, when the run has no ``--release``) of each accepted file
   is read, nothing else. An id seen more than once keeps its **first occurrence in (sorted file path,
   row order)**; every later occurrence is quarantined as ``duplicate_id``. The decision travels to
@@ -37,7 +38,8 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from ..contract import (
-    UNREADABLE_FILE,
+    CORRUPT_FILE,
+    WRONG_SCHEMA,
     WRONG_SETUP,
     check_table_columns,
     quarantine_table,
@@ -268,8 +270,9 @@ def input_files(location: str) -> tuple[pafs.FileSystem, list[str]]:
         except InputError:
             raise exc from None
         raise InputError(
-            f"{location} holds {len(fits_files)} FITS spectra and no Parquet: the label job reads spectra "
-            "tables; convert FITS spectra to one with the ingest job (`speclabel ingest`) first"
+            f"{location} holds {len(fits_files)} FITS files and no Parquet: the label job reads spectra "
+            "tables; put the FITS spectra on the setup's grid with `speclabel ingest INPUT --out STORE "
+            "--release R` and label the store (`speclabel label --spectra STORE ...`)"
         ) from None
 
 
@@ -287,7 +290,7 @@ def inspect_file(fs: pafs.FileSystem, path: str, setup: Setup) -> InputFile:
             path,
             size,
             None,
-            refused=f"{UNREADABLE_FILE}: not a readable Parquet file: {exc}",
+            refused=f"{CORRUPT_FILE}: not a readable Parquet file: {exc}",
             path_release=path_release,
         )
     rows = tuple(metadata.row_group(i).num_rows for i in range(metadata.num_row_groups))
@@ -302,7 +305,9 @@ def inspect_file(fs: pafs.FileSystem, path: str, setup: Setup) -> InputFile:
     try:
         check_table_columns(schema, setup, source=path)
     except InputError as exc:
-        refused = f"{WRONG_SETUP}: {exc}"
+        declared = (schema.metadata or {}).get(b"speclabel.setup")
+        other_setup = declared is not None and declared.decode() != setup.name
+        refused = f"{WRONG_SETUP if other_setup else WRONG_SCHEMA}: {exc}"
     return InputFile(path, size, metadata.num_rows, rows, columns, refused, path_release)
 
 

@@ -132,7 +132,7 @@ class LabelResult:
     rows_in: int = 0
     labelled: int = 0
     quarantined: dict[str, int] = field(default_factory=dict)
-    unreadable_files: int = 0
+    corrupt_files: int = 0
     seconds: float = 0.0
     label_seconds: float = 0.0
     manifest: dict | None = None
@@ -153,7 +153,7 @@ class LabelResult:
             f"{self.model_id})\n"
             f"  rows in {self.rows_in}, labelled {self.labelled}, "
             f"quarantined {sum(self.quarantined.values())} ({reasons})"
-            + (f", unreadable files {self.unreadable_files}" if self.unreadable_files else "")
+            + (f", corrupt files {self.corrupt_files}" if self.corrupt_files else "")
             + "\n"
             f"  {self.rows_per_s:.2f} spectra/s over {self.label_seconds:.1f} s of labelling, "
             f"{self.seconds:.1f} s wall"
@@ -196,7 +196,7 @@ def label_spectra(
     source.scan_ids()
     map_ids = selected_map_ids(options, source)
     prepass_s = time.perf_counter() - began
-    resources = plan_resources(options, ray.cluster_resources())
+    resources = plan_resources(options, ray.cluster_resources(), rows=source.rows_in)
     run_id = new_run_id()
     with dataset.lock(run_id):
         recovered = dataset.recover()
@@ -301,7 +301,7 @@ def label_spectra(
         rows_in=source.rows_in,
         labelled=outputs.labelled_rows,
         quarantined=dict(outputs.reasons),
-        unreadable_files=sum(1 for f in getattr(source, "files", ()) if f.rows is None),
+        corrupt_files=sum(1 for f in getattr(source, "files", ()) if f.rows is None),
         seconds=time.perf_counter() - began,
         label_seconds=label_s,
         manifest=dataset.manifest(release, run_id),
@@ -336,12 +336,13 @@ def label_stream(
     )
 
 
-def plan_resources(options: LabelOptions, cluster: dict) -> Resources:
+def plan_resources(options: LabelOptions, cluster: dict, rows: int | None = None) -> Resources:
     """Actors and CPUs from the cluster's resources.
 
     With ``gpus``: one actor per GPU (``num_gpus=1``). Without: one actor per CPU, sharing all but
     one CPU, which is left to the read/prepare tasks: actors holding whole CPUs on a small machine
     starve the reads and the job stalls (stack-notes.md). Torch threads per actor follow its CPUs.
+    Never more actors than the ``rows`` to label make batches: each actor loads the whole ensemble.
     """
     total_cpus = float(cluster.get("CPU", 0.0))
     total_gpus = float(cluster.get("GPU", 0.0))
@@ -360,6 +361,8 @@ def plan_resources(options: LabelOptions, cluster: dict) -> Resources:
         cpus = options.cpus_per_actor or (total_cpus - reserve) / actors
         prepare_cpus = min(1.0, reserve)
         gpus = 0
+    if rows is not None:
+        actors = max(1, min(actors, -(-rows // options.batch_size)))
     if actors * cpus + prepare_cpus > total_cpus + 1e-9:
         raise ConfigError(
             f"{actors} actors x {cpus:g} CPUs plus {prepare_cpus:g} CPU for reading need more than the "
