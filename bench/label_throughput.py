@@ -250,10 +250,11 @@ def main() -> None:
     )
     with tempfile.TemporaryDirectory(dir=args.tmp) as tmp:
         model = make_model(os.path.join(tmp, "model"))
-        print(
-            f"{'mode':<17} {'spectra':>7} {'plain':>14} {'plain 1 thr':>12} {'label job':>10} "
-            f"{'label wall':>10} {'ratio':>6} {'ratio wall':>10}  (spectra/s; ratio: job / best plain)"
-        )
+        if args.n_saliency or args.n_forward:
+            print(
+                f"{'mode':<17} {'spectra':>7} {'plain':>14} {'plain 1 thr':>12} {'label job':>10} "
+                f"{'label wall':>10} {'ratio':>6} {'ratio wall':>10}  (spectra/s; ratio: job / best plain)"
+            )
         for saliency, n in (("summary", args.n_saliency), ("none", args.n_forward)):
             if not n:
                 continue

@@ -17,7 +17,7 @@ from speclabel.model.splits import hash_uniform
 from speclabel.pipeline.catalogue import Catalogue
 from speclabel.pipeline.catalogue.layout import saliency_column
 from speclabel.pipeline.contract import model_inputs, spectra_arrays, spectra_schema, spectrum_sha256
-from speclabel.pipeline.errors import InputError, SpeclabelError
+from speclabel.pipeline.errors import InputError, IntegrityError, SpeclabelError, UsageError
 from speclabel.pipeline.labelling import LabelOptions, label_spectra, read_population_saliency
 from speclabel.pipeline.labelling.job import SAMPLE_SALT
 from speclabel.pipeline.publish import Dataset
@@ -276,3 +276,22 @@ def test_fits_input_points_to_ingest(labelled, tmp_path):
         label_spectra(
             str(tmp_path / "fits"), labelled["model"], str(tmp_path / "cat"), LabelOptions(**OPTIONS)
         )
+
+
+def test_a_catalogue_inside_the_input_is_refused(labelled):
+    with pytest.raises(UsageError, match="lies inside the input"):
+        label_spectra(
+            labelled["inputs"], labelled["model"], labelled["inputs"] + "/labels", LabelOptions(**OPTIONS)
+        )
+
+
+def test_a_tampered_model_fails_before_any_work(labelled, tmp_path):
+    import shutil
+
+    model = tmp_path / "tampered"
+    shutil.copytree(labelled["model"], model)
+    member = model / "members" / "member-0.safetensors"
+    member.write_bytes(member.read_bytes()[:-8] + bytes(8))
+    with pytest.raises(IntegrityError, match="weight sha256"):
+        label_spectra(labelled["inputs"], str(model), str(tmp_path / "cat"), LabelOptions(**OPTIONS))
+    assert not (tmp_path / "cat").exists()

@@ -41,13 +41,14 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-from ...model.io import read_model_document
+from ...model.io import load_model
 from ...model.splits import hash_uniform
 from ..catalogue import CatalogueLayout, WriteOptions
 from ..catalogue.layout import check_release_name
 from ..errors import ConfigError, IntegrityError, SpeclabelError, UsageError
 from ..publish import Dataset, new_run_id
 from ..setups import Setup
+from ..storage import filesystem_and_path
 from .batch import FlagThresholds, OutputSpec, prepare
 from .inputs import ParquetInput
 from .labeller import BF16_TOLERANCE, PRECISIONS, EnsembleLabeller, LabellerSettings
@@ -173,17 +174,19 @@ def label_spectra(
 
     options = options or LabelOptions()
     began = time.perf_counter()
-    document = read_model_document(model)
-    setup = Setup.from_dict(document["setup"])
-    model_id = document["model_id"]
+    # Every integrity check (model_id, weight files and their sha256, architecture) before any Ray
+    # work: a tampered model fails here with the check's name, not later inside an actor.
+    ensemble = load_model(model)
+    setup, model_id = ensemble.setup, ensemble.model_id
     spec = OutputSpec(
-        label_names=tuple(document["labels"]),
+        label_names=tuple(ensemble.label_names),
         saliency_groups=tuple(setup.line_windows),
         saliency=options.saliency_mode,
         members=options.members,
         n_pixels=setup.n_pixels,
     )
     source = source or ParquetInput.open(spectra, setup, read_releases=options.release is None)
+    _check_apart(spectra, catalogue, source)
     release = decide_release(options.release, source.releases)
     fingerprints = {
         "model_id": model_id,
@@ -371,6 +374,20 @@ def plan_resources(options: LabelOptions, cluster: dict, rows: int | None = None
         )
     threads = options.threads_per_actor or max(1, round(cpus))
     return Resources(actors, round(cpus, 4), gpus, threads, prepare_cpus)
+
+
+def _check_apart(spectra: str, catalogue: str, source) -> None:
+    """Refuse a catalogue inside the input (its files would be read back as spectra) or around it."""
+    _, root = filesystem_and_path(catalogue)
+    root = root.rstrip("/") + "/"
+    clash = any(f.path.startswith(root) for f in getattr(source, "files", ()))
+    if spectra and not any(ch in spectra for ch in "*?["):
+        clash = clash or root.startswith(filesystem_and_path(spectra)[1].rstrip("/") + "/")
+    if clash:
+        raise UsageError(
+            f"the catalogue {catalogue} lies inside the input {spectra} (or holds it): its files would "
+            "be read as spectra; write the catalogue elsewhere"
+        )
 
 
 def decide_release(override: str | None, found: list[str]) -> str:
