@@ -6,7 +6,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from label_data import tiny_ensemble
 
 from speclabel.model.ensemble import Prediction
 from speclabel.model.saliency import SaliencyAccumulator, summarise
@@ -23,7 +22,6 @@ from speclabel.pipeline.flags import Flag
 from speclabel.pipeline.labelling import batch as B
 from speclabel.pipeline.labelling.inputs import ParquetInput, duplicate_rows, footer_bytes, inspect_file
 from speclabel.pipeline.labelling.job import LabelOptions, decide_release, plan_resources
-from speclabel.pipeline.labelling.labeller import bf16_agrees
 from speclabel.pipeline.setups import Setup
 from speclabel.pipeline.simulate import SurveyConfig, simulate_chunk
 
@@ -188,21 +186,6 @@ def test_duplicates_keep_the_first_occurrence_by_path_then_row(tmp_path):
     found = duplicate_rows(files, ids)
     assert found["a.parquet"].tolist() == [2]
     assert found["b.parquet"].tolist() == [1, 3]
-
-
-def test_bf16_is_used_only_within_tolerance(tiny_setup):
-    ensemble = tiny_ensemble(tiny_setup)
-    survey = simulate_chunk(tiny_setup, SurveyConfig(n=8, seed=3, chunk_size=8), 0)
-    flux, mask = model_inputs(spectra_arrays(survey, tiny_setup), tiny_setup)
-    loose = {name: 1e9 for name in LABELS}
-    ok, differences = bf16_agrees(ensemble, flux, mask, loose, device_type="cpu")
-    assert ok and differences["teff"] > 0  # bf16 really ran: the labels moved
-    ok, _ = bf16_agrees(ensemble, flux, mask, {**loose, "teff": differences["teff"] / 2}, device_type="cpu")
-    assert not ok
-    ok, _ = bf16_agrees(
-        ensemble, flux, mask, {k: v for k, v in loose.items() if k != "logg"}, device_type="cpu"
-    )
-    assert not ok  # a label without a tolerance must agree exactly
 
 
 def test_resources_leave_a_cpu_for_reading_and_refuse_impossible_plans():

@@ -3,7 +3,7 @@
 The session's Ray instance owns this process, so the cluster runs in a subprocess: a head with CPUs
 only and two nodes with one (declared) GPU each. ``--gpus 2`` must start one actor per GPU, on
 different nodes, each seeing its own GPU id; torch has no CUDA here, so the actors compute on the
-CPU and say so, and ``--precision bf16`` falls back to float32 (bf16 is for GPUs only).
+CPU and say so, and ``--precision bf16`` gives way to float32 (reduced precision is for GPUs only).
 """
 
 import json
@@ -97,4 +97,5 @@ def test_one_actor_per_gpu_across_nodes(tiny_setup, tmp_path):
     assert actors and {a["node_id"] for a in actors} <= {a["node_id"] for a in pool}
     assert all(len(a["gpu_ids"]) == 1 for a in actors)
     assert all(a["device"] == "cpu" and a["precision"] == "float32" for a in actors)
-    assert all(a["precision_check"]["why"] == "bf16 is used on GPUs only" for a in actors)
+    assert all(a["precision_check"]["why"] == "reduced precision is used on GPUs only" for a in actors)
+    assert all(a["engine"] == "fused" for a in actors)  # the fast path behind Ensemble.predict

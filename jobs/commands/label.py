@@ -112,10 +112,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     run.add_argument(
         "--precision",
-        choices=("float32", "bf16"),
+        choices=("float32", "auto", "bf16", "tf32"),
         default="float32",
-        help="bf16: GPU actors use bf16 autocast where their first batch's labels agree with float32 "
-        "within a quarter of the paper's internal precision, else float32",
+        help="GPU actors only (CPU actors use float32). auto: the fastest of bf16 / tf32 whose labels "
+        "and saliency stay within tolerance of float32 on the first spectra, else float32; bf16, tf32: "
+        "that precision, and the run fails (exit 1) if it is out of tolerance",
     )
     run.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
     run.add_argument("--quiet", action="store_true", help="no progress bars or progress lines")

@@ -51,7 +51,7 @@ from ..setups import Setup
 from ..storage import filesystem_and_path
 from .batch import FlagThresholds, OutputSpec, prepare
 from .inputs import ParquetInput
-from .labeller import BF16_TOLERANCE, PRECISIONS, EnsembleLabeller, LabellerSettings
+from .labeller import PRECISIONS, EnsembleLabeller, LabellerSettings
 from .outputs import RunOutputs
 
 log = logging.getLogger(__name__)
@@ -77,7 +77,7 @@ class LabelOptions:
     actors: int | None = None  # CPU actors (default: one per CPU of the cluster)
     cpus_per_actor: float | None = None
     threads_per_actor: int | None = None
-    precision: str = "float32"  # or bf16 (GPU actors, where labels stay within tolerance)
+    precision: str = "float32"  # GPU actors: auto, bf16 or tf32 (checked by the fused engine)
     thresholds: FlagThresholds = field(default_factory=FlagThresholds)
     layout: CatalogueLayout | None = None  # for a new catalogue (default: stored, else CatalogueLayout())
     write: WriteOptions = field(default_factory=WriteOptions)
@@ -458,7 +458,6 @@ def _options_record(options: LabelOptions, map_ids: frozenset[str] | None = None
         **({"saliency_maps": len(map_ids)} if map_ids is not None else {}),
         "members": options.members,
         "precision": options.precision,
-        "bf16_tolerance": BF16_TOLERANCE if options.precision == "bf16" else None,
         "thresholds": options.thresholds.to_dict(),
     }
 

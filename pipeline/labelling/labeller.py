@@ -5,22 +5,23 @@ and turns prepared batches (:func:`.batch.prepare`) into output rows (:func:`.ba
 All model work goes through ``Ensemble.predict``, so a faster implementation behind it is picked up
 without changes here.
 
-GPU path: the members move to the actor's GPU, batches cross to it from page-locked host memory
-(``Ensemble.predict`` pins them), and with ``precision="bf16"`` the actor runs the members under
-bf16 autocast *only if* its first batch's labels agree with float32 within
-:data:`BF16_TOLERANCE` (:func:`bf16_agrees`); otherwise it stays at float32 and says so in its
-batch summaries (and so in the run's manifest).
+GPU path: the actor computes on its GPU through ``Ensemble.inference`` (``InferenceOptions(device=
+"cuda", precision=...)``); batches wait in page-locked host memory reused between calls, so the
+engine's ``non_blocking`` copies to the GPU are asynchronous DMA. Reduced precision is the engine's
+own checked choice: ``auto`` takes the fastest of bf16 / tf32 whose labels and saliency stay within
+tolerance of float32 on the first spectra it labels (else float32); ``bf16`` or ``tf32`` insist, and
+fail the run if the check fails. CPU actors compute in float32. What each actor used is reported in
+its batch summaries, and so in the run's manifest.
 """
 
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
 import logging
 import os
 import socket
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
@@ -44,11 +45,8 @@ from .batch import (
 
 log = logging.getLogger(__name__)
 
-PRECISIONS = ("float32", "bf16")
-# How far bf16 labels may stray from float32 ones (physical units) for bf16 to be used: a quarter
-# of the internal precision Ambrosch et al. (2023) report, so rounding never shows in the labels.
-BF16_TOLERANCE = {"teff": 6.0, "logg": 0.0075, "feh": 0.005, "mgfe": 0.005, "alfe": 0.0075}
-CALIBRATION_ROWS = 64
+# --precision: float32, or reduced precision on GPU actors (the fused engine checks it, see above).
+PRECISIONS = ("float32", "auto", "bf16", "tf32")
 
 
 class InjectedFault(RuntimeError):
@@ -69,30 +67,12 @@ class LabellerSettings:
     threads: int = 1
     use_gpu: bool = False
     precision: str = "float32"
-    bf16_tolerance: dict[str, float] = field(default_factory=lambda: dict(BF16_TOLERANCE))
     predict_batch_size: int = 256
     fault_after_batches: int | None = None
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
             raise ConfigError(f"precision must be one of {PRECISIONS}, not {self.precision!r}")
-
-
-def bf16_agrees(
-    ensemble, flux: np.ndarray, mask: np.ndarray, tolerance: dict[str, float], device_type: str
-) -> tuple[bool, dict[str, float]]:
-    """Whether the ensemble's labels under bf16 autocast on ``device_type`` stay within
-    ``tolerance`` (per label, physical units) of float32 on these spectra; and the largest
-    differences. Labels without a tolerance must agree exactly, so they never pass by omission."""
-    import torch
-
-    reference = ensemble.predict(flux, mask).mean
-    with torch.autocast(device_type=device_type, dtype=torch.bfloat16):
-        reduced = ensemble.predict(flux, mask).mean
-    worst = np.abs(reduced - reference).max(axis=0) if len(flux) else np.zeros(len(ensemble.label_names))
-    differences = {name: float(worst[k]) for k, name in enumerate(ensemble.label_names)}
-    ok = all(np.isfinite(d) and d <= tolerance.get(name, 0.0) for name, d in differences.items())
-    return ok, differences
 
 
 class EnsembleLabeller:
@@ -116,11 +96,17 @@ class EnsembleLabeller:
                 f"model at {settings.model_location} changed during the run: its model_id is "
                 f"{self.ensemble.model_id}, the run started with {settings.model_id}"
             )
-        self.ensemble.to(self.device)
+        precision = settings.precision if self.device == "cuda" else "float32"
+        self.ensemble.inference = self.ensemble.inference.replace(
+            device=self.device if self.device == "cuda" else None, precision=precision
+        )
+        self.precision_check = {"requested": settings.precision}
+        if precision != settings.precision:
+            self.precision_check["why"] = "reduced precision is used on GPUs only"
         self.schema = output_schema(settings.spec)
-        self.precision: str | None = None if settings.precision == "bf16" else "float32"
-        self.precision_check: dict | None = None
+        self._pinned: dict[str, np.ndarray] = {}
         self.batches = 0
+        self.batches_predicted = 0
         self.identity = {
             "actor": uuid.uuid4().hex[:12],
             "host": socket.gethostname(),
@@ -151,9 +137,11 @@ class EnsembleLabeller:
                 parts.append(quarantine_rows(good, [f"{MODEL_ERROR}: {exc}"] * good.num_rows))
             else:
                 parts += self._label(good, prediction, accumulator)
+        engine = self.ensemble.fused_engine() if self.batches_predicted else None
         actor = {
             **self.identity,
-            "precision": self.precision or "float32",
+            "engine": "fused" if engine is not None else "reference",
+            "precision": engine.precision if engine is not None else "float32",
             "precision_check": self.precision_check,
         }
         parts.append(summary_row(batch.num_rows, actor, accumulator))
@@ -162,46 +150,35 @@ class EnsembleLabeller:
     def _predict(self, flux: np.ndarray, mask: np.ndarray):
         """``Ensemble.predict`` with full maps whenever saliency is on: the summary needs them
         anyway, and the population sums are taken here, over rows with finite labels only."""
+        settings = self.settings
+        flux, mask = self._host_batch(flux), self._host_batch(mask)
+        prediction = self.ensemble.predict(
+            flux,
+            mask,
+            members=settings.spec.members,
+            saliency=None if settings.spec.saliency is None else "full",
+            batch_size=settings.predict_batch_size,
+        )
+        self.batches_predicted += 1
+        return prediction
+
+    def _host_batch(self, array: np.ndarray) -> np.ndarray:
+        """On a GPU, ``array`` copied into page-locked host memory (one buffer per shape, grown as
+        needed and reused), so that copies to the device overlap; elsewhere ``array`` itself.
+        ``Ensemble.predict`` keeps numpy views as they are, so the pinned pages reach the engine."""
+        if self.device != "cuda":
+            return array
         import torch
 
-        settings = self.settings
-        if self.precision is None:
-            self._choose_precision(flux[:CALIBRATION_ROWS], mask[:CALIBRATION_ROWS])
-        autocast = (
-            torch.autocast(device_type=self.device, dtype=torch.bfloat16)
-            if self.precision == "bf16"
-            else contextlib.nullcontext()
-        )
-        with autocast:
-            return self.ensemble.predict(
-                flux,
-                mask,
-                members=settings.spec.members,
-                saliency=None if settings.spec.saliency is None else "full",
-                batch_size=settings.predict_batch_size,
-            )
-
-    def _choose_precision(self, flux: np.ndarray, mask: np.ndarray) -> None:
-        if self.device != "cuda":
-            self.precision = "float32"
-            self.precision_check = {
-                "requested": "bf16",
-                "used": "float32",
-                "why": "bf16 is used on GPUs only",
-            }
-            return
-        ok, differences = bf16_agrees(
-            self.ensemble, flux, mask, self.settings.bf16_tolerance, device_type=self.device
-        )
-        self.precision = "bf16" if ok else "float32"
-        self.precision_check = {
-            "requested": "bf16",
-            "used": self.precision,
-            "max_abs_difference": differences,
-            "tolerance": self.settings.bf16_tolerance,
-        }
-        if not ok:
-            log.warning("bf16 labels differ from float32 by %s: this actor uses float32", differences)
+        key = f"{array.dtype}/{array.shape[1:]}"
+        buffer = self._pinned.get(key)
+        if buffer is None or buffer.shape[0] < array.shape[0]:
+            dtype = torch.from_numpy(np.empty(0, array.dtype)).dtype
+            buffer = torch.empty(array.shape, dtype=dtype, pin_memory=True).numpy()
+            self._pinned[key] = buffer
+        view = buffer[: array.shape[0]]
+        view[...] = array
+        return view
 
     def _label(self, good: pa.Table, prediction, accumulator) -> list[pa.Table]:
         settings = self.settings
