@@ -18,7 +18,19 @@ from ..pipeline.errors import SpeclabelError
 # Subcommands in the order `speclabel --help` lists them. Each module defines HELP, add_arguments()
 # and run(args) -> int, and imports its heavy dependencies (torch, ray) inside run() so that
 # `speclabel --help` stays instant.
-COMMANDS = ("demo", "simulate", "ingest", "train", "query", "stats", "serve", "submit", "jobs", "evaluate")
+COMMANDS = (
+    "demo",
+    "simulate",
+    "ingest",
+    "train",
+    "label",
+    "query",
+    "stats",
+    "serve",
+    "submit",
+    "jobs",
+    "evaluate",
+)
 
 
 def _load(name: str):

@@ -60,6 +60,8 @@ NONFINITE_IVAR = "nonfinite_ivar"
 NEGATIVE_IVAR = "negative_ivar"
 MISSING_LABEL = "missing_label"
 LABEL_OUT_OF_RANGE = "label_out_of_range"
+# A validated row whose labels the model could not compute (e.g. non-finite network output).
+MODEL_ERROR = "model_error"
 
 # Quarantine reason codes for whole input files (speclabel ingest); MISSING_ARM is shared with rows.
 CORRUPT_FILE = "corrupt_file"  # not readable as FITS/Parquet, or truncated

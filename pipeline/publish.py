@@ -170,6 +170,18 @@ class Dataset:
                 with contextlib.suppress(OSError, FileNotFoundError):
                     self.fs.delete_file(path)
 
+    def refresh_lock(self, run_id: str) -> None:
+        """Renew the lock's time stamp: a heartbeat for runs longer than ``stale_after_s``.
+
+        Raises :class:`LockedError` when ``run_id`` no longer holds the lock (another run took it
+        over), so that the run stops before it could publish over the other one.
+        """
+        path = self.path(LOCK)
+        held = self._read_lock(path)
+        if held is None or held.get("run_id") != run_id:
+            raise LockedError(f"run {run_id} lost the lock of {self.location} (now held by {held})")
+        write_json_atomic(self.fs, path, {**held, "acquired_at": time.time()})
+
     def _try_create_lock(self, path: str, owner: dict) -> bool:
         import json
 

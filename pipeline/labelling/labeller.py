@@ -1,0 +1,206 @@
+"""The actor that holds the ensemble: one per GPU on a cluster, CPU actors locally.
+
+:class:`EnsembleLabeller` loads the model once (``model.io.load_model``: integrity and setup checks)
+and turns prepared batches (:func:`.batch.prepare`) into output rows (:func:`.batch.output_table`).
+All model work goes through ``Ensemble.predict``, so a faster implementation behind it is picked up
+without changes here.
+
+GPU path: the actor computes on its GPU through ``Ensemble.inference`` (``InferenceOptions(device=
+"cuda", precision=...)``); batches wait in page-locked host memory reused between calls, so the
+engine's ``non_blocking`` copies to the GPU are asynchronous DMA. Reduced precision is the engine's
+own checked choice: ``auto`` takes the fastest of bf16 / tf32 whose labels and saliency stay within
+tolerance of float32 on the first spectra it labels (else float32); ``bf16`` or ``tf32`` insist, and
+fail the run if the check fails. CPU actors compute in float32. What each actor used is reported in
+its batch summaries, and so in the run's manifest.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import os
+import socket
+import uuid
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+
+from ...model.saliency import SaliencyAccumulator
+from ..contract import MODEL_ERROR
+from ..errors import ConfigError, InputError
+from ..setups import Setup
+from .batch import (
+    REASON,
+    FlagThresholds,
+    OutputSpec,
+    label_rows,
+    model_batch,
+    nonfinite_label_reasons,
+    output_schema,
+    output_table,
+    quarantine_rows,
+    summary_row,
+)
+
+log = logging.getLogger(__name__)
+
+# --precision: float32, or reduced precision on GPU actors (the fused engine checks it, see above).
+PRECISIONS = ("float32", "auto", "bf16", "tf32")
+
+
+class InjectedFault(RuntimeError):
+    """Raised on purpose by the fault-injection hook (``SPECLABEL_FAULT_AFTER_BATCHES``)."""
+
+
+@dataclass(frozen=True)
+class LabellerSettings:
+    """Everything an actor needs besides the model; plain data, shipped to every actor."""
+
+    model_location: str
+    setup: Setup
+    spec: OutputSpec
+    thresholds: FlagThresholds
+    run_id: str
+    model_id: str
+    map_ids: frozenset[str] | None = None  # spectra whose full saliency maps are kept
+    threads: int = 1
+    use_gpu: bool = False
+    precision: str = "float32"
+    predict_batch_size: int = 256
+    fault_after_batches: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"precision must be one of {PRECISIONS}, not {self.precision!r}")
+
+
+class EnsembleLabeller:
+    """A Ray Data callable class: ``__call__(prepared batch) -> output rows`` (pyarrow tables)."""
+
+    def __init__(self, settings: LabellerSettings):
+        import ray
+        import torch
+
+        from ...model.io import load_model
+
+        self.settings = settings
+        torch.set_num_threads(settings.threads)
+        gpu_ids = [str(g) for g in ray.get_gpu_ids()] if ray.is_initialized() else []
+        # A GPU actor on a machine whose torch has no CUDA (a test cluster with declared GPUs, a
+        # CPU build) computes on the CPU rather than failing; the device is reported per batch.
+        self.device = "cuda" if settings.use_gpu and torch.cuda.is_available() else "cpu"
+        self.ensemble = load_model(settings.model_location, setup=settings.setup)
+        if self.ensemble.model_id != settings.model_id:
+            raise ConfigError(
+                f"model at {settings.model_location} changed during the run: its model_id is "
+                f"{self.ensemble.model_id}, the run started with {settings.model_id}"
+            )
+        precision = settings.precision if self.device == "cuda" else "float32"
+        self.ensemble.inference = self.ensemble.inference.replace(
+            device=self.device if self.device == "cuda" else None, precision=precision
+        )
+        self.precision_check = {"requested": settings.precision}
+        if precision != settings.precision:
+            self.precision_check["why"] = "reduced precision is used on GPUs only"
+        self.schema = output_schema(settings.spec)
+        self._pinned: dict[str, np.ndarray] = {}
+        self.batches = 0
+        self.batches_predicted = 0
+        self.identity = {
+            "actor": uuid.uuid4().hex[:12],
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "node_id": ray.get_runtime_context().get_node_id() if ray.is_initialized() else None,
+            "gpu_ids": gpu_ids,
+            "device": self.device,
+            "threads": settings.threads,
+        }
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        settings = self.settings
+        self.batches += 1
+        if settings.fault_after_batches is not None and self.batches > settings.fault_after_batches:
+            raise InjectedFault(
+                f"fault injected after {settings.fault_after_batches} batches (SPECLABEL_FAULT_AFTER_BATCHES)"
+            )
+        rows, flux, mask = model_batch(batch)
+        parts = [quarantine_rows(batch.filter(batch.column(REASON).is_valid()))]
+        accumulator = None
+        if settings.spec.saliency is not None:
+            accumulator = SaliencyAccumulator.empty(len(self.ensemble.label_names), settings.setup.n_pixels)
+        if len(rows):
+            good = batch.take(pa.array(rows))
+            try:
+                prediction = self._predict(flux, mask)
+            except InputError as exc:  # the data, not the job: these rows go to quarantine
+                parts.append(quarantine_rows(good, [f"{MODEL_ERROR}: {exc}"] * good.num_rows))
+            else:
+                parts += self._label(good, prediction, accumulator)
+        engine = self.ensemble.fused_engine() if self.batches_predicted else None
+        actor = {
+            **self.identity,
+            "engine": "fused" if engine is not None else "reference",
+            "precision": engine.precision if engine is not None else "float32",
+            "precision_check": self.precision_check,
+        }
+        parts.append(summary_row(batch.num_rows, actor, accumulator))
+        return output_table(parts, self.schema)
+
+    def _predict(self, flux: np.ndarray, mask: np.ndarray):
+        """``Ensemble.predict`` with full maps whenever saliency is on: the summary needs them
+        anyway, and the population sums are taken here, over rows with finite labels only."""
+        settings = self.settings
+        flux, mask = self._host_batch(flux), self._host_batch(mask)
+        prediction = self.ensemble.predict(
+            flux,
+            mask,
+            members=settings.spec.members,
+            saliency=None if settings.spec.saliency is None else "full",
+            batch_size=settings.predict_batch_size,
+        )
+        self.batches_predicted += 1
+        return prediction
+
+    def _host_batch(self, array: np.ndarray) -> np.ndarray:
+        """On a GPU, ``array`` copied into page-locked host memory (one buffer per shape, grown as
+        needed and reused), so that copies to the device overlap; elsewhere ``array`` itself.
+        ``Ensemble.predict`` keeps numpy views as they are, so the pinned pages reach the engine."""
+        if self.device != "cuda":
+            return array
+        import torch
+
+        key = f"{array.dtype}/{array.shape[1:]}"
+        buffer = self._pinned.get(key)
+        if buffer is None or buffer.shape[0] < array.shape[0]:
+            dtype = torch.from_numpy(np.empty(0, array.dtype)).dtype
+            buffer = torch.empty(array.shape, dtype=dtype, pin_memory=True).numpy()
+            self._pinned[key] = buffer
+        view = buffer[: array.shape[0]]
+        view[...] = array
+        return view
+
+    def _label(self, good: pa.Table, prediction, accumulator) -> list[pa.Table]:
+        settings = self.settings
+        reasons = nonfinite_label_reasons(prediction, self.ensemble.label_names)
+        failed = np.array([r is not None for r in reasons])
+        if accumulator is not None:
+            accumulator.add(prediction.saliency_maps[~failed])
+        map_rows = None
+        if settings.spec.saliency == "full":
+            ids = good.column("spectrum_id").to_pylist()
+            map_rows = np.array([settings.map_ids is None or i in settings.map_ids for i in ids], dtype=bool)
+        rows = label_rows(
+            good,
+            prediction,
+            settings.spec,
+            settings.thresholds,
+            model_id=settings.model_id,
+            run_id=settings.run_id,
+            processed_at=dt.datetime.now(dt.UTC),
+            map_rows=map_rows,
+        )
+        if not failed.any():
+            return [rows]
+        quarantined = quarantine_rows(good.filter(pa.array(failed)), [r for r in reasons if r is not None])
+        return [rows.filter(pa.array(~failed)), quarantined]
