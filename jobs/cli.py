@@ -24,6 +24,7 @@ COMMANDS = (
     "ingest",
     "train",
     "label",
+    "reprocess",
     "query",
     "stats",
     "serve",

@@ -3,7 +3,8 @@
 Before any spectrum is read, the driver makes one cheap pass over the input (:meth:`ParquetInput.open`):
 
 * INPUT (a Parquet file, a directory, a glob, local or object store, or a published spectra store
-  with an ``_index.json``, whose live files are taken from the index) becomes a sorted list of files;
+  with an ``_index.json``, whose live files are taken from the index: those of the run's release
+  when one is named, else of every release) becomes a sorted list of files;
 * each file's Parquet footer gives its row count, row groups and schema. A file that cannot be
   labelled with the model's setup is refused whole, every row quarantined with the file's reason:
   ``wrong_setup`` when it declares another setup (``speclabel.setup`` in its schema metadata),
@@ -20,6 +21,11 @@ Before any spectrum is read, the driver makes one cheap pass over the input (:me
 
 Spectra are then read by Ray tasks, one per row group, with only the columns the job needs
 (:func:`read_spectra`): row groups are the unit of parallelism.
+
+A run that may reuse the live rows of its release (``LabelOptions.reuse_unchanged``) first calls
+:meth:`ParquetInput.carry_unchanged`: rows whose ``(spectrum_id, input_sha256)`` equal a live
+catalogue row's are *carried* (their live row is kept) and are never read or sent to the actors;
+row groups made only of carried rows are not read at all.
 """
 
 from __future__ import annotations
@@ -39,6 +45,7 @@ import pyarrow.parquet as pq
 
 from ..contract import (
     CORRUPT_FILE,
+    INPUT_SHA256,
     WRONG_SCHEMA,
     WRONG_SETUP,
     check_table_columns,
@@ -109,12 +116,16 @@ class ParquetInput:
     fingerprint: str
     releases: list[str]  # distinct release values found in the input (column or path)
     duplicates: dict[str, np.ndarray] = field(default_factory=dict)  # path -> row indices
+    carried: dict[str, np.ndarray] = field(default_factory=dict)  # path -> row indices kept as they are
 
     @classmethod
-    def open(cls, location: str, setup: Setup, *, read_releases: bool = True) -> ParquetInput:
+    def open(
+        cls, location: str, setup: Setup, *, read_releases: bool = True, release: str | None = None
+    ) -> ParquetInput:
         """Footers, fingerprint and releases; enough to tell whether a run is up to date. The ids
-        are read by :meth:`scan_ids`, once the run is known to have work to do."""
-        fs, paths = input_files(location)
+        are read by :meth:`scan_ids`, once the run is known to have work to do. ``release``: of a
+        spectra store, read only that release's live files."""
+        fs, paths = input_files(location, release)
         files = [inspect_file(fs, path, setup) for path in paths]
         digest = hashlib.sha256()
         for f in files:
@@ -140,6 +151,34 @@ class ParquetInput:
                 )
         self.duplicates = duplicate_rows(self.accepted, ids)
 
+    def carry_unchanged(self, live: dict[str, str]) -> set[str]:
+        """Mark the rows whose ``input_sha256`` equals that of the live row of the same id in
+        ``live`` (id -> input_sha256) as carried, and return their ids. Duplicates are never
+        carried; files without an ``input_sha256`` column carry nothing (their rows are labelled).
+        Call after :meth:`scan_ids`."""
+        self.carried = {}
+        carried_ids: set[str] = set()
+        if not live:
+            return carried_ids
+        live_table = pa.table({"id": list(live), "sha": list(live.values())})
+        for f in self.accepted:
+            with self.fs.open_input_file(f.path) as fh:
+                parquet = pq.ParquetFile(fh)
+                if INPUT_SHA256 not in parquet.schema_arrow.names:
+                    continue
+                rows = parquet.read(columns=["spectrum_id", INPUT_SHA256])
+            ids = rows.column("spectrum_id").cast(pa.string())
+            shas = rows.column(INPUT_SHA256).cast(pa.string())
+            known = pc.index_in(ids, value_set=live_table.column("id"))
+            same = pc.fill_null(pc.equal(shas, pc.take(live_table.column("sha"), known)), False)
+            keep = np.array(same.to_numpy(zero_copy_only=False), dtype=bool)
+            keep[self.duplicates.get(f.path, np.empty(0, np.int64))] = False
+            if keep.any():
+                indices = np.flatnonzero(keep)
+                self.carried[f.path] = indices
+                carried_ids.update(ids.take(pa.array(indices)).to_pylist())
+        return carried_ids
+
     # -- counts -----------------------------------------------------------------------------------
 
     @property
@@ -154,6 +193,9 @@ class ParquetInput:
     def rows_by_source(self) -> dict[str, int]:
         return {f.path: f.rows for f in self.files if f.rows is not None}
 
+    def carried_by_source(self) -> dict[str, int]:
+        return {path: len(rows) for path, rows in self.carried.items()}
+
     def describe(self) -> dict:
         return {
             "location": self.location,
@@ -161,6 +203,7 @@ class ParquetInput:
             "fingerprint_rule": "sha256 over files in path order of path, size and Parquet footer bytes",
             "files": [f.to_manifest() for f in self.files],
             "duplicates": int(sum(len(v) for v in self.duplicates.values())),
+            "carried": int(sum(len(v) for v in self.carried.values())),
         }
 
     def all_ids(self) -> list[str]:
@@ -196,21 +239,26 @@ class ParquetInput:
             yield quarantine_table(ids, [f.refused] * len(ids), f.path)
 
     def read_tasks(self) -> list[dict]:
-        """One item per row group of the accepted files: what :func:`read_spectra` reads."""
+        """One item per row group of the accepted files that has rows to label: what
+        :func:`read_spectra` reads."""
         items = []
         for f in self.accepted:
             duplicates = self.duplicates.get(f.path, np.empty(0, np.int64))
+            carried = self.carried.get(f.path, np.empty(0, np.int64))
             first = 0
             for group, n in enumerate(f.row_group_rows):
                 local = duplicates[(duplicates >= first) & (duplicates < first + n)] - first
-                items.append(
-                    {
-                        "path": f.path,
-                        "row_group": group,
-                        "columns": json.dumps(list(f.columns)),
-                        "duplicates": json.dumps([int(i) for i in local]),
-                    }
-                )
+                skip = carried[(carried >= first) & (carried < first + n)] - first
+                if len(skip) < n:
+                    items.append(
+                        {
+                            "path": f.path,
+                            "row_group": group,
+                            "columns": json.dumps(list(f.columns)),
+                            "duplicates": json.dumps([int(i) for i in local]),
+                            "carried": json.dumps([int(i) for i in skip]),
+                        }
+                    )
                 first += n
         return items
 
@@ -232,9 +280,10 @@ class ParquetInput:
 
 def read_spectra(items: pa.Table, fs: pafs.FileSystem, read_rows: int) -> Iterator[pa.Table]:
     """Read the row groups named by ``items`` (see :meth:`ParquetInput.read_tasks`) in tables of at
-    most ``read_rows`` rows, with ``_source`` and ``_duplicate`` added."""
+    most ``read_rows`` rows, with ``_source`` and ``_duplicate`` added and carried rows left out."""
     for item in items.to_pylist():
         duplicates = np.asarray(json.loads(item["duplicates"]), dtype=np.int64)
+        carried = np.asarray(json.loads(item["carried"]), dtype=np.int64)
         with fs.open_input_file(item["path"]) as fh:
             start = 0
             for batch in pq.ParquetFile(fh).iter_batches(
@@ -244,23 +293,32 @@ def read_spectra(items: pa.Table, fs: pafs.FileSystem, read_rows: int) -> Iterat
                 flagged = np.zeros(n, dtype=bool)
                 local = duplicates[(duplicates >= start) & (duplicates < start + n)] - start
                 flagged[local] = True
+                wanted = np.ones(n, dtype=bool)
+                wanted[carried[(carried >= start) & (carried < start + n)] - start] = False
+                start += n
+                if not wanted.any():
+                    continue
                 table = pa.Table.from_batches([batch])
                 table = table.append_column(SOURCE, pa.array([item["path"]] * n, pa.string()))
-                yield table.append_column(DUPLICATE, pa.array(flagged))
-                start += n
+                table = table.append_column(DUPLICATE, pa.array(flagged))
+                yield table if wanted.all() else table.filter(pa.array(wanted))
 
 
 # -- the pre-pass -------------------------------------------------------------------------------------
 
 
-def input_files(location: str) -> tuple[pafs.FileSystem, list[str]]:
+def input_files(location: str, release: str | None = None) -> tuple[pafs.FileSystem, list[str]]:
     """The Parquet files of INPUT, sorted (see the module docstring)."""
     fs, root = filesystem_and_path(location)
     if exists(fs, join(root.rstrip("/"), INDEX)):
         store = Dataset.open(location)
-        files = store.live_files()
+        releases = sorted(store.index()["releases"])
+        if release is not None and release not in releases:
+            raise InputError(f"the spectra store {location} has no release {release!r} (it has {releases})")
+        files = store.live_files(release)
         if not files:
-            raise InputError(f"the spectra store {location} has no published rows")
+            which = f"release {release} of " if release is not None else ""
+            raise InputError(f"{which}the spectra store {location} has no published rows")
         return store.fs, sorted(files)
     try:
         return resolve_files(location, PARQUET_EXTENSIONS)

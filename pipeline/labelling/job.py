@@ -5,6 +5,8 @@
     driver pre-pass (inputs.py): files, row counts, fingerprint, duplicate decision, release
       -> up to date? (same release, model, input and options in the index) -> stop, exit 0
     under the catalogue's lock, after recover():
+      reuse_unchanged and the live run has the same model and options: rows whose (spectrum_id,
+      input_sha256) equal a live row's keep that row (carried); only the others are read and labelled
       Ray Data: read row groups (only the needed columns)            tasks
              -> validate + prepare (batch.prepare)                    tasks, fused with the read
              -> EnsembleLabeller (labeller.py)                        actor pool: one per GPU, or
@@ -13,6 +15,10 @@
       check: every input row labelled or quarantined (per input file) -> else fail, publish nothing
       move side outputs to _quarantine/, _saliency/, _population_saliency/ (run-keyed)
       Dataset.publish: manifest, atomic swap of release=<R>/, index entry (the commit)
+
+With ``reuse_unchanged`` a release whose input changed in a few spectra costs only those: the new
+run's rows are the carried live rows plus the relabelled ones; spectra gone from the input drop out.
+Its population saliency covers the relabelled spectra only (the manifest says how many).
 
 Readers never see a partial or mixed release: all rows are staged first and the index entry (which
 readers go by) changes only after the swap. On object stores, which cannot rename, publish copies the
@@ -82,6 +88,9 @@ class LabelOptions:
     layout: CatalogueLayout | None = None  # for a new catalogue (default: stored, else CatalogueLayout())
     write: WriteOptions = field(default_factory=WriteOptions)
     force: bool = False  # relabel even when the release is up to date
+    # Keep the live rows of spectra whose content (input_sha256) is unchanged when the release's live
+    # run used the same model and options: a changed release costs only its changed spectra.
+    reuse_unchanged: bool = False
     fault_after_batches: int | None = None  # testing hook: actors fail after this many batches
     progress: bool = True
 
@@ -133,6 +142,7 @@ class LabelResult:
     rows_in: int = 0
     labelled: int = 0
     quarantined: dict[str, int] = field(default_factory=dict)
+    carried: int = 0
     corrupt_files: int = 0
     seconds: float = 0.0
     label_seconds: float = 0.0
@@ -153,7 +163,8 @@ class LabelResult:
             f"label: release {self.release} published to {self.catalogue} (run {self.run_id}, model "
             f"{self.model_id})\n"
             f"  rows in {self.rows_in}, labelled {self.labelled}, "
-            f"quarantined {sum(self.quarantined.values())} ({reasons})"
+            + (f"kept unchanged {self.carried}, " if self.carried else "")
+            + f"quarantined {sum(self.quarantined.values())} ({reasons})"
             + (f", corrupt files {self.corrupt_files}" if self.corrupt_files else "")
             + "\n"
             f"  {self.rows_per_s:.2f} spectra/s over {self.label_seconds:.1f} s of labelling, "
@@ -185,34 +196,41 @@ def label_spectra(
         members=options.members,
         n_pixels=setup.n_pixels,
     )
-    source = source or ParquetInput.open(spectra, setup, read_releases=options.release is None)
+    source = source or ParquetInput.open(
+        spectra, setup, read_releases=options.release is None, release=options.release
+    )
     _check_apart(spectra, catalogue, source)
     release = decide_release(options.release, source.releases)
-    fingerprints = {
-        "model_id": model_id,
-        "input_fingerprint": source.fingerprint,
-        "options_fingerprint": options_fingerprint(options),
-    }
+    fingerprints = label_fingerprints(model_id, source, options)
     dataset = Dataset.open(catalogue)
-    if not options.force and _up_to_date(dataset, release, fingerprints):
+    if not options.force and up_to_date(dataset, release, fingerprints):
         return LabelResult("up to date", release, catalogue, model_id, seconds=time.perf_counter() - began)
     source.scan_ids()
     map_ids = selected_map_ids(options, source)
     prepass_s = time.perf_counter() - began
-    resources = plan_resources(options, ray.cluster_resources(), rows=source.rows_in)
     run_id = new_run_id()
     with dataset.lock(run_id):
         recovered = dataset.recover()
         if recovered:
             log.info("recovered what earlier runs left: %s", "; ".join(recovered))
-        if not options.force and _up_to_date(dataset, release, fingerprints):
+        if not options.force and up_to_date(dataset, release, fingerprints):
             return LabelResult(
                 "up to date", release, catalogue, model_id, seconds=time.perf_counter() - began
             )
+        reuse = options.reuse_unchanged and not options.force
+        carried_from = reusable_run(dataset, release, fingerprints) if reuse else None
+        carried_ids: set[str] = set()
+        carried: dict[str, int] = {}
+        if carried_from is not None:
+            carried_ids = source.carry_unchanged(live_checksums(dataset, release))
+            carried = source.carried_by_source()
+        rows_to_label = source.rows_in - sum(carried.values())
+        resources = plan_resources(options, ray.cluster_resources(), rows=rows_to_label)
         outputs = RunOutputs(
             dataset, release, run_id, spec, setup.wave, layout=options.layout, options=options.write
         )
         try:
+            outputs.carry(carried_from, carried_ids, carried)
             for table in source.refused_quarantine():
                 outputs.quarantine(table)
             settings = LabellerSettings(
@@ -229,7 +247,7 @@ def label_spectra(
                 fault_after_batches=options.fault_after_batches,
             )
             started = time.perf_counter()
-            progress = Progress(release, source.rows_in, outputs, enabled=options.progress)
+            progress = Progress(release, rows_to_label, outputs, enabled=options.progress)
             heartbeat = time.monotonic()
             # Inside the context: a dataset takes its settings from the context it was built in.
             with ray_data_context(progress_bars=options.progress):
@@ -264,12 +282,15 @@ def label_spectra(
                 "counts": {
                     "rows_in": source.rows_in,
                     "labelled": outputs.labelled_rows,
+                    "carried": outputs.carried_rows,
+                    "carried_from_run": carried_from,
                     "quarantined": outputs.quarantined_rows,
                     "quarantined_by_reason": dict(sorted(outputs.reasons.items())),
                     "per_file": {
                         path: {
                             "rows": rows,
                             "labelled": outputs.labelled[path],
+                            "carried": outputs.carried[path],
                             "quarantined": outputs.quarantined[path],
                         }
                         for path, rows in source.rows_by_source().items()
@@ -288,7 +309,7 @@ def label_spectra(
             }
             index_fields = {
                 **fingerprints,
-                "rows": outputs.labelled_rows,
+                "rows": outputs.labelled_rows + outputs.carried_rows,
                 "quarantined": outputs.quarantined_rows,
             }
             dataset.publish(release, run_id, manifest, index_fields)
@@ -304,6 +325,7 @@ def label_spectra(
         rows_in=source.rows_in,
         labelled=outputs.labelled_rows,
         quarantined=dict(outputs.reasons),
+        carried=outputs.carried_rows,
         corrupt_files=sum(1 for f in getattr(source, "files", ()) if f.rows is None),
         seconds=time.perf_counter() - began,
         label_seconds=label_s,
@@ -462,9 +484,39 @@ def _options_record(options: LabelOptions, map_ids: frozenset[str] | None = None
     }
 
 
-def _up_to_date(dataset: Dataset, release: str, fingerprints: dict) -> bool:
+def label_fingerprints(model_id: str, source, options: LabelOptions) -> dict:
+    """What a release's index entry records of the run that labelled it; equal -> up to date."""
+    return {
+        "model_id": model_id,
+        "input_fingerprint": source.fingerprint,
+        "options_fingerprint": options_fingerprint(options),
+    }
+
+
+def up_to_date(dataset: Dataset, release: str, fingerprints: dict) -> bool:
     entry = dataset.release_entry(release)
     return entry is not None and all(entry.get(k) == v for k, v in fingerprints.items())
+
+
+def reusable_run(dataset: Dataset, release: str, fingerprints: dict) -> str | None:
+    """The release's live run when its rows may be carried into a new run: same model and options."""
+    entry = dataset.release_entry(release)
+    same = entry is not None and all(
+        entry.get(k) == fingerprints[k] for k in ("model_id", "options_fingerprint")
+    )
+    return entry["run_id"] if same else None
+
+
+def live_checksums(dataset: Dataset, release: str) -> dict[str, str]:
+    """spectrum_id -> input_sha256 of the release's live catalogue rows."""
+    checksums: dict[str, str] = {}
+    for path in dataset.live_files(release):
+        with dataset.fs.open_input_file(path) as fh:
+            rows = pq.read_table(fh, columns=["spectrum_id", "input_sha256"])
+        checksums.update(
+            zip(rows.column(0).cast(pa.string()).to_pylist(), rows.column(1).to_pylist(), strict=True)
+        )
+    return checksums
 
 
 def check_accounting(source, outputs: RunOutputs, written: dict) -> None:
@@ -474,19 +526,19 @@ def check_accounting(source, outputs: RunOutputs, written: dict) -> None:
     """
     problems = []
     for path, rows in source.rows_by_source().items():
-        done = outputs.labelled[path] + outputs.quarantined[path]
+        done = outputs.labelled[path] + outputs.carried[path] + outputs.quarantined[path]
         if done != rows:
             problems.append(
-                f"{path}: {rows} rows in, {outputs.labelled[path]} labelled + "
-                f"{outputs.quarantined[path]} quarantined"
+                f"{path}: {rows} rows in, {outputs.labelled[path]} labelled + {outputs.carried[path]} "
+                f"kept unchanged + {outputs.quarantined[path]} quarantined"
             )
     unexpected = set(outputs.labelled) - set(source.rows_by_source())
     if unexpected:
         problems.append(f"rows from unknown sources {sorted(unexpected)[:3]}")
-    if written["catalogue"]["rows"] != outputs.labelled_rows:
+    if written["catalogue"]["rows"] != outputs.labelled_rows + outputs.carried_rows:
         problems.append(
             f"the catalogue writer wrote {written['catalogue']['rows']} rows "
-            f"of {outputs.labelled_rows} labelled"
+            f"of {outputs.labelled_rows} labelled + {outputs.carried_rows} kept unchanged"
         )
     if problems:
         raise IntegrityError(

@@ -11,7 +11,10 @@
 * the population-averaged saliency maps of the run, merged exactly from the per-batch float64 sums
   of every actor, in ``_population_saliency/``.
 
-It counts labelled and quarantined rows per input file, so that the job can check that every input
+:meth:`RunOutputs.carry` copies the live rows (and full saliency maps) of unchanged spectra from the
+release's live run into the new run, when the job reuses them instead of relabelling.
+
+It counts labelled, carried and quarantined rows per input file, so that the job can check that every input
 row is accounted for before it publishes. :meth:`RunOutputs.publish_side_outputs` moves the side
 outputs to their run-keyed homes (``_quarantine/release=<R>/run=<run>/`` and so on) just before the
 catalogue rows are published; readers find them through the index, so they are invisible until then.
@@ -33,7 +36,7 @@ import pyarrow.parquet as pq
 from ...model.saliency import SaliencyAccumulator
 from ..catalogue import CatalogueLayout, CatalogueWriter, WriteOptions
 from ..contract import QUARANTINE_SCHEMA
-from ..errors import InputError
+from ..errors import InputError, IntegrityError
 from ..publish import Dataset
 from ..storage import exists, join
 from .batch import (
@@ -83,6 +86,7 @@ class RunOutputs:
             else None
         )
         self.labelled: Counter[str] = Counter()  # per source
+        self.carried: Counter[str] = Counter()  # per source: live rows kept from the previous run
         self.quarantined: Counter[str] = Counter()  # per source
         self.reasons: Counter[str] = Counter()
         self.actors: dict[str, dict] = {}
@@ -120,6 +124,36 @@ class RunOutputs:
                     summary_accumulator(summaries, len(self.spec.label_names), self.spec.n_pixels)
                 )
 
+    def carry(self, live_run: str, ids: set[str], by_source: dict[str, int]) -> None:
+        """Keep the live catalogue rows of ``ids``, and their full saliency maps, from the
+        release's live run ``live_run`` as they are (their ``run_id`` and ``processed_at`` still say
+        when they were labelled). ``by_source``: how many of them each input file holds."""
+        if not ids:
+            return
+        wanted = pa.array(sorted(ids), pa.string())
+        fs = self.dataset.fs
+        found = 0
+        for path in self.dataset.live_files(self.release):
+            with fs.open_input_file(path) as fh:
+                rows = pq.read_table(fh)
+            rows = rows.filter(pc.is_in(rows.column("spectrum_id"), value_set=wanted))
+            self.writer.write(rows)
+            found += rows.num_rows
+        if found != len(ids):
+            raise IntegrityError(
+                f"check 'carried rows': {len(ids)} unchanged spectra were to keep their rows of run "
+                f"{live_run}, but release {self.release}'s live files hold {found} of them"
+            )
+        maps_dir = side_output_dir(self.dataset, SALIENCY, self.release, live_run)
+        for path in self.dataset._files_under(maps_dir):
+            with fs.open_input_file(path) as fh:
+                maps = pq.read_table(fh)
+            maps = maps.filter(pc.is_in(maps.column("spectrum_id"), value_set=wanted))
+            if maps.num_rows:
+                self._append(SALIENCY, maps)
+                self.maps_written += maps.num_rows
+        self.carried.update(by_source)
+
     def quarantine(self, table: pa.Table) -> None:
         """Quarantine rows made by the driver (refused files), in ``QUARANTINE_SCHEMA``."""
         self._append(QUARANTINE, table)
@@ -149,6 +183,10 @@ class RunOutputs:
     @property
     def labelled_rows(self) -> int:
         return sum(self.labelled.values())
+
+    @property
+    def carried_rows(self) -> int:
+        return sum(self.carried.values())
 
     @property
     def quarantined_rows(self) -> int:

@@ -1,0 +1,428 @@
+"""Scheduled reprocessing: bring the spectra store and the label catalogue up to date with the data
+releases delivered under one folder and the current model, doing only what is missing.
+
+::
+
+    ROOT/<release>/...          FITS or Parquet files as delivered (one folder per release)
+    STORE                       spectra store (``speclabel ingest``): index entry per release
+    CATALOGUE                   label catalogue (``speclabel label``): index entry per release
+    CATALOGUE/_reprocess/_lock          held by the one reprocess run allowed to work
+    CATALOGUE/_reprocess/<run>.json     what each run planned and did
+
+**Plan** (driver only, no Ray): for each release folder,
+
+* *ingest* when the store has no such release, or when the delivered files differ from the ones it
+  was ingested from: the store's index entry keeps ingest's input fingerprint (sorted paths, sizes and
+  modification times of the files, with the setup and the ingest options), recomputed here from a
+  listing of the folder;
+* *label* when the catalogue's index entry of the release differs from what a label run would record
+  (model id, fingerprint of the store release's files, label options): a new release, a new model, or
+  a re-ingested release. Labelling keeps the live rows of spectra whose content checksum
+  (``input_sha256``) is unchanged when the model and options are the same
+  (``LabelOptions.reuse_unchanged``), so a release with a few changed spectra costs only those;
+  spectra no longer delivered drop out.
+
+Nothing else is touched: releases whose folders vanished stay as they are, and a run that finds
+everything current prints "up to date", writes no record and never starts Ray.
+
+**Safety.** A run holds ``CATALOGUE/_reprocess/_lock`` (``pipeline.publish.Dataset.lock``: taken over
+when older than the stale-lock timeout, or when its process on this host is gone) and renews it while
+it works. Ingest and label each publish atomically under their dataset's own lock, so a crash at any
+point leaves every release either as it was or as one completed step left it; the next run plans again
+from the published state and does exactly the rest: each step publishes once.
+
+Fault injection for tests: ``SPECLABEL_REPROCESS_FAULT_AT=after-ingest`` (or ``after-label``; add
+``:RELEASE`` to pick one release) makes the run fail at that point as a crash would, without a record.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import logging
+import os
+import socket
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import pyarrow.fs as pafs
+
+from ..pipeline.catalogue.layout import RELEASE_PATTERN
+from ..pipeline.errors import InputError, SpeclabelError, UsageError
+from ..pipeline.publish import Dataset, LockedError, new_run_id
+from ..pipeline.setups import Setup
+from ..pipeline.storage import filesystem_and_path, join, write_json_atomic
+
+log = logging.getLogger(__name__)
+
+RECORDS = "_reprocess"
+FAULT_ENV = "SPECLABEL_REPROCESS_FAULT_AT"
+FAULT_POINTS = ("after-ingest", "after-label")
+DEFAULT_LOCK_TIMEOUT_S = 6 * 3600.0
+
+
+class ReprocessFailed(SpeclabelError):
+    """One or more releases could not be brought up to date (the others were)."""
+
+
+class InjectedFault(RuntimeError):
+    """The crash SPECLABEL_REPROCESS_FAULT_AT asked for (tests of crash safety)."""
+
+
+@dataclass(frozen=True)
+class ReprocessOptions:
+    releases: str  # ROOT: one folder per release
+    store: str
+    catalogue: str
+    model: str
+    only: tuple[str, ...] = ()  # restrict to these releases
+    lock_timeout_s: float = DEFAULT_LOCK_TIMEOUT_S
+    # How to label; ``release`` is set per release and ``reuse_unchanged`` is always on.
+    label: object = None  # LabelOptions (imported lazily: it pulls in torch)
+
+
+@dataclass
+class Step:
+    """One release: what it needs, why, and (after the run) what came of it."""
+
+    release: str
+    location: str
+    ingest: str | None = None  # why it is (re-)ingested
+    label: str | None = None  # why it is (re)labelled
+    note: str | None = None  # why nothing can be done (e.g. an empty folder)
+    status: str = "planned"  # planned | up to date | skipped | done | failed
+    outcome: dict = field(default_factory=dict)
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.ingest or self.label)
+
+    def describe(self) -> str:
+        if self.note:
+            return f"{self.release}: skipped ({self.note})"
+        if not self.has_work:
+            return f"{self.release}: up to date"
+        parts = [f"ingest ({self.ingest})"] if self.ingest else []
+        parts += [f"label ({self.label})"] if self.label else []
+        return f"{self.release}: " + ", then ".join(parts)
+
+
+@dataclass
+class Plan:
+    model_id: str
+    setup: Setup
+    steps: list[Step]
+
+    @property
+    def work(self) -> list[Step]:
+        return [s for s in self.steps if s.has_work]
+
+    def describe(self) -> str:
+        return "\n".join(f"  {step.describe()}" for step in self.steps) or "  (no release folders)"
+
+
+# -- planning -------------------------------------------------------------------------------------
+
+
+def release_folders(root: str, only: tuple[str, ...] = ()) -> dict[str, str]:
+    """Release name -> folder, for the folders directly under ``root`` (``_``/``.`` names skipped)."""
+    fs, path = filesystem_and_path(root)
+    info = fs.get_file_info(path)
+    if info.type != pafs.FileType.Directory:
+        raise InputError(f"--releases {root}: not a folder (expected one folder per release)")
+    folders = {}
+    for entry in fs.get_file_info(pafs.FileSelector(path, recursive=False)):
+        name = entry.base_name
+        if entry.type == pafs.FileType.Directory and not name.startswith(("_", ".")):
+            folders[name] = join(root.rstrip("/"), name)
+    missing = [name for name in only if name not in folders]
+    if missing:
+        raise UsageError(
+            f"--release {', '.join(missing)}: no such folder under {root} (it has {sorted(folders)})"
+        )
+    return {name: folders[name] for name in sorted(folders) if not only or name in only}
+
+
+def make_plan(options: ReprocessOptions) -> Plan:
+    """Compare the release folders with the store's and the catalogue's index (see the module
+    docstring). Reads listings, index files and Parquet footers only."""
+    from ..model.io import read_model_document
+    from ..pipeline.ingest import IngestOptions, input_fingerprint, list_inputs
+
+    _check_apart(options)
+    document = read_model_document(options.model)
+    model_id, setup = document["model_id"], Setup.from_dict(document["setup"])
+    store, catalogue = Dataset.open(options.store), Dataset.open(options.catalogue)
+    steps = []
+    for release, location in release_folders(options.releases, options.only).items():
+        step = Step(release, location)
+        steps.append(step)
+        if not RELEASE_PATTERN.fullmatch(release):
+            step.note, step.status = "not a valid release name", "skipped"
+            continue
+        try:
+            _, files = list_inputs(location, options.store)
+        except InputError:
+            step.note, step.status = "no FITS or Parquet files yet", "skipped"
+            continue
+        stored = store.release_entry(release)
+        fingerprint = input_fingerprint(files, setup, IngestOptions(release=release))
+        if stored is None:
+            step.ingest = "new release"
+        elif stored.get("input_fingerprint") != fingerprint:
+            step.ingest = "delivered files changed"
+        if step.ingest:
+            step.label = "after ingest"
+        else:
+            step.label = label_reason(options, store, catalogue, release, model_id, setup)
+        step.status = "planned" if step.has_work else "up to date"
+    return Plan(model_id, setup, steps)
+
+
+def label_reason(
+    options: ReprocessOptions, store: Dataset, catalogue: Dataset, release: str, model_id: str, setup: Setup
+) -> str | None:
+    """Why the catalogue's release must be (re)labelled from the store, or None when it is current."""
+    from ..pipeline.labelling.inputs import ParquetInput
+    from ..pipeline.labelling.job import label_fingerprints, up_to_date
+
+    stored = store.release_entry(release)
+    if not stored.get("spectra"):
+        return None  # every spectrum was quarantined at ingest: nothing to label
+    source = ParquetInput.open(options.store, setup, read_releases=False, release=release)
+    wanted = label_fingerprints(model_id, source, label_options(options, release))
+    if up_to_date(catalogue, release, wanted):
+        return None
+    entry = catalogue.release_entry(release)
+    if entry is None:
+        return "not in the catalogue"
+    if entry.get("model_id") != model_id:
+        return f"new model {model_id} (catalogue has {entry.get('model_id')})"
+    if entry.get("options_fingerprint") != wanted["options_fingerprint"]:
+        return "label options changed"
+    return "spectra store release changed"
+
+
+def label_options(options: ReprocessOptions, release: str):
+    from ..pipeline.labelling import LabelOptions
+
+    base = options.label or LabelOptions(progress=False)
+    return dataclasses.replace(base, release=release, reuse_unchanged=True, force=False)
+
+
+def _check_apart(options: ReprocessOptions) -> None:
+    """The store and the catalogue must not lie inside ROOT: they would look like release folders."""
+    _, root = filesystem_and_path(options.releases)
+    root = root.rstrip("/") + "/"
+    for flag, location in (("--store", options.store), ("--catalogue", options.catalogue)):
+        if filesystem_and_path(location)[1].rstrip("/").startswith(root):
+            raise UsageError(f"{flag} {location} lies inside --releases {options.releases}: keep them apart")
+
+
+# -- running --------------------------------------------------------------------------------------
+
+
+def records(catalogue: str) -> Dataset:
+    """Where reprocess keeps its lock and its records: ``CATALOGUE/_reprocess/``."""
+    return Dataset.open(join(catalogue.rstrip("/"), RECORDS))
+
+
+@dataclass
+class Outcome:
+    run_id: str
+    plan: Plan
+    status: str  # "up to date", "done" or "failed"
+    record: str | None = None  # path of the JSON record
+    seconds: float = 0.0
+
+    def summary(self) -> str:
+        if self.status == "up to date":
+            return f"reprocess: up to date (model {self.plan.model_id}); nothing to do"
+        lines = [
+            f"reprocess run {self.run_id}: {self.status} in {self.seconds:.1f} s (model {self.plan.model_id})"
+        ]
+        for step in self.plan.steps:
+            lines.append(f"  {step.release}: {_step_text(step)}")
+        if self.record:
+            lines.append(f"  record: {self.record}")
+        return "\n".join(lines)
+
+
+def _step_text(step: Step) -> str:
+    if step.status != "done":
+        error = step.outcome.get("error")
+        return step.status + (f" ({step.note})" if step.note else "") + (f": {error}" if error else "")
+    parts = []
+    ingest, label = step.outcome.get("ingest"), step.outcome.get("label")
+    if ingest:
+        counts = ingest["counts"]
+        parts.append(
+            f"ingested ({step.ingest}; run {ingest['run_id']}): {counts.get('spectra_stored', 0)} stored, "
+            f"{counts.get('spectra_quarantined', 0)} quarantined"
+        )
+    if label:
+        if label["status"] == "up to date":
+            parts.append("labels up to date")
+        else:
+            parts.append(
+                f"labelled ({step.label}; run {label['run_id']}): {label['labelled']} labelled, "
+                f"{label['carried']} kept unchanged, {label['quarantined']} quarantined"
+            )
+    return "; ".join(parts) or "nothing to do"
+
+
+def run_reprocess(options: ReprocessOptions, *, ensure_ray: Callable[[], None] | None = None) -> Outcome:
+    """Plan and do the work under the reprocess lock; ``ensure_ray`` is called once, and only when
+    there is work (the CLI starts or joins Ray there). Raises :class:`ReprocessFailed` after doing
+    what it could when a release failed, :class:`~speclabel.pipeline.publish.LockedError` when
+    another run holds the lock."""
+    began = time.perf_counter()
+    run_id = new_run_id()
+    started_at = _now()
+    lock = records(options.catalogue)
+    with (
+        lock.lock(run_id, stale_after_s=options.lock_timeout_s),
+        _Heartbeat(lock, run_id, options.lock_timeout_s) as beat,
+    ):
+        plan = make_plan(options)
+        if not plan.work:
+            return Outcome(run_id, plan, "up to date", seconds=time.perf_counter() - began)
+        if ensure_ray is not None:
+            ensure_ray()
+        for step in plan.work:
+            beat.check()
+            _do_step(options, plan, step)
+        status = "failed" if any(s.status == "failed" for s in plan.steps) else "done"
+        path = lock.path(f"{run_id}.json")
+        write_json_atomic(lock.fs, path, _record(options, plan, run_id, started_at, status))
+    outcome = Outcome(run_id, plan, status, record=path, seconds=time.perf_counter() - began)
+    if status == "failed":
+        raise ReprocessFailed(outcome.summary())
+    return outcome
+
+
+def _do_step(options: ReprocessOptions, plan: Plan, step: Step) -> None:
+    from ..pipeline.ingest import IngestOptions, run_ingest
+    from ..pipeline.labelling import label_spectra
+
+    clock = time.perf_counter()
+    try:
+        if step.ingest:
+            report = run_ingest(step.location, options.store, plan.setup, IngestOptions(release=step.release))
+            step.outcome["ingest"] = {
+                "run_id": report.run_id,
+                "skipped": report.skipped,
+                "counts": report.counts,
+            }
+            _fault("after-ingest", step.release)
+            if not report.skipped and not report.counts.get("spectra_stored"):
+                step.label = None  # everything was quarantined: there is nothing to label
+        if step.label:
+            result = label_spectra(
+                options.store, options.model, options.catalogue, label_options(options, step.release)
+            )
+            step.outcome["label"] = {
+                "status": result.status,
+                "run_id": result.run_id,
+                "model_id": result.model_id,
+                "rows_in": result.rows_in,
+                "labelled": result.labelled,
+                "carried": result.carried,
+                "quarantined": sum(result.quarantined.values()),
+                "quarantined_by_reason": dict(sorted(result.quarantined.items())),
+            }
+            _fault("after-label", step.release)
+        step.status = "done"
+    except LockedError as exc:  # a concurrent `speclabel ingest` / `label` holds the dataset
+        step.status, step.outcome["error"] = "failed", str(exc)
+    except SpeclabelError as exc:
+        log.error("release %s failed: %s", step.release, exc)
+        step.status, step.outcome["error"] = "failed", str(exc)
+    step.outcome["seconds"] = round(time.perf_counter() - clock, 3)
+
+
+def _fault(point: str, release: str) -> None:
+    wanted = os.environ.get(FAULT_ENV)
+    if not wanted:
+        return
+    name, _, only = wanted.partition(":")
+    if name not in FAULT_POINTS:
+        raise UsageError(f"{FAULT_ENV} must be one of {FAULT_POINTS} (optionally :RELEASE), not {wanted!r}")
+    if name == point and only in ("", release):
+        raise InjectedFault(f"{FAULT_ENV}={wanted}: crashing {point} of release {release}")
+
+
+def _record(options: ReprocessOptions, plan: Plan, run_id: str, started_at: str, status: str) -> dict:
+    from importlib.metadata import version
+
+    label = label_options(options, "_")
+    return {
+        "job": "reprocess",
+        "run_id": run_id,
+        "status": status,
+        "started_at": started_at,
+        "finished_at": _now(),
+        "speclabel_version": version("speclabel"),
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "releases_root": options.releases,
+        "store": options.store,
+        "catalogue": options.catalogue,
+        "model": {"location": options.model, "model_id": plan.model_id, "setup": plan.setup.name},
+        "label_options": {
+            "saliency": label.saliency,
+            "members": label.members,
+            "batch_size": label.batch_size,
+        },
+        "steps": [
+            {
+                "release": step.release,
+                "status": step.status,
+                "ingest_reason": step.ingest,
+                "label_reason": step.label,
+                "note": step.note,
+                **step.outcome,
+            }
+            for step in plan.steps
+        ],
+    }
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+
+
+class _Heartbeat:
+    """Renews the reprocess lock from a thread while the run works, so that a run longer than the
+    stale-lock timeout keeps it; :meth:`check` raises once another run has taken the lock over."""
+
+    def __init__(self, dataset: Dataset, run_id: str, stale_after_s: float) -> None:
+        self.dataset, self.run_id = dataset, run_id
+        self.every_s = max(1.0, min(60.0, stale_after_s / 4))
+        self.stop = threading.Event()
+        self.lost: LockedError | None = None
+        self.thread = threading.Thread(target=self._beat, name="reprocess-lock", daemon=True)
+
+    def _beat(self) -> None:
+        while not self.stop.wait(self.every_s):
+            try:
+                self.dataset.refresh_lock(self.run_id)
+            except LockedError as exc:
+                self.lost = exc
+                return
+            except OSError as exc:  # a flaky object store: the next beat tries again
+                log.warning("could not renew the reprocess lock: %s", exc)
+
+    def check(self) -> None:
+        if self.lost is not None:
+            raise self.lost
+
+    def __enter__(self) -> _Heartbeat:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        self.thread.join()
