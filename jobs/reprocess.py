@@ -171,6 +171,8 @@ def make_plan(options: ReprocessOptions) -> Plan:
         fingerprint = input_fingerprint(files, setup, IngestOptions(release=release))
         if stored is None:
             step.ingest = "new release"
+        elif stored.get("setup") != setup.name:
+            step.ingest = f"the model's setup is {setup.name} (store has {stored.get('setup')})"
         elif stored.get("input_fingerprint") != fingerprint:
             step.ingest = "delivered files changed"
         if step.ingest:
@@ -335,9 +337,7 @@ def _do_step(options: ReprocessOptions, plan: Plan, step: Step) -> None:
             }
             _fault("after-label", step.release)
         step.status = "done"
-    except LockedError as exc:  # a concurrent `speclabel ingest` / `label` holds the dataset
-        step.status, step.outcome["error"] = "failed", str(exc)
-    except SpeclabelError as exc:
+    except SpeclabelError as exc:  # also a concurrent `speclabel ingest` / `label` holding a lock
         log.error("release %s failed: %s", step.release, exc)
         step.status, step.outcome["error"] = "failed", str(exc)
     step.outcome["seconds"] = round(time.perf_counter() - clock, 3)

@@ -20,6 +20,7 @@ import pyarrow.parquet as pq
 import pytest
 from label_data import saved_model, spectra_file
 
+from speclabel.jobs import submit as sub
 from speclabel.jobs.cli import main
 from speclabel.jobs.reprocess import (
     FAULT_ENV,
@@ -287,3 +288,10 @@ def test_cli_up_to_date_and_dry_run(history, capsys):
     assert f"DR2: label (new model {history['ensemble'].model_id}" in out and "DR1" not in out
     assert _snapshot(options) == before
     assert main([*_cli(options), "--release", "DR7"]) == 2
+
+
+def test_submit_reprocess_names_the_work_by_release_and_model(history):
+    argv = [*_cli(history["options"])[:-3], "--release", "DR1"]
+    request = sub.build_request(argv)
+    assert request.submission_id.startswith(f"speclabel-reprocess-DR1-{history['ensemble'].model_id}-")
+    assert set(request.inputs) == {"releases"}  # the model enters through its model_id

@@ -11,9 +11,11 @@ import re
 import shlex
 
 import pyarrow as pa
+import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
 from conftest import RayHead
+from label_data import saved_model, spectra_file
 
 from speclabel.jobs import submit as sub
 from speclabel.jobs.cli import COMMANDS, build_parser, main
@@ -267,6 +269,15 @@ def test_token_auth_from_ray_auth_token_path(tmp_path, capsys, monkeypatch):
         head.stop()
 
 
+@pytest.fixture(scope="module")
+def ray_head():
+    """conftest's Ray head with 3 logical CPUs: a submitted label job's driver holds one
+    (``entrypoint_num_cpus``), its read tasks and its actor need the rest."""
+    head = RayHead(num_cpus=3)
+    yield head
+    head.stop()
+
+
 def _jobs(address: str) -> dict:
     return {job.submission_id: job for job in sub.list_jobs(sub.connect(address))}
 
@@ -326,3 +337,31 @@ def test_a_failed_job_is_resubmitted_as_a_retry(ray_head, tmp_path, capsys):
 
     assert main(argv) == 0
     assert f"{base_id}-retry1 already succeeded" in capsys.readouterr().out
+
+
+@pytest.mark.ray
+def test_a_submitted_label_job_publishes_the_catalogue(ray_head, tmp_path, tiny_setup, capsys):
+    model, ensemble = saved_model(tiny_setup, tmp_path / "model")
+    spectra = spectra_file(tiny_setup, tmp_path / "spectra.parquet", n=10, seed=5, release="DR3")
+    catalogue = tmp_path / "catalogue"
+    job_argv = ["label", "--spectra", str(tmp_path / "spectra.parquet"), "--model", model]
+    job_argv += ["--out", str(catalogue), "--saliency", "none", "--batch-size", "8", "--quiet"]
+    job_argv += ["--actors", "1", "--cpus-per-actor", "0.5"]
+    argv = ["submit", *job_argv, "--follow", "--address", ray_head.address]
+    assert main(argv) == 0
+    assert "label: release DR3 published" in capsys.readouterr().out  # the job's log, followed
+    submission_id = sub.build_request(job_argv).submission_id
+    assert submission_id.startswith(f"speclabel-label-DR3-{ensemble.model_id}-")
+    assert str(_jobs(ray_head.address)[submission_id].status) == "SUCCEEDED"
+
+    dataset = Dataset.open(str(catalogue))
+    entry = dataset.release_entry("DR3")
+    assert entry["model_id"] == ensemble.model_id and entry["rows"] == 10
+    live = pads.dataset(str(catalogue), partitioning="hive").to_table()
+    assert sorted(live.column("spectrum_id").to_pylist()) == sorted(spectra.column("spectrum_id").to_pylist())
+    assert dataset.manifest("DR3", entry["run_id"])["counts"]["labelled"] == 10
+
+    index = dataset.index()
+    assert main(argv) == 0  # the same work again: not run again
+    assert f"{submission_id} already succeeded" in capsys.readouterr().out
+    assert Dataset.open(str(catalogue)).index() == index

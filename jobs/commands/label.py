@@ -48,6 +48,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     io.add_argument("--out", required=True, metavar="CATALOGUE", help="catalogue folder or URI")
     io.add_argument("--release", help="release name for every row (default: the input's release column)")
     io.add_argument("--force", action="store_true", help="relabel even when the release is up to date")
+    io.add_argument(
+        "--reuse-unchanged",
+        action="store_true",
+        help="keep the live rows of spectra whose content (input_sha256) is unchanged when the release "
+        "was labelled with the same model and options; label only changed and new spectra",
+    )
 
     out = parser.add_argument_group("what to write")
     out.add_argument(
@@ -157,6 +163,7 @@ def run(args: argparse.Namespace) -> int:
         layout=CatalogueLayout(sky_order=args.sky_order) if args.sky_order is not None else None,
         write=WriteOptions(max_rows_per_file=args.max_rows_per_file),
         force=args.force,
+        reuse_unchanged=args.reuse_unchanged,
         fault_after_batches=fault_after,
         progress=not args.quiet,
     )

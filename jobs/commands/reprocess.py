@@ -43,9 +43,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
     what = parser.add_argument_group("what")
-    what.add_argument(
-        "--release", action="append", metavar="NAME", help="only this release folder (repeatable)"
-    )
+    what.add_argument("--release", metavar="NAME", help="only this release folder")
     what.add_argument("--dry-run", action="store_true", help="print the plan and do nothing")
     what.add_argument(
         "--lock-timeout",
@@ -80,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
         store=args.store,
         catalogue=args.catalogue,
         model=args.model,
-        only=tuple(args.release or ()),
+        only=(args.release,) if args.release else (),
         lock_timeout_s=args.lock_timeout,
         label=LabelOptions(
             saliency=args.saliency,
