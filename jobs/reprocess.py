@@ -46,6 +46,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import pyarrow.fs as pafs
 
@@ -54,6 +55,9 @@ from ..pipeline.errors import InputError, SpeclabelError, UsageError
 from ..pipeline.publish import Dataset, LockedError, new_run_id
 from ..pipeline.setups import Setup
 from ..pipeline.storage import filesystem_and_path, join, write_json_atomic
+
+if TYPE_CHECKING:  # the label job module imports torch and ray: imported where it is used
+    from ..pipeline.labelling.job import LabelOptions
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +84,7 @@ class ReprocessOptions:
     only: tuple[str, ...] = ()  # restrict to these releases
     lock_timeout_s: float = DEFAULT_LOCK_TIMEOUT_S
     # How to label; ``release`` is set per release and ``reuse_unchanged`` is always on.
-    label: object = None  # LabelOptions (imported lazily: it pulls in torch)
+    label: LabelOptions | None = None
 
 
 @dataclass
@@ -207,7 +211,7 @@ def label_reason(
     return "spectra store release changed"
 
 
-def label_options(options: ReprocessOptions, release: str):
+def label_options(options: ReprocessOptions, release: str) -> LabelOptions:
     from ..pipeline.labelling import LabelOptions
 
     base = options.label or LabelOptions(progress=False)

@@ -351,7 +351,7 @@ def test_a_submitted_label_job_publishes_the_catalogue(ray_head, tmp_path, tiny_
     assert main(argv) == 0
     assert "label: release DR3 published" in capsys.readouterr().out  # the job's log, followed
     submission_id = sub.build_request(job_argv).submission_id
-    assert submission_id.startswith(f"speclabel-label-DR3-{ensemble.model_id}-")
+    assert submission_id.startswith(f"speclabel-label-{ensemble.model_id}-")
     assert str(_jobs(ray_head.address)[submission_id].status) == "SUCCEEDED"
 
     dataset = Dataset.open(str(catalogue))
