@@ -20,7 +20,13 @@ from speclabel.pipeline.contract import (
 from speclabel.pipeline.errors import ConfigError, UsageError
 from speclabel.pipeline.flags import Flag
 from speclabel.pipeline.labelling import batch as B
-from speclabel.pipeline.labelling.inputs import ParquetInput, duplicate_rows, footer_bytes, inspect_file
+from speclabel.pipeline.labelling.inputs import (
+    ParquetInput,
+    duplicate_rows,
+    footer_bytes,
+    inspect_file,
+    read_spectra,
+)
 from speclabel.pipeline.labelling.job import LabelOptions, decide_release, plan_resources
 from speclabel.pipeline.setups import Setup
 from speclabel.pipeline.simulate import SurveyConfig, simulate_chunk
@@ -264,3 +270,30 @@ def test_release_values_from_statistics_or_the_column(tmp_path):
     assert release_values(fs, str(tmp_path / "grouped.parquet")) == {"DR1", "DR2"}
     pq.write_table(table.slice(1, 2), tmp_path / "mixed.parquet")  # one group holding DR1 and DR2
     assert release_values(fs, str(tmp_path / "mixed.parquet")) == {"DR1", "DR2"}
+
+
+def test_unchanged_rows_are_carried_and_never_read(tiny_setup, tmp_path):
+    """reuse_unchanged: rows equal (id and content hash) to a live row are left out of the read; a
+    row group made only of such rows is not read at all; duplicates are never carried."""
+    survey = simulate_chunk(tiny_setup, SurveyConfig(n=9, seed=4, chunk_size=9), 0)
+    survey = pa.concat_tables([survey, survey.slice(0, 1)])  # row 9 repeats row 0 exactly
+    sha = spectrum_sha256(spectra_arrays(survey, tiny_setup), tiny_setup)
+    assert sha[9] == sha[0]
+    pq.write_table(
+        survey.append_column("input_sha256", pa.array(sha)), tmp_path / "in.parquet", row_group_size=4
+    )
+    ids = survey.column("spectrum_id").to_pylist()
+    live = {ids[i]: sha[i] for i in range(8)}
+    live[ids[5]] = sha[6]  # spectrum 5 changed since it was labelled; 8 is new
+    source = ParquetInput.open(str(tmp_path / "in.parquet"), tiny_setup)
+    source.scan_ids()
+    assert source.carry_unchanged(live) == {ids[i] for i in (0, 1, 2, 3, 4, 6, 7)}
+    (path,) = source.rows_by_source()
+    assert source.carried[path].tolist() == [0, 1, 2, 3, 4, 6, 7]
+    assert source.carried_by_source() == {path: 7}
+    items = source.read_tasks()
+    assert [item["row_group"] for item in items] == [1, 2]  # group 0 (rows 0-3) is not read
+    rows = pa.concat_tables(read_spectra(pa.Table.from_pylist(items), source.fs, read_rows=3))
+    assert rows.column("spectrum_id").to_pylist() == [ids[5], ids[8], ids[9]]
+    assert rows.column(B.DUPLICATE).to_pylist() == [False, False, True]
+    assert source.carry_unchanged({}) == set() and source.carried == {}

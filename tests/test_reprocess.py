@@ -31,7 +31,9 @@ from speclabel.jobs.reprocess import (
     run_reprocess,
 )
 from speclabel.pipeline.contract import model_inputs, spectra_arrays, spectrum_sha256
+from speclabel.pipeline.errors import InputError
 from speclabel.pipeline.labelling import LabelOptions
+from speclabel.pipeline.labelling.inputs import ParquetInput
 from speclabel.pipeline.publish import Dataset, LockedError
 
 pytestmark = pytest.mark.ray
@@ -295,3 +297,36 @@ def test_submit_reprocess_names_the_work_by_release_and_model(history):
     request = sub.build_request(argv)
     assert request.submission_id.startswith(f"speclabel-reprocess-DR1-{history['ensemble'].model_id}-")
     assert set(request.inputs) == {"releases"}  # the model enters through its model_id
+
+
+def test_a_store_release_is_read_alone(history, tiny_setup):
+    store = history["options"].store
+    source = ParquetInput.open(store, tiny_setup, read_releases=False, release="DR2")
+    assert source.rows_in == 11 and all("/release=DR2/" in f.path for f in source.files)
+    with pytest.raises(InputError, match="has no release 'DR5'"):
+        ParquetInput.open(store, tiny_setup, release="DR5")
+
+
+def test_a_failed_release_is_recorded_and_the_run_exits_1(history, tiny_setup, capsys):
+    options = history["new_model_options"]
+    folder = Path(options.releases) / "DR4"
+    folder.mkdir()
+    spectra_file(tiny_setup, folder / "d.parquet", n=4, seed=6, release="DR4")
+    before = _snapshot(options)
+    try:
+        with Dataset.open(options.store).lock("20261125T000000Z-ingest"):  # a manual ingest is running
+            assert main(_cli(options)) == 1
+    finally:
+        for path in folder.iterdir():
+            path.unlink()
+        folder.rmdir()
+    err = capsys.readouterr().err
+    assert "DR4: failed" in err and "locked by run 20261125T000000Z-ingest" in err
+    after = _snapshot(options)
+    assert after["store"] == before["store"] and after["catalogue"] == before["catalogue"]
+    (new_record,) = set(after["records"]) - set(before["records"])
+    record = json.loads((Path(options.catalogue) / "_reprocess" / new_record).read_text())
+    steps = _steps(record)
+    assert record["status"] == "failed" and steps["DR4"]["status"] == "failed"
+    assert steps["DR4"]["ingest_reason"] == "new release" and "locked" in steps["DR4"]["error"]
+    assert steps["DR1"]["status"] == steps["DR2"]["status"] == "up to date"
