@@ -245,7 +245,8 @@ class Outcome:
 
     def summary(self) -> str:
         if self.status == "up to date":
-            return f"reprocess: up to date (model {self.plan.model_id}); nothing to do"
+            skipped = "".join(f"\n  {s.describe()}" for s in self.plan.steps if s.note)
+            return f"reprocess: up to date (model {self.plan.model_id}); nothing to do{skipped}"
         lines = [
             f"reprocess run {self.run_id}: {self.status} in {self.seconds:.1f} s (model {self.plan.model_id})"
         ]

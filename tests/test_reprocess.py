@@ -279,7 +279,8 @@ def _cli(options: ReprocessOptions) -> list[str]:
 def test_cli_up_to_date_and_dry_run(history, capsys):
     options = history["new_model_options"]
     assert main(_cli(options)) == 0
-    assert "reprocess: up to date" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "reprocess: up to date" in out and "DR9: skipped (no FITS or Parquet files yet)" in out
     assert main([*_cli(options), "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert "DR1: up to date" in out and "DR2: up to date" in out and "DR9: skipped" in out
