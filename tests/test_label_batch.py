@@ -27,7 +27,7 @@ from speclabel.pipeline.labelling.inputs import (
     inspect_file,
     read_spectra,
 )
-from speclabel.pipeline.labelling.job import LabelOptions, decide_release, plan_resources
+from speclabel.pipeline.labelling.job import LabelOptions, decide_release, plan_resources, usable_resources
 from speclabel.pipeline.setups import Setup
 from speclabel.pipeline.simulate import SurveyConfig, simulate_chunk
 
@@ -297,3 +297,14 @@ def test_unchanged_rows_are_carried_and_never_read(tiny_setup, tmp_path):
     assert rows.column("spectrum_id").to_pylist() == [ids[5], ids[8], ids[9]]
     assert rows.column(B.DUPLICATE).to_pylist() == [False, False, True]
     assert source.carry_unchanged({}) == set() and source.carried == {}
+
+
+def test_pools_are_planned_on_the_cpus_free_now():
+    # A submitted job's driver holds one of the head's CPUs for the whole run.
+    total = {"CPU": 2.0, "memory": 1e9}
+    usable = usable_resources(total, {"CPU": 1.0, "memory": 1e9})
+    assert usable == {"CPU": 1.0, "memory": 1e9}
+    plan = plan_resources(LabelOptions(), usable)
+    assert plan.actors * plan.cpus_per_actor + plan.prepare_cpus <= 1.0
+    assert usable_resources(total, {"CPU": 0.5}) == total  # work still finishing: plan on the total
+    assert usable_resources({"CPU": 8.0, "GPU": 2.0}, {"CPU": 7.0, "GPU": 1.0}) == {"CPU": 7.0, "GPU": 2.0}

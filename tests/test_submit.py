@@ -269,15 +269,6 @@ def test_token_auth_from_ray_auth_token_path(tmp_path, capsys, monkeypatch):
         head.stop()
 
 
-@pytest.fixture(scope="module")
-def ray_head():
-    """conftest's Ray head with 3 logical CPUs: a submitted label job's driver holds one
-    (``entrypoint_num_cpus``), its read tasks and its actor need the rest."""
-    head = RayHead(num_cpus=3)
-    yield head
-    head.stop()
-
-
 def _jobs(address: str) -> dict:
     return {job.submission_id: job for job in sub.list_jobs(sub.connect(address))}
 
@@ -345,8 +336,8 @@ def test_a_submitted_label_job_publishes_the_catalogue(ray_head, tmp_path, tiny_
     spectra = spectra_file(tiny_setup, tmp_path / "spectra.parquet", n=10, seed=5, release="DR3")
     catalogue = tmp_path / "catalogue"
     job_argv = ["label", "--spectra", str(tmp_path / "spectra.parquet"), "--model", model]
+    # Default pool sizing on a 2-CPU head, one CPU of which the job's driver holds.
     job_argv += ["--out", str(catalogue), "--saliency", "none", "--batch-size", "8", "--quiet"]
-    job_argv += ["--actors", "1", "--cpus-per-actor", "0.5"]
     argv = ["submit", *job_argv, "--follow", "--address", ray_head.address]
     assert main(argv) == 0
     assert "label: release DR3 published" in capsys.readouterr().out  # the job's log, followed

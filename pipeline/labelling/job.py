@@ -225,7 +225,9 @@ def label_spectra(
             carried_ids = source.carry_unchanged(live_checksums(dataset, release))
             carried = source.carried_by_source()
         rows_to_label = source.rows_in - sum(carried.values())
-        resources = plan_resources(options, ray.cluster_resources(), rows=rows_to_label)
+        resources = plan_resources(
+            options, usable_resources(ray.cluster_resources(), ray.available_resources()), rows=rows_to_label
+        )
         outputs = RunOutputs(
             dataset, release, run_id, spec, setup.wave, layout=options.layout, options=options.write
         )
@@ -359,6 +361,15 @@ def label_stream(
         num_cpus=resources.cpus_per_actor,
         **gpu_args,
     )
+
+
+def usable_resources(total: dict, available: dict) -> dict:
+    """The cluster's resources, with the CPUs that are free now when at least one is: CPUs held for
+    the whole run by others, such as the one a job submitted through the Jobs API reserves for its
+    driver (``entrypoint_num_cpus``), would otherwise be planned for and the pool would wait for them
+    until ``ACTOR_START_TIMEOUT_S``. Fewer than one free CPU (work finishing) falls back to the total."""
+    free = float(available.get("CPU", 0.0))
+    return {**total, "CPU": free} if free >= 1.0 else dict(total)
 
 
 def plan_resources(options: LabelOptions, cluster: dict, rows: int | None = None) -> Resources:
