@@ -150,7 +150,8 @@ class LabelResult:
 
     @property
     def rows_per_s(self) -> float:
-        return self.rows_in / self.label_seconds if self.label_seconds > 0 else 0.0
+        labelled = self.rows_in - self.carried  # carried rows were neither read nor labelled
+        return labelled / self.label_seconds if self.label_seconds > 0 else 0.0
 
     def summary(self) -> str:
         if self.status == "up to date":
@@ -305,7 +306,7 @@ def label_spectra(
                 "timings": {
                     "prepass_s": round(prepass_s, 3),
                     "label_s": round(label_s, 3),
-                    "rows_per_s": round(source.rows_in / label_s, 3) if label_s > 0 else None,
+                    "rows_per_s": round(rows_to_label / label_s, 3) if label_s > 0 else None,
                 },
                 "versions": versions(),
             }
