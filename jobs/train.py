@@ -705,14 +705,20 @@ def label_table(ensemble: Ensemble) -> str:
     for name in ensemble.label_names:
         val = [m["validation"][name] for m in ensemble.member_info]
         t = test.get(name, {})
-        bias, scatter = np.mean([v["bias"] for v in val]), np.mean([v["scatter"] for v in val])
+        bias = np.mean([_number(v["bias"]) for v in val])
+        scatter = np.mean([_number(v["scatter"]) for v in val])
         lines.append(
             f"{name:<6} {bias:>10.4g} {scatter:>11.4g} "
-            f"{t.get('n', 0):>6} {t.get('bias', math.nan):>10.4g} {t.get('scatter', math.nan):>12.4g} "
-            f"{t.get('std_ratio', math.nan):>9.3g}"
+            f"{t.get('n', 0):>6} {_number(t.get('bias')):>10.4g} {_number(t.get('scatter')):>12.4g} "
+            f"{_number(t.get('std_ratio')):>9.3g}"
         )
     lines.append(
         "validation: each kept member on its own validation rows, averaged; test: the ensemble mean on the "
         "common test split (std ratio = rms ensemble std / rms error)"
     )
     return "\n".join(lines)
+
+
+def _number(value) -> float:
+    """A metric as a float: model.json writes an undefined one (NaN) as null."""
+    return math.nan if value is None else float(value)

@@ -238,7 +238,7 @@ class SpectrumCNN(nn.Module):
 
     def set_reference(self, reference) -> None:
         """The per-pixel spectrum the input is measured from (``center_input``: the training mean)."""
-        reference = torch.as_tensor(reference, dtype=self.reference.dtype)
+        reference = torch.tensor(reference, dtype=self.reference.dtype)  # a copy: the input may be read-only
         if reference.shape != self.reference.shape or not torch.isfinite(reference).all():
             raise ValueError(f"reference must be {tuple(self.reference.shape)} finite values")
         self.reference.copy_(reference)
