@@ -149,7 +149,11 @@ def run_variant(name, members, epochs, workers, save=None):
         ensemble_config=ensemble_config,
         train_config=config,
         test={k: arrays[k][test_rows] for k in ("flux", "mask", "labels", "snr")},
-        data={"location": str(SHARED / "giraffe_synth_train.parquet"), "n_rows": len(arrays["labels"]), "fingerprint": arrays["fingerprint"]},
+        data={
+            "location": str(SHARED / "giraffe_synth_train.parquet"),
+            "n_rows": len(arrays["labels"]),
+            "fingerprint": arrays["fingerprint"],
+        },
     )
     if save:
         save_model(ensemble, save, overwrite=True)

@@ -24,7 +24,6 @@ after its epoch-2 checkpoint, once: a member resumed from that checkpoint does n
 
 from __future__ import annotations
 
-import dataclasses
 import datetime as dt
 import json
 import logging
@@ -48,6 +47,7 @@ from ..model.metrics import metrics_by_snr
 from ..model.scaling import LabelScaler
 from ..model.splits import SplitRule
 from ..model.training import MemberResult, TrainConfig, TrainingState, input_reference, train_member
+from ..pipeline.config import dataclass_from_dict
 from ..pipeline.errors import ConfigError, InputError, SpeclabelError
 from ..pipeline.setups import DEFAULT_SETUP, Setup, get_setup
 from ..pipeline.storage import (
@@ -168,17 +168,12 @@ def read_model_config(path: str | os.PathLike) -> dict:
 
 
 def ensemble_config(data: Mapping, *, source: str = "") -> EnsembleConfig:
-    known = {f.name for f in dataclasses.fields(EnsembleConfig)}
-    unknown = sorted(set(data) - known)
-    if unknown:
-        raise ConfigError(f"{source}: unknown [ensemble] option(s) {unknown}; known: {sorted(known)}")
     values = dict(data)
-    try:
-        if "split" in values:
-            values["split"] = SplitRule(**values["split"])
-        return EnsembleConfig(**values)
-    except TypeError as exc:
-        raise ConfigError(f"{source}: invalid [ensemble] section: {exc}") from exc
+    if "split" in values:
+        values["split"] = dataclass_from_dict(
+            SplitRule, values["split"], what=f"[ensemble.split] in {source}"
+        )
+    return dataclass_from_dict(EnsembleConfig, values, what=f"[ensemble] in {source}")
 
 
 # -- one member, inside its Tune trial -------------------------------------------------------------
