@@ -32,7 +32,7 @@ from speclabel.model.arch import PRESETS, ArchConfig
 from speclabel.model.fit import EnsembleConfig, assemble_ensemble, fit_scaler, member_data, prepare_arrays
 from speclabel.model.io import save_model
 from speclabel.model.metrics import label_metrics
-from speclabel.model.training import AugmentConfig, TrainConfig, train_member
+from speclabel.model.training import AugmentConfig, TrainConfig, input_reference, train_member
 from speclabel.pipeline.contract import LABEL_NAMES
 from speclabel.pipeline.setups import get_setup
 
@@ -116,8 +116,10 @@ def train_one(task):
     split = EnsembleConfig().split
     scaler = fit_scaler(arrays, split, "standard")
     train, val = member_data(arrays, split, seed)
+    # The ensemble's common input reference (the training pool's mean), as fit_ensemble and the job set it.
+    reference = input_reference(train, val) if arch.center_input else None
     began, cpu = time.perf_counter(), time.process_time()
-    result = train_member(arch, setup, scaler, config.replace(seed=seed), train, val)
+    result = train_member(arch, setup, scaler, config.replace(seed=seed), train, val, reference=reference)
     return result, time.perf_counter() - began, time.process_time() - cpu
 
 
@@ -147,7 +149,11 @@ def run_variant(name, members, epochs, workers, save=None):
         ensemble_config=ensemble_config,
         train_config=config,
         test={k: arrays[k][test_rows] for k in ("flux", "mask", "labels", "snr")},
-        data={"location": str(SHARED), "n_rows": len(arrays["labels"]), "fingerprint": arrays["fingerprint"]},
+        data={
+            "location": str(SHARED / "giraffe_synth_train.parquet"),
+            "n_rows": len(arrays["labels"]),
+            "fingerprint": arrays["fingerprint"],
+        },
     )
     if save:
         save_model(ensemble, save, overwrite=True)

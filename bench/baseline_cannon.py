@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import platform
 import time
 from pathlib import Path
@@ -37,7 +38,7 @@ import torch
 
 from speclabel.model.arch import get_arch
 from speclabel.model.fit import EnsembleConfig, fit_ensemble, prepare_arrays
-from speclabel.model.io import save_model
+from speclabel.model.io import load_model, save_model
 from speclabel.model.metrics import metrics_by_snr
 from speclabel.model.training import TrainConfig
 from speclabel.pipeline.contract import LABEL_NAMES, validate
@@ -79,21 +80,27 @@ def cannon_labels(arrays: dict, train: np.ndarray, test: np.ndarray) -> tuple[np
     return np.asarray(data.test_label_vals), {"train_s": train_s, "test_s_per_spectrum": test_s / test.sum()}
 
 
-def speclabel_labels(arrays: dict, data_path: Path, members: int, out: Path, test: np.ndarray):
+def speclabel_labels(
+    arrays: dict, data_path: Path, members: int, out: Path, test: np.ndarray, trained: Path | None = None
+):
+    """Fit the default ensemble (or load ``trained``, a model directory fitted on the same rows)."""
     setup = get_setup()
-    arch = get_arch()
-    config = TrainConfig()
     began = time.perf_counter()
-    ensemble = fit_ensemble(
-        arrays,
-        setup,
-        arch,
-        config,
-        EnsembleConfig(n_members=members),
-        data={"location": str(data_path)},
-    )
-    train_s = time.perf_counter() - began
-    model_id = save_model(ensemble, str(out / "model"), overwrite=True)
+    if trained is None:
+        ensemble = fit_ensemble(
+            arrays,
+            setup,
+            get_arch(),
+            TrainConfig(),
+            EnsembleConfig(n_members=members),
+            data={"location": str(data_path)},
+        )
+        train_s = time.perf_counter() - began
+        model_id = save_model(ensemble, str(out / "model"), overwrite=True)
+    else:
+        ensemble = load_model(str(trained))
+        train_s, model_id = math.nan, ensemble.model_id
+    arch, config = ensemble.arch, ensemble.info.get("training", {}).get("config", {})
     flux, mask = arrays["flux"][test], arrays["mask"][test]
     ensemble.predict(flux[:2], mask[:2])  # warm-up: first-call allocations are not per-spectrum cost
     began = time.perf_counter()
@@ -108,7 +115,7 @@ def speclabel_labels(arrays: dict, data_path: Path, members: int, out: Path, tes
         "test_with_saliency_s_per_spectrum": saliency_s / test.sum(),
         "model_id": model_id,
         "arch": arch.name,
-        "train_config": config.to_dict(),
+        "train_config": config if isinstance(config, dict) else config.to_dict(),
         "epochs_run": [m["epochs_run"] for m in ensemble.member_info],
     }
     return prediction.mean, prediction.std, timing
@@ -150,6 +157,12 @@ def main() -> None:
     parser.add_argument("--members", type=int, default=EnsembleConfig().n_members)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, default=Path("out/baseline_cannon"))
+    parser.add_argument(
+        "--model",
+        type=Path,
+        help="score this model directory (trained on the same file, e.g. by bench/accuracy_shared.py "
+        "--save) instead of fitting one",
+    )
     parser.add_argument("--skip-speclabel", action="store_true", help="The Cannon only (a quick check)")
     parser.add_argument("--table-only", action="store_true", help="print the table of an earlier run")
     args = parser.parse_args()
@@ -176,8 +189,8 @@ def main() -> None:
         "timing": timing,
     }
     if not args.skip_speclabel:
-        mean, std, timing = speclabel_labels(arrays, args.data, args.members, args.out, test)
-        methods[f"speclabel ({timing['arch']}, {args.members} members)"] = {
+        mean, std, timing = speclabel_labels(arrays, args.data, args.members, args.out, test, args.model)
+        methods[f"speclabel ({timing['arch']}, {len(timing['epochs_run'])} members)"] = {
             "metrics": metrics_by_snr(mean, truth, LABEL_NAMES, snr, std=std),
             "timing": timing,
         }

@@ -2,7 +2,7 @@
 
 Three measurements, each in a fresh process (so timings and memory belong to that run alone):
 
-1. **With saliency summary** (8 members, the paper network, GIRAFFE HR10+HR21, 15942 pixels):
+1. **With saliency summary** (8 members, the default network, GIRAFFE HR10+HR21, 15942 pixels):
    spectra/s of `speclabel label` on a simulated Parquet file against the same computation as a
    plain loop in one process (read batches -> validate/prepare -> ``Ensemble.predict`` -> label
    rows, no writing) over the same file. The plain loop runs with torch's default threads (= CPUs)
@@ -40,7 +40,7 @@ def make_model(folder: str, members: int = 8) -> str:
     import numpy as np
     import torch
 
-    from speclabel.model.arch import PAPER, build_network
+    from speclabel.model.arch import build_network, get_arch
     from speclabel.model.ensemble import Ensemble
     from speclabel.model.io import save_model
     from speclabel.model.scaling import LabelScaler
@@ -51,7 +51,8 @@ def make_model(folder: str, members: int = 8) -> str:
     labels = draw_labels(np.random.default_rng(0), 1000)
     scaler = LabelScaler.fit(np.stack([labels[k] for k in ("teff", "logg", "feh", "mgfe", "alfe")], axis=1))
     torch.manual_seed(0)
-    ensemble = Ensemble(setup, PAPER, scaler, [build_network(PAPER, setup) for _ in range(members)])
+    arch = get_arch()  # the default preset, what `speclabel train` fits
+    ensemble = Ensemble(setup, arch, scaler, [build_network(arch, setup) for _ in range(members)])
     save_model(ensemble, folder)
     return folder
 

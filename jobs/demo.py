@@ -1,7 +1,23 @@
-"""The end-to-end demo: every stage of speclabel on a small built-in survey, in one process tree."""
+"""The end-to-end demo: the README's commands, one after the other, on a small built-in survey.
+
+Every step is a ``speclabel`` subcommand run through the same entry point as the shell (each is
+printed before it runs, so a reader can repeat any of them), on one local Ray instance that the
+steps share instead of starting their own:
+
+1. ``simulate`` a labelled training survey (Parquet) and a delivered release of FITS files, one
+   of which is then corrupted on purpose: the run must account for it;
+2. ``ingest`` the FITS release into a spectra store;
+3. ``train`` an ensemble on the training survey (members in parallel, as Ray Tune trials);
+4. ``label`` the stored release into the catalogue (Ray Data, ensemble + saliency);
+5. ``query`` the catalogue with a filter;
+6. ``evaluate`` the catalogue against the release's true labels (report.md, metrics.json, figures).
+"""
 
 from __future__ import annotations
 
+import json
+import shlex
+import shutil
 import time
 from pathlib import Path
 
@@ -9,43 +25,115 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from ..pipeline import contract
+from ..pipeline.errors import SpeclabelError, UsageError
 from ..pipeline.setups import get_setup
-from ..pipeline.simulate import SurveyConfig, write_parquet
+
+# Written into the output folder so that a rerun may clear what an earlier demo left there, and
+# nothing else.
+MARKER = ".speclabel-demo"
 
 
-def run_demo(out: str, *, n: int, seed: int) -> int:
-    out_dir = Path(out)
-    plots = out_dir / "plots"
-    plots.mkdir(parents=True, exist_ok=True)
-    setup = get_setup()
-    steps: list[tuple[str, float, str]] = []
+def run_demo(out: str, *, n: int, seed: int, members: int = 4, epochs: int = 12) -> int:
+    import ray
 
-    start = time.perf_counter()
-    survey = out_dir / "survey.parquet"
-    rows = write_parquet(str(survey), setup, SurveyConfig(n=n, seed=seed, release="DEMO"))
-    steps.append(("simulate", time.perf_counter() - start, f"{rows} spectra -> {survey}"))
+    from .cli import main
 
-    start = time.perf_counter()
-    table = pq.read_table(survey)
-    reasons = contract.validate(table, setup, labelled=True)
-    bad = int(sum(r is not None for r in reasons))
-    steps.append(("validate", time.perf_counter() - start, f"{rows - bad} good, {bad} quarantined"))
+    out_dir = _fresh_output(Path(out))
+    training = out_dir / "train.parquet"
+    delivered = out_dir / "delivered" / "DEMO"
+    store, model, catalogue = out_dir / "store", out_dir / "model", out_dir / "catalogue"
+    report = out_dir / "report"
+    n_release = max(n // 3, 4)
+    steps: list[tuple[str, float]] = []
 
-    start = time.perf_counter()
-    spectra_png = plots / "example_spectra.png"
-    plot_example_spectra(table, setup, spectra_png)
-    steps.append(("plot", time.perf_counter() - start, str(spectra_png)))
+    def step(name: str, *argv: str) -> None:
+        print(f"\n$ {shlex.join(['speclabel', name, *argv])}", flush=True)
+        began = time.perf_counter()
+        code = main([name, *argv])
+        if code != 0:
+            raise SpeclabelError(f"demo step 'speclabel {name}' failed (exit {code}); its output is above")
+        steps.append((name, time.perf_counter() - began))
 
-    print("\nspeclabel demo")
-    print(f"{'step':<10} {'seconds':>8}  result")
-    for name, seconds, result in steps:
-        print(f"{name:<10} {seconds:>8.1f}  {result}")
-    print("\nsurvey labels (5th / 50th / 95th percentile)")
-    for label in contract.LABELS:
-        values = table.column(label.name).to_numpy()
-        p5, p50, p95 = np.percentile(values, [5, 50, 95])
-        print(f"  {label.name:<5} {p5:9.2f} {p50:9.2f} {p95:9.2f}  {label.unit}")
+    step("simulate", "--n", str(n), "--seed", str(seed), "--release", "TRAIN", "--out", str(training))
+    step(
+        "simulate",
+        *("--n", str(n_release), "--seed", str(seed + 1), "--release", "DEMO"),
+        *("--format", "fits", "--out", str(delivered)),
+    )
+    corrupted = _corrupt_one_file(delivered)
+    print(f"(demo: truncated {corrupted.relative_to(out_dir)} to show what happens to a corrupt file)")
+    plot = out_dir / "example_spectra.png"
+    plot_example_spectra(pq.read_table(training), get_setup(), plot)
+
+    # A Ray instance of its own ("local"), even where `ray start` runs one on this machine.
+    ray.init(address="local", include_dashboard=False, logging_config=ray.LoggingConfig(log_level="WARNING"))
+    try:
+        step("ingest", str(delivered / "spectra"), "--out", str(store), "--release", "DEMO")
+        step(
+            "train",
+            *("--data", str(training), "--out", str(model)),
+            *("--members", str(members), "--epochs", str(epochs), "--storage", str(out_dir / "runs")),
+        )
+        step("label", "--spectra", str(store), "--model", str(model), "--out", str(catalogue), "--quiet")
+    finally:
+        ray.shutdown()
+    step(
+        "query",
+        str(catalogue),
+        *("--where", "logg < 3.5 and feh < -0.5", "--limit", "5"),
+        *("--columns", "spectrum_id,teff,logg,feh,mgfe,alfe,teff_std,snr"),
+    )
+    step(
+        "evaluate",
+        "--catalogue",
+        str(catalogue),
+        "--truth",
+        str(delivered / "labels.parquet"),
+        "--out",
+        str(report),
+    )
+
+    print("\nspeclabel demo: done")
+    print(f"{'step':<10} {'seconds':>8}")
+    for name, seconds in steps:
+        print(f"{name:<10} {seconds:>8.1f}")
+    print(_accounting(catalogue))
+    print(f"\noutputs under {out_dir}/: report/report.md (accuracy, calibration, saliency figures),")
+    print("catalogue/ (the label catalogue), model/ (the ensemble), store/ (the spectra store),")
+    print(f"{plot.name} (a giant and a dwarf of the training survey with the line windows).")
+    print(f"Next: speclabel stats {catalogue}; speclabel query {catalogue} --where 'alfe > 0.2' --limit 10")
     return 0
+
+
+def _fresh_output(out_dir: Path) -> Path:
+    """``out_dir``, empty: created, or cleared when an earlier demo made it; anything else is refused."""
+    if out_dir.exists() and any(out_dir.iterdir()):
+        if not (out_dir / MARKER).exists():
+            raise UsageError(f"{out_dir} exists and was not made by the demo; give an empty or new --out")
+        shutil.rmtree(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / MARKER).write_text("made by speclabel demo; the next demo run clears this folder\n")
+    return out_dir
+
+
+def _corrupt_one_file(delivered: Path) -> Path:
+    """Cut one delivered FITS file short, as an interrupted transfer would."""
+    victim = sorted(delivered.rglob("*.fits"))[0]
+    data = victim.read_bytes()
+    victim.write_bytes(data[: len(data) // 3])
+    return victim
+
+
+def _accounting(catalogue: Path) -> str:
+    """The label run's own account of its input, from its manifest."""
+    manifests = sorted((catalogue / "_manifests").rglob("*.json"))
+    counts = json.loads(manifests[-1].read_text()).get("counts", {}) if manifests else {}
+    if not counts:
+        return "(no label manifest found)"
+    return (
+        f"\nlabel accounting: {counts.get('rows_in')} spectra in = {counts.get('labelled')} labelled + "
+        f"{counts.get('quarantined')} quarantined (ingest quarantined the corrupt file's star before that)"
+    )
 
 
 def plot_example_spectra(table, setup, path: Path) -> None:

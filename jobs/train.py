@@ -24,7 +24,6 @@ after its epoch-2 checkpoint, once: a member resumed from that checkpoint does n
 
 from __future__ import annotations
 
-import dataclasses
 import datetime as dt
 import json
 import logging
@@ -48,6 +47,7 @@ from ..model.metrics import metrics_by_snr
 from ..model.scaling import LabelScaler
 from ..model.splits import SplitRule
 from ..model.training import MemberResult, TrainConfig, TrainingState, input_reference, train_member
+from ..pipeline.config import dataclass_from_dict
 from ..pipeline.errors import ConfigError, InputError, SpeclabelError
 from ..pipeline.setups import DEFAULT_SETUP, Setup, get_setup
 from ..pipeline.storage import (
@@ -168,17 +168,12 @@ def read_model_config(path: str | os.PathLike) -> dict:
 
 
 def ensemble_config(data: Mapping, *, source: str = "") -> EnsembleConfig:
-    known = {f.name for f in dataclasses.fields(EnsembleConfig)}
-    unknown = sorted(set(data) - known)
-    if unknown:
-        raise ConfigError(f"{source}: unknown [ensemble] option(s) {unknown}; known: {sorted(known)}")
     values = dict(data)
-    try:
-        if "split" in values:
-            values["split"] = SplitRule(**values["split"])
-        return EnsembleConfig(**values)
-    except TypeError as exc:
-        raise ConfigError(f"{source}: invalid [ensemble] section: {exc}") from exc
+    if "split" in values:
+        values["split"] = dataclass_from_dict(
+            SplitRule, values["split"], what=f"[ensemble.split] in {source}"
+        )
+    return dataclass_from_dict(EnsembleConfig, values, what=f"[ensemble] in {source}")
 
 
 # -- one member, inside its Tune trial -------------------------------------------------------------
@@ -705,14 +700,20 @@ def label_table(ensemble: Ensemble) -> str:
     for name in ensemble.label_names:
         val = [m["validation"][name] for m in ensemble.member_info]
         t = test.get(name, {})
-        bias, scatter = np.mean([v["bias"] for v in val]), np.mean([v["scatter"] for v in val])
+        bias = np.mean([_number(v["bias"]) for v in val])
+        scatter = np.mean([_number(v["scatter"]) for v in val])
         lines.append(
             f"{name:<6} {bias:>10.4g} {scatter:>11.4g} "
-            f"{t.get('n', 0):>6} {t.get('bias', math.nan):>10.4g} {t.get('scatter', math.nan):>12.4g} "
-            f"{t.get('std_ratio', math.nan):>9.3g}"
+            f"{t.get('n', 0):>6} {_number(t.get('bias')):>10.4g} {_number(t.get('scatter')):>12.4g} "
+            f"{_number(t.get('std_ratio')):>9.3g}"
         )
     lines.append(
         "validation: each kept member on its own validation rows, averaged; test: the ensemble mean on the "
         "common test split (std ratio = rms ensemble std / rms error)"
     )
     return "\n".join(lines)
+
+
+def _number(value) -> float:
+    """A metric as a float: model.json writes an undefined one (NaN) as null."""
+    return math.nan if value is None else float(value)

@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..pipeline.config import dataclass_from_dict
 from ..pipeline.contract import LABEL_NAMES
 from ..pipeline.errors import ConfigError
 from ..pipeline.setups import Setup
@@ -86,14 +87,7 @@ class ArchConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> ArchConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ConfigError(f"unknown architecture field(s) {unknown}; known: {sorted(known)}")
-        try:
-            return cls(**data)
-        except (TypeError, ValueError) as exc:
-            raise ConfigError(f"invalid architecture {data!r}: {exc}") from exc
+        return dataclass_from_dict(cls, data, what="architecture")
 
     def replace(self, **changes) -> ArchConfig:
         return dataclasses.replace(self, **changes)
@@ -238,7 +232,7 @@ class SpectrumCNN(nn.Module):
 
     def set_reference(self, reference) -> None:
         """The per-pixel spectrum the input is measured from (``center_input``: the training mean)."""
-        reference = torch.as_tensor(reference, dtype=self.reference.dtype)
+        reference = torch.tensor(reference, dtype=self.reference.dtype)  # a copy: the input may be read-only
         if reference.shape != self.reference.shape or not torch.isfinite(reference).all():
             raise ValueError(f"reference must be {tuple(self.reference.shape)} finite values")
         self.reference.copy_(reference)

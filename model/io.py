@@ -23,6 +23,7 @@ import contextlib
 import datetime as dt
 import hashlib
 import json
+import math
 from importlib.metadata import PackageNotFoundError, version
 
 import pyarrow.fs as pafs
@@ -78,6 +79,18 @@ def compute_model_id(document: dict) -> str:
     return hashlib.sha256(canonical_bytes(content)).hexdigest()[:16]
 
 
+def json_numbers(value):
+    """``value`` with every non-finite float replaced by None: JSON has no NaN, and a metric that is
+    undefined (the scatter of a single test row, a validation split with no rows) is written as null."""
+    if isinstance(value, dict):
+        return {k: json_numbers(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [json_numbers(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
 def member_bytes(network: torch.nn.Module, index: int) -> bytes:
     # float32 on disk whatever the network computed in; contiguous copies (safetensors refuses views).
     state = {k: v.detach().to(torch.float32).contiguous() for k, v in network.state_dict().items()}
@@ -91,7 +104,9 @@ def model_document(ensemble: Ensemble, weight_files: dict[str, bytes]) -> dict:
     members = []
     for index, info in enumerate(ensemble.member_info):
         name = member_file(index)
-        members.append({**info, "file": name, "sha256": hashlib.sha256(weight_files[name]).hexdigest()})
+        members.append(
+            {**json_numbers(info), "file": name, "sha256": hashlib.sha256(weight_files[name]).hexdigest()}
+        )
     document = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -103,7 +118,7 @@ def model_document(ensemble: Ensemble, weight_files: dict[str, bytes]) -> dict:
         "scaling": ensemble.scaler.to_dict(),
         "std_ddof": STD_DDOF,
         "members": members,
-        **ensemble.info,
+        **json_numbers(ensemble.info),
     }
     document["model_id"] = compute_model_id(document)
     return document

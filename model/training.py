@@ -36,6 +36,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from ..pipeline.config import dataclass_from_dict
 from ..pipeline.contract import LABEL_NAMES, model_inputs, spectra_arrays
 from ..pipeline.errors import ConfigError, InputError
 from ..pipeline.setups import SPEED_OF_LIGHT_KMS, Setup
@@ -125,14 +126,7 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, data: Mapping) -> TrainConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ConfigError(f"unknown training option(s) {unknown}; known: {sorted(known)}")
-        try:
-            return cls(**data)
-        except TypeError as exc:
-            raise ConfigError(f"invalid training configuration: {exc}") from exc
+        return dataclass_from_dict(cls, data, what="training")
 
     def replace(self, **changes) -> TrainConfig:
         return dataclasses.replace(self, **changes)

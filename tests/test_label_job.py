@@ -2,6 +2,9 @@
 labels and saliency against the in-process ensemble, idempotence, model replacement, a killed run."""
 
 import os
+import re
+import subprocess
+import sys
 
 import numpy as np
 import pyarrow as pa
@@ -17,7 +20,7 @@ from speclabel.model.splits import hash_uniform
 from speclabel.pipeline.catalogue import Catalogue
 from speclabel.pipeline.catalogue.layout import saliency_column
 from speclabel.pipeline.contract import model_inputs, spectra_arrays, spectra_schema, spectrum_sha256
-from speclabel.pipeline.errors import InputError, IntegrityError, SpeclabelError, UsageError
+from speclabel.pipeline.errors import InputError, IntegrityError, UsageError
 from speclabel.pipeline.labelling import LabelOptions, label_spectra, read_population_saliency
 from speclabel.pipeline.labelling.job import SAMPLE_SALT
 from speclabel.pipeline.publish import Dataset
@@ -77,6 +80,22 @@ def labelled(tmp_path_factory, tiny_setup, ray_session):
         "result": result,
         "options": options,
     }
+
+
+def _failing_cli_run(label_args: list[str], *, after: int) -> subprocess.CompletedProcess:
+    """``speclabel label`` with actors failing after ``after`` batches, in its own process and Ray.
+
+    A killed run is a process that ends; in the session's Ray the actor that raised would also
+    outlive the run (Ray keeps it for the lineage of its failed output until the driver exits) and
+    hold its CPU share from the tests after it.
+    """
+    return subprocess.run(
+        [sys.executable, "-m", "speclabel.jobs.cli", "label", *label_args, "--quiet", "--address", "local"],
+        env={**os.environ, "SPECLABEL_FAULT_AFTER_BATCHES": str(after)},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
 
 
 def _live(catalogue: str) -> pa.Table:
@@ -206,9 +225,11 @@ def test_killed_run_publishes_nothing_and_a_rerun_publishes_once(labelled, tiny_
     model, ensemble = saved_model(tiny_setup, labelled["root"] / "model-3", seed=9)
     before_index = dataset.index()
     before_rows = _live(catalogue).sort_by("spectrum_id")
-    failing = LabelOptions(fault_after_batches=1, **OPTIONS)
-    with pytest.raises(SpeclabelError, match=r"nothing was published.*fault injected"):
-        label_spectra(labelled["inputs"], model, catalogue, failing)
+    failed = _failing_cli_run(
+        ["--spectra", labelled["inputs"], "--model", model, "--out", catalogue, "--batch-size", "8"], after=1
+    )
+    assert failed.returncode == 1
+    assert re.search(r"nothing was published.*fault injected", failed.stderr), failed.stderr[-2000:]
     assert dataset.index() == before_index
     assert _live(catalogue).sort_by("spectrum_id").equals(before_rows)
     assert not os.path.exists(dataset.path("_lock"))
@@ -224,7 +245,7 @@ def test_killed_run_publishes_nothing_and_a_rerun_publishes_once(labelled, tiny_
     assert f"run={result.run_id}" in runs and len(runs) == len(manifests) + 1
 
 
-def test_cli_labels_reruns_and_fails_with_exit_codes(labelled, capsys, monkeypatch, tmp_path):
+def test_cli_labels_reruns_and_fails_with_exit_codes(labelled, capsys, tmp_path):
     catalogue = str(tmp_path / "cli-cat")
     args = ["label", "--spectra", labelled["inputs"], "--model", labelled["model"], "--out", catalogue]
     args += ["--release", "DR7", "--saliency", "none", "--batch-size", "8", "--quiet"]
@@ -241,9 +262,8 @@ def test_cli_labels_reruns_and_fails_with_exit_codes(labelled, capsys, monkeypat
     assert "saliency-sample" in capsys.readouterr().err
 
     before = Dataset.open(catalogue).index()
-    monkeypatch.setenv("SPECLABEL_FAULT_AFTER_BATCHES", "0")
-    assert main([*args, "--force"]) == 1
-    assert "nothing was published" in capsys.readouterr().err
+    failed = _failing_cli_run([*args[1:], "--force"], after=0)
+    assert failed.returncode == 1 and "nothing was published" in failed.stderr
     assert Dataset.open(catalogue).index() == before
 
 

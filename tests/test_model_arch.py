@@ -91,7 +91,7 @@ def test_config_round_trips_and_toml(tmp_path):
     assert get_arch("paper", dropout=0.1).dropout == 0.1
     with pytest.raises(ConfigError, match="unknown architecture 'nope'"):
         get_arch("nope")
-    with pytest.raises(ConfigError, match="unknown architecture field"):
+    with pytest.raises(ConfigError, match="unknown architecture option"):
         ArchConfig.from_dict({"conv_chanels": [1]})
     with pytest.raises(ConfigError, match="arms must be one of"):
         TINY.replace(arms="both")

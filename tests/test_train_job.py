@@ -35,8 +35,11 @@ def test_config_file_sections_and_command_line_overrides(tmp_path):
     settings = read_model_config(tmp_path / "preset.toml")
     assert settings["arch"] == PAPER and settings["train"].augment.noise
     (tmp_path / "bad.toml").write_text("[ensemble]\nmembers = 3\n")
-    with pytest.raises(ConfigError, match="members"):
+    with pytest.raises(ConfigError, match=r"unknown \[ensemble\] in .*bad.toml option\(s\) \['members'\]"):
         read_model_config(tmp_path / "bad.toml")
+    (tmp_path / "bad-split.toml").write_text("[ensemble.split]\ntest_fraction = 0.1\nsalt = 1\n")
+    with pytest.raises(ConfigError, match=r"unknown \[ensemble.split\].*\['salt'\]"):
+        read_model_config(tmp_path / "bad-split.toml")
 
 
 def _epochs_reported(run_folder, member):

@@ -255,10 +255,10 @@ def label_spectra(
             # Inside the context: a dataset takes its settings from the context it was built in.
             with ray_data_context(progress_bars=options.progress):
                 stream = label_stream(source, setup, settings, resources, options)
+                # The iterator itself (iter_batches gives an iterable), so that it can be closed below.
+                batches = iter(stream.iter_batches(batch_format="pyarrow", batch_size=None) if stream else ())
                 try:
-                    for batch in (
-                        stream.iter_batches(batch_format="pyarrow", batch_size=None) if stream else ()
-                    ):
+                    for batch in batches:
                         outputs.add(batch)
                         progress.update()
                         if time.monotonic() - heartbeat > HEARTBEAT_S:
@@ -271,6 +271,10 @@ def label_spectra(
                         f"labelling release {release} failed after {outputs.labelled_rows} of "
                         f"{source.rows_in} rows; nothing was published: {_root_cause(exc)}"
                     ) from exc
+                finally:
+                    # Shut the executor down now rather than when the generator is collected.
+                    if hasattr(batches, "close"):
+                        batches.close()
             label_s = time.perf_counter() - started
             written = outputs.close()
             progress.update(final=True)
