@@ -33,7 +33,7 @@ from ..pipeline.setups import get_setup
 MARKER = ".speclabel-demo"
 
 
-def run_demo(out: str, *, n: int, seed: int, members: int = 4, epochs: int = 12) -> int:
+def run_demo(out: str, *, n: int, seed: int, members: int = 8, epochs: int = 15) -> int:
     import ray
 
     from .cli import main

@@ -25,9 +25,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="spectra in the training survey (default 600; the release has n/3)",
     )
     parser.add_argument("--seed", type=int, default=1, help="random seed (default 1)")
-    parser.add_argument("--members", type=positive_int, default=4, help="ensemble members (default 4)")
     parser.add_argument(
-        "--epochs", type=positive_int, default=12, help="training epochs per member (default 12)"
+        "--members", type=positive_int, default=8, help="ensemble members (default 8, as in the paper)"
+    )
+    parser.add_argument(
+        "--epochs", type=positive_int, default=15, help="training epochs per member (default 15)"
     )
 
 
