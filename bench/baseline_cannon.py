@@ -115,7 +115,7 @@ def speclabel_labels(
         "test_with_saliency_s_per_spectrum": saliency_s / test.sum(),
         "model_id": model_id,
         "arch": arch.name,
-        "train_config": config if isinstance(config, dict) else config.to_dict(),
+        "train_config": config,
         "epochs_run": [m["epochs_run"] for m in ensemble.member_info],
     }
     return prediction.mean, prediction.std, timing

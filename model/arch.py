@@ -14,9 +14,10 @@ The network reads ``reference - flux`` with a per-pixel ``reference`` (a buffer 
 weights), and zero at masked pixels. Without centring the reference is 1.0, so the input is the
 absorption depth and the continuum is zero; with "valid" convolutions that is the same family of
 functions as feeding flux (the first bias absorbs the offset), so the ``paper`` preset is still the
-published network. With ``center_input`` the training loop sets the reference to the mean training
-spectrum: the network then sees how a star differs from the average star, which conditions the
-optimisation far better (measured in BENCHMARKS.md), and a masked pixel reads as "average".
+published network. With ``center_input`` the reference is the mean spectrum of the ensemble's
+training pool (``training.input_reference``, one for all members): the network then sees how a star
+differs from the average star, which conditions the optimisation far better (measured in
+BENCHMARKS.md), and a masked pixel reads as "average".
 """
 
 from __future__ import annotations

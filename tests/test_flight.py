@@ -85,22 +85,21 @@ def test_token_is_required_unless_localhost_only(catalogue):
         local.shutdown()
 
 
+def _serve_command(catalogue, *options: str) -> list[str]:
+    """`speclabel serve CATALOGUE --port 0 [options]` in a child interpreter."""
+    return [sys.executable, "-m", "speclabel.jobs", "serve", catalogue, "--port", "0", *options]
+
+
 def test_cli_serves_on_a_free_port_until_terminated(catalogue, tmp_path):
     token_file = tmp_path / "token"
     token_file.write_text(TOKEN + "\n")
     os.chmod(token_file, 0o600)
-    command = [
-        sys.executable,
-        "-m",
-        "speclabel.jobs",
-        "serve",
-        catalogue,
-        "--port",
-        "0",
-        "--token-file",
-        str(token_file),
-    ]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(
+        _serve_command(catalogue, "--token-file", str(token_file)),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         line = process.stdout.readline()
         assert line.startswith("serve: ") and " at grpc://0.0.0.0:" in line, line + process.stderr.read()
@@ -116,7 +115,7 @@ def test_cli_serves_on_a_free_port_until_terminated(catalogue, tmp_path):
 
 def test_cli_refuses_to_start_without_a_token(catalogue, tmp_path):
     result = subprocess.run(
-        [sys.executable, "-m", "speclabel.jobs", "serve", catalogue, "--port", "0"],
+        _serve_command(catalogue),
         capture_output=True,
         text=True,
         timeout=60,
@@ -125,17 +124,7 @@ def test_cli_refuses_to_start_without_a_token(catalogue, tmp_path):
     short = tmp_path / "short"
     short.write_text("abc")
     result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "speclabel.jobs",
-            "serve",
-            catalogue,
-            "--port",
-            "0",
-            "--token-file",
-            str(short),
-        ],
+        _serve_command(catalogue, "--token-file", str(short)),
         capture_output=True,
         text=True,
         timeout=60,

@@ -272,7 +272,8 @@ def label_spectra(
                         f"{source.rows_in} rows; nothing was published: {_root_cause(exc)}"
                     ) from exc
                 finally:
-                    # Shut the executor down now rather than when the generator is collected.
+                    # Ray Data shuts its executor down on its own errors; after an error in this
+                    # loop's body (or an interrupt) closing the iterator does it now, not at collection.
                     if hasattr(batches, "close"):
                         batches.close()
             label_s = time.perf_counter() - started
