@@ -28,13 +28,13 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 
+from speclabel.core.labels import LABEL_NAMES
+from speclabel.core.setups import get_setup
 from speclabel.model.arch import PRESETS, ArchConfig
 from speclabel.model.fit import EnsembleConfig, assemble_ensemble, fit_scaler, member_data, prepare_arrays
 from speclabel.model.io import save_model
 from speclabel.model.metrics import label_metrics
 from speclabel.model.training import AugmentConfig, TrainConfig, input_reference, train_member
-from speclabel.pipeline.contract import LABEL_NAMES
-from speclabel.pipeline.setups import get_setup
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 TARGETS = {"teff": 30.0, "logg": 0.06, "feh": 0.03, "mgfe": 0.03, "alfe": 0.04}

@@ -36,13 +36,14 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 
+from speclabel.core.contract import validate
+from speclabel.core.labels import LABEL_NAMES
+from speclabel.core.setups import get_setup
 from speclabel.model.arch import get_arch
 from speclabel.model.fit import EnsembleConfig, fit_ensemble, prepare_arrays
 from speclabel.model.io import load_model, save_model
 from speclabel.model.metrics import metrics_by_snr
 from speclabel.model.training import TrainConfig
-from speclabel.pipeline.contract import LABEL_NAMES, validate
-from speclabel.pipeline.setups import get_setup
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 

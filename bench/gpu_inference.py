@@ -10,7 +10,7 @@ Without ``--input`` a simulated survey is written to a temporary Parquet file fi
 Then, for each precision (``float32``; ``tf32`` and ``bf16`` only after ``Ensemble`` has checked
 them against float32 on the first spectra: one outside its tolerance is reported and skipped) and
 each mode (forward only; forward + saliency summary), the Parquet row groups are read, turned into
-network inputs (``pipeline.contract.model_inputs``), labelled by ``Ensemble.predict`` with one
+network inputs (``core.arrays.model_inputs``), labelled by ``Ensemble.predict`` with one
 fused ensemble on the device, and the labels and summaries collected. Reported: spectra/s end to
 end, the part of the wall time spent in ``predict`` (the compute path, including host-device copies),
 and the time to label 10 M spectra on 8 GPUs at 8x the end-to-end rate: one process per GPU, each
@@ -29,13 +29,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from speclabel.core.arrays import model_inputs, spectra_arrays
+from speclabel.core.errors import ConfigError
+from speclabel.core.labels import LABEL_NAMES
+from speclabel.core.setups import get_setup
 from speclabel.model.arch import build_network, get_arch
 from speclabel.model.ensemble import Ensemble, InferenceOptions
 from speclabel.model.io import load_model
 from speclabel.model.scaling import LabelScaler
-from speclabel.pipeline.contract import LABEL_NAMES, model_inputs, spectra_arrays
-from speclabel.pipeline.errors import ConfigError
-from speclabel.pipeline.setups import get_setup
 from speclabel.pipeline.simulate import SurveyConfig, write_parquet
 
 SURVEY = 10_000_000

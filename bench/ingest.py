@@ -31,9 +31,9 @@ def main() -> None:
 
     import ray
 
+    from speclabel.core.setups import get_setup
     from speclabel.pipeline.fits_formats import read_primary_header, spectrum_id
     from speclabel.pipeline.ingest import IngestOptions, assemble_star, run_ingest
-    from speclabel.pipeline.setups import get_setup
     from speclabel.pipeline.simulate import SurveyConfig, write_fits
 
     setup = get_setup()

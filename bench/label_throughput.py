@@ -40,11 +40,11 @@ def make_model(folder: str, members: int = 8) -> str:
     import numpy as np
     import torch
 
+    from speclabel.core.setups import get_setup
     from speclabel.model.arch import build_network, get_arch
     from speclabel.model.ensemble import Ensemble
     from speclabel.model.io import save_model
     from speclabel.model.scaling import LabelScaler
-    from speclabel.pipeline.setups import get_setup
     from speclabel.pipeline.simulate import draw_labels
 
     setup = get_setup()
@@ -158,7 +158,7 @@ class GeneratedSpectra:
     def dataset(self, *, read_rows: int, num_cpus: float):
         import ray
 
-        from speclabel.pipeline.setups import get_setup
+        from speclabel.core.setups import get_setup
         from speclabel.pipeline.simulate import SurveyConfig, simulate_chunk
 
         config = SurveyConfig(n=self.templates, seed=self.seed, chunk_size=self.templates)
@@ -261,7 +261,7 @@ def main() -> None:
                 continue
             spectra = os.path.join(tmp, f"survey-{n}.parquet")
             if not os.path.exists(spectra):
-                from speclabel.pipeline.setups import get_setup
+                from speclabel.core.setups import get_setup
                 from speclabel.pipeline.simulate import SurveyConfig, write_parquet
 
                 write_parquet(

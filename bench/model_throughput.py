@@ -30,11 +30,12 @@ import time
 import numpy as np
 import torch
 
+from speclabel.core.arrays import model_inputs, spectra_arrays
+from speclabel.core.labels import LABEL_NAMES
+from speclabel.core.setups import get_setup
 from speclabel.model.arch import build_network, forward_flops, get_arch
 from speclabel.model.ensemble import Ensemble, InferenceOptions
 from speclabel.model.scaling import LabelScaler
-from speclabel.pipeline.contract import LABEL_NAMES, model_inputs, spectra_arrays
-from speclabel.pipeline.setups import get_setup
 from speclabel.pipeline.simulate import SurveyConfig, simulate_chunk
 
 

@@ -28,10 +28,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from speclabel.core.setups import get_setup
 from speclabel.pipeline.catalogue import Catalogue, Cone, Query, write_release
-from speclabel.pipeline.catalogue.synthetic import SyntheticCatalogue, iter_synthetic
-from speclabel.pipeline.setups import get_setup
 from speclabel.pipeline.simulate import survey_fields
+from speclabel.pipeline.simulate.catalogue import SyntheticCatalogue, iter_synthetic
 
 FIELDS = dict(n_fields=2000, field_radius_deg=1.2, positionless_fraction=0.01, n_members=8)
 COLUMNS = ["spectrum_id", "ra", "dec", "feh", "mgfe", "mgfe_std"]

@@ -24,11 +24,11 @@ import time
 import pyarrow.parquet as pq
 import torch
 
+from speclabel.core.setups import get_setup
 from speclabel.jobs.train import TrainJob, run_training
 from speclabel.model.arch import get_arch
 from speclabel.model.fit import EnsembleConfig, fit_ensemble, prepare_arrays
 from speclabel.model.training import TrainConfig
-from speclabel.pipeline.setups import get_setup
 from speclabel.pipeline.simulate import SurveyConfig, simulate_chunk
 
 

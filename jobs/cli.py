@@ -13,7 +13,7 @@ import logging
 import sys
 import traceback
 
-from ..pipeline.errors import SpeclabelError
+from speclabel.core.errors import SpeclabelError
 
 # Subcommands in the order `speclabel --help` lists them. Each module defines HELP, add_arguments()
 # and run(args) -> int, and imports its heavy dependencies (torch, ray) inside run() so that

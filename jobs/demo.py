@@ -24,9 +24,10 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 
-from ..pipeline import contract
-from ..pipeline.errors import SpeclabelError, UsageError
-from ..pipeline.setups import get_setup
+from speclabel.core.arrays import model_inputs, spectra_arrays
+from speclabel.core.errors import SpeclabelError, UsageError
+from speclabel.core.setups import get_setup
+from speclabel.pipeline.ray_session import ray_session
 
 # Written into the output folder so that a rerun may clear what an earlier demo left there, and
 # nothing else.
@@ -34,8 +35,6 @@ MARKER = ".speclabel-demo"
 
 
 def run_demo(out: str, *, n: int, seed: int, members: int = 8, epochs: int = 15) -> int:
-    import ray
-
     from .cli import main
 
     out_dir = _fresh_output(Path(out))
@@ -66,8 +65,7 @@ def run_demo(out: str, *, n: int, seed: int, members: int = 8, epochs: int = 15)
     plot_example_spectra(pq.read_table(training), get_setup(), plot)
 
     # A Ray instance of its own ("local"), even where `ray start` runs one on this machine.
-    ray.init(address="local", include_dashboard=False, logging_config=ray.LoggingConfig(log_level="WARNING"))
-    try:
+    with ray_session("local"):
         step("ingest", str(delivered / "spectra"), "--out", str(store), "--release", "DEMO")
         step(
             "train",
@@ -75,8 +73,6 @@ def run_demo(out: str, *, n: int, seed: int, members: int = 8, epochs: int = 15)
             *("--members", str(members), "--epochs", str(epochs), "--storage", str(out_dir / "runs")),
         )
         step("label", "--spectra", str(store), "--model", str(model), "--out", str(catalogue), "--quiet")
-    finally:
-        ray.shutdown()
     step(
         "query",
         str(catalogue),
@@ -147,7 +143,7 @@ def plot_example_spectra(table, setup, path: Path) -> None:
     snr = table.column("snr").to_numpy()
     giant = int(np.argmax(np.where(logg < 3.0, snr, -1)))
     dwarf = int(np.argmax(np.where(logg > 4.0, snr, -1)))
-    flux, _ = contract.model_inputs(contract.spectra_arrays(table.take([giant, dwarf]), setup), setup)
+    flux, _ = model_inputs(spectra_arrays(table.take([giant, dwarf]), setup), setup)
     colours = {
         "Mg I": "tab:green",
         "Al I": "tab:red",

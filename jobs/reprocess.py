@@ -31,8 +31,9 @@ it works. Ingest and label each publish atomically under their dataset's own loc
 point leaves every release either as it was or as one completed step left it; the next run plans again
 from the published state and does exactly the rest: each step publishes once.
 
-Fault injection for tests: ``SPECLABEL_REPROCESS_FAULT_AT=after-ingest`` (or ``after-label``; add
-``:RELEASE`` to pick one release) makes the run fail at that point as a crash would, without a record.
+Fault injection for tests (``core.faults``): ``SPECLABEL_FAULT=reprocess.after-ingest`` (or
+``reprocess.after-label``; add ``:release=R`` to pick one release) makes the run fail at that point as a
+crash would, without a record.
 """
 
 from __future__ import annotations
@@ -50,29 +51,24 @@ from typing import TYPE_CHECKING
 
 import pyarrow.fs as pafs
 
-from ..pipeline.catalogue.layout import RELEASE_PATTERN
-from ..pipeline.errors import InputError, SpeclabelError, UsageError
-from ..pipeline.publish import Dataset, LockedError, new_run_id
-from ..pipeline.setups import Setup
-from ..pipeline.storage import filesystem_and_path, join, write_json_atomic
+from speclabel.core.errors import InputError, SpeclabelError, UsageError
+from speclabel.core.faults import fault_point, planned_fault
+from speclabel.core.layout import RELEASE_PATTERN
+from speclabel.core.setups import Setup
+from speclabel.core.storage import filesystem_and_path, join, write_json_atomic
+from speclabel.pipeline.publish import Dataset, LockedError, new_run_id
 
 if TYPE_CHECKING:  # the label job module imports torch and ray: imported where it is used
-    from ..pipeline.labelling.job import LabelOptions
+    from speclabel.pipeline.labelling.job import LabelOptions
 
 log = logging.getLogger(__name__)
 
 RECORDS = "_reprocess"
-FAULT_ENV = "SPECLABEL_REPROCESS_FAULT_AT"
-FAULT_POINTS = ("after-ingest", "after-label")
 DEFAULT_LOCK_TIMEOUT_S = 6 * 3600.0
 
 
 class ReprocessFailed(SpeclabelError):
     """One or more releases could not be brought up to date (the others were)."""
-
-
-class InjectedFault(RuntimeError):
-    """The crash SPECLABEL_REPROCESS_FAULT_AT asked for (tests of crash safety)."""
 
 
 @dataclass(frozen=True)
@@ -152,8 +148,8 @@ def release_folders(root: str, only: tuple[str, ...] = ()) -> dict[str, str]:
 def make_plan(options: ReprocessOptions) -> Plan:
     """Compare the release folders with the store's and the catalogue's index (see the module
     docstring). Reads listings, index files and Parquet footers only."""
-    from ..model.io import read_model_document
-    from ..pipeline.ingest import IngestOptions, input_fingerprint, list_inputs
+    from speclabel.model.io import read_model_document
+    from speclabel.pipeline.ingest import IngestOptions, input_fingerprint, list_inputs
 
     _check_apart(options)
     document = read_model_document(options.model)
@@ -191,8 +187,8 @@ def label_reason(
     options: ReprocessOptions, store: Dataset, catalogue: Dataset, release: str, model_id: str, setup: Setup
 ) -> str | None:
     """Why the catalogue's release must be (re)labelled from the store, or None when it is current."""
-    from ..pipeline.labelling.inputs import ParquetInput
-    from ..pipeline.labelling.job import label_fingerprints, up_to_date
+    from speclabel.pipeline.labelling.inputs import ParquetInput
+    from speclabel.pipeline.labelling.job import label_fingerprints, up_to_date
 
     stored = store.release_entry(release)
     if not stored.get("spectra"):
@@ -212,7 +208,7 @@ def label_reason(
 
 
 def label_options(options: ReprocessOptions, release: str) -> LabelOptions:
-    from ..pipeline.labelling import LabelOptions
+    from speclabel.pipeline.labelling import LabelOptions
 
     base = options.label or LabelOptions(progress=False)
     return dataclasses.replace(base, release=release, reuse_unchanged=True, force=False)
@@ -311,8 +307,8 @@ def run_reprocess(options: ReprocessOptions, *, ensure_ray: Callable[[], None] |
 
 
 def _do_step(options: ReprocessOptions, plan: Plan, step: Step) -> None:
-    from ..pipeline.ingest import IngestOptions, run_ingest
-    from ..pipeline.labelling import label_spectra
+    from speclabel.pipeline.ingest import IngestOptions, run_ingest
+    from speclabel.pipeline.labelling import label_spectra
 
     clock = time.perf_counter()
     try:
@@ -323,7 +319,7 @@ def _do_step(options: ReprocessOptions, plan: Plan, step: Step) -> None:
                 "skipped": report.skipped,
                 "counts": report.counts,
             }
-            _fault("after-ingest", step.release)
+            fault_point("reprocess.after-ingest", planned_fault(), release=step.release)
             if not report.skipped and not report.counts.get("spectra_stored"):
                 step.label = None  # everything was quarantined: there is nothing to label
         if step.label:
@@ -340,23 +336,12 @@ def _do_step(options: ReprocessOptions, plan: Plan, step: Step) -> None:
                 "quarantined": sum(result.quarantined.values()),
                 "quarantined_by_reason": dict(sorted(result.quarantined.items())),
             }
-            _fault("after-label", step.release)
+            fault_point("reprocess.after-label", planned_fault(), release=step.release)
         step.status = "done"
     except SpeclabelError as exc:  # also a concurrent `speclabel ingest` / `label` holding a lock
         log.error("release %s failed: %s", step.release, exc)
         step.status, step.outcome["error"] = "failed", str(exc)
     step.outcome["seconds"] = round(time.perf_counter() - clock, 3)
-
-
-def _fault(point: str, release: str) -> None:
-    wanted = os.environ.get(FAULT_ENV)
-    if not wanted:
-        return
-    name, _, only = wanted.partition(":")
-    if name not in FAULT_POINTS:
-        raise UsageError(f"{FAULT_ENV} must be one of {FAULT_POINTS} (optionally :RELEASE), not {wanted!r}")
-    if name == point and only in ("", release):
-        raise InjectedFault(f"{FAULT_ENV}={wanted}: crashing {point} of release {release}")
 
 
 def _record(options: ReprocessOptions, plan: Plan, run_id: str, started_at: str, status: str) -> dict:

@@ -39,9 +39,10 @@ from collections.abc import Iterator, Mapping
 
 import pyarrow.fs as pafs
 
-from ..pipeline.errors import ConfigError, InputError, SpeclabelError, UsageError
-from ..pipeline.publish import INDEX
-from ..pipeline.storage import filesystem_and_path, is_local, join, read_json, resolve_files
+from speclabel.core.errors import ConfigError, InputError, SpeclabelError, UsageError
+from speclabel.core.fingerprints import files_fingerprint
+from speclabel.core.storage import filesystem_and_path, is_local, join, read_json, resolve_files
+from speclabel.pipeline.publish import INDEX
 
 logger = logging.getLogger(__name__)
 
@@ -255,10 +256,7 @@ def input_fingerprint(location: str) -> str:
         ) from exc
     except OSError as exc:
         raise InputError(f"cannot read input {location!r} from this machine: {exc}") from exc
-    digest = hashlib.sha256()
-    for entry in infos:
-        digest.update(f"{entry.path}\0{entry.size}\0{entry.mtime_ns}\n".encode())
-    return digest.hexdigest()
+    return files_fingerprint((entry.path, entry.size, entry.mtime_ns) for entry in infos)
 
 
 # -- talking to the cluster -----------------------------------------------------------------------

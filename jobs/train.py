@@ -2,7 +2,7 @@
 
 The steps are those of ``model.fit.fit_ensemble``, with the members in parallel:
 
-1. resolve and scan the input (:mod:`.train_data`): validation, quarantine, accounting, fingerprint;
+1. resolve and scan the input (``pipeline.training_data``): validation, quarantine, accounting, fingerprint;
    the used rows are held in memory (put in the object store once) or streamed with Ray Data;
 2. the label scaling from every used row outside the common test split (``model.fit.fit_scaler``);
 3. one Tune trial per candidate member, ``tune.with_resources`` of ``cpus_per_member`` CPUs and
@@ -18,8 +18,9 @@ other member continues from its last epoch checkpoint. The run folder also holds
 the run trains on and with which settings: a rerun with other data or settings is refused) and
 ``quarantine.parquet`` (the input rows not used, with reasons).
 
-Fault injection for tests: ``SPECLABEL_FAULT_AT="member=1,epoch=2"`` makes member 1 raise right
-after its epoch-2 checkpoint, once: a member resumed from that checkpoint does not raise again.
+Fault injection for tests (``core.faults``): ``SPECLABEL_FAULT="train.epoch:member=1,epoch=2"`` makes
+member 1 fail right after its epoch-2 checkpoint, once: a member resumed from that checkpoint does not
+reach epoch 2 again.
 """
 
 from __future__ import annotations
@@ -39,18 +40,11 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 
-from ..model.arch import DEFAULT_ARCH, ArchConfig, arch_from_toml, build_network, get_arch
-from ..model.ensemble import Ensemble
-from ..model.fit import EnsembleConfig, assemble_ensemble, fit_scaler
-from ..model.io import MODEL_JSON, save_model
-from ..model.metrics import metrics_by_snr
-from ..model.scaling import LabelScaler
-from ..model.splits import SplitRule
-from ..model.training import MemberResult, TrainConfig, TrainingState, input_reference, train_member
-from ..pipeline.config import dataclass_from_dict
-from ..pipeline.errors import ConfigError, InputError, SpeclabelError
-from ..pipeline.setups import DEFAULT_SETUP, Setup, get_setup
-from ..pipeline.storage import (
+from speclabel.core.config import dataclass_from_dict
+from speclabel.core.errors import ConfigError, InputError, SpeclabelError
+from speclabel.core.faults import Fault, fault_point, planned_fault
+from speclabel.core.setups import DEFAULT_SETUP, Setup, get_setup
+from speclabel.core.storage import (
     atomic_output,
     exists,
     filesystem_and_path,
@@ -59,7 +53,16 @@ from ..pipeline.storage import (
     resolve_files,
     write_json_atomic,
 )
-from .train_data import (
+from speclabel.model.arch import DEFAULT_ARCH, ArchConfig, arch_from_toml, build_network, get_arch
+from speclabel.model.ensemble import Ensemble
+from speclabel.model.fit import EnsembleConfig, assemble_ensemble, fit_scaler
+from speclabel.model.io import MODEL_JSON, save_model
+from speclabel.model.metrics import metrics_by_snr
+from speclabel.model.scaling import LabelScaler
+from speclabel.model.splits import SplitRule
+from speclabel.model.training import MemberResult, TrainConfig, TrainingState, input_reference, train_member
+from speclabel.pipeline.ray_session import ray_session
+from speclabel.pipeline.training_data import (
     PARQUET_EXTENSIONS,
     InMemoryRows,
     StreamingRows,
@@ -71,7 +74,6 @@ from .train_data import (
 
 log = logging.getLogger(__name__)
 
-FAULT_ENV = "SPECLABEL_FAULT_AT"
 JOB_FILE = "job.json"
 QUARANTINE_FILE = "quarantine.parquet"
 RUNS_FOLDER = ".speclabel-train"
@@ -81,13 +83,6 @@ GPU_CHOICES = ("auto", "0", "1")
 
 class TrainingFailed(SpeclabelError):
     """One or more members failed; their checkpoints are kept for a resumed run."""
-
-
-class InjectedFault(RuntimeError):
-    """The failure SPECLABEL_FAULT_AT asked for (tests of resume)."""
-
-
-# -- configuration ---------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -190,19 +185,8 @@ class MemberSpec:
     scaler: LabelScaler
     seeds: tuple[int, ...]
     cpus_per_member: float
-    fault_at: tuple[int, int] | None = None  # (member, epoch) of an injected failure
+    fault: Fault | None = None  # SPECLABEL_FAULT, read in the driver (trials may not see its environment)
     reference: np.ndarray | None = None  # the members' common input reference (center_input)
-
-
-def parse_fault(text: str | None) -> tuple[int, int] | None:
-    """``"member=1,epoch=2"`` -> ``(1, 2)``."""
-    if not text:
-        return None
-    try:
-        parts = dict(item.split("=", 1) for item in text.replace(" ", "").split(","))
-        return int(parts["member"]), int(parts["epoch"])
-    except (KeyError, ValueError) as exc:
-        raise ConfigError(f"{FAULT_ENV} must look like 'member=1,epoch=2', got {text!r}") from exc
 
 
 def member_device() -> str:
@@ -245,7 +229,6 @@ def member_trial(config: dict, *, spec: MemberSpec, rows: InMemoryRows | Streami
         "gpu_ids": [str(g) for g in ray.get_gpu_ids()],
         "resumed_from_epoch": resume.epoch if resume is not None else 0,
     }
-    fault_epoch = spec.fault_at[1] if spec.fault_at and spec.fault_at[0] == member else None
 
     def report_epoch(metrics, state: TrainingState) -> None:
         with tempfile.TemporaryDirectory() as folder:
@@ -254,10 +237,7 @@ def member_trial(config: dict, *, spec: MemberSpec, rows: InMemoryRows | Streami
                 {**common, **metrics.to_dict(), "stopped": state.stopped, "member_finished": False},
                 checkpoint=tune.Checkpoint.from_directory(folder),
             )
-        if metrics.epoch == fault_epoch:
-            raise InjectedFault(
-                f"{FAULT_ENV}: member {member} fails after its epoch-{fault_epoch} checkpoint"
-            )
+        fault_point("train.epoch", spec.fault, member=member, epoch=metrics.epoch)
 
     result = train_member(
         spec.arch,
@@ -374,14 +354,12 @@ class TrainOutcome:
 
 def run_training(job: TrainJob, *, echo: Callable[[str], None] = print) -> TrainOutcome:
     """Run the whole job (see the module docstring); raises :class:`SpeclabelError` on failure."""
-    import ray
 
     started = time.perf_counter()
     out_fs, out_path = filesystem_and_path(job.out)
     if exists(out_fs, join(out_path, MODEL_JSON)):
         raise SpeclabelError(f"a model already exists at {job.out}: choose another --out, or remove it first")
-    owns_ray = connect_ray(job.address)
-    try:
+    with ray_session(job.address):
         setup = job_setup(job)
         training_input = resolve_input(job.data, setup)
         gpus = member_gpus(job.gpus_per_member)
@@ -411,7 +389,7 @@ def run_training(job: TrainJob, *, echo: Callable[[str], None] = print) -> Train
             scaler=scaler,
             seeds=tuple(job.ensemble.seeds),
             cpus_per_member=job.cpus_per_member,
-            fault_at=parse_fault(os.environ.get(FAULT_ENV)),
+            fault=planned_fault(),
             # One pass over the training pool (train + val rows of any member) in the driver.
             reference=input_reference(*rows.member(split, job.ensemble.seeds[0]))
             if job.arch.center_input
@@ -462,21 +440,6 @@ def run_training(job: TrainJob, *, echo: Callable[[str], None] = print) -> Train
         echo(member_table(summaries))
         echo(label_table(ensemble))
         return outcome
-    finally:
-        if owns_ray:
-            ray.shutdown()
-
-
-def connect_ray(address: str | None) -> bool:
-    """Join the cluster at ``address``, else Ray's own choice (``RAY_ADDRESS``, a cluster started with
-    ``ray start`` on this machine, or a new local instance). True when this call started Ray."""
-    import ray
-
-    if ray.is_initialized():
-        return False
-    # Worker INFO lines (one per checkpoint) would bury the progress table; warnings still show.
-    ray.init(address=address, include_dashboard=False, logging_config=ray.LoggingConfig(log_level="WARNING"))
-    return True
 
 
 def job_setup(job: TrainJob) -> Setup:

@@ -30,10 +30,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..pipeline.config import dataclass_from_dict
-from ..pipeline.contract import LABEL_NAMES
-from ..pipeline.errors import ConfigError
-from ..pipeline.setups import Setup
+from speclabel.core.config import dataclass_from_dict
+from speclabel.core.errors import ConfigError
+from speclabel.core.labels import LABEL_NAMES
+from speclabel.core.setups import Setup
 
 ARM_LAYOUTS = ("joined", "per_arm")
 

@@ -20,8 +20,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..pipeline.errors import ConfigError, InputError
-from ..pipeline.setups import Setup
+from speclabel.core.errors import ConfigError, InputError
+from speclabel.core.setups import Setup
+
 from .arch import ArchConfig, build_network
 from .fused import PRECISIONS, FusedEnsemble, fusable_ensemble
 from .saliency import SaliencyAccumulator, SaliencySummary, member_gradients, summarise
@@ -296,7 +297,7 @@ class Ensemble:
     ) -> Prediction:
         """Labels for spectra on the setup's grid.
 
-        ``flux [B, P]`` and ``mask [B, P]`` (True = good pixel) as ``pipeline.contract.model_inputs``
+        ``flux [B, P]`` and ``mask [B, P]`` (True = good pixel) as ``core.arrays.model_inputs``
         returns them: masked pixels already set to 1.0. ``members=True`` adds each member's
         prediction; ``saliency="summary"`` adds the per-spectrum saliency summary, ``"full"`` also
         the full maps ``[B, L, P]``; an ``accumulator`` receives every map for population averages.
@@ -318,7 +319,7 @@ class Ensemble:
         if not np.isfinite(flux).all():
             raise InputError(
                 "flux has NaN or inf values: masked pixels must be set to 1.0 first "
-                "(pipeline.contract.model_inputs does this)"
+                "(core.arrays.model_inputs does this)"
             )
         need_maps = saliency is not None or accumulator is not None
         fused = self.fused_engine(flux, mask) if engine == "fused" else None

@@ -1,7 +1,8 @@
 """An ensemble fitted in one process: member after member, then selection, test metrics, provenance.
 
 This is the notebook and benchmark path and the reference for the parallel Ray job, which runs
-the same steps with members in parallel: :func:`prepare_arrays` -> :func:`fit_scaler` ->
+the same steps with members in parallel: ``core.arrays.prepare_arrays`` (a table to arrays, outside
+``model/``) -> :func:`fit_scaler` ->
 :func:`member_data` + ``training.train_member`` per member seed -> :func:`assemble_ensemble`.
 """
 
@@ -13,14 +14,16 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
-import pyarrow as pa
 
-from ..pipeline.errors import ConfigError, InputError
-from ..pipeline.setups import Setup
+# The arrays come from a table through core (model/ never reads Arrow); the name stays importable
+# from here, where README has always shown it.
+from speclabel.core.arrays import prepare_arrays as prepare_arrays
+from speclabel.core.errors import ConfigError, InputError
+from speclabel.core.setups import Setup
+
 from .arch import ArchConfig
 from .ensemble import Ensemble, select_members
 from .metrics import metrics_by_snr
-from .provenance import DataFingerprint
 from .scaling import LabelScaler
 from .splits import SplitRule
 from .training import (
@@ -31,7 +34,6 @@ from .training import (
     TrainingState,
     input_reference,
     train_member,
-    training_arrays,
 )
 
 log = logging.getLogger(__name__)
@@ -67,13 +69,6 @@ class EnsembleConfig:
 
     def to_dict(self) -> dict:
         return {**dataclasses.asdict(self), "split": self.split.to_dict()}
-
-
-def prepare_arrays(table: pa.Table, setup: Setup, *, clean: pa.Table | None = None) -> dict[str, np.ndarray]:
-    """Training arrays of a validated labelled table, with its fingerprint."""
-    arrays = training_arrays(table, setup, clean=clean)
-    arrays["fingerprint"] = DataFingerprint().add_table(table, setup).hexdigest
-    return arrays
 
 
 def fit_scaler(arrays: Mapping[str, np.ndarray], split: SplitRule, method: str) -> LabelScaler:

@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..pipeline.errors import ConfigError
+from speclabel.core.errors import ConfigError
 
 PRECISIONS = ("float32", "tf32", "bf16")
 # Bytes of intermediate data per tile. On a CPU the tile should stay in the caches and under glibc's
@@ -201,7 +201,7 @@ class FusedEnsemble:
         self.n_pixels = first.n_pixels
         self.mask_channel = first.arch.mask_channel
         # The input is reference - flux, zeroed at masked pixels. Masked flux arrives as 1.0 (see
-        # pipeline.contract.model_inputs), so with the plain continuum reference the zeroing is free.
+        # core.arrays.model_inputs), so with the plain continuum reference the zeroing is free.
         reference = first.reference.detach()
         self.reference = None if bool((reference == 1).all()) else reference.to(self.device, source_dtype)
         with torch.no_grad():

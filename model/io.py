@@ -19,22 +19,21 @@ never trusts weights that model.json does not vouch for.
 
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
 import hashlib
 import json
 import math
 from importlib.metadata import PackageNotFoundError, version
 
-import pyarrow.fs as pafs
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
-from ..pipeline.errors import ConfigError, IntegrityError, SpeclabelError
-from ..pipeline.setups import Setup
-from ..pipeline.storage import exists, filesystem_and_path, join, write_folder_atomic
+from speclabel.core.errors import ConfigError, IntegrityError, SpeclabelError
+from speclabel.core.setups import Setup
+from speclabel.core.storage import exists, files_under, filesystem_and_path, join, write_folder_atomic
+
 from .arch import ArchConfig, build_network
 from .ensemble import STD_DDOF, Ensemble
 from .scaling import LabelScaler
@@ -225,13 +224,8 @@ def load_model(location: str, *, setup: Setup | None = None, dtype: torch.dtype 
     return ensemble
 
 
-def _member_files(fs: pafs.FileSystem, folder: str) -> list[str]:
-    if not exists(fs, folder):
-        return []
-    with contextlib.suppress(FileNotFoundError):
-        entries = fs.get_file_info(pafs.FileSelector(folder, recursive=True))
-        return [f"{MEMBERS_DIR}/{e.path[len(folder) + 1 :]}" for e in entries if e.type == pafs.FileType.File]
-    return []
+def _member_files(fs, folder: str) -> list[str]:
+    return [f"{MEMBERS_DIR}/{path[len(folder) + 1 :]}" for path in files_under(fs, folder)]
 
 
 def _grid_text(setup: Setup) -> str:

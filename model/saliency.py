@@ -23,8 +23,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..pipeline.errors import IntegrityError
-from ..pipeline.setups import Setup
+from speclabel.core.errors import IntegrityError
+from speclabel.core.setups import Setup
 
 
 def member_gradients(

@@ -12,8 +12,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..pipeline.contract import LABEL_NAMES
-from ..pipeline.errors import ConfigError
+from speclabel.core.errors import ConfigError
+from speclabel.core.labels import LABEL_NAMES
 
 SCALING_METHODS = ("standard", "minmax")
 

@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from ..pipeline.errors import ConfigError
+from speclabel.core.errors import ConfigError
 
 _TWO_TO_64 = float(2**64)
 

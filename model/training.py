@@ -3,7 +3,7 @@
 Data come through a small interface, :class:`TrainingData`: ``batches(epoch, batch_size,
 shuffle_seed)`` yields dicts of arrays (numpy or torch) with the keys
 
-* ``flux`` [B, P] float (masked pixels = 1.0, as ``pipeline.contract.model_inputs`` gives them),
+* ``flux`` [B, P] float (masked pixels = 1.0, as ``core.arrays.model_inputs`` gives them),
 * ``mask`` [B, P] bool (True = good pixel), ``labels`` [B, L] physical units,
 * optional ``label_err`` [B, L] (for inverse-variance weighting), ``ivar`` [B, P] (to add noise down
   to a lower S/N) and ``flux_clean`` [B, P] (a noise-free twin: fresh noise at a drawn S/N).
@@ -31,15 +31,14 @@ from pathlib import Path
 from typing import Protocol
 
 import numpy as np
-import pyarrow as pa
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ..pipeline.config import dataclass_from_dict
-from ..pipeline.contract import LABEL_NAMES, model_inputs, spectra_arrays
-from ..pipeline.errors import ConfigError, InputError
-from ..pipeline.setups import SPEED_OF_LIGHT_KMS, Setup
+from speclabel.core.config import dataclass_from_dict
+from speclabel.core.errors import ConfigError, InputError
+from speclabel.core.setups import SPEED_OF_LIGHT_KMS, Setup
+
 from .arch import ArchConfig, build_network
 from .metrics import label_metrics
 from .scaling import LabelScaler
@@ -196,48 +195,6 @@ class BatchStream:
 
     def batches(self, epoch: int, batch_size: int, shuffle_seed: int | None) -> Iterable[Mapping]:
         return self.factory(epoch)
-
-
-def training_arrays(table: pa.Table, setup: Setup, *, clean: pa.Table | None = None) -> dict[str, np.ndarray]:
-    """The arrays of :class:`ArrayData` from a labelled spectra table (validated rows).
-
-    ``clean``: a table of noise-free twins (``spectrum_id`` and flux columns) matched by id; rows
-    without a twin are an error, because augmentation would silently differ between rows.
-    """
-    arrays = spectra_arrays(table, setup)
-    flux, mask = model_inputs(arrays, setup)
-    _, ivar = arrays.concatenated(setup)
-    missing = [c for c in LABEL_NAMES if c not in table.column_names]
-    if missing:
-        raise InputError(f"training table lacks label column(s) {missing}")
-    labels = np.stack([table.column(c).to_numpy(zero_copy_only=False) for c in LABEL_NAMES], axis=1)
-    out = {
-        "spectrum_id": np.asarray(table.column("spectrum_id").to_pylist(), dtype=object),
-        "flux": flux,
-        "mask": mask,
-        "ivar": np.where(mask, ivar, 0.0).astype(np.float32),
-        "labels": labels.astype(np.float64),
-        "label_err": None,
-        "flux_clean": None,
-    }
-    err_columns = [f"{c}_err" for c in LABEL_NAMES]
-    if all(c in table.column_names for c in err_columns):
-        out["label_err"] = np.stack(
-            [table.column(c).cast(pa.float64()).fill_null(np.nan).to_numpy() for c in err_columns], axis=1
-        )
-    if "snr" in table.column_names:
-        out["snr"] = table.column("snr").cast(pa.float64()).fill_null(np.nan).to_numpy()
-    if clean is not None:
-        position = {sid: i for i, sid in enumerate(clean.column("spectrum_id").to_pylist())}
-        absent = [sid for sid in out["spectrum_id"] if sid not in position]
-        if absent:
-            raise InputError(f"{len(absent)} spectra have no noise-free twin, e.g. {absent[:3]}")
-        twins = clean.take(pa.array([position[sid] for sid in out["spectrum_id"]]))
-        clean_flux = np.concatenate(
-            [spectra_arrays(twins, setup).flux[a.name] for a in setup.arms], axis=1
-        ).astype(np.float32)
-        out["flux_clean"] = clean_flux
-    return out
 
 
 # -- augmentation ----------------------------------------------------------------------------------

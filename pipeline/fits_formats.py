@@ -43,7 +43,8 @@ from dataclasses import dataclass
 import numpy as np
 from astropy.io import fits
 
-from . import contract
+from speclabel.core import contract
+
 from .resample import WavelengthUnitError, angstrom_per_unit
 
 SIGMA_NAMES = ("ERR", "ERROR", "SIGMA", "NOISE", "UNCERTAINTY")

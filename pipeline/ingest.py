@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
-import json
 import logging
 import time
 from collections import Counter, defaultdict
@@ -42,9 +41,14 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from . import contract
-from .catalogue.layout import check_release_name
-from .errors import ConfigError, InputError, IntegrityError, SpeclabelError
+from speclabel.core import contract
+from speclabel.core.arrays import fixed_size_list, spectra_arrays
+from speclabel.core.errors import ConfigError, InputError, IntegrityError, SpeclabelError
+from speclabel.core.fingerprints import files_fingerprint, spectrum_sha256
+from speclabel.core.layout import check_release_name
+from speclabel.core.setups import Arm, Setup
+from speclabel.core.storage import atomic_output, filesystem_and_path, join, resolve_files
+
 from .fits_formats import (
     GZIP_MAGIC,
     SpectrumMeta,
@@ -64,8 +68,6 @@ from .resample import (
     resample,
     to_rest_frame,
 )
-from .setups import Arm, Setup
-from .storage import atomic_output, filesystem_and_path, join, resolve_files
 
 log = logging.getLogger(__name__)
 
@@ -311,8 +313,8 @@ def star_table(stars: list[StarResult], setup: Setup) -> pa.Table:
             if arm.name in star.arms:
                 flux[k] = star.arms[arm.name].flux
                 ivar[k] = star.arms[arm.name].ivar
-        columns[arm.flux_column] = _fixed_list(flux)
-        columns[arm.ivar_column] = _fixed_list(ivar)
+        columns[arm.flux_column] = fixed_size_list(flux, pa.float32())
+        columns[arm.ivar_column] = fixed_size_list(ivar, pa.float32())
     # Position, name and S/N come from the first arm (in setup order) that the star has.
     first = [next(star.arms[a.name] for a in setup.arms if a.name in star.arms) for star in stars]
     columns["ra"] = pa.array([p.meta.ra for p in first], pa.float64())
@@ -325,18 +327,12 @@ def star_table(stars: list[StarResult], setup: Setup) -> pa.Table:
     return _finish_store_table(columns, setup)
 
 
-def _fixed_list(matrix: np.ndarray) -> pa.FixedSizeListArray:
-    return pa.FixedSizeListArray.from_arrays(pa.array(matrix.reshape(-1), pa.float32()), matrix.shape[1])
-
-
 def _finish_store_table(columns: dict[str, pa.Array], setup: Setup) -> pa.Table:
     """Add ``input_sha256`` (of the stored flux and ivar) and order the columns as the store schema."""
     schema = contract.store_schema(setup)
     n = len(columns["spectrum_id"])
-    arrays = contract.spectra_arrays(pa.table(columns), setup)
-    columns[contract.INPUT_SHA256] = pa.array(
-        contract.spectrum_sha256(arrays, setup) if n else [], pa.string()
-    )
+    arrays = spectra_arrays(pa.table(columns), setup)
+    columns[contract.INPUT_SHA256] = pa.array(spectrum_sha256(arrays, setup) if n else [], pa.string())
     return pa.table({f.name: columns[f.name] for f in schema}, schema=schema)
 
 
@@ -359,7 +355,7 @@ def pass_through(
     flux (its weights are unknown) and 0 elsewhere.
     """
     contract.check_table_columns(table.schema, setup, source=source)
-    arrays = contract.spectra_arrays(table, setup)
+    arrays = spectra_arrays(table, setup)
     known = np.zeros(table.num_rows, dtype=bool)
     known[list(duplicate_rows)] = True
     reasons = contract.validate(table, setup, arrays=arrays, known_duplicates=known)
@@ -378,8 +374,8 @@ def pass_through(
         flux = arrays.flux[arm.name][good]
         ivar = arrays.ivar[arm.name]
         ivar = np.isfinite(flux).astype(np.float32) if ivar is None else ivar[good]
-        columns[arm.flux_column] = _fixed_list(flux)
-        columns[arm.ivar_column] = _fixed_list(ivar)
+        columns[arm.flux_column] = fixed_size_list(flux, pa.float32())
+        columns[arm.ivar_column] = fixed_size_list(ivar, pa.float32())
     for name, dtype in contract.OPTIONAL_COLUMNS.items():
         if name == "release":
             continue
@@ -687,13 +683,12 @@ def list_inputs(location: str, store: str | None = None) -> tuple[pafs.FileSyste
 
 
 def input_fingerprint(files: list[InputFile], setup: Setup, options: IngestOptions) -> str:
-    payload = {
-        "speclabel": version("speclabel"),
-        "setup": setup.to_dict(),
-        "options": options.fingerprint_fields(),
-        "files": [[f.path, f.size, f.mtime_ns] for f in files],
-    }
-    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
+    return files_fingerprint(
+        ((f.path, f.size, f.mtime_ns) for f in files),
+        speclabel=version("speclabel"),
+        setup=setup.to_dict(),
+        options=options.fingerprint_fields(),
+    )
 
 
 @dataclass
@@ -782,9 +777,7 @@ def run_ingest(
 
         clock = time.perf_counter()
         report, inputs = _account(files, scan, plan, summary, ctx, ds)
-        _write_parquet(
-            ds.fs, ds.manifest_path(options.release, run_id).removesuffix(".json") + ".inputs.parquet", inputs
-        )
+        _write_parquet(ds.fs, ds.inputs_table_path(options.release, run_id), inputs)
         timings["account"] = time.perf_counter() - clock
         manifest = {
             "job": "ingest",
@@ -795,10 +788,10 @@ def run_ingest(
             "options": options.fingerprint_fields(),
             "counts": report.counts,
             "quarantine": {
-                "dir": ctx.quarantine_dir[len(ds.root) + 1 :],
+                "dir": ds.relative(ctx.quarantine_dir),
                 "by_reason": report.quarantine_by_reason,
             },
-            "inputs_table": f"_manifests/release={options.release}/{run_id}.inputs.parquet",
+            "inputs_table": ds.relative(ds.inputs_table_path(options.release, run_id)),
             "timings_s": {k: round(v, 3) for k, v in timings.items()},
         }
         ds.publish(
@@ -894,7 +887,7 @@ def _account(
 def _staged_rows(ds: Dataset, ctx: TaskContext) -> int:
     """Rows in the staged part files; debris of killed task attempts (hidden temp files) is removed."""
     total = 0
-    for path in ds._files_under(ctx.staging_dir):
+    for path in ds.files_under(ctx.staging_dir):
         if path.rsplit("/", 1)[-1].startswith("."):
             ds.fs.delete_file(path)
             continue
@@ -905,7 +898,7 @@ def _staged_rows(ds: Dataset, ctx: TaskContext) -> int:
 
 def _quarantine_reasons(ds: Dataset, ctx: TaskContext) -> Counter:
     reasons: Counter = Counter()
-    for path in ds._files_under(ctx.quarantine_dir):
+    for path in ds.files_under(ctx.quarantine_dir):
         if path.rsplit("/", 1)[-1].startswith("."):
             continue
         with ds.fs.open_input_file(path) as fh:

@@ -43,11 +43,27 @@ from dataclasses import dataclass
 
 import pyarrow.fs as pafs
 
-from .errors import SpeclabelError
-from .storage import exists, filesystem_and_path, join, read_json, write_json_atomic
-
-INDEX = "_index.json"
-LOCK = "_lock"
+from speclabel.core.errors import SpeclabelError
+from speclabel.core.layout import (
+    INDEX,
+    INPUTS_TABLE_SUFFIX,
+    LOCK,
+    MANIFESTS,
+    POPULATION_SALIENCY,
+    QUARANTINE,
+    RELEASE,
+    SALIENCY,
+    STAGING,
+    VERSIONS,
+)
+from speclabel.core.storage import (
+    exists,
+    files_under,
+    filesystem_and_path,
+    join,
+    read_json,
+    write_json_atomic,
+)
 
 
 class LockedError(SpeclabelError):
@@ -89,19 +105,40 @@ class Dataset:
         return join(self.root, *parts)
 
     def live_dir(self, release: str) -> str:
-        return self.path(f"release={release}")
+        return self.path(f"{RELEASE}={release}")
 
     def staging_dir(self, run_id: str) -> str:
-        return self.path("_staging", run_id)
+        return self.path(STAGING, run_id)
+
+    def manifests_dir(self, release: str) -> str:
+        return self.path(MANIFESTS, f"{RELEASE}={release}")
 
     def manifest_path(self, release: str, run_id: str) -> str:
-        return self.path("_manifests", f"release={release}", f"{run_id}.json")
+        return join(self.manifests_dir(release), f"{run_id}.json")
+
+    def inputs_table_path(self, release: str, run_id: str) -> str:
+        """Beside the run's manifest: every input file of an ingest run and its outcome."""
+        return join(self.manifests_dir(release), f"{run_id}{INPUTS_TABLE_SUFFIX}")
+
+    def side_dir(self, kind: str, release: str, run_id: str) -> str:
+        """A run's side output of ``kind`` (``core.layout.RUN_SIDE_OUTPUTS``): kind/release=R/run=ID."""
+        return self.path(kind, f"{RELEASE}={release}", f"run={run_id}")
 
     def quarantine_dir(self, release: str, run_id: str) -> str:
-        return self.path("_quarantine", f"release={release}", f"run={run_id}")
+        return self.side_dir(QUARANTINE, release, run_id)
+
+    def saliency_dir(self, release: str, run_id: str) -> str:
+        return self.side_dir(SALIENCY, release, run_id)
+
+    def population_saliency_dir(self, release: str, run_id: str) -> str:
+        return self.side_dir(POPULATION_SALIENCY, release, run_id)
 
     def version_dir(self, release: str, run_id: str) -> str:
-        return self.path("_versions", f"release={release}", run_id)
+        return self.path(VERSIONS, f"{RELEASE}={release}", run_id)
+
+    def relative(self, path: str) -> str:
+        """``path`` relative to the dataset's root, as manifests and the index record files."""
+        return path[len(self.root) + 1 :] if path.startswith(self.root + "/") else path
 
     # -- the index --------------------------------------------------------------------------------
 
@@ -126,11 +163,8 @@ class Dataset:
                 files += [self.path(f) for f in manifest["files"]]
         return files
 
-    def _files_under(self, folder: str) -> list[str]:
-        if not exists(self.fs, folder):
-            return []
-        info = self.fs.get_file_info(pafs.FileSelector(folder, recursive=True))
-        return sorted(i.path for i in info if i.type == pafs.FileType.File)
+    def files_under(self, folder: str) -> list[str]:
+        return files_under(self.fs, folder)
 
     # -- the lock ---------------------------------------------------------------------------------
 
@@ -231,7 +265,7 @@ class Dataset:
         ``index_fields`` (e.g. model_id, input fingerprint) go into the release's index entry.
         """
         staged = join(self.staging_dir(run_id), f"release={release}")
-        staged_files = self._files_under(staged)
+        staged_files = self.files_under(staged)
         bad = [f for f in staged_files if run_of_file(f) != run_id]
         if bad:
             raise SpeclabelError(f"staged files not named part-{run_id}-*: {bad[:3]}")
@@ -274,14 +308,14 @@ class Dataset:
             os.rename(staged, live)
 
     def _copy_in(self, staged: str, live: str) -> None:
-        for src in self._files_under(staged):
+        for src in self.files_under(staged):
             dst = join(live, src[len(staged) + 1 :])
             self.fs.create_dir(dst.rsplit("/", 1)[0], recursive=True)
             self.fs.copy_file(src, dst)
 
     def _retire_other_runs(self, release: str, run_id: str) -> None:
         live = self.live_dir(release)
-        for f in self._files_under(live):
+        for f in self.files_under(live):
             old = run_of_file(f)
             if old != run_id:
                 dst = join(self.version_dir(release, old or "unknown"), f[len(live) + 1 :])
@@ -294,7 +328,7 @@ class Dataset:
         index.setdefault("releases", {})[release] = {
             **index_fields,
             "run_id": run_id,
-            "manifest": f"_manifests/release={release}/{run_id}.json",
+            "manifest": self.relative(self.manifest_path(release, run_id)),
             "published_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         }
         write_json_atomic(self.fs, self.path(INDEX), index)
@@ -309,7 +343,7 @@ class Dataset:
                 continue
             release = name[len("release=") :]
             entry = index["releases"].get(release)
-            runs = {run_of_file(f) for f in self._files_under(folder)} - {None}
+            runs = {run_of_file(f) for f in self.files_under(folder)} - {None}
             live_run = entry["run_id"] if entry else None
             if runs == {live_run} or not runs:
                 continue
@@ -320,16 +354,16 @@ class Dataset:
                 manifest_path = self.manifest_path(release, run)
                 if exists(self.fs, manifest_path):
                     manifest = read_json(self.fs, manifest_path)
-                    if {self.path(f) for f in manifest["files"]} == set(self._files_under(folder)):
+                    if {self.path(f) for f in manifest["files"]} == set(self.files_under(folder)):
                         self._commit_index(release, run, manifest["index"])
                         actions.append(f"release {release}: rolled forward to run {run}")
                         continue
             # Otherwise files of unfinished runs are removed (object-store copies cut short).
-            for f in self._files_under(folder):
+            for f in self.files_under(folder):
                 if run_of_file(f) != live_run:
                     self.fs.delete_file(f)
             actions.append(f"release {release}: removed partial files of runs {sorted(runs - {live_run})}")
-        staging = self.path("_staging")
+        staging = self.path(STAGING)
         for folder in self._subdirs(staging):
             self.fs.delete_dir(folder)
             actions.append(f"removed abandoned staging {folder.rsplit('/', 1)[-1]}")

@@ -20,7 +20,7 @@ import numpy as np
 from astropy import units as u
 from scipy.ndimage import median_filter
 
-from .setups import SPEED_OF_LIGHT_KMS, Arm
+from speclabel.core.setups import SPEED_OF_LIGHT_KMS, Arm
 
 # A step between two input pixels larger than this many times the local pixel step is a gap (a CCD
 # gap, a cut-out telluric band): nothing is interpolated across it. One or two missing pixels are not.

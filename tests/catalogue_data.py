@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pyarrow as pa
 
+from speclabel.core.setups import get_setup
 from speclabel.pipeline.catalogue import CatalogueLayout, WriteOptions, write_release
-from speclabel.pipeline.catalogue.synthetic import SyntheticCatalogue, synthetic_label_rows
-from speclabel.pipeline.setups import get_setup
+from speclabel.pipeline.simulate.catalogue import SyntheticCatalogue, synthetic_label_rows
 
 # Coarse sky cells (order 1: 48 cells) and tiny files, so that a few thousand rows still make
 # several partitions, several files per partition and several row groups per file.

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from speclabel.pipeline.setups import get_setup
+from speclabel.core.setups import get_setup
 from speclabel.pipeline.simulate import SurveyConfig, simulate_chunk
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -62,7 +62,7 @@ def ray_session():
 @pytest.fixture(scope="session")
 def tiny_setup():
     """A two-arm setup of 96 + 64 pixels with line windows, small enough for fast model tests."""
-    from speclabel.pipeline.setups import Setup
+    from speclabel.core.setups import Setup
 
     return Setup.from_dict(
         {

@@ -10,10 +10,10 @@ import pyarrow.parquet as pq
 import pytest
 from catalogue_data import LAYOUT, OPTIONS, build_catalogue, label_rows
 
+from speclabel.core.contract import quarantine_table
+from speclabel.core.errors import InputError
 from speclabel.pipeline.catalogue import CONE_DISTANCE, Catalogue, Cone, Query, QueryError, write_release
 from speclabel.pipeline.catalogue.reader import left_join_by_id
-from speclabel.pipeline.contract import quarantine_table
-from speclabel.pipeline.errors import InputError
 from speclabel.pipeline.publish import Dataset
 
 

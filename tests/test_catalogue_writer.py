@@ -15,9 +15,9 @@ import pytest
 from astropy_healpix import HEALPix
 from catalogue_data import LAYOUT, OPTIONS, build_catalogue, label_rows
 
+from speclabel.core.errors import ConfigError, InputError, IntegrityError, UsageError
 from speclabel.pipeline.catalogue import CatalogueLayout, CatalogueWriter, read_layout, write_release
 from speclabel.pipeline.catalogue.layout import COLUMN_TYPES
-from speclabel.pipeline.errors import ConfigError, InputError, IntegrityError, UsageError
 from speclabel.pipeline.publish import Dataset
 
 
@@ -125,7 +125,7 @@ def test_spills_keep_memory_bounded_and_lose_nothing(tmp_path, monkeypatch):
     result = writer.close()
     assert spills, "the buffer limit forced spills"
     assert result.rows == 2000 == sum(result.rows_per_sky.values())
-    assert not any("/_spill/" in p for p in dataset._files_under(dataset.staging_dir(writer.run_id)))
+    assert not any("/_spill/" in p for p in dataset.files_under(dataset.staging_dir(writer.run_id)))
     staged = pads.dataset(result.files, format="parquet").to_table()
     assert sorted(staged.column("spectrum_id").to_pylist()) == sorted(given.column("spectrum_id").to_pylist())
 
@@ -151,7 +151,7 @@ def test_duplicates_are_refused_and_nothing_is_staged(tmp_path):
     writer = CatalogueWriter(dataset, "DR1", "20260101T000000Z-bbbbbbbb", LAYOUT, OPTIONS)
     with pytest.raises(IntegrityError, match="DR1-000000003"), writer:
         writer.write(twice)
-    assert dataset._files_under(dataset.staging_dir(writer.run_id)) == []
+    assert dataset.files_under(dataset.staging_dir(writer.run_id)) == []
 
 
 def test_bad_input_is_refused_with_a_clear_error(tmp_path):

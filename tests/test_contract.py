@@ -4,8 +4,10 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from speclabel.pipeline import contract
-from speclabel.pipeline.errors import InputError
+from speclabel.core import contract
+from speclabel.core.arrays import arm_matrix, model_inputs, spectra_arrays
+from speclabel.core.errors import InputError
+from speclabel.core.fingerprints import spectrum_sha256
 
 
 def _table(setup, n=4, *, fixed=True, dtype=pa.float32(), labelled=False):
@@ -44,14 +46,14 @@ def test_arm_matrix_matches_numpy(setup):
     table = _table(setup, fixed=False)
     table = _replace(table, "flux_hr10", 2, None)
     table = _replace(table, "flux_hr10", 3, [1.0] * 10)
-    matrix, status = contract.arm_matrix(table.column("flux_hr10"), 5601)
+    matrix, status = arm_matrix(table.column("flux_hr10"), 5601)
     expected = np.array(table.column("flux_hr10").to_pylist()[0], dtype=np.float32)
     assert np.array_equal(matrix[0], expected)
     assert list(status) == [0, 0, 1, 2]
     assert np.isnan(matrix[2]).all() and np.isnan(matrix[3]).all()
     # A sliced fixed-size column keeps its offset.
     fixed = _table(setup).column("flux_hr21").combine_chunks().slice(1, 2)
-    sliced, _ = contract.arm_matrix(fixed, 10341)
+    sliced, _ = arm_matrix(fixed, 10341)
     assert np.array_equal(sliced[0], np.array(fixed.to_pylist()[0], dtype=np.float32))
 
 
@@ -98,7 +100,7 @@ def test_nan_flux_is_allowed_where_the_pixel_is_masked(setup):
     flux[7], ivar[7] = float("nan"), 0.0
     table = _replace(_replace(table, "flux_hr10", 0, flux), "ivar_hr10", 0, ivar)
     assert list(contract.validate(table, setup)) == [None]
-    model_flux, good = contract.model_inputs(contract.spectra_arrays(table, setup), setup)
+    model_flux, good = model_inputs(spectra_arrays(table, setup), setup)
     assert model_flux[0, 7] == 1.0 and not good[0, 7] and good[0, 8]
 
 
@@ -121,13 +123,11 @@ def test_table_level_problems_raise_input_error(setup):
 
 def test_sha256_is_stable_and_sees_any_change(setup):
     table = _table(setup, n=2)
-    arrays = contract.spectra_arrays(table, setup)
-    first = contract.spectrum_sha256(arrays, setup)
-    assert first == contract.spectrum_sha256(
-        contract.spectra_arrays(_table(setup, n=2, fixed=False), setup), setup
-    )
+    arrays = spectra_arrays(table, setup)
+    first = spectrum_sha256(arrays, setup)
+    assert first == spectrum_sha256(spectra_arrays(_table(setup, n=2, fixed=False), setup), setup)
     arrays.flux["hr21"][1, 100] += 1e-3
-    second = contract.spectrum_sha256(arrays, setup)
+    second = spectrum_sha256(arrays, setup)
     assert first[0] == second[0] and first[1] != second[1]
     assert len(first[0]) == 64
 

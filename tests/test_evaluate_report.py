@@ -14,6 +14,9 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from speclabel.core.arrays import model_inputs, spectra_arrays
+from speclabel.core.errors import InputError, IntegrityError
+from speclabel.core.labels import LABEL_NAMES
 from speclabel.jobs.cli import main
 from speclabel.model.arch import ArchConfig, build_network
 from speclabel.model.ensemble import Ensemble
@@ -23,13 +26,11 @@ from speclabel.model.scaling import LabelScaler
 from speclabel.model.splits import SplitRule
 from speclabel.pipeline.catalogue import write_release
 from speclabel.pipeline.catalogue.layout import saliency_column
-from speclabel.pipeline.catalogue.synthetic import SyntheticCatalogue, synthetic_label_rows
-from speclabel.pipeline.contract import LABEL_NAMES, model_inputs, spectra_arrays
-from speclabel.pipeline.errors import InputError, IntegrityError
 from speclabel.pipeline.evaluation import from_catalogue, from_model, render_markdown, write_report
 from speclabel.pipeline.evaluation import report as report_module
 from speclabel.pipeline.evaluation.population import read_run_saliency
 from speclabel.pipeline.publish import Dataset
+from speclabel.pipeline.simulate.catalogue import SyntheticCatalogue, synthetic_label_rows
 
 # A large test fraction, so that a 40-spectrum survey has a test split worth plotting.
 SPLIT = SplitRule(test_fraction=0.6)

@@ -11,7 +11,7 @@ from astropy.io import fits
 from astropy.wcs import WCS
 from fits_fixtures import giraffe_image, phase3_table, smooth_flux
 
-from speclabel.pipeline import contract
+from speclabel.core import contract
 from speclabel.pipeline.fits_formats import (
     Unusable,
     decode,

@@ -5,9 +5,9 @@ import io
 import numpy as np
 import pyarrow.parquet as pq
 
+from speclabel.core.setups import SPEED_OF_LIGHT_KMS
 from speclabel.jobs.cli import main
 from speclabel.pipeline.fits_formats import decode, read_primary_header
-from speclabel.pipeline.setups import SPEED_OF_LIGHT_KMS
 from speclabel.pipeline.simulate import SurveyConfig, simulate_chunk
 
 

@@ -10,9 +10,9 @@ import pyarrow.flight as flight
 import pytest
 from catalogue_data import build_catalogue
 
+from speclabel.core.errors import UsageError
 from speclabel.pipeline.catalogue import Catalogue
 from speclabel.pipeline.catalogue.flight import ServiceLimits, connect, serve
-from speclabel.pipeline.errors import UsageError
 
 TOKEN = "0123456789abcdef0123456789abcdef"
 

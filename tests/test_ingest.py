@@ -14,8 +14,11 @@ import pyarrow.parquet as pq
 import pytest
 from fits_fixtures import giraffe_image, phase3_table, smooth_flux, write
 
+from speclabel.core import contract
+from speclabel.core.arrays import spectra_arrays
+from speclabel.core.fingerprints import spectrum_sha256
+from speclabel.core.setups import SPEED_OF_LIGHT_KMS
 from speclabel.jobs.cli import main
-from speclabel.pipeline import contract
 from speclabel.pipeline.fits_formats import Unusable
 from speclabel.pipeline.ingest import (
     SCAN_SCHEMA,
@@ -31,7 +34,6 @@ from speclabel.pipeline.ingest import (
 )
 from speclabel.pipeline.publish import Dataset
 from speclabel.pipeline.resample import air_to_vacuum, to_rest_frame, vacuum_to_air
-from speclabel.pipeline.setups import SPEED_OF_LIGHT_KMS
 from speclabel.pipeline.simulate import SurveyConfig, simulate_chunk
 
 OPTIONS = IngestOptions(release="T")
@@ -179,12 +181,12 @@ def test_missing_arm_quarantines_or_masks(setup):
     assert [contract.reason_code(r) for r, _ in quarantined.quarantine] == [contract.MISSING_ARM]
     masked = assemble_star("S2", files, setup, IngestOptions(release="T", missing_arm="mask"))
     table = star_table([masked], setup)
-    arrays = contract.spectra_arrays(table, setup)
+    arrays = spectra_arrays(table, setup)
     assert np.all(arrays.ivar["hr21"] == 0) and np.all(np.isnan(arrays.flux["hr21"]))
     assert (arrays.ivar["hr10"] > 0).all()
     assert table.column("ra").to_pylist() == [10.5]
     assert all(r is None for r in contract.validate(table, setup))
-    expected_hash = contract.spectrum_sha256(arrays, setup)
+    expected_hash = spectrum_sha256(arrays, setup)
     assert table.column(contract.INPUT_SHA256).to_pylist() == expected_hash
 
 
@@ -212,15 +214,15 @@ def test_pass_through_keeps_good_rows_exactly_and_quarantines_the_rest(setup, sm
     assert stored.column("spectrum_id").to_pylist() == [table["spectrum_id"][i].as_py() for i in (0, 1, 3, 5)]
     assert refused.column("reason").to_pylist() == [contract.NONFINITE_FLUX, contract.DUPLICATE_ID]
     assert refused.column("detail")[1].as_py().endswith("(row 104)")
-    original = contract.spectra_arrays(table.take([0, 1, 3, 5]), setup)
-    kept = contract.spectra_arrays(stored, setup)
+    original = spectra_arrays(table.take([0, 1, 3, 5]), setup)
+    kept = spectra_arrays(stored, setup)
     for arm in setup.arms:
         np.testing.assert_array_equal(kept.flux[arm.name], original.flux[arm.name])
         np.testing.assert_array_equal(kept.ivar[arm.name], original.ivar[arm.name])
-    assert stored.column(contract.INPUT_SHA256).to_pylist() == contract.spectrum_sha256(original, setup)
+    assert stored.column(contract.INPUT_SHA256).to_pylist() == spectrum_sha256(original, setup)
     no_ivar = table.drop_columns(["ivar_hr10", "ivar_hr21"]).slice(0, 2)
     stored, _ = pass_through(no_ivar, "in.parquet", 0, [], setup)
-    assert np.all(contract.spectra_arrays(stored, setup).ivar["hr10"] == 1.0)
+    assert np.all(spectra_arrays(stored, setup).ivar["hr10"] == 1.0)
 
 
 def test_plan_groups_star_files_and_marks_later_duplicate_ids():
@@ -529,10 +531,8 @@ def test_shared_training_spectra_pass_through_and_survive_a_fits_round_trip(shar
     assert stored.num_rows + sum(o.spectra_quarantined for o in outputs) == plan.spectra_in == n_rows
     assert stored.num_rows == n_rows
     original = pq.read_table(path).slice(0, 4)
-    arrays = contract.spectra_arrays(original, setup)
-    np.testing.assert_array_equal(
-        contract.spectra_arrays(stored.slice(0, 4), setup).flux["hr21"], arrays.flux["hr21"]
-    )
+    arrays = spectra_arrays(original, setup)
+    np.testing.assert_array_equal(spectra_arrays(stored.slice(0, 4), setup).flux["hr21"], arrays.flux["hr21"])
 
     # The same spectra as Gaia-ESO-like FITS files (observed at -80 km/s) come back on the same grid.
     for k, sid in enumerate(original.column("spectrum_id").to_pylist()):

@@ -7,18 +7,15 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from speclabel.core.arrays import model_inputs, spectra_arrays
+from speclabel.core.contract import QUARANTINE_SCHEMA, spectra_schema
+from speclabel.core.errors import ConfigError, UsageError
+from speclabel.core.fingerprints import spectrum_sha256
+from speclabel.core.flags import Flag
+from speclabel.core.setups import Setup
 from speclabel.model.ensemble import Prediction
 from speclabel.model.saliency import SaliencyAccumulator, summarise
 from speclabel.pipeline.catalogue.layout import saliency_column
-from speclabel.pipeline.contract import (
-    QUARANTINE_SCHEMA,
-    model_inputs,
-    spectra_arrays,
-    spectra_schema,
-    spectrum_sha256,
-)
-from speclabel.pipeline.errors import ConfigError, UsageError
-from speclabel.pipeline.flags import Flag
 from speclabel.pipeline.labelling import batch as B
 from speclabel.pipeline.labelling.inputs import (
     ParquetInput,
@@ -28,7 +25,6 @@ from speclabel.pipeline.labelling.inputs import (
     read_spectra,
 )
 from speclabel.pipeline.labelling.job import LabelOptions, decide_release, plan_resources, usable_resources
-from speclabel.pipeline.setups import Setup
 from speclabel.pipeline.simulate import SurveyConfig, simulate_chunk
 
 LABELS = ("teff", "logg", "feh", "mgfe", "alfe")
@@ -261,8 +257,8 @@ def test_prepass_refuses_whole_files_and_fingerprints_footers(tiny_setup, survey
 
 
 def test_release_values_from_statistics_or_the_column(tmp_path):
+    from speclabel.core.storage import filesystem_and_path
     from speclabel.pipeline.labelling.inputs import release_values
-    from speclabel.pipeline.storage import filesystem_and_path
 
     fs, _ = filesystem_and_path(str(tmp_path))
     table = pa.table({"spectrum_id": ["a", "b", "c", "d"], "release": ["DR1", "DR1", "DR2", None]})

@@ -14,17 +14,19 @@ import pyarrow.parquet as pq
 import pytest
 from label_data import saved_model, spectra_file
 
+from speclabel.core.arrays import model_inputs, spectra_arrays
+from speclabel.core.contract import spectra_schema
+from speclabel.core.errors import InputError, IntegrityError, UsageError
+from speclabel.core.fingerprints import spectrum_sha256
+from speclabel.core.setups import Setup
 from speclabel.jobs.cli import main
 from speclabel.model.io import load_model
 from speclabel.model.splits import hash_uniform
 from speclabel.pipeline.catalogue import Catalogue
 from speclabel.pipeline.catalogue.layout import saliency_column
-from speclabel.pipeline.contract import model_inputs, spectra_arrays, spectra_schema, spectrum_sha256
-from speclabel.pipeline.errors import InputError, IntegrityError, UsageError
 from speclabel.pipeline.labelling import LabelOptions, label_spectra, read_population_saliency
 from speclabel.pipeline.labelling.job import SAMPLE_SALT
 from speclabel.pipeline.publish import Dataset
-from speclabel.pipeline.setups import Setup
 from speclabel.pipeline.simulate import SurveyConfig, simulate_chunk
 
 pytestmark = pytest.mark.ray
@@ -91,7 +93,7 @@ def _failing_cli_run(label_args: list[str], *, after: int) -> subprocess.Complet
     """
     return subprocess.run(
         [sys.executable, "-m", "speclabel.jobs.cli", "label", *label_args, "--quiet", "--address", "local"],
-        env={**os.environ, "SPECLABEL_FAULT_AFTER_BATCHES": str(after)},
+        env={**os.environ, "SPECLABEL_FAULT": f"label.batch:batches={after}"},
         capture_output=True,
         text=True,
         timeout=600,
@@ -229,7 +231,9 @@ def test_killed_run_publishes_nothing_and_a_rerun_publishes_once(labelled, tiny_
         ["--spectra", labelled["inputs"], "--model", model, "--out", catalogue, "--batch-size", "8"], after=1
     )
     assert failed.returncode == 1
-    assert re.search(r"nothing was published.*fault injected", failed.stderr), failed.stderr[-2000:]
+    assert re.search(r"nothing was published.*SPECLABEL_FAULT=label.batch", failed.stderr), failed.stderr[
+        -2000:
+    ]
     assert dataset.index() == before_index
     assert _live(catalogue).sort_by("spectrum_id").equals(before_rows)
     assert not os.path.exists(dataset.path("_lock"))

@@ -5,6 +5,8 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from speclabel.core.arrays import SpectraArrays, model_inputs
+from speclabel.core.errors import ConfigError
 from speclabel.model.arch import (
     PAPER,
     PRESETS,
@@ -14,8 +16,6 @@ from speclabel.model.arch import (
     forward_flops,
     get_arch,
 )
-from speclabel.pipeline import contract
-from speclabel.pipeline.errors import ConfigError
 
 TINY = ArchConfig(
     name="tiny", conv_channels=(3, 2), kernel_size=5, pool_size=2, dense_units=(8,), dropout=0.0
@@ -117,13 +117,13 @@ def test_masked_pixels_never_reach_the_network_as_garbage(tiny_setup):
         for garbage in (np.nan, 1e30, 0.0):
             bad = flux.copy()
             bad[0, [5, 40, 120]] = garbage
-            arrays = contract.SpectraArrays(
+            arrays = SpectraArrays(
                 flux={"blue": bad[:, :96], "red": bad[:, 96:]},
                 ivar={"blue": ivar[:, :96], "red": ivar[:, 96:]},
                 status={},
                 ivar_status={},
             )
-            x, good = contract.model_inputs(arrays, tiny_setup)
+            x, good = model_inputs(arrays, tiny_setup)
             assert np.isfinite(x).all() and not good[0, [5, 40, 120]].any()
             outs.append(net(torch.from_numpy(x), torch.from_numpy(good)).detach().numpy())
         assert np.array_equal(outs[0], outs[1]) and np.array_equal(outs[0], outs[2])

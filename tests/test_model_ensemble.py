@@ -4,10 +4,10 @@ import numpy as np
 import pytest
 import torch
 
+from speclabel.core.errors import ConfigError, InputError
 from speclabel.model.arch import ArchConfig, build_network
 from speclabel.model.ensemble import Ensemble, select_members
 from speclabel.model.scaling import LabelScaler
-from speclabel.pipeline.errors import ConfigError, InputError
 
 ARCH = ArchConfig(
     name="tiny", conv_channels=(3, 2), kernel_size=5, pool_size=2, dense_units=(8,), dropout=0.3

@@ -9,13 +9,13 @@ import pytest
 import torch
 from torch import nn
 
+from speclabel.core.arrays import model_inputs, spectra_arrays
+from speclabel.core.errors import ConfigError
 from speclabel.model.arch import DEFAULT, PAPER, ArchConfig, build_network
 from speclabel.model.ensemble import NEAR_TIE_FRACTION, Ensemble, InferenceOptions
 from speclabel.model.fused import FusedEnsemble, fusable, fusable_ensemble
 from speclabel.model.saliency import SaliencyAccumulator
 from speclabel.model.scaling import LabelScaler
-from speclabel.pipeline.contract import model_inputs, spectra_arrays
-from speclabel.pipeline.errors import ConfigError
 
 LABELS = np.array(
     [[4500.0, 2.5, -0.3, 0.2, 0.1], [5800.0, 4.4, 0.1, 0.0, -0.05], [5100.0, 3.1, -1.2, 0.35, 0.3]]
@@ -332,7 +332,7 @@ def test_ensembles_and_engines_pickle_as_ray_ships_them(tiny_setup):
 
 
 def _two_arm():
-    from speclabel.pipeline.setups import Setup
+    from speclabel.core.setups import Setup
 
     arm = {"wave_step": 0.5, "n_pixels": 40, "resolution": 5000.0}
     return Setup.from_dict(

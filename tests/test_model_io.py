@@ -7,13 +7,13 @@ import numpy as np
 import pytest
 import torch
 
+from speclabel.core import storage
+from speclabel.core.errors import IntegrityError, SpeclabelError
+from speclabel.core.setups import Setup
 from speclabel.model import io
 from speclabel.model.arch import ArchConfig, build_network
 from speclabel.model.ensemble import Ensemble
 from speclabel.model.scaling import LabelScaler
-from speclabel.pipeline import storage
-from speclabel.pipeline.errors import IntegrityError, SpeclabelError
-from speclabel.pipeline.setups import Setup
 
 ARCH = ArchConfig(
     name="tiny", conv_channels=(3, 2), kernel_size=5, pool_size=2, dense_units=(8,), dropout=0.1

@@ -6,6 +6,8 @@ import numpy as np
 import pytest
 import torch
 
+from speclabel.core.errors import ConfigError, InputError
+from speclabel.core.setups import SPEED_OF_LIGHT_KMS
 from speclabel.model.arch import ArchConfig
 from speclabel.model.scaling import LabelScaler
 from speclabel.model.training import (
@@ -19,8 +21,6 @@ from speclabel.model.training import (
     rv_shift,
     train_member,
 )
-from speclabel.pipeline.errors import ConfigError, InputError
-from speclabel.pipeline.setups import SPEED_OF_LIGHT_KMS
 
 ARCH = ArchConfig(
     name="tiny", conv_channels=(4, 2), kernel_size=5, pool_size=2, dense_units=(8,), dropout=0.2

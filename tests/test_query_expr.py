@@ -6,8 +6,8 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
+from speclabel.core.flags import Flag
 from speclabel.pipeline.catalogue.expr import QueryError, parse_where
-from speclabel.pipeline.flags import Flag
 
 N = 400
 

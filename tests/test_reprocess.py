@@ -20,18 +20,18 @@ import pyarrow.parquet as pq
 import pytest
 from label_data import saved_model, spectra_file
 
+from speclabel.core.arrays import model_inputs, spectra_arrays
+from speclabel.core.errors import InputError
+from speclabel.core.faults import FAULT_ENV, InjectedFault
+from speclabel.core.fingerprints import spectrum_sha256
 from speclabel.jobs import submit as sub
 from speclabel.jobs.cli import main
 from speclabel.jobs.reprocess import (
-    FAULT_ENV,
-    InjectedFault,
     ReprocessOptions,
     make_plan,
     records,
     run_reprocess,
 )
-from speclabel.pipeline.contract import model_inputs, spectra_arrays, spectrum_sha256
-from speclabel.pipeline.errors import InputError
 from speclabel.pipeline.labelling import LabelOptions
 from speclabel.pipeline.labelling.inputs import ParquetInput
 from speclabel.pipeline.publish import Dataset, LockedError
@@ -110,7 +110,7 @@ def history(tmp_path_factory, tiny_setup, ray_session):
     ids = dr2.column("spectrum_id").to_pylist()
     ids[7] = ids[2]
     pq.write_table(dr2.set_column(0, "spectrum_id", pa.array(ids)), releases / "DR2" / "b.parquet")
-    os.environ[FAULT_ENV] = "after-ingest:DR2"
+    os.environ[FAULT_ENV] = "reprocess.after-ingest:release=DR2"
     try:
         with pytest.raises(InjectedFault):
             run_reprocess(options)

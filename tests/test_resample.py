@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 
+from speclabel.core.setups import Arm
 from speclabel.pipeline.resample import (
     WavelengthUnitError,
     air_to_vacuum,
@@ -14,7 +15,6 @@ from speclabel.pipeline.resample import (
     to_rest_frame,
     vacuum_to_air,
 )
-from speclabel.pipeline.setups import Arm
 
 
 def _reference_rebin(lower, upper, flux, out_lower, out_upper):

@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 
-from speclabel.pipeline.errors import ConfigError
-from speclabel.pipeline.setups import Setup, available_setups, get_setup
+from speclabel.core.errors import ConfigError
+from speclabel.core.setups import Setup, available_setups, get_setup
 
 
 def test_default_setup_grids_match_the_data_contract(setup):

@@ -4,8 +4,9 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
+from speclabel.core import contract
+from speclabel.core.arrays import spectra_arrays
 from speclabel.jobs.cli import main
-from speclabel.pipeline import contract
 from speclabel.pipeline.simulate import (
     SurveyConfig,
     draw_labels,
@@ -41,7 +42,7 @@ def test_same_seed_same_rows_however_parallelised(setup):
 def test_rows_follow_the_labelled_contract(setup, small_survey):
     assert small_survey.schema.equals(contract.spectra_schema(setup, labelled=True), check_metadata=False)
     assert list(contract.validate(small_survey, setup, labelled=True)) == [None] * 40
-    arrays = contract.spectra_arrays(small_survey, setup)
+    arrays = spectra_arrays(small_survey, setup)
     for arm in setup.arms:
         assert arrays.flux[arm.name].shape == (40, arm.n_pixels)
         ivar = arrays.ivar[arm.name]
@@ -63,7 +64,7 @@ def test_ivar_matches_the_noise_actually_added(setup):
     labels = draw_labels(rng, 20)
     labels["rv"] = np.zeros(20)
     clean = synthesize(setup, labels)
-    arrays = contract.spectra_arrays(table, setup)
+    arrays = spectra_arrays(table, setup)
     flux, ivar = arrays.concatenated(setup)
     good = ivar > 0
     pulls = ((flux - clean) * np.sqrt(ivar))[good]

@@ -17,9 +17,9 @@ import pytest
 from conftest import RayHead
 from label_data import saved_model, spectra_file
 
+from speclabel.core.errors import InputError, UsageError
 from speclabel.jobs import submit as sub
 from speclabel.jobs.cli import COMMANDS, build_parser, main
-from speclabel.pipeline.errors import InputError, UsageError
 from speclabel.pipeline.publish import Dataset, new_run_id
 
 # -- command lines --------------------------------------------------------------------------------

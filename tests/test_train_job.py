@@ -8,13 +8,14 @@ import pyarrow.parquet as pq
 import pytest
 from train_inputs import BAD_ROWS, faulty_survey, tiny_model_toml, write_in_two_files
 
+from speclabel.core.errors import ConfigError
+from speclabel.core.faults import FAULT_ENV
 from speclabel.jobs.cli import build_parser, main
 from speclabel.jobs.commands.train import build_job
-from speclabel.jobs.train import FAULT_ENV, QUARANTINE_FILE, read_model_config
+from speclabel.jobs.train import QUARANTINE_FILE, read_model_config
 from speclabel.model import io
 from speclabel.model.arch import PAPER
 from speclabel.model.fit import fit_ensemble, prepare_arrays
-from speclabel.pipeline.errors import ConfigError
 
 
 def _job(argv):
@@ -59,7 +60,7 @@ def test_killed_member_resumes_and_the_model_matches_the_in_process_fit(
     out = tmp_path / "models" / "tiny"
     argv = ["train", "--data", str(data), "--out", str(out), "--config", str(config), "--streaming", "off"]
 
-    monkeypatch.setenv(FAULT_ENV, "member=1,epoch=2")
+    monkeypatch.setenv(FAULT_ENV, "train.epoch:member=1,epoch=2")
     assert main([*argv, "--max-failures", "0"]) == 1
     captured = capsys.readouterr()
     assert "member 1: FAILED after epoch 2" in captured.out
@@ -154,12 +155,12 @@ def test_the_documented_example_configuration_is_valid():
 
 def test_test_split_metrics_in_batches_equal_the_one_shot_reference(small_survey, setup):
     from speclabel.jobs.train import test_metrics
-    from speclabel.jobs.train_data import InMemoryRows
     from speclabel.model.arch import build_network
     from speclabel.model.ensemble import Ensemble
     from speclabel.model.metrics import metrics_by_snr
     from speclabel.model.scaling import LabelScaler
     from speclabel.model.splits import SplitRule
+    from speclabel.pipeline.training_data import InMemoryRows
 
     settings_arch = PAPER.replace(conv_channels=(2,), pool_size=16, dense_units=(4,))
     arrays = prepare_arrays(small_survey, setup)

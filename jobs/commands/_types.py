@@ -31,3 +31,12 @@ def non_negative_float(text: str) -> float:
     if not value >= 0:
         raise argparse.ArgumentTypeError(f"must be zero or a positive number, got {text}")
     return value
+
+
+def add_ray_address(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    """The one ``--address`` of every command that runs on Ray (``pipeline.ray_session``)."""
+    parser.add_argument(
+        "--address",
+        help="Ray cluster to run on: auto, HOST:6379, ray://HOST:10001, or local for a fresh local "
+        "instance (default: $RAY_ADDRESS, a `ray start` cluster on this machine, else a local Ray)",
+    )

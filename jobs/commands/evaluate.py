@@ -70,9 +70,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ...pipeline.errors import UsageError
-    from ...pipeline.evaluation import ReportOptions, from_catalogue, from_model, write_report
-    from ...pipeline.setups import get_setup
+    from speclabel.core.errors import UsageError
+    from speclabel.core.setups import get_setup
+    from speclabel.pipeline.evaluation import ReportOptions, from_catalogue, from_model, write_report
 
     if sorted(args.snr_bins) != list(args.snr_bins) or len(set(args.snr_bins)) != len(args.snr_bins):
         raise UsageError(f"--snr-bins must increase, got {args.snr_bins}")

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import argparse
 
-from ._types import positive_int
+from ._types import add_ray_address, positive_int
 
 HELP = "read FITS / Parquet survey spectra into the spectra store (setup grid, quarantine, manifest)"
 
@@ -62,13 +62,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=256,
         help="stars per Ray task and part file (default 256)",
     )
+    add_ray_address(parser)
 
 
 def run(args: argparse.Namespace) -> int:
-    import ray
-
-    from ...pipeline.ingest import IngestOptions, run_ingest
-    from ...pipeline.setups import get_setup
+    from speclabel.core.setups import get_setup
+    from speclabel.pipeline.ingest import IngestOptions, run_ingest
+    from speclabel.pipeline.ray_session import ray_session
 
     setup = get_setup(args.setup)
     options = IngestOptions(
@@ -79,14 +79,8 @@ def run(args: argparse.Namespace) -> int:
         rv_shift=not args.no_rv_shift,
         stars_per_task=args.stars_per_task,
     )
-    started_ray = not ray.is_initialized()
-    if started_ray:
-        ray.init(include_dashboard=False, configure_logging=False)  # joins $RAY_ADDRESS when set
-    try:
+    with ray_session(args.address):
         report = run_ingest(args.input, args.out, setup, options, force=args.force)
-    finally:
-        if started_ray:
-            ray.shutdown()
     if report.skipped:
         print(
             f"ingest: release {report.release} of {report.store} already holds these inputs "

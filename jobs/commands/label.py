@@ -13,18 +13,16 @@ holding every ensemble member) and publishes one release of the catalogue atomic
 Rerunning the same release with the same model, input and options prints "up to date" and does
 nothing (--force relabels). A new model replaces the release's live rows in one step; the old ones
 are kept under _versions/. Exit codes: 0 done (also with quarantined rows), 1 failed, 2 usage.
-Fault injection for tests: SPECLABEL_FAULT_AFTER_BATCHES=N makes every actor fail after N batches.
+Fault injection for tests: SPECLABEL_FAULT=label.batch:batches=N makes every actor fail after N batches.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 
-from ._types import non_negative_float, non_negative_int, positive_float, positive_int
+from ._types import add_ray_address, non_negative_float, non_negative_int, positive_float, positive_int
 
 HELP = "label spectra with a model ensemble into the partitioned label catalogue (Ray Data)"
-FAULT_ENV = "SPECLABEL_FAULT_AFTER_BATCHES"
 
 
 def _label_value(text: str) -> tuple[str, float]:
@@ -124,16 +122,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "and saliency stay within tolerance of float32 on the first spectra, else float32; bf16, tf32: "
         "that precision, and the run fails (exit 1) if it is out of tolerance",
     )
-    run.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
+    add_ray_address(run)
     run.add_argument("--quiet", action="store_true", help="no progress bars or progress lines")
 
 
 def run(args: argparse.Namespace) -> int:
-    import ray
-
-    from ...pipeline.catalogue import CatalogueLayout, WriteOptions
-    from ...pipeline.errors import UsageError
-    from ...pipeline.labelling import FlagThresholds, LabelOptions, label_spectra
+    from speclabel.core.faults import planned_fault
+    from speclabel.pipeline.catalogue import CatalogueLayout, WriteOptions
+    from speclabel.pipeline.labelling import FlagThresholds, LabelOptions, label_spectra
+    from speclabel.pipeline.ray_session import ray_session
 
     thresholds = FlagThresholds(low_snr=args.low_snr, masked_fraction=args.masked_fraction)
     if args.high_std:
@@ -142,11 +139,6 @@ def run(args: argparse.Namespace) -> int:
             masked_fraction=args.masked_fraction,
             high_std={**thresholds.high_std, **dict(args.high_std)},
         )
-    fault = os.environ.get(FAULT_ENV)
-    try:
-        fault_after = int(fault) if fault else None
-    except ValueError:
-        raise UsageError(f"{FAULT_ENV} must be an integer, got {fault!r}") from None
     options = LabelOptions(
         release=args.release,
         saliency=args.saliency,
@@ -164,21 +156,10 @@ def run(args: argparse.Namespace) -> int:
         write=WriteOptions(max_rows_per_file=args.max_rows_per_file),
         force=args.force,
         reuse_unchanged=args.reuse_unchanged,
-        fault_after_batches=fault_after,
+        fault=planned_fault(),
         progress=not args.quiet,
     )
-    started_ray = not ray.is_initialized()
-    if started_ray:
-        ray.init(
-            address=args.address,
-            include_dashboard=False,
-            configure_logging=False,
-            log_to_driver=not args.quiet,
-        )
-    try:
+    with ray_session(args.address, quiet=args.quiet):
         result = label_spectra(args.spectra, args.model, args.out, options)
-    finally:
-        if started_ray:
-            ray.shutdown()
     print(result.summary())
     return 0

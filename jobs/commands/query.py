@@ -66,8 +66,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
-    from ...pipeline.catalogue import Catalogue, Cone, Query
-    from ...pipeline.catalogue.export import format_table, output_format, write_table
+    from speclabel.pipeline.catalogue import Catalogue, Cone, Query
+    from speclabel.pipeline.catalogue.export import format_table, output_format, write_table
 
     if args.out:
         output_format(args.out)  # a bad suffix is a usage error before any work
@@ -100,7 +100,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _print_columns(names: list[str]) -> list[str]:
     """A terminal-wide selection: identity, position and the labels with their precision."""
-    from ...pipeline.contract import LABEL_NAMES
+    from speclabel.core.labels import LABEL_NAMES
 
     wanted = ["spectrum_id", "release", "ra", "dec", "snr"]
     for label in LABEL_NAMES:

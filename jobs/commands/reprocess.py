@@ -16,15 +16,17 @@ CATALOGUE/_reprocess/_lock is taken over after --lock-timeout seconds or when it
 Each run that did something writes CATALOGUE/_reprocess/<run>.json (plan and outcome per release).
 
 Exit codes: 0 done or up to date (also with quarantined rows), 1 a release failed or another run
-holds the lock, 2 usage. Fault injection for tests: SPECLABEL_REPROCESS_FAULT_AT=after-ingest|after-label
-[:RELEASE] crashes the run at that point.
+holds the lock, 2 usage. Fault injection for tests:
+SPECLABEL_FAULT=reprocess.after-ingest|reprocess.after-label[:release=R] crashes the run at that
+point.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 
-from ._types import non_negative_int, positive_float, positive_int
+from ._types import add_ray_address, non_negative_int, positive_float, positive_int
 
 HELP = "ingest and label new or changed data releases, or relabel with a new model (cron-safe)"
 
@@ -65,12 +67,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--gpus", type=non_negative_int, default=0, help="GPU actors, one per GPU (default 0: CPU)"
     )
     label.add_argument("--actors", type=positive_int, help="CPU actors (default: one per CPU of the cluster)")
-    label.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
+    add_ray_address(label)
     label.add_argument("--quiet", action="store_true", help="no progress bars or progress lines")
 
 
 def run(args: argparse.Namespace) -> int:
-    from ...pipeline.labelling import LabelOptions
+    from speclabel.pipeline.labelling import LabelOptions
+    from speclabel.pipeline.ray_session import ray_session
+
     from ..reprocess import ReprocessOptions, make_plan, run_reprocess
 
     options = ReprocessOptions(
@@ -93,26 +97,10 @@ def run(args: argparse.Namespace) -> int:
         print(f"reprocess plan (model {plan.model_id}, dry run: nothing done):\n{plan.describe()}")
         return 0
 
-    started: list[bool] = []
-
-    def ensure_ray() -> None:
-        import ray
-
-        if not ray.is_initialized():
-            ray.init(
-                address=args.address,
-                include_dashboard=False,
-                configure_logging=False,
-                log_to_driver=not args.quiet,
-            )
-            started.append(True)
-
-    try:
-        outcome = run_reprocess(options, ensure_ray=ensure_ray)
-    finally:
-        if started:
-            import ray
-
-            ray.shutdown()
+    with contextlib.ExitStack() as stack:
+        # Ray starts only when there is work: an up-to-date run never pays its start-up.
+        outcome = run_reprocess(
+            options, ensure_ray=lambda: stack.enter_context(ray_session(args.address, quiet=args.quiet))
+        )
     print(outcome.summary())
     return 0

@@ -52,8 +52,8 @@ def run(args: argparse.Namespace) -> int:
     import signal
     import threading
 
-    from ...pipeline.catalogue.flight import ServiceLimits, read_token, serve
-    from ...pipeline.errors import UsageError
+    from speclabel.core.errors import UsageError
+    from speclabel.pipeline.catalogue.flight import ServiceLimits, read_token, serve
 
     if bool(args.tls_cert) != bool(args.tls_key):
         raise UsageError("--tls-cert and --tls-key go together")

@@ -57,8 +57,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ...pipeline.setups import get_setup
-    from ...pipeline.simulate import SurveyConfig, write_fits, write_parquet
+    from speclabel.core.setups import get_setup
+    from speclabel.pipeline.simulate import SurveyConfig, write_fits, write_parquet
 
     setup = get_setup(args.setup)
     config = SurveyConfig(

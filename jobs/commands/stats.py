@@ -21,8 +21,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import json
 
-    from ...pipeline.catalogue import Catalogue
-    from ...pipeline.catalogue.stats import catalogue_stats, format_stats
+    from speclabel.pipeline.catalogue import Catalogue
+    from speclabel.pipeline.catalogue.stats import catalogue_stats, format_stats
 
     cat = Catalogue.open(args.catalogue)
     stats = catalogue_stats(cat, args.releases, args.model_id)

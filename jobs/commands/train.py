@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import argparse
 
-from ._types import non_negative_int, positive_float, positive_int
+from ._types import add_ray_address, non_negative_int, positive_float, positive_int
 
 HELP = "fit the ensemble members in parallel with Ray (resumable) and write a model directory"
 
@@ -71,13 +71,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="stream the rows with Ray Data instead of holding them in memory "
         "(auto: when they would take more than a quarter of a node's memory)",
     )
-    parser.add_argument(
-        "--address", help="Ray cluster address (default: RAY_ADDRESS, a `ray start` cluster here, else local)"
-    )
+    add_ray_address(parser)
 
 
 def build_job(args: argparse.Namespace):
-    from ...model.arch import get_arch
+    from speclabel.model.arch import get_arch
+
     from ..train import TrainJob, read_model_config
 
     settings = read_model_config(args.config) if args.config else {}
@@ -89,7 +88,7 @@ def build_job(args: argparse.Namespace):
     if args.members:
         import dataclasses
 
-        from ...model.fit import EnsembleConfig
+        from speclabel.model.fit import EnsembleConfig
 
         ensemble = settings.get("ensemble", EnsembleConfig())
         settings["ensemble"] = dataclasses.replace(ensemble, n_members=args.members)

@@ -17,9 +17,10 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-from ..contract import LABELS
-from ..errors import UsageError
-from ..storage import atomic_output, exists, filesystem_and_path
+from speclabel.core.errors import UsageError
+from speclabel.core.labels import LABELS
+from speclabel.core.storage import atomic_output, exists, filesystem_and_path
+
 from .layout import SALIENCY_PREFIX
 
 FORMATS = {".parquet": "parquet", ".pq": "parquet", ".csv": "csv", ".fits": "fits", ".fit": "fits"}

@@ -35,8 +35,8 @@ from dataclasses import dataclass
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from ..errors import UsageError
-from ..flags import flag_by_name, flag_names
+from speclabel.core.errors import UsageError
+from speclabel.core.flags import flag_by_name, flag_names
 
 
 class QueryError(UsageError):

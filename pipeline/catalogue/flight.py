@@ -25,7 +25,8 @@ from dataclasses import dataclass
 import pyarrow as pa
 import pyarrow.flight as flight
 
-from ..errors import ConfigError, SpeclabelError, UsageError
+from speclabel.core.errors import ConfigError, SpeclabelError, UsageError
+
 from .expr import QueryError
 from .reader import Catalogue, Query, build_query
 

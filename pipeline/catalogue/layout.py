@@ -39,16 +39,17 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from astropy_healpix import HEALPix
 
-from ..contract import LABEL_NAMES
-from ..errors import ConfigError, UsageError
+from speclabel.core.errors import ConfigError
+from speclabel.core.labels import LABEL_NAMES
+from speclabel.core.layout import RELEASE
+from speclabel.core.storage import exists, read_json, write_json_atomic
+
 from ..publish import Dataset
-from ..storage import exists, read_json, write_json_atomic
 
 SCHEMA_VERSION = 1
 SETTINGS_FILE = "_catalogue.json"
 FORMAT_NAME = "speclabel label catalogue"
 
-RELEASE = "release"
 SKY = "sky"
 HEALPIX = "healpix"
 
@@ -57,7 +58,6 @@ HEALPIX = "healpix"
 PARTITIONING_SCHEMA = pa.schema([(RELEASE, pa.string()), (SKY, pa.int32())])
 
 # Release names become folder names and hive partition values: keep them plain.
-RELEASE_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,63}")
 
 MAX_ORDER = 29  # the finest HEALPix order whose nested index fits an int64
 
@@ -94,15 +94,6 @@ def saliency_column(label: str, group: str) -> str:
     ``sal_mgfe_mg_i`` for label ``mgfe`` and group ``Mg I``; plain names every tool accepts."""
     slug = re.sub(r"[^a-z0-9]+", "_", group.lower()).strip("_")
     return f"{SALIENCY_PREFIX}{label}_{slug}"
-
-
-def check_release_name(release: str) -> str:
-    if not isinstance(release, str) or not RELEASE_PATTERN.fullmatch(release):
-        raise UsageError(
-            f"release name {release!r} is not allowed: use 1-64 letters, digits and . _ + - "
-            "(starting with a letter or digit), e.g. DR5 or iDR6.1"
-        )
-    return release
 
 
 @dataclass(frozen=True)

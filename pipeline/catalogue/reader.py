@@ -25,9 +25,11 @@ import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
-from ..errors import InputError
+from speclabel.core.errors import InputError
+from speclabel.core.layout import QUARANTINE, SALIENCY
+from speclabel.core.storage import exists, read_json
+
 from ..publish import Dataset
-from ..storage import exists, read_json
 from .expr import QueryError, parse_where, unknown_column
 from .layout import (
     COLUMN_TYPES,
@@ -182,9 +184,9 @@ class Catalogue:
         return runs
 
     def _manifests(self, release: str) -> list[dict]:
-        folder = self.dataset.path("_manifests", f"release={release}")
+        folder = self.dataset.manifests_dir(release)
         return [
-            read_json(self.dataset.fs, p) for p in self.dataset._files_under(folder) if p.endswith(".json")
+            read_json(self.dataset.fs, p) for p in self.dataset.files_under(folder) if p.endswith(".json")
         ]
 
     def _models_of(self, release: str) -> list[str]:
@@ -356,11 +358,11 @@ class Catalogue:
         """The rows the selected runs refused: ``spectrum_id, reason, detail, source, release, run_id``."""
         tables = []
         for run in self.runs(releases, model_id):
-            table = self._side_table("_quarantine", run)
+            table = self._side_table(QUARANTINE, run)
             if table is not None:
                 tables.append(table)
         if not tables:
-            from ..contract import QUARANTINE_SCHEMA
+            from speclabel.core.contract import QUARANTINE_SCHEMA
 
             return _with_run(QUARANTINE_SCHEMA.empty_table(), "", "")
         return pa.concat_tables(tables, promote_options="default")
@@ -368,11 +370,11 @@ class Catalogue:
     def saliency(self, release: str, model_id: str | None = None) -> pa.Table | None:
         """The full saliency maps the selected run of ``release`` wrote (``--saliency full``), if any."""
         (run,) = self.runs([release], model_id)
-        return self._side_table("_saliency", run)
+        return self._side_table(SALIENCY, run)
 
     def _side_table(self, kind: str, run: RunFiles, filter: pc.Expression | None = None) -> pa.Table | None:
-        folder = self.dataset.path(kind, f"release={run.release}", f"run={run.run_id}")
-        files = [p for p in self.dataset._files_under(folder) if p.endswith(".parquet")]
+        folder = self.dataset.side_dir(kind, run.release, run.run_id)
+        files = [p for p in self.dataset.files_under(folder) if p.endswith(".parquet")]
         if not files:
             return None
         table = pads.dataset(files, format="parquet", filesystem=self.dataset.fs).to_table(filter=filter)
@@ -389,7 +391,7 @@ class Catalogue:
             rows = table.filter(pc.field(RELEASE) == release)
             (run,) = self.runs([release], model_id)
             ids = rows.column("spectrum_id")
-            maps = self._side_table("_saliency", run, pc.field("spectrum_id").isin(pc.unique(ids)))
+            maps = self._side_table(SALIENCY, run, pc.field("spectrum_id").isin(pc.unique(ids)))
             if maps is None:
                 pieces.append(rows)
                 continue

@@ -11,8 +11,9 @@ import pyarrow as pa
 import pyarrow.acero as ac
 import pyarrow.compute as pc
 
-from ..contract import LABEL_NAMES
-from ..flags import Flag
+from speclabel.core.flags import Flag
+from speclabel.core.labels import LABEL_NAMES
+
 from .layout import RELEASE
 from .reader import Catalogue
 

@@ -27,10 +27,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from ..errors import ConfigError, InputError, IntegrityError, UsageError
+from speclabel.core.errors import ConfigError, InputError, IntegrityError, UsageError
+from speclabel.core.layout import check_release_name
+from speclabel.core.storage import join
+
 from ..publish import Dataset, new_run_id
-from ..storage import join
-from .layout import HEALPIX, SKY, CatalogueLayout, check_release_name, ensure_layout, normalise, read_layout
+from .layout import HEALPIX, SKY, CatalogueLayout, ensure_layout, normalise, read_layout
 
 SORT_KEYS = [(HEALPIX, "ascending"), ("spectrum_id", "ascending")]
 

@@ -27,20 +27,16 @@ import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
-from ...model.saliency import SaliencyAccumulator
+from speclabel.core.arrays import model_inputs, spectra_arrays
+from speclabel.core.contract import check_table_columns, quarantine_table, validate
+from speclabel.core.errors import InputError, IntegrityError
+from speclabel.core.labels import LABEL_NAMES
+from speclabel.core.setups import Setup
+from speclabel.core.storage import resolve_files
+from speclabel.model.saliency import SaliencyAccumulator
+
 from ..catalogue import open_catalogue
 from ..catalogue.layout import saliency_column
-from ..contract import (
-    LABEL_NAMES,
-    check_table_columns,
-    model_inputs,
-    quarantine_table,
-    spectra_arrays,
-    validate,
-)
-from ..errors import InputError, IntegrityError
-from ..setups import Setup
-from ..storage import resolve_files
 
 log = logging.getLogger(__name__)
 
@@ -100,8 +96,8 @@ def from_model(
     saliency: bool = True,
 ) -> Evaluation:
     """The model's common test split of ``data`` (default: its training data), labelled by the model."""
-    from ...model.io import load_model
-    from ...model.splits import SplitRule
+    from speclabel.model.io import load_model
+    from speclabel.model.splits import SplitRule
 
     ensemble = load_model(model_location)
     training = ensemble.info.get("training", {})

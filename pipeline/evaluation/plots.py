@@ -15,7 +15,8 @@ from matplotlib.colors import LogNorm
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
-from ..contract import LABELS
+from speclabel.core.labels import LABELS
+
 from .inputs import Evaluation
 
 DENSITY_ABOVE = 3000

@@ -15,16 +15,11 @@ from __future__ import annotations
 import numpy as np
 import pyarrow.parquet as pq
 
-from ...model.saliency import SaliencyAccumulator
-from ..errors import IntegrityError
+from speclabel.core.errors import IntegrityError
+from speclabel.core.setups import Setup
+from speclabel.model.saliency import SaliencyAccumulator
+
 from ..publish import Dataset
-from ..setups import Setup
-
-POPULATION = "_population_saliency"
-
-
-def run_population_dir(dataset: Dataset, release: str, run_id: str) -> str:
-    return dataset.path(POPULATION, f"release={release}", f"run={run_id}")
 
 
 def read_run_saliency(
@@ -35,9 +30,9 @@ def read_run_saliency(
     ``setup`` must be the grid the maps are on: a run labelled on another grid is refused, since its
     window masks would point at the wrong pixels.
     """
-    folder = run_population_dir(dataset, release, run_id)
+    folder = dataset.population_saliency_dir(release, run_id)
     merged = None
-    for path in (p for p in dataset._files_under(folder) if p.endswith(".parquet")):
+    for path in (p for p in dataset.files_under(folder) if p.endswith(".parquet")):
         with dataset.fs.open_input_file(path) as fh:
             table = pq.read_table(fh, columns=["label", "count", "wave", "sum", "sum_abs"])
         stored = table.column("label").to_pylist()

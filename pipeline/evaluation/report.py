@@ -16,10 +16,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ...model.metrics import GAUSSIAN_WITHIN_1_SIGMA, metrics_by_snr
-from ..contract import LABELS
-from ..errors import InputError
-from ..storage import exists, filesystem_and_path, join, read_json, write_folder_atomic
+from speclabel.core.errors import InputError
+from speclabel.core.labels import LABELS
+from speclabel.core.storage import exists, filesystem_and_path, join, read_json, write_folder_atomic
+from speclabel.model.metrics import GAUSSIAN_WITHIN_1_SIGMA, metrics_by_snr
+
 from . import plots
 from .inputs import Evaluation
 
@@ -42,7 +43,7 @@ class ReportOptions:
 
 def evaluation_document(ev: Evaluation, options: ReportOptions = ReportOptions()) -> dict:
     """Every number of the report (NaN where a number is undefined, e.g. the scatter of one row)."""
-    from ...model.io import speclabel_version
+    from speclabel.model.io import speclabel_version
 
     snr = ev.snr if ev.snr is not None and np.isfinite(ev.snr).any() else None
     metrics = metrics_by_snr(

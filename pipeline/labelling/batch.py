@@ -28,24 +28,18 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from speclabel.core.arrays import fixed_size_list, model_inputs, spectra_arrays
+from speclabel.core.contract import MODEL_ERROR, QUARANTINE_SCHEMA, check_table_columns, reason_code, validate
+from speclabel.core.errors import ConfigError
+from speclabel.core.fingerprints import spectrum_sha256
+from speclabel.core.flags import Flag
+from speclabel.core.setups import Setup
+
 from ..catalogue.layout import COLUMN_TYPES, saliency_column
-from ..contract import (
-    MODEL_ERROR,
-    QUARANTINE_SCHEMA,
-    check_table_columns,
-    model_inputs,
-    reason_code,
-    spectra_arrays,
-    spectrum_sha256,
-    validate,
-)
-from ..errors import ConfigError
-from ..flags import Flag
-from ..setups import Setup
 
 if TYPE_CHECKING:  # torch stays out of the read/prepare tasks' processes: they never need it
-    from ...model.ensemble import Prediction
-    from ...model.saliency import SaliencyAccumulator
+    from speclabel.model.ensemble import Prediction
+    from speclabel.model.saliency import SaliencyAccumulator
 
 # Columns the reader adds to input rows.
 SOURCE = "_source"
@@ -140,8 +134,8 @@ def prepare(table: pa.Table, setup: Setup) -> pa.Table:
     columns[FLAG_SNR] = pa.array(
         flag_snr(_float_column(columns["snr"]), flux, ivar if has_ivar else None, good), pa.float32()
     )
-    columns[FLUX] = _fixed_list(flux.astype(np.float32, copy=False))
-    columns[MASK] = _fixed_list(good)
+    columns[FLUX] = fixed_size_list(flux.astype(np.float32, copy=False))
+    columns[MASK] = fixed_size_list(good)
     return pa.table(columns)
 
 
@@ -387,7 +381,7 @@ def split_output(batch: pa.Table, spec: OutputSpec) -> tuple[pa.Table, pa.Table,
 
 def summary_accumulator(summaries: pa.Table, n_labels: int, n_pixels: int) -> SaliencyAccumulator:
     """The sum of the population saliency sums carried by BATCH_SUMMARY rows (exact: float64 sums)."""
-    from ...model.saliency import SaliencyAccumulator
+    from speclabel.model.saliency import SaliencyAccumulator
 
     total = SaliencyAccumulator.empty(n_labels, n_pixels)
     sums = summaries.column(POP_SUM).combine_chunks()
@@ -401,10 +395,6 @@ def summary_accumulator(summaries: pa.Table, n_labels: int, n_pixels: int) -> Sa
 
 
 # -- helpers ----------------------------------------------------------------------------------------
-
-
-def _fixed_list(matrix: np.ndarray) -> pa.FixedSizeListArray:
-    return pa.FixedSizeListArray.from_arrays(pa.array(matrix.reshape(-1)), matrix.shape[1])
 
 
 def _matrix(column: pa.ChunkedArray | pa.Array, dtype) -> np.ndarray:

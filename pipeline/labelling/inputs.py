@@ -43,7 +43,7 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from ..contract import (
+from speclabel.core.contract import (
     CORRUPT_FILE,
     INPUT_SHA256,
     WRONG_SCHEMA,
@@ -51,10 +51,11 @@ from ..contract import (
     check_table_columns,
     quarantine_table,
 )
-from ..errors import InputError
+from speclabel.core.errors import InputError
+from speclabel.core.setups import Setup
+from speclabel.core.storage import exists, filesystem_and_path, join, resolve_files
+
 from ..publish import INDEX, Dataset
-from ..setups import Setup
-from ..storage import exists, filesystem_and_path, join, resolve_files
 from .batch import DUPLICATE, PASS_THROUGH, SOURCE
 
 PARQUET_EXTENSIONS = (".parquet", ".parq", ".pq")

@@ -47,14 +47,16 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-from ...model.io import load_model
-from ...model.splits import hash_uniform
+from speclabel.core.errors import ConfigError, IntegrityError, SpeclabelError, UsageError
+from speclabel.core.faults import Fault
+from speclabel.core.layout import check_release_name
+from speclabel.core.setups import Setup
+from speclabel.core.storage import filesystem_and_path
+from speclabel.model.io import load_model
+from speclabel.model.splits import hash_uniform
+
 from ..catalogue import CatalogueLayout, WriteOptions
-from ..catalogue.layout import check_release_name
-from ..errors import ConfigError, IntegrityError, SpeclabelError, UsageError
 from ..publish import Dataset, new_run_id
-from ..setups import Setup
-from ..storage import filesystem_and_path
 from .batch import FlagThresholds, OutputSpec, prepare
 from .inputs import ParquetInput
 from .labeller import PRECISIONS, EnsembleLabeller, LabellerSettings
@@ -91,7 +93,7 @@ class LabelOptions:
     # Keep the live rows of spectra whose content (input_sha256) is unchanged when the release's live
     # run used the same model and options: a changed release costs only its changed spectra.
     reuse_unchanged: bool = False
-    fault_after_batches: int | None = None  # testing hook: actors fail after this many batches
+    fault: Fault | None = None  # testing hook (core.faults): where the job fails on purpose
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -247,7 +249,7 @@ def label_spectra(
                 threads=resources.threads_per_actor,
                 use_gpu=resources.gpus_per_actor > 0,
                 precision=options.precision,
-                fault_after_batches=options.fault_after_batches,
+                fault=options.fault,
             )
             started = time.perf_counter()
             progress = Progress(release, rows_to_label, outputs, enabled=options.progress)

@@ -26,10 +26,12 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 
-from ...model.saliency import SaliencyAccumulator
-from ..contract import MODEL_ERROR
-from ..errors import ConfigError, InputError
-from ..setups import Setup
+from speclabel.core.contract import MODEL_ERROR
+from speclabel.core.errors import ConfigError, InputError
+from speclabel.core.faults import Fault, fault_point
+from speclabel.core.setups import Setup
+from speclabel.model.saliency import SaliencyAccumulator
+
 from .batch import (
     REASON,
     FlagThresholds,
@@ -49,10 +51,6 @@ log = logging.getLogger(__name__)
 PRECISIONS = ("float32", "auto", "bf16", "tf32")
 
 
-class InjectedFault(RuntimeError):
-    """Raised on purpose by the fault-injection hook (``SPECLABEL_FAULT_AFTER_BATCHES``)."""
-
-
 @dataclass(frozen=True)
 class LabellerSettings:
     """Everything an actor needs besides the model; plain data, shipped to every actor."""
@@ -68,7 +66,7 @@ class LabellerSettings:
     use_gpu: bool = False
     precision: str = "float32"
     predict_batch_size: int = 256
-    fault_after_batches: int | None = None
+    fault: Fault | None = None  # core.faults: read by the driver, carried to the actors
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
@@ -82,7 +80,7 @@ class EnsembleLabeller:
         import ray
         import torch
 
-        from ...model.io import load_model
+        from speclabel.model.io import load_model
 
         self.settings = settings
         torch.set_num_threads(settings.threads)
@@ -119,11 +117,8 @@ class EnsembleLabeller:
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         settings = self.settings
+        fault_point("label.batch", settings.fault, batches=self.batches)
         self.batches += 1
-        if settings.fault_after_batches is not None and self.batches > settings.fault_after_batches:
-            raise InjectedFault(
-                f"fault injected after {settings.fault_after_batches} batches (SPECLABEL_FAULT_AFTER_BATCHES)"
-            )
         rows, flux, mask = model_batch(batch)
         parts = [quarantine_rows(batch.filter(batch.column(REASON).is_valid()))]
         accumulator = None

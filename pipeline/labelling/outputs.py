@@ -33,12 +33,16 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from ...model.saliency import SaliencyAccumulator
+from speclabel.core.contract import QUARANTINE_SCHEMA
+from speclabel.core.errors import InputError, IntegrityError
+from speclabel.core.layout import POPULATION_SALIENCY as POPULATION
+from speclabel.core.layout import QUARANTINE, SALIENCY
+from speclabel.core.layout import RUN_SIDE_OUTPUTS as SIDE_OUTPUTS
+from speclabel.core.storage import exists, join
+from speclabel.model.saliency import SaliencyAccumulator
+
 from ..catalogue import CatalogueLayout, CatalogueWriter, WriteOptions
-from ..contract import QUARANTINE_SCHEMA
-from ..errors import InputError, IntegrityError
 from ..publish import Dataset
-from ..storage import exists, join
 from .batch import (
     ACTOR,
     BATCH_ROWS,
@@ -50,16 +54,6 @@ from .batch import (
     split_output,
     summary_accumulator,
 )
-
-QUARANTINE = "_quarantine"
-SALIENCY = "_saliency"
-POPULATION = "_population_saliency"
-SIDE_OUTPUTS = (QUARANTINE, SALIENCY, POPULATION)
-
-
-def side_output_dir(dataset: Dataset, kind: str, release: str, run_id: str) -> str:
-    """Where a published run's quarantine / saliency / population files live."""
-    return dataset.path(kind, f"release={release}", f"run={run_id}")
 
 
 class RunOutputs:
@@ -144,8 +138,8 @@ class RunOutputs:
                 f"check 'carried rows': {len(ids)} unchanged spectra were to keep their rows of run "
                 f"{live_run}, but release {self.release}'s live files hold {found} of them"
             )
-        maps_dir = side_output_dir(self.dataset, SALIENCY, self.release, live_run)
-        for path in self.dataset._files_under(maps_dir):
+        maps_dir = self.dataset.saliency_dir(self.release, live_run)
+        for path in self.dataset.files_under(maps_dir):
             with fs.open_input_file(path) as fh:
                 maps = pq.read_table(fh)
             maps = maps.filter(pc.is_in(maps.column("spectrum_id"), value_set=wanted))
@@ -220,7 +214,7 @@ class RunOutputs:
         for kind in SIDE_OUTPUTS:
             if not self._files[kind]:
                 continue
-            target = side_output_dir(self.dataset, kind, self.release, self.run_id)
+            target = self.dataset.side_dir(kind, self.release, self.run_id)
             staged = join(self.dataset.staging_dir(self.run_id), kind)
             if isinstance(fs, pafs.LocalFileSystem):
                 os.makedirs(os.path.dirname(target), exist_ok=True)
@@ -246,9 +240,7 @@ class RunOutputs:
         fs = self.dataset.fs
         folders = [self.dataset.staging_dir(self.run_id)]
         if not published:
-            folders += [
-                side_output_dir(self.dataset, kind, self.release, self.run_id) for kind in SIDE_OUTPUTS
-            ]
+            folders += [self.dataset.side_dir(kind, self.release, self.run_id) for kind in SIDE_OUTPUTS]
         for folder in folders:
             if exists(fs, folder):
                 with contextlib.suppress(OSError, FileNotFoundError):
@@ -289,8 +281,8 @@ def read_population_saliency(location: str, release: str, run_id: str | None = N
         if entry is None:
             raise InputError(f"{location} has no release {release!r}")
         run_id = entry["run_id"]
-    folder = side_output_dir(dataset, POPULATION, release, run_id)
-    files = [p for p in dataset._files_under(folder) if p.endswith(".parquet")]
+    folder = dataset.population_saliency_dir(release, run_id)
+    files = [p for p in dataset.files_under(folder) if p.endswith(".parquet")]
     if not files:
         raise InputError(f"run {run_id} of release {release} wrote no population saliency (--saliency none?)")
     with dataset.fs.open_input_file(files[0]) as fh:

@@ -14,11 +14,13 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 
-from ..contract import LABEL_NAMES
-from ..flags import Flag
-from ..setups import Setup
-from ..simulate import draw_labels, survey_fields
-from .layout import COLUMN_TYPES, saliency_column
+from speclabel.core.flags import Flag
+from speclabel.core.labels import LABEL_NAMES
+from speclabel.core.setups import Setup
+
+from ..catalogue.layout import COLUMN_TYPES, saliency_column
+from .labels import draw_labels
+from .survey import survey_fields
 
 # Internal precision of the Ambrosch et al. (2023) ensemble at high S/N: the scale of `<label>_std`.
 TYPICAL_STD = {"teff": 24.0, "logg": 0.03, "feh": 0.02, "mgfe": 0.02, "alfe": 0.03}

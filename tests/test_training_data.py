@@ -5,11 +5,12 @@ import pyarrow as pa
 import pytest
 from train_inputs import BAD_ROWS, faulty_survey, write_in_two_files
 
-from speclabel.jobs.train_data import StreamingRows, resolve_input, scan_in_memory, scan_streaming
+from speclabel.core.arrays import row_digests
+from speclabel.core.errors import InputError
+from speclabel.core.fingerprints import DataFingerprint
 from speclabel.model.fit import member_data
-from speclabel.model.provenance import DataFingerprint
 from speclabel.model.splits import SplitRule
-from speclabel.pipeline.errors import InputError
+from speclabel.pipeline.training_data import StreamingRows, resolve_input, scan_in_memory, scan_streaming
 
 SPLIT = SplitRule(test_fraction=0.2, val_fraction=0.25)
 
@@ -45,7 +46,7 @@ def test_scan_accounts_for_every_row_and_quarantines_every_copy_of_a_duplicate(i
     good = faulty.filter(pa.array([i not in BAD_ROWS for i in range(40)]))
     assert list(rows.arrays["spectrum_id"]) == good.column("spectrum_id").to_pylist()
     # The fingerprint of the kept digests is the fingerprint of the good rows as a table.
-    assert training_set.fingerprint() == DataFingerprint().add_table(good, setup).hexdigest
+    assert training_set.fingerprint() == DataFingerprint().add_digests(row_digests(good, setup)).hexdigest
 
 
 def test_unreadable_input_is_refused_with_the_file_named(tmp_path, setup):

@@ -171,3 +171,14 @@ def read_json(fs: pafs.FileSystem, path: str):
 
 def exists(fs: pafs.FileSystem, path: str) -> bool:
     return fs.get_file_info(path).type != pafs.FileType.NotFound
+
+
+def files_under(fs: pafs.FileSystem, folder: str) -> list[str]:
+    """Every file below ``folder`` (recursively), sorted; none when the folder does not exist."""
+    if not exists(fs, folder):
+        return []
+    try:
+        info = fs.get_file_info(pafs.FileSelector(folder, recursive=True))
+    except FileNotFoundError:  # removed between the two calls
+        return []
+    return sorted(i.path for i in info if i.type == pafs.FileType.File)

@@ -38,15 +38,17 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from ..model.fit import member_data
-from ..model.provenance import DataFingerprint, row_digests
-from ..model.splits import SplitRule
-from ..model.training import ArrayData, training_arrays
-from ..pipeline.contract import DUPLICATE_ID, LABEL_NAMES, check_table_columns, quarantine_table
-from ..pipeline.contract import validate as validate_rows
-from ..pipeline.errors import InputError
-from ..pipeline.setups import Setup
-from ..pipeline.storage import resolve_files
+from speclabel.core.arrays import row_digests, training_arrays
+from speclabel.core.contract import DUPLICATE_ID, check_table_columns, quarantine_table
+from speclabel.core.contract import validate as validate_rows
+from speclabel.core.errors import InputError
+from speclabel.core.fingerprints import DataFingerprint
+from speclabel.core.labels import LABEL_NAMES
+from speclabel.core.setups import Setup
+from speclabel.core.storage import resolve_files
+from speclabel.model.fit import member_data
+from speclabel.model.splits import SplitRule
+from speclabel.model.training import ArrayData
 
 PARQUET_EXTENSIONS = (".parquet", ".parq", ".pq")
 # Bytes per pixel of one spectrum as training arrays: float32 flux + float32 ivar + bool mask.

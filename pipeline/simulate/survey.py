@@ -1,0 +1,170 @@
+"""The synthetic survey as Parquet: footprint, noise, chunks keyed by (seed, chunk index).
+
+Rows are made in fixed-size chunks, each from its own random stream keyed by (seed, chunk index), so
+the same seed gives the same rows in the same order however many processes do the work.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from speclabel.core.arrays import fixed_size_list
+from speclabel.core.contract import spectra_schema
+from speclabel.core.errors import ConfigError
+from speclabel.core.labels import LABEL_NAMES
+from speclabel.core.setups import Setup
+from speclabel.core.storage import atomic_output, filesystem_and_path
+
+from .labels import draw_labels, load_label_prior, resample_labels
+from .spectra import synthesize
+
+
+@dataclass(frozen=True)
+class SurveyConfig:
+    n: int
+    seed: int = 0
+    snr_range: tuple[float, float] = (10.0, 150.0)
+    release: str = "SIM"
+    chunk_size: int = 500
+    masked_fraction: float = 0.003
+    rv_residual_kms: float = 1.0
+    continuum_error: float = 0.002
+    n_fields: int = 60
+    label_prior: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.n < 0 or self.chunk_size < 1:
+            raise ConfigError("n must be >= 0 and chunk_size >= 1")
+        lo, hi = self.snr_range
+        if not 0 < lo <= hi:
+            raise ConfigError(f"snr range must satisfy 0 < A <= B, got {self.snr_range}")
+
+    @property
+    def n_chunks(self) -> int:
+        return -(-self.n // self.chunk_size)
+
+
+def survey_fields(seed: int, n_fields: int) -> tuple[np.ndarray, np.ndarray]:
+    """Field centres (deg) of a southern-sky fibre survey: a fixed set per seed, denser near the plane."""
+    rng = np.random.default_rng([seed, 0xF1E1D])
+    ra = rng.uniform(0.0, 360.0, n_fields)
+    dec = np.degrees(np.arcsin(rng.uniform(np.sin(np.radians(-80.0)), np.sin(np.radians(15.0)), n_fields)))
+    return ra, dec
+
+
+def _cname(ra: float, dec: float) -> str:
+    """Gaia-ESO style coordinate name, e.g. 12345678-1234567."""
+    h = ra / 15.0
+    hh, mm = int(h), int((h % 1) * 60)
+    ss = ((h * 60) % 1) * 60
+    sign = "-" if dec < 0 else "+"
+    d = abs(dec)
+    dd, dm = int(d), int((d % 1) * 60)
+    ds = ((d * 60) % 1) * 60
+    return f"{hh:02d}{mm:02d}{int(ss * 100):04d}{sign}{dd:02d}{dm:02d}{int(ds * 10):03d}"
+
+
+def simulate_chunk(setup: Setup, config: SurveyConfig, chunk: int, prior: dict | None = None) -> pa.Table:
+    """Rows ``chunk * chunk_size ...`` of the survey, always the same for the same (seed, chunk)."""
+    start = chunk * config.chunk_size
+    n = min(config.chunk_size, config.n - start)
+    rng = np.random.default_rng([config.seed, chunk])
+    labels = resample_labels(rng, n, prior) if prior is not None else draw_labels(rng, n)
+    labels["rv"] = rng.normal(0.0, config.rv_residual_kms, n)
+    flux = synthesize(setup, labels)
+
+    lo, hi = config.snr_range
+    snr = np.exp(rng.uniform(np.log(lo), np.log(hi), n))  # log-uniform, as survey S/N distributions
+    columns: dict[str, pa.Array] = {}
+    for i, (arm, part) in enumerate(zip(setup.arms, setup.arm_slices.values(), strict=True)):
+        # The first arm has the catalogued S/N; red arms of fibre spectrographs scatter around it.
+        arm_snr = snr if i == 0 else snr * rng.uniform(0.8, 1.6, n)
+        x = np.linspace(-1.0, 1.0, arm.n_pixels)
+        tilt = rng.normal(0, config.continuum_error, (n, 3))
+        continuum = 1.0 + tilt[:, :1] + tilt[:, 1:2] * x + tilt[:, 2:3] * (x**2 - 1 / 3)
+        model = np.maximum(flux[:, part] * continuum, 0.02)
+        sigma = np.sqrt(model) / arm_snr[:, None]  # photon noise, continuum S/N = arm_snr
+        observed = model + sigma * rng.standard_normal(model.shape, dtype=np.float32)
+        ivar = (1.0 / sigma**2).astype(np.float32)
+        ivar[rng.random(model.shape) < config.masked_fraction] = 0.0
+        columns[arm.flux_column] = fixed_size_list(observed.astype(np.float32))
+        columns[arm.ivar_column] = fixed_size_list(ivar)
+
+    field_ra, field_dec = survey_fields(config.seed, config.n_fields)
+    field = rng.integers(0, config.n_fields, n)
+    radius = 0.2 * np.sqrt(rng.random(n))  # GIRAFFE/FLAMES field of view: 25 arcmin across
+    angle = rng.uniform(0, 2 * np.pi, n)
+    dec = np.clip(field_dec[field] + radius * np.sin(angle), -89.9, 89.9)
+    ra = (field_ra[field] + radius * np.cos(angle) / np.cos(np.radians(dec))) % 360.0
+
+    columns["spectrum_id"] = pa.array([f"{config.release}-{start + k:08d}" for k in range(n)], pa.string())
+    columns["ra"] = pa.array(ra, pa.float64())
+    columns["dec"] = pa.array(dec, pa.float64())
+    columns["snr"] = pa.array(snr.astype(np.float32))
+    columns["object"] = pa.array([_cname(r, d) for r, d in zip(ra, dec, strict=True)], pa.string())
+    columns["release"] = pa.array([config.release] * n, pa.string())
+    for name in LABEL_NAMES:
+        columns[name] = pa.array(labels[name].astype(np.float32))
+    schema = survey_schema(setup)
+    return pa.table({f.name: columns[f.name] for f in schema}, schema=schema)
+
+
+def survey_schema(setup: Setup) -> pa.Schema:
+    return spectra_schema(setup, labelled=True)
+
+
+def _chunk_worker(args) -> pa.Table:
+    setup, config, chunk, prior, then = args
+    table = simulate_chunk(setup, config, chunk, prior)
+    return table if then is None else then(table, chunk)
+
+
+def iter_survey(
+    setup: Setup,
+    config: SurveyConfig,
+    workers: int | None = None,
+    then: Callable[[pa.Table, int], pa.Table] | None = None,
+) -> Iterator[pa.Table]:
+    """The survey's chunks in order; ``workers`` > 1 makes them in parallel processes.
+
+    ``then(table, chunk)``, a picklable function, runs on each chunk in the worker that made it (the
+    FITS writer uses it to write files in parallel) and its result is yielded instead.
+    """
+    prior = load_label_prior(config.label_prior) if config.label_prior else None
+    tasks = [(setup, config, chunk, prior, then) for chunk in range(config.n_chunks)]
+    workers = min(workers or os.cpu_count() or 1, len(tasks))
+    if workers <= 1:
+        yield from map(_chunk_worker, tasks)
+        return
+    with ProcessPoolExecutor(max_workers=workers) as pool:
+        # map() keeps order, so output is identical to the serial path; at most 2x workers chunks
+        # are in flight, which bounds memory whatever n is.
+        pending = []
+        for task in tasks:
+            pending.append(pool.submit(_chunk_worker, task))
+            if len(pending) >= 2 * workers:
+                yield pending.pop(0).result()
+        for future in pending:
+            yield future.result()
+
+
+def write_parquet(location: str, setup: Setup, config: SurveyConfig, workers: int | None = None) -> int:
+    """Write the survey as one Parquet file, one row group per chunk, published atomically.
+
+    Memory stays flat whatever ``config.n``: chunks stream from the workers into the writer.
+    """
+    fs, path = filesystem_and_path(location)
+    schema = survey_schema(setup)
+    rows = 0
+    with atomic_output(fs, path) as out, pq.ParquetWriter(out, schema) as writer:
+        for table in iter_survey(setup, config, workers):
+            writer.write_table(table, row_group_size=config.chunk_size)
+            rows += table.num_rows
+    return rows
