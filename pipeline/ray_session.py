@@ -35,3 +35,16 @@ def ray_session(address: str | None = None, *, quiet: bool = False) -> Iterator[
     finally:
         if started:
             ray.shutdown()
+
+
+@contextlib.contextmanager
+def data_progress_bars(enabled: bool) -> Iterator[None]:
+    """Ray Data's progress bars on or off for the datasets run in the block, restored afterwards."""
+    from ray.data import DataContext
+
+    context = DataContext.get_current()
+    saved, context.enable_progress_bars = context.enable_progress_bars, enabled
+    try:
+        yield
+    finally:
+        context.enable_progress_bars = saved
