@@ -14,7 +14,12 @@ import pytest
 from fits_fixtures import arm_file, giraffe_image, phase3_table, smooth_flux, write
 
 from speclabel.core import contract
+from speclabel.core.errors import InputError
+from speclabel.core.faults import InjectedFault
+from speclabel.core.reporting import Reporter, silent
 from speclabel.jobs.cli import main
+from speclabel.pipeline.ingest import SUMMARY_SCHEMA, IngestOptions, check_locations, run_ingest
+from speclabel.pipeline.ingest.job import PassProgress, scan_counts, task_counts
 from speclabel.pipeline.publish import Dataset
 from speclabel.pipeline.resample import air_to_vacuum, vacuum_to_air
 from speclabel.pipeline.simulate import SurveyConfig, simulate_chunk
@@ -130,7 +135,11 @@ def test_mixed_directory_ends_with_every_file_accounted_for(
     expected, parquet_rows = _mixed_directory(inputs, setup, small_survey)
     argv = ["ingest", str(inputs), "--out", str(store), "--release", "DR1", "--stars-per-task", "2"]
     assert main(argv) == 0
-    printed = capsys.readouterr().out
+    captured = capsys.readouterr()
+    printed = captured.out
+    progress = captured.err.splitlines()  # each pass ends with a progress line, on stderr
+    assert any(line.startswith("ingest DR1 scan: 14/14 files") for line in progress), progress
+    assert any(line.startswith("ingest DR1: 13/13 spectra (7 quarantined), ") for line in progress), progress
     used = sum(1 for outcome, _ in expected.values() if outcome == "used")
     assert used == 5 and len(expected) == 14
     assert "spectra: 13 in = 6 stored + 7 quarantined" in printed  # stars A-H and 5 Parquet rows
@@ -177,7 +186,8 @@ def test_mixed_directory_ends_with_every_file_accounted_for(
     assert main(argv) == 0
     assert "nothing to do" in capsys.readouterr().out
     assert ds.release_entry("DR1")["run_id"] == entry["run_id"]
-    assert main([*argv, "--missing-arm", "mask"]) == 0
+    assert main([*argv, "--missing-arm", "mask", "--quiet"]) == 0
+    assert "ingest DR1" not in capsys.readouterr().err
     masked_run = ds.release_entry("DR1")["run_id"]
     assert masked_run != entry["run_id"]
     assert "C" in pads.dataset(str(store), partitioning="hive").to_table().column("spectrum_id").to_pylist()
@@ -233,3 +243,85 @@ def test_simulate_fits_round_trips_through_ingest(ray_session, tmp_path, setup):
             np.testing.assert_allclose(out_ivar[good], ivar[good], rtol=1e-5)
     manifest = json.loads((store / Dataset.open(str(store)).release_entry("SIM")["manifest"]).read_text())
     assert manifest["counts"]["spectra_stored"] == 7 and manifest["counts"]["files_quarantined"] == 0
+
+
+# -- progress, checks before Ray, the publish fault -------------------------------------------------
+
+
+def _task_summary(stored: int, quarantined: int) -> pa.Table:
+    """A summary block of one task: a row for its input file, and the task's counts."""
+    return pa.Table.from_pylist(
+        [
+            {"task": 0, "path": "a.fits", "outcome": "used"},
+            {"task": 0, "spectra_stored": stored, "spectra_quarantined": quarantined, "quarantine_rows": 0},
+        ],
+        schema=SUMMARY_SCHEMA,
+    )
+
+
+def test_progress_lines_come_every_10_s_and_at_the_end_of_a_pass():
+    now = [0.0]
+    lines = []
+    reporter = Reporter(silent, progress_echo=lines.append, every_s=10.0, clock=lambda: now[0])
+    progress = PassProgress(reporter, "ingest DR1", 40, "spectra")
+    blocks = {4.0: (5, 0), 8.0: (5, 1), 12.0: (4, 0), 16.0: (5, 2), 24.0: (12, 1), 30.0: (5, 0)}
+    for t, (stored, quarantined) in blocks.items():
+        now[0] = t
+        progress.add(*task_counts(_task_summary(stored, quarantined)))
+    progress.finish()
+    assert lines == [
+        "ingest DR1: 15/40 spectra (1 quarantined), 1.25 spectra/s, ETA 0.3 min",  # at 12 s
+        "ingest DR1: 35/40 spectra (4 quarantined), 1.46 spectra/s, ETA 0.1 min",  # at 24 s
+        "ingest DR1: 40/40 spectra (4 quarantined), 1.33 spectra/s",  # the final line
+    ]
+
+
+def test_scan_progress_counts_files_and_the_refused_ones():
+    from speclabel.pipeline.ingest import SCAN_SCHEMA
+
+    block = pa.Table.from_pylist(
+        [{"path": "a.fits"}, {"path": "b.fits", "reason": "corrupt_file: x"}, {"path": "c.fits"}],
+        schema=SCAN_SCHEMA,
+    )
+    assert scan_counts(block) == (3, 1)
+
+
+def test_locations_are_checked_before_any_work(tmp_path):
+    (tmp_path / "in").mkdir()
+    write(tmp_path / "in" / "a.fits", b"")
+    (tmp_path / "a_file").write_text("x")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(InputError, match="does not exist"):
+        check_locations(str(tmp_path / "missing"), str(tmp_path / "store"))
+    with pytest.raises(InputError, match=r"no .* files found"):
+        check_locations(str(tmp_path / "empty"), str(tmp_path / "store"))
+    with pytest.raises(InputError, match="is a file, not a folder"):
+        check_locations(str(tmp_path / "in"), str(tmp_path / "a_file"))
+    with pytest.raises(InputError, match=r"cannot be created: .*a_file is a file"):
+        check_locations(str(tmp_path / "in"), str(tmp_path / "a_file" / "store"))
+    _, files = check_locations(str(tmp_path / "in"), str(tmp_path / "new" / "store"))
+    assert [f.path for f in files] == [str(tmp_path / "in" / "a.fits")]
+    assert not (tmp_path / "new").exists()  # checking creates nothing
+
+
+@pytest.mark.ray
+def test_a_fault_just_before_publishing_leaves_the_release_unpublished(
+    ray_session, tmp_path, setup, monkeypatch
+):
+    inputs, store = tmp_path / "in", tmp_path / "store"
+    for arm in setup.arms:
+        write(inputs / f"S_{arm.name}.fits", arm_file(arm, header={"CNAME": "S"}))
+    options = IngestOptions(release="T")
+    monkeypatch.setenv("SPECLABEL_FAULT", "ingest.publish:release=T")
+    with pytest.raises(InjectedFault, match=r"ingest\.publish"):
+        run_ingest(str(inputs), str(store), setup, options)
+    ds = Dataset.open(str(store))
+    assert ds.release_entry("T") is None and not (store / "release=T").exists()
+
+    monkeypatch.delenv("SPECLABEL_FAULT")
+    lines = []
+    report = run_ingest(str(inputs), str(store), setup, options, reporter=Reporter(lines.append))
+    assert ds.release_entry("T")["run_id"] == report.run_id and report.counts["spectra_stored"] == 1
+    assert not any((store / "_staging").iterdir())  # the failed run's staging was recovered
+    assert lines[-1].startswith("ingest T: 1/1 spectra, ")
+    assert any(line.startswith("ingest T scan: 2/2 files, ") for line in lines), lines
