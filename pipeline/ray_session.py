@@ -38,12 +38,12 @@ def ray_session(address: str | None = None, *, quiet: bool = False) -> Iterator[
 
 
 @contextlib.contextmanager
-def data_progress_bars(enabled: bool) -> Iterator[None]:
-    """Ray Data's progress bars on or off for the datasets run in the block, restored afterwards."""
+def no_data_progress_bars() -> Iterator[None]:
+    """Ray Data's progress bars off for the datasets run in the block (``--quiet``), restored after."""
     from ray.data import DataContext
 
     context = DataContext.get_current()
-    saved, context.enable_progress_bars = context.enable_progress_bars, enabled
+    saved, context.enable_progress_bars = context.enable_progress_bars, False
     try:
         yield
     finally:

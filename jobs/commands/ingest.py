@@ -22,6 +22,7 @@ RAY_ADDRESS, or starts a local Ray instance. SPECLABEL_FAULT=ingest.publish fail
 from __future__ import annotations
 
 import argparse
+import contextlib
 
 from ._types import add_ray_address, positive_int
 
@@ -75,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
     from speclabel.core.reporting import Reporter, silent, to_stderr, to_stdout
     from speclabel.core.setups import get_setup
     from speclabel.pipeline.ingest import IngestOptions, check_locations, run_ingest
-    from speclabel.pipeline.ray_session import data_progress_bars, ray_session
+    from speclabel.pipeline.ray_session import no_data_progress_bars, ray_session
 
     setup = get_setup(args.setup)
     options = IngestOptions(
@@ -88,7 +89,8 @@ def run(args: argparse.Namespace) -> int:
     )
     listing = check_locations(args.input, args.out)  # before Ray's start-up of seconds
     reporter = Reporter(to_stdout, progress_echo=silent if args.quiet else to_stderr)
-    with ray_session(args.address, quiet=args.quiet), data_progress_bars(not args.quiet):
+    bars = no_data_progress_bars() if args.quiet else contextlib.nullcontext()
+    with ray_session(args.address, quiet=args.quiet), bars:
         report = run_ingest(
             args.input, args.out, setup, options, force=args.force, reporter=reporter, listing=listing
         )
