@@ -182,3 +182,22 @@ def files_under(fs: pafs.FileSystem, folder: str) -> list[str]:
     except FileNotFoundError:  # removed between the two calls
         return []
     return sorted(i.path for i in info if i.type == pafs.FileType.File)
+
+
+def check_writable_folder(location: str | os.PathLike, what: str) -> None:
+    """Fail before any work when ``location`` cannot become a folder this process writes (``what``
+    names it in the message): it is a file, or on a local disk the folder, or the nearest existing
+    folder it would be created in, is not writable. Object stores show permissions at the first
+    write only; there just the URI is checked."""
+    fs, path = filesystem_and_path(location)
+    if fs.get_file_info(path).type == pafs.FileType.File:
+        raise InputError(f"{what} {os.fspath(location)!r} is a file, not a folder")
+    if not isinstance(fs, pafs.LocalFileSystem):
+        return
+    existing = Path(path)
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise InputError(f"{what} {os.fspath(location)!r} cannot be created: {existing} is a file")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise InputError(f"{what} {os.fspath(location)!r}: {existing} is not writable by this user")

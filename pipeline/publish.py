@@ -110,6 +110,10 @@ class Dataset:
     def staging_dir(self, run_id: str) -> str:
         return self.path(STAGING, run_id)
 
+    def staged_release_dir(self, run_id: str, release: str) -> str:
+        """Where a run stages the data files that :meth:`publish` makes the live ``release=<R>/``."""
+        return join(self.staging_dir(run_id), f"{RELEASE}={release}")
+
     def manifests_dir(self, release: str) -> str:
         return self.path(MANIFESTS, f"{RELEASE}={release}")
 
@@ -264,7 +268,7 @@ class Dataset:
         ``part-<run>-*.parquet``. ``manifest`` is stored with the list of published files added;
         ``index_fields`` (e.g. model_id, input fingerprint) go into the release's index entry.
         """
-        staged = join(self.staging_dir(run_id), f"release={release}")
+        staged = self.staged_release_dir(run_id, release)
         staged_files = self.files_under(staged)
         bad = [f for f in staged_files if run_of_file(f) != run_id]
         if bad:

@@ -35,3 +35,16 @@ def ray_session(address: str | None = None, *, quiet: bool = False) -> Iterator[
     finally:
         if started:
             ray.shutdown()
+
+
+@contextlib.contextmanager
+def no_data_progress_bars() -> Iterator[None]:
+    """Ray Data's progress bars off for the datasets run in the block (``--quiet``), restored after."""
+    from ray.data import DataContext
+
+    context = DataContext.get_current()
+    saved, context.enable_progress_bars = context.enable_progress_bars, False
+    try:
+        yield
+    finally:
+        context.enable_progress_bars = saved

@@ -89,6 +89,18 @@ def phase3_table(
     return _bytes(fits.HDUList([primary, table]))
 
 
+def arm_file(arm, *, snr=50.0, header=None, **kwargs) -> bytes:
+    """A normalised wcs1d spectrum covering ``arm``'s grid at S/N ``snr``."""
+    return giraffe_image(
+        smooth_flux(arm.wave),
+        np.full(arm.n_pixels, 1.0 / snr),
+        crval=arm.wave_start,
+        step=arm.wave_step,
+        header={"SETUP": arm.name.upper(), "SNR": snr, **(header or {})},
+        **kwargs,
+    )
+
+
 def write(path: Path, data: bytes) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(data)

@@ -13,12 +13,16 @@ table with a reason; the run still exits 0 and prints the counts. Output: Parque
 STORE/release=NAME/, published atomically, with STORE/_manifests/ and STORE/_quarantine/.
 Re-running on unchanged inputs does nothing unless --force.
 
-Runs on the Ray cluster in RAY_ADDRESS, or starts a local Ray instance.
+The input and the store are checked before Ray starts (a missing path fails at once, exit 1). A
+progress line (spectra/s, ETA) goes to stderr every 10 s and at the end of each pass; --quiet
+drops it, Ray Data's progress bars and Ray's INFO lines. Runs on the Ray cluster in --address or
+RAY_ADDRESS, or starts a local Ray instance. SPECLABEL_FAULT=ingest.publish fails just before publishing.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 
 from ._types import add_ray_address, positive_int
 
@@ -63,12 +67,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="stars per Ray task and part file (default 256)",
     )
     add_ray_address(parser)
+    parser.add_argument(
+        "--quiet", action="store_true", help="no progress lines, progress bars or Ray worker output"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
+    from speclabel.core.reporting import Reporter, silent, to_stderr, to_stdout
     from speclabel.core.setups import get_setup
-    from speclabel.pipeline.ingest import IngestOptions, run_ingest
-    from speclabel.pipeline.ray_session import ray_session
+    from speclabel.pipeline.ingest import IngestOptions, check_locations, run_ingest
+    from speclabel.pipeline.ray_session import no_data_progress_bars, ray_session
 
     setup = get_setup(args.setup)
     options = IngestOptions(
@@ -79,25 +87,32 @@ def run(args: argparse.Namespace) -> int:
         rv_shift=not args.no_rv_shift,
         stars_per_task=args.stars_per_task,
     )
-    with ray_session(args.address):
-        report = run_ingest(args.input, args.out, setup, options, force=args.force)
+    listing = check_locations(args.input, args.out)  # before Ray's start-up of seconds
+    reporter = Reporter(to_stdout, progress_echo=silent if args.quiet else to_stderr)
+    bars = no_data_progress_bars() if args.quiet else contextlib.nullcontext()
+    with ray_session(args.address, quiet=args.quiet), bars:
+        report = run_ingest(
+            args.input, args.out, setup, options, force=args.force, reporter=reporter, listing=listing
+        )
     if report.skipped:
-        print(
+        reporter.line(
             f"ingest: release {report.release} of {report.store} already holds these inputs "
             f"(run {report.run_id}); nothing to do (--force re-ingests)"
         )
         return 0
     c = report.counts
-    print(
+    reporter.line(
         f"ingest: {c['files_in']} files ({c['fits_files']} FITS, {c['parquet_files']} Parquet) -> "
         f"release {report.release} of {report.store} (run {report.run_id})"
     )
     stored, refused = c["spectra_stored"], c["spectra_quarantined"]
-    print(f"  spectra: {c['spectra_in']} in = {stored} stored + {refused} quarantined")
-    print(f"  files:   {c['files_in']} in = {c['files_used']} used + {c['files_quarantined']} quarantined")
+    reporter.line(f"  spectra: {c['spectra_in']} in = {stored} stored + {refused} quarantined")
+    reporter.line(
+        f"  files:   {c['files_in']} in = {c['files_used']} used + {c['files_quarantined']} quarantined"
+    )
     if report.quarantine_by_reason:
         reasons = ", ".join(f"{reason} {n}" for reason, n in report.quarantine_by_reason.items())
-        print(f"  quarantine: {c['quarantine_rows']} rows ({reasons}) in {report.quarantine_dir}")
+        reporter.line(f"  quarantine: {c['quarantine_rows']} rows ({reasons}) in {report.quarantine_dir}")
     timings = ", ".join(f"{k} {v:.1f} s" for k, v in report.timings_s.items())
-    print(f"  time: {timings}")
+    reporter.line(f"  time: {timings}")
     return 0
