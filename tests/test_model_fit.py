@@ -5,20 +5,18 @@ import json
 import numpy as np
 import pyarrow as pa
 import pytest
+from tiny import TINY_ARCH
 
 from speclabel.core.arrays import row_digests
 from speclabel.core.fingerprints import DataFingerprint
 from speclabel.core.labels import LABEL_NAMES
 from speclabel.model import io
-from speclabel.model.arch import ArchConfig
 from speclabel.model.fit import EnsembleConfig, fit_ensemble, prepare_arrays
 from speclabel.model.metrics import label_metrics, metrics_by_snr
 from speclabel.model.splits import SplitRule
 from speclabel.model.training import TrainConfig
 
-ARCH = ArchConfig(
-    name="tiny", conv_channels=(2, 2), kernel_size=5, pool_size=8, dense_units=(8,), dropout=0.1
-)
+ARCH = TINY_ARCH.replace(conv_channels=(2, 2), pool_size=8, dropout=0.1)
 
 
 def test_fit_select_save_load(small_survey, setup, tmp_path):
