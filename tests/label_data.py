@@ -6,16 +6,15 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
+from tiny import TINY_ARCH
 
-from speclabel.model.arch import ArchConfig, build_network
+from speclabel.model.arch import build_network
 from speclabel.model.ensemble import Ensemble
 from speclabel.model.io import save_model
 from speclabel.model.scaling import LabelScaler
 from speclabel.pipeline.simulate import SurveyConfig, simulate_chunk
 
-ARCH = ArchConfig(
-    name="tiny", conv_channels=(3, 2), kernel_size=5, pool_size=2, dense_units=(8,), dropout=0.1
-)
+ARCH = TINY_ARCH.replace(dropout=0.1)
 
 
 def tiny_ensemble(setup, *, seed: int = 0, members: int = 3, labels: np.ndarray | None = None) -> Ensemble:

@@ -13,12 +13,13 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 import torch
+from tiny import TINY_ARCH
 
 from speclabel.core.arrays import model_inputs, spectra_arrays
 from speclabel.core.errors import InputError, IntegrityError
 from speclabel.core.labels import LABEL_NAMES
 from speclabel.jobs.cli import main
-from speclabel.model.arch import ArchConfig, build_network
+from speclabel.model.arch import build_network
 from speclabel.model.ensemble import Ensemble
 from speclabel.model.io import save_model
 from speclabel.model.saliency import SaliencyAccumulator
@@ -34,7 +35,7 @@ from speclabel.pipeline.simulate.catalogue import SyntheticCatalogue, synthetic_
 
 # A large test fraction, so that a 40-spectrum survey has a test split worth plotting.
 SPLIT = SplitRule(test_fraction=0.6)
-TINY = ArchConfig(name="tiny", conv_channels=(2,), kernel_size=5, pool_size=16, dense_units=(4,), dropout=0.0)
+TINY = TINY_ARCH.replace(conv_channels=(2,), pool_size=16, dense_units=(4,))
 
 
 @pytest.fixture(scope="module")

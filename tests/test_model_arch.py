@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 import torch
+from tiny import TINY_ARCH
 from torch.utils.flop_counter import FlopCounterMode
 
 from speclabel.core.arrays import SpectraArrays, model_inputs
@@ -15,10 +16,6 @@ from speclabel.model.arch import (
     count_parameters,
     forward_flops,
     get_arch,
-)
-
-TINY = ArchConfig(
-    name="tiny", conv_channels=(3, 2), kernel_size=5, pool_size=2, dense_units=(8,), dropout=0.0
 )
 
 
@@ -57,7 +54,7 @@ def test_default_preset_is_the_measured_best_and_runs_on_the_real_grid(setup):
 @pytest.mark.parametrize("arms", ["joined", "per_arm"])
 @pytest.mark.parametrize("mask_channel", [False, True])
 def test_output_shape_and_branches(tiny_setup, arms, mask_channel):
-    arch = TINY.replace(arms=arms, mask_channel=mask_channel)
+    arch = TINY_ARCH.replace(arms=arms, mask_channel=mask_channel)
     net = build_network(arch, tiny_setup)
     flux = torch.rand(4, tiny_setup.n_pixels)
     out = net(flux, torch.ones_like(flux, dtype=torch.bool))
@@ -70,8 +67,8 @@ def test_output_shape_and_branches(tiny_setup, arms, mask_channel):
 
 def test_flop_count_matches_torch_counter(tiny_setup, setup):
     for arch, s in (
-        (TINY, tiny_setup),
-        (TINY.replace(arms="per_arm", mask_channel=True), tiny_setup),
+        (TINY_ARCH, tiny_setup),
+        (TINY_ARCH.replace(arms="per_arm", mask_channel=True), tiny_setup),
         (PAPER, setup),
     ):
         net = build_network(arch, s).eval()
@@ -81,7 +78,7 @@ def test_flop_count_matches_torch_counter(tiny_setup, setup):
 
 
 def test_config_round_trips_and_toml(tmp_path):
-    arch = TINY.replace(arms="per_arm", mask_channel=True, notes="x")
+    arch = TINY_ARCH.replace(arms="per_arm", mask_channel=True, notes="x")
     assert ArchConfig.from_dict(arch.to_dict()) == arch
     path = tmp_path / "wide.toml"
     path.write_text('[arch]\npreset = "paper"\nconv_channels = [16, 8, 4]\ndense_units = [64]\n')
@@ -94,12 +91,12 @@ def test_config_round_trips_and_toml(tmp_path):
     with pytest.raises(ConfigError, match="unknown architecture option"):
         ArchConfig.from_dict({"conv_chanels": [1]})
     with pytest.raises(ConfigError, match="arms must be one of"):
-        TINY.replace(arms="both")
+        TINY_ARCH.replace(arms="both")
 
 
 def test_too_deep_for_the_grid_is_a_config_error(tiny_setup):
     with pytest.raises(ConfigError, match="reduces an input"):
-        build_network(TINY.replace(conv_channels=(2,) * 7), tiny_setup)
+        build_network(TINY_ARCH.replace(conv_channels=(2,) * 7), tiny_setup)
 
 
 def test_masked_pixels_never_reach_the_network_as_garbage(tiny_setup):
@@ -110,7 +107,7 @@ def test_masked_pixels_never_reach_the_network_as_garbage(tiny_setup):
     ivar = np.full_like(flux, 100.0)
     ivar[0, [5, 40, 120]] = 0.0
     predictions = []
-    for arch in (TINY, TINY.replace(mask_channel=True)):
+    for arch in (TINY_ARCH, TINY_ARCH.replace(mask_channel=True)):
         torch.manual_seed(0)
         net = build_network(arch, tiny_setup).eval()
         outs = []

@@ -3,18 +3,14 @@
 import numpy as np
 import pytest
 import torch
+from tiny import LABELS, TINY_ARCH
 
 from speclabel.core.errors import ConfigError, InputError
 from speclabel.model.arch import ArchConfig, build_network
 from speclabel.model.ensemble import Ensemble, select_members
 from speclabel.model.scaling import LabelScaler
 
-ARCH = ArchConfig(
-    name="tiny", conv_channels=(3, 2), kernel_size=5, pool_size=2, dense_units=(8,), dropout=0.3
-)
-LABELS = np.array(
-    [[4500.0, 2.5, -0.3, 0.2, 0.1], [5800.0, 4.4, 0.1, 0.0, -0.05], [5100.0, 3.1, -1.2, 0.35, 0.3]]
-)
+ARCH = TINY_ARCH.replace(dropout=0.3)
 
 
 def numpy_forward(state: dict, arch: ArchConfig, setup, flux: np.ndarray, mask: np.ndarray) -> np.ndarray:

@@ -1,24 +1,19 @@
-"""The in-process ensemble fit end to end on simulated spectra, the data fingerprint and the metrics."""
+"""The in-process ensemble fit end to end on simulated spectra, and the metrics."""
 
 import json
 
 import numpy as np
-import pyarrow as pa
 import pytest
+from tiny import TINY_ARCH
 
-from speclabel.core.arrays import row_digests
-from speclabel.core.fingerprints import DataFingerprint
 from speclabel.core.labels import LABEL_NAMES
 from speclabel.model import io
-from speclabel.model.arch import ArchConfig
 from speclabel.model.fit import EnsembleConfig, fit_ensemble, prepare_arrays
 from speclabel.model.metrics import label_metrics, metrics_by_snr
 from speclabel.model.splits import SplitRule
 from speclabel.model.training import TrainConfig
 
-ARCH = ArchConfig(
-    name="tiny", conv_channels=(2, 2), kernel_size=5, pool_size=8, dense_units=(8,), dropout=0.1
-)
+ARCH = TINY_ARCH.replace(conv_channels=(2, 2), pool_size=8, dropout=0.1)
 
 
 def test_fit_select_save_load(small_survey, setup, tmp_path):
@@ -55,21 +50,6 @@ def test_fit_select_save_load(small_survey, setup, tmp_path):
     pred = loaded.predict(arrays["flux"][test_rows], arrays["mask"][test_rows])
     residual = pred.mean[:, 0] - arrays["labels"][test_rows, 0]
     assert document["metrics"]["test"]["all"]["teff"]["bias"] == pytest.approx(residual.mean(), rel=1e-6)
-
-
-def test_fingerprint_is_order_free_mergeable_and_sensitive(small_survey, setup):
-    whole = DataFingerprint().add_digests(row_digests(small_survey, setup))
-    shuffled = small_survey.take(np.random.default_rng(0).permutation(40))
-    parts = (
-        DataFingerprint()
-        .add_digests(row_digests(shuffled.slice(0, 15), setup))
-        .merge(DataFingerprint().add_digests(row_digests(shuffled.slice(15), setup)))
-    )
-    assert parts.hexdigest == whole.hexdigest and parts.count == 40
-    feh = small_survey.column("feh").to_numpy().copy()
-    feh[7] += 0.01
-    changed = small_survey.set_column(small_survey.schema.get_field_index("feh"), "feh", pa.array(feh))
-    assert DataFingerprint().add_digests(row_digests(changed, setup)).hexdigest != whole.hexdigest
 
 
 def test_metrics_against_numpy():

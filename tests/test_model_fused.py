@@ -7,30 +7,29 @@ import threading
 import numpy as np
 import pytest
 import torch
+from tiny import LABELS, TINY_ARCH
 from torch import nn
 
 from speclabel.core.arrays import model_inputs, spectra_arrays
 from speclabel.core.errors import ConfigError
-from speclabel.model.arch import DEFAULT, PAPER, ArchConfig, build_network
+from speclabel.model.arch import DEFAULT, PAPER, build_network
 from speclabel.model.ensemble import NEAR_TIE_FRACTION, Ensemble, InferenceOptions
 from speclabel.model.fused import FusedEnsemble, fusable, fusable_ensemble
 from speclabel.model.saliency import SaliencyAccumulator
 from speclabel.model.scaling import LabelScaler
 
-LABELS = np.array(
-    [[4500.0, 2.5, -0.3, 0.2, 0.1], [5800.0, 4.4, 0.1, 0.0, -0.05], [5100.0, 3.1, -1.2, 0.35, 0.3]]
-)
-TINY = ArchConfig(name="tiny", conv_channels=(3, 2), kernel_size=5, pool_size=2, dense_units=(8,))
 # Every axis of ArchConfig the fast path must serve: branches, mask channel, channel counts, kernel,
 # pooling (none, odd windows with a remainder), dense layers (none, several), the leaky slope (ReLU,
 # and a slope above 1, which the network allows).
 ARCHS = {
-    "tiny": TINY,
-    "per-arm+mask": TINY.replace(arms="per_arm", mask_channel=True),
-    "three-layers-pool3": TINY.replace(conv_channels=(4, 3, 2), kernel_size=3, pool_size=3, leaky_slope=0.1),
-    "no-pool-no-hidden": TINY.replace(conv_channels=(2,), kernel_size=7, pool_size=1, dense_units=()),
-    "two-hidden-relu": TINY.replace(dense_units=(6, 4), leaky_slope=0.0, kernel_size=4),
-    "one-channel-then-five-steep-slope": TINY.replace(
+    "tiny": TINY_ARCH,
+    "per-arm+mask": TINY_ARCH.replace(arms="per_arm", mask_channel=True),
+    "three-layers-pool3": TINY_ARCH.replace(
+        conv_channels=(4, 3, 2), kernel_size=3, pool_size=3, leaky_slope=0.1
+    ),
+    "no-pool-no-hidden": TINY_ARCH.replace(conv_channels=(2,), kernel_size=7, pool_size=1, dense_units=()),
+    "two-hidden-relu": TINY_ARCH.replace(dense_units=(6, 4), leaky_slope=0.0, kernel_size=4),
+    "one-channel-then-five-steep-slope": TINY_ARCH.replace(
         conv_channels=(1, 5), kernel_size=2, pool_size=4, leaky_slope=1.5
     ),
 }
@@ -100,7 +99,7 @@ def test_default_preset_with_a_centred_input_on_the_giraffe_setup(setup):
 
 
 def test_members_with_different_references_are_left_to_the_reference_engine(tiny_setup, caplog):
-    ensemble = make_ensemble(tiny_setup, TINY.replace(center_input=True), n_members=2)
+    ensemble = make_ensemble(tiny_setup, TINY_ARCH.replace(center_input=True), n_members=2)
     ensemble.networks[1].set_reference(np.full(tiny_setup.n_pixels, 0.9))
     assert "different reference spectra" in fusable_ensemble(ensemble.networks)
     flux, mask = spectra(tiny_setup, 3)
@@ -136,7 +135,7 @@ def test_float64_networks_stay_float64_and_match_to_rounding(tiny_setup):
 
 
 def test_batch_of_one_empty_batch_and_no_mask(tiny_setup):
-    ensemble = make_ensemble(tiny_setup, TINY, tile=4)
+    ensemble = make_ensemble(tiny_setup, TINY_ARCH, tile=4)
     flux, mask = spectra(tiny_setup, 1)
     assert_matches_reference(ensemble, flux, mask)
     empty = ensemble.predict(flux[:0], mask[:0], members=True, saliency="full")
@@ -151,7 +150,7 @@ def test_batch_of_one_empty_batch_and_no_mask(tiny_setup):
 
 
 def test_summary_and_accumulator_come_out_the_same(tiny_setup):
-    ensemble = make_ensemble(tiny_setup, TINY)
+    ensemble = make_ensemble(tiny_setup, TINY_ARCH)
     flux, mask = spectra(tiny_setup, 6)
     sums = {engine: SaliencyAccumulator.empty(5, tiny_setup.n_pixels) for engine in ("fused", "reference")}
     out = {
@@ -168,7 +167,7 @@ def test_tile_size_does_not_change_the_numbers(tiny_setup):
     flux, mask = spectra(tiny_setup, 9)
     results = []
     for tile in (1, 2, 4, 9):
-        ensemble = make_ensemble(tiny_setup, TINY, tile=tile)
+        ensemble = make_ensemble(tiny_setup, TINY_ARCH, tile=tile)
         results.append(ensemble.predict(flux, mask, saliency="full", batch_size=5))
     for other in results[1:]:
         assert np.allclose(other.mean, results[0].mean, rtol=1e-6)
@@ -177,7 +176,7 @@ def test_tile_size_does_not_change_the_numbers(tiny_setup):
 
 def test_tiles_run_on_several_threads_give_the_same_numbers(tiny_setup):
     """With n torch threads the CPU engine runs n tiles at once, one thread each."""
-    ensemble = make_ensemble(tiny_setup, TINY, tile=2)
+    ensemble = make_ensemble(tiny_setup, TINY_ARCH, tile=2)
     flux, mask = spectra(tiny_setup, 7)
     threads = torch.get_num_threads()
     try:
@@ -207,7 +206,7 @@ def test_first_layer_chunking_does_not_change_the_numbers(tiny_setup):
 
 
 def test_weights_changed_in_place_rebuild_the_engine(tiny_setup):
-    ensemble = make_ensemble(tiny_setup, TINY)
+    ensemble = make_ensemble(tiny_setup, TINY_ARCH)
     flux, mask = spectra(tiny_setup, 2)
     before = ensemble.predict(flux, mask).mean
     first = ensemble.fused_engine()
@@ -220,7 +219,7 @@ def test_weights_changed_in_place_rebuild_the_engine(tiny_setup):
 
 
 def test_unsupported_network_falls_back_to_the_reference(tiny_setup, caplog):
-    ensemble = make_ensemble(tiny_setup, TINY, n_members=2)
+    ensemble = make_ensemble(tiny_setup, TINY_ARCH, n_members=2)
     for network in ensemble.networks:
         network.branches[0][2] = nn.AvgPool1d(2)  # a layer the fused path does not know
     assert "unsupported pooling" in fusable(ensemble.networks[0])
@@ -233,7 +232,7 @@ def test_unsupported_network_falls_back_to_the_reference(tiny_setup, caplog):
 
 
 def test_a_fused_engine_that_disagrees_is_not_used(tiny_setup, caplog, monkeypatch):
-    ensemble = make_ensemble(tiny_setup, TINY, n_members=2)
+    ensemble = make_ensemble(tiny_setup, TINY_ARCH, n_members=2)
     run = FusedEnsemble.run
 
     def off_by_a_little(self, flux, good=None, label_weights=None):
@@ -250,24 +249,26 @@ def test_a_fused_engine_that_disagrees_is_not_used(tiny_setup, caplog, monkeypat
 
 def test_bf16_is_used_only_within_its_tolerance(tiny_setup):
     flux, mask = spectra(tiny_setup, 4)
-    loose = make_ensemble(tiny_setup, TINY, precision="bf16", label_tolerance=0.2, saliency_tolerance=0.5)
+    loose = make_ensemble(
+        tiny_setup, TINY_ARCH, precision="bf16", label_tolerance=0.2, saliency_tolerance=0.5
+    )
     labels = loose.predict(flux, mask).mean
     assert loose.fused_engine().precision == "bf16"
     exact = loose.predict(flux, mask, engine="reference").mean
     span = loose.scaler.train_max - loose.scaler.train_min
     assert np.abs(labels - exact).max() > 0  # bf16 really ran
     assert np.all(np.abs(labels - exact) <= 0.2 * span)
-    strict = make_ensemble(tiny_setup, TINY, precision="bf16", label_tolerance=1e-9)
+    strict = make_ensemble(tiny_setup, TINY_ARCH, precision="bf16", label_tolerance=1e-9)
     with pytest.raises(ConfigError, match="check 'precision'"):
         strict.predict(flux, mask)
-    auto = make_ensemble(tiny_setup, TINY, precision="auto")
+    auto = make_ensemble(tiny_setup, TINY_ARCH, precision="auto")
     auto.predict(flux, mask)
     assert auto.fused_engine().precision == "float32"  # no reduced precision is tried on a CPU
 
 
 def test_an_enclosing_bf16_autocast_selects_the_bf16_engine(tiny_setup):
     """As the reference engine would compute in bf16 under torch.autocast, so does the fused one."""
-    ensemble = make_ensemble(tiny_setup, TINY)
+    ensemble = make_ensemble(tiny_setup, TINY_ARCH)
     flux, mask = spectra(tiny_setup, 4)
     exact = ensemble.predict(flux, mask).mean
     float32_engine = ensemble.fused_engine()
@@ -293,11 +294,11 @@ def test_inference_options_are_checked():
         with pytest.raises(ConfigError, match="no CUDA device"):
             InferenceOptions(device="cuda")
         with pytest.raises(ConfigError, match="tf32"):
-            FusedEnsemble([build_network(TINY, _two_arm())], precision="tf32")
+            FusedEnsemble([build_network(TINY_ARCH, _two_arm())], precision="tf32")
 
 
 def test_threads_sharing_one_engine_get_their_own_buffers(tiny_setup):
-    ensemble = make_ensemble(tiny_setup, TINY, tile=2)
+    ensemble = make_ensemble(tiny_setup, TINY_ARCH, tile=2)
     engine = ensemble.fused_engine()
     flux, mask = spectra(tiny_setup, 6)
     x, good = torch.as_tensor(flux), torch.as_tensor(mask)
@@ -318,7 +319,7 @@ def test_threads_sharing_one_engine_get_their_own_buffers(tiny_setup):
 
 
 def test_ensembles_and_engines_pickle_as_ray_ships_them(tiny_setup):
-    ensemble = make_ensemble(tiny_setup, TINY)
+    ensemble = make_ensemble(tiny_setup, TINY_ARCH)
     flux, mask = spectra(tiny_setup, 3)
     before = ensemble.predict(flux, mask, saliency="full")
     engine = ensemble.fused_engine()

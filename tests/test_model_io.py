@@ -6,21 +6,17 @@ import os
 import numpy as np
 import pytest
 import torch
+from tiny import LABELS, TINY_ARCH
 
 from speclabel.core import storage
 from speclabel.core.errors import IntegrityError, SpeclabelError
 from speclabel.core.setups import Setup
 from speclabel.model import io
-from speclabel.model.arch import ArchConfig, build_network
+from speclabel.model.arch import build_network
 from speclabel.model.ensemble import Ensemble
 from speclabel.model.scaling import LabelScaler
 
-ARCH = ArchConfig(
-    name="tiny", conv_channels=(3, 2), kernel_size=5, pool_size=2, dense_units=(8,), dropout=0.1
-)
-LABELS = np.array(
-    [[4500.0, 2.5, -0.3, 0.2, 0.1], [5800.0, 4.4, 0.1, 0.0, -0.05], [5100.0, 3.1, -1.2, 0.35, 0.3]]
-)
+ARCH = TINY_ARCH.replace(dropout=0.1)
 
 
 @pytest.fixture

@@ -3,18 +3,12 @@
 import numpy as np
 import pytest
 import torch
+from tiny import LABELS, TINY_ARCH
 
-from speclabel.model.arch import ArchConfig, build_network
+from speclabel.model.arch import build_network
 from speclabel.model.ensemble import Ensemble
 from speclabel.model.saliency import SaliencyAccumulator, summarise
 from speclabel.model.scaling import LabelScaler
-
-ARCH = ArchConfig(
-    name="tiny", conv_channels=(3, 2), kernel_size=5, pool_size=2, dense_units=(8,), dropout=0.0
-)
-LABELS = np.array(
-    [[4500.0, 2.5, -0.3, 0.2, 0.1], [5800.0, 4.4, 0.1, 0.0, -0.05], [5100.0, 3.1, -1.2, 0.35, 0.3]]
-)
 
 
 def _ensemble(setup, arch, n=3):
@@ -27,7 +21,8 @@ def _ensemble(setup, arch, n=3):
 
 
 @pytest.mark.parametrize(
-    "arch", [ARCH, ARCH.replace(arms="per_arm", mask_channel=True), ARCH.replace(center_input=True)]
+    "arch",
+    [TINY_ARCH, TINY_ARCH.replace(arms="per_arm", mask_channel=True), TINY_ARCH.replace(center_input=True)],
 )
 def test_gradients_match_finite_differences(tiny_setup, arch):
     ensemble = _ensemble(tiny_setup, arch)
@@ -56,7 +51,7 @@ def test_gradients_match_finite_differences(tiny_setup, arch):
 
 
 def test_batched_saliency_equals_one_by_one(tiny_setup):
-    ensemble = _ensemble(tiny_setup, ARCH)
+    ensemble = _ensemble(tiny_setup, TINY_ARCH)
     flux = np.random.default_rng(4).uniform(0.5, 1.0, (5, tiny_setup.n_pixels))
     together = ensemble.predict(flux, saliency="full", batch_size=5).saliency_maps
     single = np.concatenate(
@@ -88,7 +83,7 @@ def test_summary_shares_and_peak_against_numpy(tiny_setup):
 
 
 def test_accumulators_merge_to_the_whole(tiny_setup):
-    ensemble = _ensemble(tiny_setup, ARCH)
+    ensemble = _ensemble(tiny_setup, TINY_ARCH)
     flux = np.random.default_rng(6).uniform(0.5, 1.0, (6, tiny_setup.n_pixels))
     whole, first, second = (SaliencyAccumulator.empty(5, tiny_setup.n_pixels) for _ in range(3))
     maps = ensemble.predict(flux, saliency="full", accumulator=whole).saliency_maps

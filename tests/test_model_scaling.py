@@ -5,13 +5,10 @@ import json
 import numpy as np
 import pytest
 import torch
+from tiny import LABELS
 
 from speclabel.core.errors import ConfigError
 from speclabel.model.scaling import LabelScaler
-
-LABELS = np.array(
-    [[4500.0, 2.5, -0.3, 0.20, 0.10], [5800.0, 4.4, 0.1, 0.00, -0.05], [5100.0, 3.1, -1.2, 0.35, 0.30]]
-)
 
 
 @pytest.mark.parametrize("method", ["standard", "minmax"])

@@ -5,10 +5,10 @@ import math
 import numpy as np
 import pytest
 import torch
+from tiny import TINY_ARCH
 
 from speclabel.core.errors import ConfigError, InputError
 from speclabel.core.setups import SPEED_OF_LIGHT_KMS
-from speclabel.model.arch import ArchConfig
 from speclabel.model.scaling import LabelScaler
 from speclabel.model.training import (
     ArrayData,
@@ -22,9 +22,7 @@ from speclabel.model.training import (
     train_member,
 )
 
-ARCH = ArchConfig(
-    name="tiny", conv_channels=(4, 2), kernel_size=5, pool_size=2, dense_units=(8,), dropout=0.2
-)
+ARCH = TINY_ARCH.replace(conv_channels=(4, 2), dropout=0.2)
 
 
 def _data(setup, n, seed):
