@@ -42,7 +42,9 @@ def resolve_files(
     """The files a user meant by a file, a directory (searched recursively) or a glob, sorted.
 
     Files and folders whose name starts with ``_`` or ``.`` are skipped in directories, as Arrow's
-    dataset discovery does, so quarantine and manifest folders are never read as input.
+    dataset discovery does, so quarantine and manifest folders are never read as input. A glob is
+    matched with :mod:`fnmatch` below the folder before its first wildcard, where ``*`` also matches
+    ``/``: ``dir/*.parquet`` takes the Parquet files of ``dir`` and of its subfolders.
     """
     location = os.fspath(location)
     wildcard = next((i for i, ch in enumerate(location) if ch in "*?["), None)
@@ -69,7 +71,8 @@ def resolve_files(
             continue
         files.append(entry.path)
     if not files:
-        raise InputError(f"no {'/'.join(extensions) or ''} files found at {location!r}")
+        kind = f"{'/'.join(extensions)} " if extensions else ""
+        raise InputError(f"no {kind}files found at {location!r}")
     return fs, sorted(files)
 
 

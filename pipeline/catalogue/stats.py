@@ -1,8 +1,9 @@
 """Catalogue statistics: rows per release and model, label distributions, flag counts.
 
 Computed in one streaming pass with Arrow's Acero engine (scan -> project -> hash aggregate), so
-memory stays flat for a catalogue of any size; percentiles come from t-digests (accurate to well
-under 0.1 % in rank).
+memory stays flat for a catalogue of any size; percentiles come from t-digests (Arrow's default
+compression, delta 100): within about half a centroid in rank, pi * sqrt(q (1 - q)) / 100, i.e. up to
+~0.8 % for the 16th/84th percentiles and ~1.6 % for the median (tests/test_catalogue_stats.py).
 """
 
 from __future__ import annotations
