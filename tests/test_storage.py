@@ -86,7 +86,7 @@ def test_resolve_files_matches_globs_below_the_first_wildcard(tmp_path):
         f"{root}/sux/c.parquet",
     ]
     # The hidden-name rule applies below the listed folder as well: _x/a4.parquet is never input.
-    with pytest.raises(InputError, match="no  files found"):
+    with pytest.raises(InputError, match="no files found"):
         storage.resolve_files(f"{root}/*a4.parquet", ())
     with pytest.raises(InputError, match=r"no \.parquet files found"):
         storage.resolve_files(f"{root}/z*.parquet", (".parquet",))
