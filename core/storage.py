@@ -32,6 +32,13 @@ def is_local(location: str | os.PathLike) -> bool:
     return "://" not in location or location.startswith("file://")
 
 
+def absolute_location(location: str | os.PathLike) -> str:
+    """A local path made absolute (against the current folder); a URI as it is. For locations that
+    are written down and read back from elsewhere (model.json's training data)."""
+    location = os.fspath(location)
+    return location if "://" in location else str(Path(location).absolute())
+
+
 def join(base: str, *parts: str) -> str:
     return "/".join([base.rstrip("/"), *(p.strip("/") for p in parts)])
 

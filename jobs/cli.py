@@ -23,6 +23,7 @@ COMMANDS = (
     "simulate",
     "ingest",
     "train",
+    "export",
     "label",
     "reprocess",
     "query",

@@ -282,23 +282,50 @@ def _address_from_argument_only() -> Iterator[None]:
         os.environ.update(saved)
 
 
+# Where `ray start` (with token auth) and `ray get-auth-token --generate` keep the token; Ray's own
+# client reads it only under RAY_AUTH_MODE=token.
+DEFAULT_TOKEN_FILE = "~/.ray/auth_token"
+
+
+def auth_token() -> tuple[str, str]:
+    """``(token, where it came from)``, in Ray's order: ``RAY_AUTH_TOKEN``, else the file
+    ``RAY_AUTH_TOKEN_PATH`` names, else :data:`DEFAULT_TOKEN_FILE` when it exists; ``("", "")``
+    when none is configured."""
+    token = os.environ.get("RAY_AUTH_TOKEN", "").strip()
+    if token:
+        return token, "RAY_AUTH_TOKEN"
+    token_path = os.environ.get("RAY_AUTH_TOKEN_PATH")
+    if token_path:
+        try:
+            with open(os.path.expanduser(token_path)) as fh:
+                return fh.read().strip(), f"RAY_AUTH_TOKEN_PATH={token_path}"
+        except OSError as exc:
+            raise UsageError(f"RAY_AUTH_TOKEN_PATH={token_path} cannot be read: {exc}") from exc
+    default = os.path.expanduser(DEFAULT_TOKEN_FILE)
+    if os.path.isfile(default):
+        with open(default) as fh:
+            token = fh.read().strip()
+        if token:
+            return (
+                token,
+                f"{DEFAULT_TOKEN_FILE} (Ray's default token file; RAY_AUTH_TOKEN_PATH names another)",
+            )
+    return "", ""
+
+
 def auth_headers() -> dict[str, str]:
     """A bearer token header when a token is configured but ``RAY_AUTH_MODE`` is not set.
 
     Ray's client sends its token only under ``RAY_AUTH_MODE=token``; a scheduler given just
-    ``RAY_AUTH_TOKEN`` or ``RAY_AUTH_TOKEN_PATH`` would otherwise get a bare 401. When
-    ``RAY_AUTH_MODE`` is set, Ray's own handling applies unchanged.
+    ``RAY_AUTH_TOKEN`` or ``RAY_AUTH_TOKEN_PATH``, or a user whose ``ray start`` left the token in
+    :data:`DEFAULT_TOKEN_FILE`, would otherwise get a bare 401. When ``RAY_AUTH_MODE`` is set,
+    Ray's own handling applies unchanged.
     """
     if os.environ.get("RAY_AUTH_MODE"):
         return {}
-    token = os.environ.get("RAY_AUTH_TOKEN", "").strip()
-    token_path = os.environ.get("RAY_AUTH_TOKEN_PATH")
-    if not token and token_path:
-        try:
-            with open(os.path.expanduser(token_path)) as fh:
-                token = fh.read().strip()
-        except OSError as exc:
-            raise UsageError(f"RAY_AUTH_TOKEN_PATH={token_path} cannot be read: {exc}") from exc
+    token, source = auth_token()
+    if token and source.startswith(DEFAULT_TOKEN_FILE):
+        logger.info("using the Ray auth token in %s", source)
     return {"Authorization": f"Bearer {token}"} if token else {}
 
 
@@ -311,9 +338,17 @@ def cluster_errors(what: str) -> Iterator[None]:
         yield
     except AuthenticationError as exc:
         reason = str(exc).strip().splitlines()[0]
+        token, source = "", ""
+        with contextlib.suppress(UsageError):  # an unreadable RAY_AUTH_TOKEN_PATH failed before this
+            token, source = auth_token()
+        sent = (
+            f"the token sent came from {source}"
+            if token
+            else f"no token was found in RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or {DEFAULT_TOKEN_FILE}"
+        )
         raise ClusterError(
-            f"{what}: {reason}; give the cluster's token (`ray get-auth-token` on the head) in the file "
-            "named by RAY_AUTH_TOKEN_PATH, or in RAY_AUTH_TOKEN"
+            f"{what}: {reason}; {sent}; give the cluster's token (`ray get-auth-token` on the head) in "
+            "the file named by RAY_AUTH_TOKEN_PATH, or in RAY_AUTH_TOKEN"
         ) from exc
     except (ConnectionError, RuntimeError, ValueError, RayError) as exc:
         raise ClusterError(f"{what}: {exc}") from exc

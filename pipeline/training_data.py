@@ -45,7 +45,7 @@ from speclabel.core.errors import InputError
 from speclabel.core.fingerprints import DataFingerprint
 from speclabel.core.labels import LABEL_NAMES
 from speclabel.core.setups import Setup
-from speclabel.core.storage import resolve_files
+from speclabel.core.storage import absolute_location, resolve_files
 from speclabel.model.fit import member_data
 from speclabel.model.splits import SplitRule
 from speclabel.model.training import ArrayData
@@ -222,9 +222,10 @@ class TrainingSet:
         return DataFingerprint().add_digests(digests).hexdigest
 
     def describe(self, mode: str) -> dict:
-        """The ``training.data`` section of model.json."""
+        """The ``training.data`` section of model.json (an absolute location: `speclabel evaluate`
+        reads it back from any folder)."""
         return {
-            "location": self.input.location,
+            "location": absolute_location(self.input.location),
             "files": len(self.input.files),
             "mode": mode,
             "n_input": self.n_input,

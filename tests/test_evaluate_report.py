@@ -363,6 +363,37 @@ def test_cli_model_mode_writes_the_report(model_dir, tmp_path, capsys):
     assert document["snr"]["selections"] == ["snr>=50", "snr<30", "30<=snr<80", "snr>=80"]
 
 
+def test_a_relative_recorded_data_path_outside_the_training_folder(
+    setup, small_survey, survey_file, tmp_path, monkeypatch, capsys
+):
+    """A model.json written before training data locations were recorded absolute."""
+    torch.manual_seed(3)
+    labels = np.stack([small_survey.column(n).to_numpy() for n in LABEL_NAMES], axis=1).astype(np.float64)
+    ensemble = Ensemble(
+        setup,
+        TINY,
+        LabelScaler.fit(labels),
+        [build_network(TINY, setup) for _ in range(2)],
+        info={"training": {"split": SPLIT.to_dict(), "data": {"location": "survey.parquet"}}},
+    )
+    model = tmp_path / "model"
+    save_model(ensemble, str(model))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    assert main(["evaluate", "--model", str(model), "--out", str(tmp_path / "report")]) == 1
+    err = capsys.readouterr().err
+    assert "input 'survey.parquet' does not exist" in err
+    assert (
+        "relative to the folder `speclabel train` ran in" in err
+        and "give the labelled spectra with --data" in err
+    )
+    assert not (tmp_path / "report").exists()
+    assert from_model(str(model), str(survey_file), saliency=False).rows["evaluated"] > 0
+    monkeypatch.chdir(survey_file.parent)  # where it was trained: the recorded path works
+    assert from_model(str(model), saliency=False).rows["evaluated"] > 0
+
+
 def test_cli_usage_and_job_errors(model_dir, tmp_path, capsys):
     out = str(tmp_path / "report")
     assert main(["evaluate", "--model", str(model_dir), "--out", out, "--truth", "t.parquet"]) == 2

@@ -102,6 +102,15 @@ def test_not_a_catalogue_is_a_job_error(tmp_path, capsys):
     assert "not a speclabel catalogue" in capsys.readouterr().err
 
 
+def test_a_missing_catalogue_says_it_does_not_exist(tmp_path, capsys):
+    missing = tmp_path / "labels"
+    assert main(["query", str(missing)]) == 1
+    err = capsys.readouterr().err
+    assert f"catalogue {missing} does not exist" in err and "not a speclabel catalogue" not in err
+    assert main(["stats", str(missing)]) == 1
+    assert "does not exist" in capsys.readouterr().err
+
+
 def test_stats_counts_and_percentiles(catalogue, capsys):
     root, given = catalogue
     assert main(["stats", root, "--json"]) == 0

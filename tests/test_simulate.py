@@ -154,3 +154,31 @@ def test_cli_writes_one_row_group_per_chunk(tmp_path, setup):
     snr = pq.read_table(out, columns=["snr"]).column("snr").to_numpy()
     assert snr.min() >= 20 and snr.max() <= 30
     assert not list(tmp_path.glob(".tmp-*"))  # published atomically, no leftovers
+
+
+def test_cli_refuses_an_existing_output_without_overwrite(tmp_path, capsys):
+    out = tmp_path / "survey.parquet"
+    argv = ["simulate", "--n", "3", "--out", str(out), "--workers", "1"]
+    assert main(argv) == 0
+    written = out.read_bytes()
+    assert main([*argv, "--seed", "5"]) == 2
+    assert f"{out} exists; choose another --out or pass --overwrite" in capsys.readouterr().err
+    assert out.read_bytes() == written
+    assert main([*argv, "--seed", "5", "--overwrite"]) == 0
+    assert out.read_bytes() != written
+
+
+def test_cli_fits_overwrite_leaves_no_star_of_the_old_survey(tmp_path, capsys):
+    out = tmp_path / "fits"
+    argv = ["simulate", "--n", "4", "--format", "fits", "--out", str(out), "--workers", "1"]
+    assert main(argv) == 0
+    old = {p.name for p in (out / "spectra").rglob("*.fits")}
+    assert main([*argv[:2], "2", *argv[3:], "--seed", "9"]) == 2
+    assert "labels.parquet exists" in capsys.readouterr().err
+    (out / "labels.parquet").unlink()  # a half-removed output is still refused: spectra/ is there
+    assert main([*argv[:2], "2", *argv[3:], "--seed", "9"]) == 2
+    assert "spectra exists" in capsys.readouterr().err
+    assert main([*argv[:2], "2", *argv[3:], "--seed", "9", "--overwrite"]) == 0
+    new = {p.name for p in (out / "spectra").rglob("*.fits")}
+    assert len(old) == 4 * 2 and len(new) == 2 * 2 and new < old  # stars 2 and 3 of the old one are gone
+    assert pq.read_table(out / "labels.parquet").num_rows == 2

@@ -200,6 +200,7 @@ def test_decide(statuses, expected):
 def test_a_token_without_ray_auth_mode_is_still_sent(tmp_path, monkeypatch):
     for name in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):
         monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))  # no ~/.ray/auth_token
     assert sub.auth_headers() == {}
     token_file = tmp_path / "auth_token"
     token_file.write_text("s3cr3t\n")
@@ -214,6 +215,25 @@ def test_a_token_without_ray_auth_mode_is_still_sent(tmp_path, monkeypatch):
     monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(tmp_path / "missing"))
     with pytest.raises(UsageError, match="RAY_AUTH_TOKEN_PATH"):
         sub.auth_headers()
+
+
+def test_the_token_ray_start_left_in_the_home_folder_is_used(tmp_path, monkeypatch, caplog):
+    for name in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / ".ray").mkdir()
+    (tmp_path / ".ray" / "auth_token").write_text("fromhome\n")
+    with caplog.at_level("INFO", logger="speclabel.jobs.submit"):
+        assert sub.auth_headers() == {"Authorization": "Bearer fromhome"}
+    assert "using the Ray auth token in ~/.ray/auth_token" in caplog.text
+    assert sub.auth_token()[1].startswith("~/.ray/auth_token")
+    # Anything given explicitly comes first.
+    other = tmp_path / "other_token"
+    other.write_text("fromfile\n")
+    monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(other))
+    assert sub.auth_headers() == {"Authorization": "Bearer fromfile"}
+    monkeypatch.setenv("RAY_AUTH_TOKEN", "fromenv")
+    assert sub.auth_headers() == {"Authorization": "Bearer fromenv"}
 
 
 def test_job_table_lists_speclabel_jobs_oldest_first():
@@ -256,12 +276,25 @@ def test_token_auth_from_ray_auth_token_path(tmp_path, capsys, monkeypatch):
     try:
         for name in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):
             monkeypatch.delenv(name, raising=False)
+        home = tmp_path / "home"
+        monkeypatch.setenv("HOME", str(home))
         assert main(["jobs", "--address", head.address]) == 1
         err = capsys.readouterr().err
         assert "Authentication required" in err and "RAY_AUTH_TOKEN_PATH" in err
+        assert "no token was found in RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token" in err
         assert "Traceback" not in err
+        # A wrong token in the default file: the message says where the token came from.
+        (home / ".ray").mkdir(parents=True)
+        (home / ".ray" / "auth_token").write_text("wrong\n")
+        assert main(["jobs", "--address", head.address]) == 1
+        assert "the token sent came from ~/.ray/auth_token" in capsys.readouterr().err
+        # As `ray start` leaves it: the default file holds the cluster's token.
+        (home / ".ray" / "auth_token").write_text(token + "\n")
+        assert main(["jobs", "--address", head.address]) == 0
+        assert "no speclabel jobs" in capsys.readouterr().out
         token_file = tmp_path / "auth_token"
         token_file.write_text(token + "\n")
+        (home / ".ray" / "auth_token").unlink()
         monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(token_file))
         assert main(["jobs", "--address", head.address]) == 0
         assert "no speclabel jobs" in capsys.readouterr().out

@@ -49,6 +49,13 @@ def test_scan_accounts_for_every_row_and_quarantines_every_copy_of_a_duplicate(i
     assert training_set.fingerprint() == DataFingerprint().add_digests(row_digests(good, setup)).hexdigest
 
 
+def test_the_recorded_location_is_absolute(faulty_folder, setup, monkeypatch):
+    monkeypatch.chdir(faulty_folder.parent)
+    training_input = resolve_input(faulty_folder.name, setup)
+    training_set, _ = scan_in_memory(training_input, setup)
+    assert training_set.describe("memory")["location"] == str(faulty_folder)
+
+
 def test_unreadable_input_is_refused_with_the_file_named(tmp_path, setup):
     (tmp_path / "broken.parquet").write_bytes(b"not parquet")
     with pytest.raises(InputError, match=r"broken\.parquet"):

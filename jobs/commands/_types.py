@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 
 
 def positive_int(text: str) -> int:
@@ -40,3 +41,32 @@ def add_ray_address(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -
         help="Ray cluster to run on: auto, HOST:6379, ray://HOST:10001, or local for a fresh local "
         "instance (default: $RAY_ADDRESS, a `ray start` cluster on this machine, else a local Ray)",
     )
+
+
+class CodeDefault:
+    """A default that ``--help`` states, looked up in the code that uses it only when the help is
+    printed: the dataclasses holding it import torch, too slow for every ``speclabel`` call.
+
+    ``stated_default(action, "speclabel.model.training:TrainConfig.epochs")``, and ``%(code_default)s``
+    in the action's help; a dataclass named by the path is instantiated for its default.
+    """
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def value(self):
+        module, _, attributes = self.path.partition(":")
+        value = importlib.import_module(module)
+        for name in attributes.split("."):
+            value = getattr(value, name)
+            if isinstance(value, type):
+                value = value()
+        return value
+
+    def __str__(self) -> str:
+        return str(self.value())
+
+
+def stated_default(action: argparse.Action, path: str) -> argparse.Action:
+    action.code_default = CodeDefault(path)
+    return action

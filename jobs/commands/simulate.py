@@ -10,6 +10,9 @@ Gaia-ESO-like layout that `speclabel ingest` reads: --out is a folder that recei
 spectra/<chunk>/<id>_<arm>.fits (one file per star and arm: flux with a linear air-wavelength WCS in
 the observed frame of a drawn radial velocity, an ERROR extension, and OBJECT, CNAME, RA, DEC, SETUP,
 SNR, VRAD in the header) and labels.parquet, the true labels keyed by CNAME, the id ingest gives.
+
+An existing output is refused unless --overwrite is given; then, for --format fits, the old
+spectra/ folder is removed first, so that no star of an earlier survey is left among the new ones.
 """
 
 from __future__ import annotations
@@ -54,12 +57,30 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--chunk-size", type=positive_int, default=500, help="rows per chunk / Parquet row group"
     )
     parser.add_argument("--workers", type=positive_int, default=None, help="processes (default: all CPUs)")
+    parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+
+
+def check_output(out: str, fmt: str, *, overwrite: bool) -> None:
+    """Refuse an existing output without ``overwrite``; with it, clear an old FITS spectra folder."""
+    from speclabel.core.errors import UsageError
+    from speclabel.core.storage import exists, filesystem_and_path, join
+    from speclabel.pipeline.simulate import FITS_SPECTRA_DIR, FITS_TRUTH_FILE
+
+    fs, root = filesystem_and_path(out)
+    names = ("",) if fmt == "parquet" else (FITS_TRUTH_FILE, FITS_SPECTRA_DIR)
+    existing = [name for name in names if exists(fs, join(root, name) if name else root)]
+    if existing and not overwrite:
+        shown = join(out, existing[0]) if existing[0] else out
+        raise UsageError(f"{shown} exists; choose another --out or pass --overwrite")
+    if fmt == "fits" and FITS_SPECTRA_DIR in existing:
+        fs.delete_dir(join(root, FITS_SPECTRA_DIR))
 
 
 def run(args: argparse.Namespace) -> int:
     from speclabel.core.setups import get_setup
     from speclabel.pipeline.simulate import SurveyConfig, write_fits, write_parquet
 
+    check_output(args.out, args.format, overwrite=args.overwrite)
     setup = get_setup(args.setup)
     config = SurveyConfig(
         n=args.n,

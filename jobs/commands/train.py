@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import argparse
 
-from ._types import add_ray_address, non_negative_int, positive_float, positive_int
+from ._types import add_ray_address, non_negative_int, positive_float, positive_int, stated_default
 
 HELP = "fit the ensemble members in parallel with Ray (resumable) and write a model directory"
 
@@ -42,9 +42,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--out", required=True, help="model directory to write (local path or URI)")
     parser.add_argument("--config", metavar="TOML", help="model.toml with [arch], [train], [ensemble]")
-    parser.add_argument("--members", type=positive_int, help="ensemble members (default 8)")
-    parser.add_argument("--epochs", type=positive_int, help="maximum epochs per member (default 200)")
-    parser.add_argument("--arch", help="architecture preset name or .toml file (default paper)")
+    # Their defaults are the dataclasses' (or --config's): None here, stated from the code.
+    stated_default(
+        parser.add_argument(
+            "--members", type=positive_int, help="ensemble members (default %(code_default)s, or --config's)"
+        ),
+        "speclabel.model.fit:EnsembleConfig.n_members",
+    )
+    stated_default(
+        parser.add_argument(
+            "--epochs",
+            type=positive_int,
+            help="maximum epochs per member (default %(code_default)s, or --config's)",
+        ),
+        "speclabel.model.training:TrainConfig.epochs",
+    )
+    stated_default(
+        parser.add_argument(
+            "--arch",
+            help="architecture preset name or .toml file (default %(code_default)s, or --config's)",
+        ),
+        "speclabel.model.arch:DEFAULT_ARCH",
+    )
     parser.add_argument("--setup", help="instrument setup name or TOML (default: as the input declares)")
     parser.add_argument(
         "--gpus-per-member",

@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass, field
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from speclabel.core.errors import InputError
@@ -141,6 +142,8 @@ class Catalogue:
         """A catalogue at a local path or URI (``s3://``, ``gs://``, ``file://``)."""
         dataset = location if isinstance(location, Dataset) else Dataset.open(location)
         layout = read_layout(dataset)
+        if layout is None and dataset.fs.get_file_info(dataset.root).type == pafs.FileType.NotFound:
+            raise InputError(f"catalogue {dataset.location} does not exist (nothing at {dataset.root})")
         if layout is None:
             raise InputError(
                 f"{dataset.location} is not a speclabel catalogue (no {SETTINGS_FILE}); "

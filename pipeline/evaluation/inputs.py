@@ -17,6 +17,7 @@ Two sources give the same :class:`Evaluation`:
 from __future__ import annotations
 
 import logging
+import os
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -114,6 +115,8 @@ def from_model(
             f"model.json of {model_location} records no training data location (training.data.location); "
             "give the labelled spectra with --data"
         )
+    if data is None:
+        _check_recorded_data(model_location, recorded)
     setup = ensemble.setup
     labels = ensemble.label_names
     accumulator = SaliencyAccumulator.empty(len(labels), setup.n_pixels) if saliency else None
@@ -184,6 +187,21 @@ def from_model(
         saliency=accumulator if accumulator is not None and accumulator.count else None,
         quarantine=quarantine_table(refused_ids, refused_reasons, refused_sources) if refused_ids else None,
     )
+
+
+def _check_recorded_data(model_location: str, recorded: str) -> None:
+    """The training data model.json names is there; else what to do. Models written before the
+    location was recorded absolute hold the path as given to `speclabel train`, relative to the
+    folder it ran in, which is unknown from here."""
+    try:
+        resolve_files(recorded, (".parquet",))
+    except InputError as exc:
+        relative = "://" not in recorded and not os.path.isabs(recorded)
+        where = " (relative to the folder `speclabel train` ran in)" if relative else ""
+        raise InputError(
+            f"{exc}: model.json of {model_location} names it as the training data{where}; "
+            "give the labelled spectra with --data"
+        ) from exc
 
 
 def _batches(location: str, setup: Setup, labels, batch_rows: int) -> Iterator[tuple[str, pa.Table]]:
