@@ -26,6 +26,7 @@ COMMANDS = (
     "label",
     "reprocess",
     "query",
+    "sql",
     "stats",
     "serve",
     "submit",
