@@ -106,11 +106,32 @@ def _local(args, releases):
 
 
 def _remote(args, releases):
+    import pyarrow as pa
+    import pyarrow.flight as flight
+
+    from speclabel.core.errors import ConfigError, InputError
+    from speclabel.pipeline.catalogue import QueryError
     from speclabel.pipeline.catalogue.flight import connect
+    from speclabel.pipeline.catalogue.sql import SqlLimitError
 
     tls = None
     if args.tls_root_certs:
         with open(args.tls_root_certs, "rb") as fh:
             tls = fh.read()
-    with connect(args.catalogue, token_file=args.token_file, tls_root_certs=tls) as client:
-        return client.sql(args.sql, releases=releases, model_id=args.model_id)
+    # The server's answers as this command's errors and exit codes (a refused query is a usage error).
+    try:
+        with connect(args.catalogue, token_file=args.token_file, tls_root_certs=tls) as client:
+            return client.sql(args.sql, releases=releases, model_id=args.model_id)
+    except flight.FlightUnauthenticatedError as exc:
+        raise ConfigError(f"{args.catalogue} refused the token: {_server_message(exc)}") from None
+    except flight.FlightUnavailableError as exc:
+        raise InputError(f"cannot reach {args.catalogue}: {_server_message(exc)}") from None
+    except (flight.FlightTimedOutError, flight.FlightServerError) as exc:
+        raise SqlLimitError(_server_message(exc)) from None
+    except pa.ArrowInvalid as exc:
+        raise QueryError(_server_message(exc).removeprefix("invalid query: ")) from None
+
+
+def _server_message(exc: Exception) -> str:
+    """The server's message without gRPC's detail lines."""
+    return str(exc).split(". Detail:", 1)[0].strip()
