@@ -27,6 +27,7 @@ COMMANDS = (
     "label",
     "reprocess",
     "query",
+    "sql",
     "stats",
     "serve",
     "submit",

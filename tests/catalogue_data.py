@@ -44,3 +44,32 @@ def build_catalogue(location, releases: dict[str, int], *, model_id: str = "m1",
         )
         tables[release] = table
     return tables
+
+
+def add_side_tables(root, release: str, run_id: str, ids: pa.Array) -> pa.Table:
+    """Two quarantined rows and full saliency maps (``saliency_feh`` = [i] * 4 for the i-th of
+    ``ids``) for the run ``run_id`` of ``release``, where a label run writes them; returns the
+    quarantine table."""
+    import pathlib
+
+    import pyarrow.parquet as pq
+
+    from speclabel.core.contract import quarantine_table
+
+    root = pathlib.Path(root)
+    quarantine = quarantine_table(
+        [f"{release}-bad-1", f"{release}-bad-2"], ["nonfinite_flux: x", "wrong_length: y"], "in.parquet"
+    )
+    folder = root / "_quarantine" / f"release={release}" / f"run={run_id}"
+    folder.mkdir(parents=True)
+    pq.write_table(quarantine, folder / "part-0.parquet")
+    maps = pa.table(
+        {
+            "spectrum_id": ids,
+            "saliency_feh": pa.array([[float(i)] * 4 for i in range(len(ids))], pa.list_(pa.float32())),
+        }
+    )
+    folder = root / "_saliency" / f"release={release}" / f"run={run_id}"
+    folder.mkdir(parents=True)
+    pq.write_table(maps, folder / "part-0.parquet")
+    return quarantine

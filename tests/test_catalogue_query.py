@@ -8,9 +8,8 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
-from catalogue_data import LAYOUT, OPTIONS, build_catalogue, label_rows
+from catalogue_data import LAYOUT, OPTIONS, add_side_tables, build_catalogue, label_rows
 
-from speclabel.core.contract import quarantine_table
 from speclabel.core.errors import InputError
 from speclabel.pipeline.catalogue import CONE_DISTANCE, Catalogue, Cone, Query, QueryError, write_release
 from speclabel.pipeline.catalogue.reader import left_join_by_id
@@ -27,22 +26,7 @@ def catalogue(tmp_path_factory):
     write_release(str(root), "DR1", [relabelled], model_id="m2", layout=LAYOUT, options=OPTIONS)
     cat = Catalogue.open(str(root))
     dr2_run = cat.index()["releases"]["DR2"]["run_id"]
-    quarantine = quarantine_table(
-        ["DR2-bad-1", "DR2-bad-2"], ["nonfinite_flux: x", "wrong_length: y"], "in.parquet"
-    )
-    folder = root / "_quarantine" / "release=DR2" / f"run={dr2_run}"
-    folder.mkdir(parents=True)
-    pq.write_table(quarantine, folder / "part-0.parquet")
-    ids = given["DR2"].column("spectrum_id").slice(0, 100)
-    maps = pa.table(
-        {
-            "spectrum_id": ids,
-            "saliency_feh": pa.array([[float(i)] * 4 for i in range(100)], pa.list_(pa.float32())),
-        }
-    )
-    folder = root / "_saliency" / "release=DR2" / f"run={dr2_run}"
-    folder.mkdir(parents=True)
-    pq.write_table(maps, folder / "part-0.parquet")
+    add_side_tables(root, "DR2", dr2_run, given["DR2"].column("spectrum_id").slice(0, 100))
     return cat, {"DR1": relabelled, "DR1-m1": given["DR1"], "DR2": given["DR2"]}
 
 

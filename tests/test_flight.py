@@ -143,3 +143,55 @@ def test_bounds_query_time_and_keeps_serving(catalogue):
                 client.query(limit=5)
     finally:
         slow.shutdown()
+
+
+def test_sql_answers_as_the_library(server, catalogue):
+    text = (
+        "SELECT release, count(*) AS n, avg(feh) AS feh FROM labels WHERE teff > 4500 GROUP BY 1 ORDER BY 1"
+    )
+    with connect(server.url, TOKEN) as client:
+        remote = client.sql(text)
+        only = client.sql("SELECT DISTINCT release FROM labels", releases=["DR2"])
+        schema = client.sql_schema("SELECT spectrum_id, feh FROM labels")
+    assert remote.equals(Catalogue.open(catalogue).sql(text)) and remote.num_rows == 2
+    assert only["release"].to_pylist() == ["DR2"]
+    assert schema.names == ["spectrum_id", "feh"] and schema.field("feh").type == pa.float32()
+
+
+def test_sql_escapes_fail_alone_and_the_server_keeps_serving(catalogue, tmp_path):
+    limits = ServiceLimits(max_rows=500, max_seconds=1.0, max_memory="64MB", sql_threads=1)
+    sandboxed = serve(catalogue, port=0, insecure_localhost=True, limits=limits)
+    out = tmp_path / "x.csv"
+    refused = [
+        "SELECT * FROM read_parquet('/etc/passwd')",
+        f"COPY (SELECT * FROM labels) TO '{out}'",
+        f"ATTACH '{tmp_path / 'x.db'}'",
+        "INSTALL httpfs",
+        "SET enable_external_access = true",
+        "SELECT 1; SELECT 2",
+    ]
+    good = "SELECT count(*) AS n FROM labels"
+    try:
+        with connect(sandboxed.url) as client:
+            for text in refused:
+                with pytest.raises(pa.ArrowInvalid, match="invalid query"):
+                    client.sql(text)
+                assert client.sql(good)["n"][0].as_py() == 1200
+            with pytest.raises(flight.FlightServerError, match="more memory than the bound of 64MB"):
+                client.sql("SELECT list(a.input_sha256 || b.input_sha256) FROM labels a, labels b")
+            assert client.sql(good)["n"][0].as_py() == 1200
+            with pytest.raises(flight.FlightTimedOutError, match="ran past the bound of 1 s"):
+                client.sql("SELECT sum(hash(a.i + b.j)) FROM range(1000000000) a(i), range(1000000) b(j)")
+            assert client.sql(good)["n"][0].as_py() == 1200
+            with pytest.raises(flight.FlightServerError, match="bound of 500 rows"):
+                client.sql("SELECT spectrum_id FROM labels")
+            options = client._options
+        raw = flight.FlightClient(sandboxed.url)
+        for ticket in (b'{"sql": 5}', b'{"sql": "SELECT 1", "drop": 1}', b'{"sql": ""}'):
+            with pytest.raises(pa.ArrowInvalid, match="invalid query"):
+                raw.do_get(flight.Ticket(ticket), options=options).read_all()
+        with connect(sandboxed.url) as client:
+            assert client.sql("SELECT spectrum_id FROM labels LIMIT 500").num_rows == 500
+    finally:
+        sandboxed.shutdown()
+    assert not out.exists()

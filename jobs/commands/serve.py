@@ -8,12 +8,14 @@ and in Python:
   from speclabel.pipeline.catalogue.flight import connect
   client = connect("grpc://HOST:8815", token_file="~/.speclabel-token")
   table = client.query("feh < -1", columns=["spectrum_id", "feh", "mgfe"], cone=(83.8, -5.4, 2))
+  table = client.sql("SELECT release, count(*) AS n, avg(feh) FROM labels GROUP BY release")
 
 A token is required (clients send it as `authorization: Bearer TOKEN`) unless --insecure-localhost,
 which serves 127.0.0.1 only. Without TLS (--tls-cert/--tls-key) the token crosses the network in
 clear text: use TLS, or an SSH tunnel to a --insecure-localhost server, beyond a trusted network.
-Each query is validated before it runs and is bounded in rows and time; a bad query fails alone
-and the server keeps serving. --port 0 picks a free port; the address is printed. Stop with Ctrl-C
+Each query is validated before it runs and is bounded in rows and time (SQL also in memory, and
+sandboxed: read-only, no file or network access); a bad query fails alone and the server keeps
+serving. --port 0 picks a free port; the address is printed. Stop with Ctrl-C
 or SIGTERM.
 """
 
@@ -44,6 +46,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--max-seconds", type=positive_float, default=120.0, help="seconds per query (default 120)"
     )
+    parser.add_argument(
+        "--max-memory", default="2GB", metavar="SIZE", help="memory per SQL query, e.g. 4GB (default 2GB)"
+    )
     parser.add_argument("--tls-cert", metavar="PEM", help="TLS certificate chain (with --tls-key)")
     parser.add_argument("--tls-key", metavar="PEM", help="TLS private key (with --tls-cert)")
 
@@ -67,7 +72,9 @@ def run(args: argparse.Namespace) -> int:
         host=args.host,
         token=read_token(args.token_file) if args.token_file else None,
         insecure_localhost=args.insecure_localhost,
-        limits=ServiceLimits(max_rows=args.max_rows, max_seconds=args.max_seconds),
+        limits=ServiceLimits(
+            max_rows=args.max_rows, max_seconds=args.max_seconds, max_memory=args.max_memory
+        ),
         tls_certificates=tls,
     )
     # Flight's serve() returns on SIGINT by itself; schedulers and containers stop with SIGTERM.

@@ -125,8 +125,9 @@ def _fits_column(dtype: pa.DataType, column: pa.ChunkedArray, masked_column):
     return np.array(column.cast(pa.string()).fill_null("").to_pylist(), dtype=str)
 
 
-def format_table(table: pa.Table, *, total: int | None = None) -> str:
-    """A readable fixed-width rendering for the terminal, with a line saying what is shown."""
+def format_table(table: pa.Table, *, total: int | None = None, more: bool = False) -> str:
+    """A readable fixed-width rendering for the terminal, with a line saying what is shown
+    (``more``: the result has rows beyond these, of a number not counted)."""
     import pandas as pd
 
     frame = table.to_pandas()
@@ -135,6 +136,8 @@ def format_table(table: pa.Table, *, total: int | None = None) -> str:
     shown = f"{table.num_rows} row{'s' * (table.num_rows != 1)}"
     if total is not None and total > table.num_rows:
         shown += f" of {total} (use --limit N or --out FILE for more)"
+    elif more:
+        shown += "; more follow: use LIMIT N, or --out FILE for all"
     return f"{text}\n({shown})"
 
 

@@ -1,7 +1,9 @@
 """Serve a catalogue over Arrow Flight, and the client to query it from a notebook.
 
 The server answers the same queries as :meth:`Catalogue.run` (a :class:`Query` sent as a JSON
-ticket) with a stream of Arrow record batches, so a team queries one catalogue without copying
+ticket) and SQL over the catalogue's views (an :class:`SqlRequest`, ``{"sql": ...}``, run in the
+sandbox of :mod:`.sql`: read-only, no file or network access, bounded in memory, time and rows) with
+a stream of Arrow record batches, so a team queries one catalogue without copying
 files. Every call must carry ``authorization: Bearer <token>`` (compared in constant time) unless the
 server was started without a token, which :func:`serve` allows only on 127.0.0.1. A query is parsed
 and validated before any data is read; a result larger than ``max_rows`` or slower than
@@ -11,6 +13,7 @@ only.
     >>> from speclabel.pipeline.catalogue.flight import connect
     >>> client = connect("grpc://labels.example.org:8815", token_file="~/.speclabel-token")
     >>> client.query("feh < -1 and mgfe_std < 0.05", columns=["spectrum_id", "feh"], limit=1000)
+    >>> client.sql("SELECT release, count(*), avg(feh) FROM labels GROUP BY release")
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from speclabel.core.errors import ConfigError, SpeclabelError, UsageError
 
 from .expr import QueryError
 from .reader import Catalogue, Query, build_query
+from .sql import CatalogueSql, SqlLimitError, SqlLimits, SqlRequest, SqlTimeoutError
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +42,16 @@ class ServiceLimits:
     max_rows: int = 1_000_000  # per query; ask for a limit or narrow the query beyond this
     max_seconds: float = 120.0  # per query, from the ticket to the last batch
     batch_rows: int = 64 * 1024
+    max_memory: str = "2GB"  # per SQL query (DuckDB's memory_limit); queries over it fail alone
+    sql_threads: int | None = None  # per SQL query; None = DuckDB's default (all cores)
+
+    def sql_limits(self) -> SqlLimits:
+        return SqlLimits(
+            max_rows=self.max_rows,
+            max_seconds=self.max_seconds,
+            memory=self.max_memory,
+            threads=self.sql_threads,
+        )
 
 
 def read_token(path: str) -> str:
@@ -106,6 +120,8 @@ class CatalogueFlightServer(flight.FlightServerBase):
         started = time.monotonic()
         try:
             query = _parse_ticket(ticket.ticket)
+            if isinstance(query, SqlRequest):
+                return self._sql_stream(query)
             if query.limit is not None and query.limit > self.limits.max_rows:
                 raise QueryError(
                     f"limit {query.limit} exceeds this server's bound of {self.limits.max_rows} rows"
@@ -113,10 +129,34 @@ class CatalogueFlightServer(flight.FlightServerBase):
             scanner = self.catalogue.scanner(query, batch_size=self.limits.batch_rows)
         except SpeclabelError as exc:
             log.info("refused query: %s", exc)
-            raise pa.ArrowInvalid(f"invalid query: {exc}") from None
+            raise _flight_error(exc) from None
         log.info("query %s", json.dumps(query.to_dict()))
         batches = self._bounded(scanner.to_batches(), query.limit, started)
         return flight.GeneratorStream(scanner.projected_schema, batches)
+
+    def _sql_stream(self, request: SqlRequest) -> flight.GeneratorStream:
+        db = CatalogueSql(
+            self.catalogue,
+            releases=request.releases,
+            model_id=request.model_id,
+            limits=self.limits.sql_limits(),
+        )
+        try:
+            schema, batches = db.stream(request.sql, self.limits.batch_rows)
+        except BaseException:
+            db.close()
+            raise
+        log.info("sql %s", json.dumps(request.to_dict()))
+        return flight.GeneratorStream(schema, self._sql_batches(db, batches))
+
+    @staticmethod
+    def _sql_batches(db: CatalogueSql, batches):
+        try:
+            yield from batches
+        except SpeclabelError as exc:  # a bound reached mid-stream: this call ends, the server serves on
+            raise _flight_error(exc) from None
+        finally:
+            db.close()
 
     def _bounded(self, batches, limit: int | None, started: float):
         sent = 0
@@ -140,9 +180,16 @@ class CatalogueFlightServer(flight.FlightServerBase):
         """The schema of a query's result (descriptor command = query JSON) or of the catalogue."""
         try:
             query = _parse_ticket(descriptor.command) if descriptor.command else Query()
-            schema = self.catalogue.scanner(query).projected_schema
+            if isinstance(query, SqlRequest):
+                limits = self.limits.sql_limits()
+                with CatalogueSql(
+                    self.catalogue, releases=query.releases, model_id=query.model_id, limits=limits
+                ) as db:
+                    schema = db.schema(query.sql)
+            else:
+                schema = self.catalogue.scanner(query).projected_schema
         except SpeclabelError as exc:
-            raise pa.ArrowInvalid(f"invalid query: {exc}") from None
+            raise _flight_error(exc) from None
         return flight.SchemaResult(schema)
 
     def list_flights(self, context, criteria):
@@ -152,11 +199,23 @@ class CatalogueFlightServer(flight.FlightServerBase):
         yield flight.FlightInfo(schema, descriptor, [endpoint], -1, -1)
 
 
-def _parse_ticket(raw: bytes) -> Query:
+def _flight_error(exc: SpeclabelError) -> Exception:
+    """The Flight error a client sees: a bound reached (time, rows, memory) or an invalid query."""
+    if isinstance(exc, SqlTimeoutError):
+        return flight.FlightTimedOutError(str(exc))
+    if isinstance(exc, SqlLimitError):
+        return flight.FlightServerError(str(exc))
+    return pa.ArrowInvalid(f"invalid query: {exc}")
+
+
+def _parse_ticket(raw: bytes) -> Query | SqlRequest:
+    """A JSON ticket: ``{"sql": ...}`` is an SQL request, anything else a :class:`Query`."""
     try:
         data = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise QueryError(f"the ticket is not a JSON query: {exc}") from None
+    if isinstance(data, dict) and "sql" in data:
+        return SqlRequest.from_dict(data)
     return Query.from_dict(data)
 
 
@@ -217,6 +276,19 @@ class CatalogueClient:
         query = build_query(where, columns, releases, cone, model_id, limit)
         ticket = flight.Ticket(json.dumps(query.to_dict()).encode())
         return self._client.do_get(ticket, options=self._options).read_all()
+
+    def sql(self, text: str, *, releases=None, model_id: str | None = None) -> pa.Table:
+        """One SQL ``SELECT`` over the served catalogue's views (``labels``, ``quarantine``,
+        ``saliency``), as :meth:`Catalogue.sql`."""
+        request = SqlRequest(text, tuple(releases) if releases is not None else None, model_id)
+        ticket = flight.Ticket(json.dumps(request.to_dict()).encode())
+        return self._client.do_get(ticket, options=self._options).read_all()
+
+    def sql_schema(self, text: str, *, releases=None, model_id: str | None = None) -> pa.Schema:
+        """The columns an SQL query would return, without running it."""
+        request = SqlRequest(text, tuple(releases) if releases is not None else None, model_id)
+        descriptor = flight.FlightDescriptor.for_command(json.dumps(request.to_dict()).encode())
+        return self._client.get_schema(descriptor, options=self._options).schema
 
     def schema(self, **query) -> pa.Schema:
         """The catalogue's columns (or, given query arguments, the result's)."""

@@ -213,7 +213,9 @@ class Catalogue:
         self, releases: Iterable[str] | None = None, model_id: str | None = None
     ) -> pads.Dataset:
         """A ``pyarrow.dataset`` of the selected runs' files with ``release`` and ``sky`` partitions."""
-        runs = self.runs(releases, model_id)
+        return self.dataset_of_runs(self.runs(releases, model_id))
+
+    def dataset_of_runs(self, runs: Sequence[RunFiles]) -> pads.Dataset:
         fmt = pads.ParquetFileFormat()
         fragments = []
         for run in runs:
@@ -313,6 +315,15 @@ class Catalogue:
         if query.limit is not None:
             return scanner.head(query.limit)
         return scanner.to_table()
+
+    def sql(
+        self, text: str, *, releases: Sequence[str] | None = None, model_id: str | None = None
+    ) -> pa.Table:
+        """One SQL ``SELECT`` over the views ``labels``, ``quarantine`` and ``saliency`` (DuckDB,
+        sandboxed; see :mod:`.sql`), e.g. ``cat.sql("SELECT release, avg(feh) FROM labels GROUP BY 1")``."""
+        from .sql import sql
+
+        return sql(self, text, releases=releases, model_id=model_id)
 
     def count(self, query: Query) -> int:
         dataset = self.arrow_dataset(query.releases, query.model_id)
