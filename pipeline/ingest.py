@@ -44,6 +44,7 @@ import pyarrow.parquet as pq
 from speclabel.core import contract
 from speclabel.core.arrays import fixed_size_list, spectra_arrays
 from speclabel.core.errors import ConfigError, InputError, IntegrityError, SpeclabelError
+from speclabel.core.faults import fault_point, planned_fault
 from speclabel.core.fingerprints import files_fingerprint, spectrum_sha256
 from speclabel.core.layout import check_release_name
 from speclabel.core.setups import Arm, Setup
@@ -58,6 +59,7 @@ from .fits_formats import (
     read_primary_header,
     spectrum_id,
 )
+from .lock import DEFAULT_LOCK_TIMEOUT_S
 from .normalise import NORMALISED_MODES, ContinuumConfig, is_normalised, normalise
 from .publish import Dataset, new_run_id
 from .resample import (
@@ -715,7 +717,13 @@ def _collect(dataset) -> pa.Table:
 
 
 def run_ingest(
-    location: str, store: str, setup: Setup, options: IngestOptions, *, force: bool = False
+    location: str,
+    store: str,
+    setup: Setup,
+    options: IngestOptions,
+    *,
+    force: bool = False,
+    lock_timeout_s: float = DEFAULT_LOCK_TIMEOUT_S,
 ) -> IngestReport:
     """Ingest the files at ``location`` into release ``options.release`` of the spectra store ``store``.
 
@@ -735,7 +743,7 @@ def run_ingest(
     timings["list"] = time.perf_counter() - clock
 
     run_id = new_run_id()
-    with ds.lock(run_id):
+    with ds.lock(run_id, stale_after_s=lock_timeout_s) as lock:
         for action in ds.recover():
             log.info("recovered: %s", action)
         clock = time.perf_counter()
@@ -794,6 +802,8 @@ def run_ingest(
             "inputs_table": ds.relative(ds.inputs_table_path(options.release, run_id)),
             "timings_s": {k: round(v, 3) for k, v in timings.items()},
         }
+        lock.check()
+        fault_point("ingest.publish", planned_fault(), release=options.release)
         ds.publish(
             options.release,
             run_id,

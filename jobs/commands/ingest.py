@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import argparse
 
-from ._types import add_ray_address, positive_int
+from ._types import add_lock_timeout, add_ray_address, positive_int
 
 HELP = "read FITS / Parquet survey spectra into the spectra store (setup grid, quarantine, manifest)"
 
@@ -63,6 +63,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="stars per Ray task and part file (default 256)",
     )
     add_ray_address(parser)
+    add_lock_timeout(parser)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -80,7 +81,9 @@ def run(args: argparse.Namespace) -> int:
         stars_per_task=args.stars_per_task,
     )
     with ray_session(args.address):
-        report = run_ingest(args.input, args.out, setup, options, force=args.force)
+        report = run_ingest(
+            args.input, args.out, setup, options, force=args.force, lock_timeout_s=args.lock_timeout
+        )
     if report.skipped:
         print(
             f"ingest: release {report.release} of {report.store} already holds these inputs "
