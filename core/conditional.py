@@ -56,6 +56,8 @@ def conditional_store(fs: pafs.FileSystem) -> ConditionalStore:
         return S3Store(_s3fs(fs.__reduce__()[1][0]))  # the constructor arguments pickling keeps
     if isinstance(fs, pafs.GcsFileSystem):
         return GcsStore(_gcsfs(fs.__reduce__()[1][0]))
+    if isinstance(fs, pafs.SubTreeFileSystem):
+        return SubTreeStore(conditional_store(fs.base_fs), fs.base_path)
     raise ConfigError(
         f"{fs.type_name} storage has no atomic create-if-absent that speclabel knows: datasets that "
         "jobs write must be on a local or network disk, s3:// or gs://"
@@ -118,6 +120,25 @@ class LocalStore:
             yield
         finally:
             os.close(fd)  # closing releases the flock
+
+
+class SubTreeStore:
+    """Paths relative to a folder of another store (``pyarrow.fs.SubTreeFileSystem``)."""
+
+    def __init__(self, store: ConditionalStore, base: str) -> None:
+        self.store, self.base = store, base.rstrip("/") + "/"
+
+    def read(self, path: str) -> tuple[bytes, str] | None:
+        return self.store.read(self.base + path.lstrip("/"))
+
+    def create(self, path: str, data: bytes) -> str | None:
+        return self.store.create(self.base + path.lstrip("/"), data)
+
+    def replace(self, path: str, data: bytes, version: str) -> str | None:
+        return self.store.replace(self.base + path.lstrip("/"), data, version)
+
+    def delete(self, path: str, version: str) -> bool:
+        return self.store.delete(self.base + path.lstrip("/"), version)
 
 
 class S3Store:
