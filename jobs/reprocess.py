@@ -25,11 +25,12 @@ releases delivered under one folder and the current model, doing only what is mi
 Nothing else is touched: releases whose folders vanished stay as they are, and a run that finds
 everything current prints "up to date", writes no record and never starts Ray.
 
-**Safety.** A run holds ``CATALOGUE/_reprocess/_lock`` (``pipeline.publish.Dataset.lock``: taken over
-when older than the stale-lock timeout, or when its process on this host is gone) and renews it while
-it works. Ingest and label each publish atomically under their dataset's own lock, so a crash at any
-point leaves every release either as it was or as one completed step left it; the next run plans again
-from the published state and does exactly the rest: each step publishes once.
+**Safety.** A run holds ``CATALOGUE/_reprocess/_lock`` (``pipeline.lock``: renewed by its heartbeat
+while the run works, taken over once not renewed for ``--lock-timeout``), and passes the same timeout
+to the ingest and label steps' locks. Ingest and label each publish atomically under their dataset's
+own lock, so a crash at any point leaves every release either as it was or as one completed step left
+it; the next run plans again from the published state and does exactly the rest: each step publishes
+once.
 
 Fault injection for tests (``core.faults``): ``SPECLABEL_FAULT=reprocess.after-ingest`` (or
 ``reprocess.after-label``; add ``:release=R`` to pick one release) makes the run fail at that point as a
@@ -43,7 +44,6 @@ import datetime as dt
 import logging
 import os
 import socket
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -56,7 +56,8 @@ from speclabel.core.faults import fault_point, planned_fault
 from speclabel.core.layout import RELEASE_PATTERN
 from speclabel.core.setups import Setup
 from speclabel.core.storage import filesystem_and_path, join, write_json_atomic
-from speclabel.pipeline.publish import Dataset, LockedError, new_run_id
+from speclabel.pipeline.lock import DEFAULT_LOCK_TIMEOUT_S
+from speclabel.pipeline.publish import Dataset, new_run_id
 
 if TYPE_CHECKING:  # the label job module imports torch and ray: imported where it is used
     from speclabel.pipeline.labelling.job import LabelOptions
@@ -64,7 +65,6 @@ if TYPE_CHECKING:  # the label job module imports torch and ray: imported where 
 log = logging.getLogger(__name__)
 
 RECORDS = "_reprocess"
-DEFAULT_LOCK_TIMEOUT_S = 6 * 3600.0
 
 
 class ReprocessFailed(SpeclabelError):
@@ -211,7 +211,9 @@ def label_options(options: ReprocessOptions, release: str) -> LabelOptions:
     from speclabel.pipeline.labelling import LabelOptions
 
     base = options.label or LabelOptions(progress=False)
-    return dataclasses.replace(base, release=release, reuse_unchanged=True, force=False)
+    return dataclasses.replace(
+        base, release=release, reuse_unchanged=True, force=False, lock_timeout_s=options.lock_timeout_s
+    )
 
 
 def _check_apart(options: ReprocessOptions) -> None:
@@ -285,17 +287,14 @@ def run_reprocess(options: ReprocessOptions, *, ensure_ray: Callable[[], None] |
     run_id = new_run_id()
     started_at = _now()
     lock = records(options.catalogue)
-    with (
-        lock.lock(run_id, stale_after_s=options.lock_timeout_s),
-        _Heartbeat(lock, run_id, options.lock_timeout_s) as beat,
-    ):
+    with lock.lock(run_id, stale_after_s=options.lock_timeout_s) as held:
         plan = make_plan(options)
         if not plan.work:
             return Outcome(run_id, plan, "up to date", seconds=time.perf_counter() - began)
         if ensure_ray is not None:
             ensure_ray()
         for step in plan.work:
-            beat.check()
+            held.check()
             _do_step(options, plan, step)
         status = "failed" if any(s.status == "failed" for s in plan.steps) else "done"
         path = lock.path(f"{run_id}.json")
@@ -313,7 +312,13 @@ def _do_step(options: ReprocessOptions, plan: Plan, step: Step) -> None:
     clock = time.perf_counter()
     try:
         if step.ingest:
-            report = run_ingest(step.location, options.store, plan.setup, IngestOptions(release=step.release))
+            report = run_ingest(
+                step.location,
+                options.store,
+                plan.setup,
+                IngestOptions(release=step.release),
+                lock_timeout_s=options.lock_timeout_s,
+            )
             step.outcome["ingest"] = {
                 "run_id": report.run_id,
                 "skipped": report.skipped,
@@ -382,37 +387,3 @@ def _record(options: ReprocessOptions, plan: Plan, run_id: str, started_at: str,
 
 def _now() -> str:
     return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
-
-
-class _Heartbeat:
-    """Renews the reprocess lock from a thread while the run works, so that a run longer than the
-    stale-lock timeout keeps it; :meth:`check` raises once another run has taken the lock over."""
-
-    def __init__(self, dataset: Dataset, run_id: str, stale_after_s: float) -> None:
-        self.dataset, self.run_id = dataset, run_id
-        self.every_s = max(1.0, min(60.0, stale_after_s / 4))
-        self.stop = threading.Event()
-        self.lost: LockedError | None = None
-        self.thread = threading.Thread(target=self._beat, name="reprocess-lock", daemon=True)
-
-    def _beat(self) -> None:
-        while not self.stop.wait(self.every_s):
-            try:
-                self.dataset.refresh_lock(self.run_id)
-            except LockedError as exc:
-                self.lost = exc
-                return
-            except OSError as exc:  # a flaky object store: the next beat tries again
-                log.warning("could not renew the reprocess lock: %s", exc)
-
-    def check(self) -> None:
-        if self.lost is not None:
-            raise self.lost
-
-    def __enter__(self) -> _Heartbeat:
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stop.set()
-        self.thread.join()

@@ -8,7 +8,7 @@ The spectra store and the label catalogue share one layout and one commit protoc
     ROOT/_quarantine/release=<R>/run=<run>/ rows a run refused, with reasons
     ROOT/_versions/release=<R>/<run>/       live files that a later run superseded
     ROOT/_staging/<run>/                    work in progress (never read)
-    ROOT/_lock                              held by the one run allowed to write
+    ROOT/_lock                              held by the one run allowed to write (``.lock``)
 
 Everything but ``release=<R>/`` starts with ``_``, which Arrow, DuckDB, dask and Spark skip during
 dataset discovery, so ``pyarrow.dataset.dataset(ROOT, partitioning="hive")`` sees live rows only.
@@ -33,12 +33,8 @@ import contextlib
 import ctypes
 import ctypes.util
 import datetime as dt
-import getpass
 import os
-import socket
-import time
 import uuid
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import pyarrow.fs as pafs
@@ -65,9 +61,9 @@ from speclabel.core.storage import (
     write_json_atomic,
 )
 
+from .lock import DEFAULT_LOCK_TIMEOUT_S, DatasetLock, LockedError, read_lock
 
-class LockedError(SpeclabelError):
-    """Another run holds the dataset's lock."""
+__all__ = ["Dataset", "LockedError", "new_run_id", "run_of_file"]  # LockedError: from .lock, as before
 
 
 def new_run_id() -> str:
@@ -172,92 +168,24 @@ class Dataset:
 
     # -- the lock ---------------------------------------------------------------------------------
 
-    @contextlib.contextmanager
-    def lock(self, run_id: str, stale_after_s: float = 6 * 3600) -> Iterator[None]:
-        """Hold the dataset's write lock; a lock older than ``stale_after_s`` (or whose process on
-        this host is gone) is taken over. Raises :class:`LockedError` while another run holds it."""
-        path = self.path(LOCK)
-        owner = {
-            "run_id": run_id,
-            "host": socket.gethostname(),
-            "pid": os.getpid(),
-            "user": getpass.getuser(),
-            "acquired_at": time.time(),
-        }
+    def lock(self, run_id: str, stale_after_s: float = DEFAULT_LOCK_TIMEOUT_S) -> DatasetLock:
+        """The dataset's write lock for ``run_id`` (``with dataset.lock(run_id) as lock:``), renewed by a
+        heartbeat while held and taken over once not renewed for ``stale_after_s`` (:mod:`.lock`).
+        Raises :class:`LockedError` while another run holds it; ``lock.check()`` raises once another
+        run has taken it over."""
         self.fs.create_dir(self.root, recursive=True)
-        for _ in range(2):
-            if self._try_create_lock(path, owner):
-                break
-            held = self._read_lock(path)
-            if held is None or self._lock_is_stale(held, stale_after_s):
-                with contextlib.suppress(OSError, FileNotFoundError):
-                    self.fs.delete_file(path)
-                continue
-            raise LockedError(
-                f"{self.location} is locked by run {held.get('run_id')} (pid {held.get('pid')} on "
-                f"{held.get('host')}, since {time.ctime(held.get('acquired_at', 0))}); it is taken over "
-                f"after {stale_after_s / 3600:g} h, or remove {path} if that run is dead"
-            )
-        else:
-            raise LockedError(f"could not acquire the lock {path}")
-        try:
-            yield
-        finally:
-            held = self._read_lock(path)
-            if held is not None and held.get("run_id") == run_id:
-                with contextlib.suppress(OSError, FileNotFoundError):
-                    self.fs.delete_file(path)
+        return DatasetLock(self.fs, self.path(LOCK), run_id, timeout_s=stale_after_s, location=self.location)
+
+    def lock_holder(self) -> dict | None:
+        """Who holds the lock (its JSON: run_id, host, pid, user, acquired_at, renewed_at, timeout_s)."""
+        return read_lock(self.fs, self.path(LOCK))
 
     def refresh_lock(self, run_id: str) -> None:
-        """Renew the lock's time stamp: a heartbeat for runs longer than ``stale_after_s``.
-
-        Raises :class:`LockedError` when ``run_id`` no longer holds the lock (another run took it
-        over), so that the run stops before it could publish over the other one.
-        """
-        path = self.path(LOCK)
-        held = self._read_lock(path)
+        """Raise :class:`LockedError` unless ``run_id`` holds the lock. (Kept for callers of old: the
+        lock's heartbeat renews it now.)"""
+        held = self.lock_holder()
         if held is None or held.get("run_id") != run_id:
             raise LockedError(f"run {run_id} lost the lock of {self.location} (now held by {held})")
-        write_json_atomic(self.fs, path, {**held, "acquired_at": time.time()})
-
-    def _try_create_lock(self, path: str, owner: dict) -> bool:
-        import json
-
-        data = json.dumps(owner).encode()
-        if self.local:
-            try:
-                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                return False
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(data)
-            return True
-        # Object stores have no exclusive create in pyarrow: write, then read back to see who won.
-        if exists(self.fs, path):
-            return False
-        with self.fs.open_output_stream(path) as out:
-            out.write(data)
-        held = self._read_lock(path)
-        return held is not None and held.get("run_id") == owner["run_id"]
-
-    def _read_lock(self, path: str) -> dict | None:
-        try:
-            return read_json(self.fs, path)
-        except (OSError, FileNotFoundError, ValueError):
-            return None
-
-    @staticmethod
-    def _lock_is_stale(held: dict, stale_after_s: float) -> bool:
-        if time.time() - float(held.get("acquired_at", 0)) > stale_after_s:
-            return True
-        if held.get("host") == socket.gethostname():
-            try:
-                os.kill(int(held.get("pid", -1)), 0)
-            except ProcessLookupError:
-                return True
-            except (PermissionError, ValueError):
-                return False
-        return False
 
     # -- publication ------------------------------------------------------------------------------
 

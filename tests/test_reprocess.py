@@ -8,7 +8,6 @@ import dataclasses
 import json
 import os
 import socket
-import subprocess
 import time
 from pathlib import Path
 
@@ -247,16 +246,14 @@ def test_the_lock_refuses_a_concurrent_run(history, capsys):
 def test_a_stale_lock_is_taken_over(history):
     options = dataclasses.replace(history["new_model_options"], lock_timeout_s=3600)
     lock = Path(options.catalogue) / "_reprocess" / "_lock"
-    finished = subprocess.Popen(["true"])
-    finished.wait()
-    stale = [
-        {"pid": finished.pid, "acquired_at": time.time()},  # its process is gone
-        {"pid": os.getpid(), "acquired_at": time.time() - 7200},  # older than the timeout
-    ]
-    for held in stale:
-        lock.write_text(json.dumps({"run_id": "crashed", "host": socket.gethostname(), **held}))
-        assert run_reprocess(options, ensure_ray=_no_ray).status == "up to date"
-        assert not lock.exists()
+    crashed = {"run_id": "crashed", "host": socket.gethostname(), "pid": os.getpid(), "timeout_s": 60}
+    lock.write_text(json.dumps({**crashed, "acquired_at": time.time() - 600, "renewed_at": time.time() - 61}))
+    assert run_reprocess(options, ensure_ray=_no_ray).status == "up to date"  # not renewed for 60 s
+    assert not lock.exists()
+    lock.write_text(json.dumps({**crashed, "acquired_at": time.time() - 600, "renewed_at": time.time() - 5}))
+    with pytest.raises(LockedError, match="locked by run crashed"):  # its process is alive and renews
+        run_reprocess(options, ensure_ray=_no_ray)
+    lock.unlink()
 
 
 def _cli(options: ReprocessOptions) -> list[str]:

@@ -70,3 +70,17 @@ class CodeDefault:
 def stated_default(action: argparse.Action, path: str) -> argparse.Action:
     action.code_default = CodeDefault(path)
     return action
+
+
+def add_lock_timeout(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    """The one ``--lock-timeout`` of every command that writes a dataset (``pipeline.lock``)."""
+    from speclabel.pipeline.lock import DEFAULT_LOCK_TIMEOUT_S
+
+    parser.add_argument(
+        "--lock-timeout",
+        type=positive_float,
+        default=DEFAULT_LOCK_TIMEOUT_S,
+        metavar="SECONDS",
+        help=f"take over a lock that was not renewed for this long: its run died (default "
+        f"{DEFAULT_LOCK_TIMEOUT_S:g}; a running job renews its lock every timeout/4, at most every 60 s)",
+    )

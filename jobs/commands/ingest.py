@@ -24,7 +24,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 
-from ._types import add_ray_address, positive_int
+from ._types import add_lock_timeout, add_ray_address, positive_int
 
 HELP = "read FITS / Parquet survey spectra into the spectra store (setup grid, quarantine, manifest)"
 
@@ -67,6 +67,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="stars per Ray task and part file (default 256)",
     )
     add_ray_address(parser)
+    add_lock_timeout(parser)
     parser.add_argument(
         "--quiet", action="store_true", help="no progress lines, progress bars or Ray worker output"
     )
@@ -92,7 +93,14 @@ def run(args: argparse.Namespace) -> int:
     bars = no_data_progress_bars() if args.quiet else contextlib.nullcontext()
     with ray_session(args.address, quiet=args.quiet), bars:
         report = run_ingest(
-            args.input, args.out, setup, options, force=args.force, reporter=reporter, listing=listing
+            args.input,
+            args.out,
+            setup,
+            options,
+            force=args.force,
+            reporter=reporter,
+            listing=listing,
+            lock_timeout_s=args.lock_timeout,
         )
     if report.skipped:
         reporter.line(

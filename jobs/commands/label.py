@@ -13,14 +13,22 @@ holding every ensemble member) and publishes one release of the catalogue atomic
 Rerunning the same release with the same model, input and options prints "up to date" and does
 nothing (--force relabels). A new model replaces the release's live rows in one step; the old ones
 are kept under _versions/. Exit codes: 0 done (also with quarantined rows), 1 failed, 2 usage.
-Fault injection for tests: SPECLABEL_FAULT=label.batch:batches=N makes every actor fail after N batches.
+Fault injection for tests: SPECLABEL_FAULT=label.batch:batches=N makes every actor fail after N batches,
+SPECLABEL_FAULT=label.publish the driver just before publishing (add !kill for SIGKILL).
 """
 
 from __future__ import annotations
 
 import argparse
 
-from ._types import add_ray_address, non_negative_float, non_negative_int, positive_float, positive_int
+from ._types import (
+    add_lock_timeout,
+    add_ray_address,
+    non_negative_float,
+    non_negative_int,
+    positive_float,
+    positive_int,
+)
 
 HELP = "label spectra with a model ensemble into the partitioned label catalogue (Ray Data)"
 
@@ -123,6 +131,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "that precision, and the run fails (exit 1) if it is out of tolerance",
     )
     add_ray_address(run)
+    add_lock_timeout(run)
     run.add_argument("--quiet", action="store_true", help="no progress bars or progress lines")
 
 
@@ -157,6 +166,7 @@ def run(args: argparse.Namespace) -> int:
         force=args.force,
         reuse_unchanged=args.reuse_unchanged,
         fault=planned_fault(),
+        lock_timeout_s=args.lock_timeout,
         progress=not args.quiet,
     )
     with ray_session(args.address, quiet=args.quiet):

@@ -12,7 +12,7 @@ ROOT holds one folder per release (ROOT/<release>/, FITS or Parquet files as del
 
 Every step publishes atomically; a crash leaves the store and the catalogue as they were or as the
 last completed step left them, and the next run does the rest. One run at a time: the lock
-CATALOGUE/_reprocess/_lock is taken over after --lock-timeout seconds or when its process is gone.
+CATALOGUE/_reprocess/_lock is taken over once its run has not renewed it for --lock-timeout seconds.
 Each run that did something writes CATALOGUE/_reprocess/<run>.json (plan and outcome per release).
 
 Exit codes: 0 done or up to date (also with quarantined rows), 1 a release failed or another run
@@ -26,7 +26,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 
-from ._types import add_ray_address, non_negative_int, positive_float, positive_int
+from ._types import add_lock_timeout, add_ray_address, non_negative_int, positive_int
 
 HELP = "ingest and label new or changed data releases, or relabel with a new model (cron-safe)"
 
@@ -47,13 +47,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     what = parser.add_argument_group("what")
     what.add_argument("--release", metavar="NAME", help="only this release folder")
     what.add_argument("--dry-run", action="store_true", help="print the plan and do nothing")
-    what.add_argument(
-        "--lock-timeout",
-        type=positive_float,
-        default=6 * 3600.0,
-        metavar="SECONDS",
-        help="take over a lock older than this (default 21600: 6 h; a running job renews its lock)",
-    )
+    add_lock_timeout(what)
 
     label = parser.add_argument_group("labelling")
     label.add_argument(

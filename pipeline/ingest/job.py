@@ -22,6 +22,7 @@ from speclabel.core.reporting import QUIET, Reporter
 from speclabel.core.setups import Setup
 from speclabel.core.storage import check_writable_folder, join
 
+from ..lock import DEFAULT_LOCK_TIMEOUT_S
 from ..publish import Dataset, new_run_id
 from .options import IngestOptions
 from .plan import Plan, make_plan
@@ -110,6 +111,7 @@ def run_ingest(
     force: bool = False,
     reporter: Reporter = QUIET,
     listing: Listing | None = None,
+    lock_timeout_s: float = DEFAULT_LOCK_TIMEOUT_S,
 ) -> IngestReport:
     """Ingest the files at ``location`` into release ``options.release`` of the spectra store ``store``.
 
@@ -134,7 +136,7 @@ def run_ingest(
 
     run_id = new_run_id()
     what = f"ingest {options.release}"
-    with ds.lock(run_id):
+    with ds.lock(run_id, stale_after_s=lock_timeout_s) as lock:
         for action in ds.recover():
             log.info("recovered: %s", action)
         clock = time.perf_counter()
@@ -198,6 +200,7 @@ def run_ingest(
             "inputs_table": ds.relative(ds.inputs_table_path(options.release, run_id)),
             "timings_s": {k: round(v, 3) for k, v in timings.items()},
         }
+        lock.check()  # a run whose lock was taken over (it stalled past the timeout) must not publish
         fault_point("ingest.publish", fault, release=options.release)
         ds.publish(
             options.release,

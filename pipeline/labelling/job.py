@@ -48,7 +48,7 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from speclabel.core.errors import ConfigError, IntegrityError, SpeclabelError, UsageError
-from speclabel.core.faults import Fault
+from speclabel.core.faults import Fault, fault_point
 from speclabel.core.layout import check_release_name
 from speclabel.core.setups import Setup
 from speclabel.core.storage import filesystem_and_path
@@ -56,6 +56,7 @@ from speclabel.model.io import load_model
 from speclabel.model.splits import hash_uniform
 
 from ..catalogue import CatalogueLayout, WriteOptions
+from ..lock import DEFAULT_LOCK_TIMEOUT_S
 from ..publish import Dataset, new_run_id
 from .batch import FlagThresholds, OutputSpec, prepare
 from .inputs import ParquetInput
@@ -66,7 +67,6 @@ log = logging.getLogger(__name__)
 
 SALIENCY_CHOICES = ("summary", "full", "none")
 SAMPLE_SALT = "speclabel-saliency-sample-v1"
-HEARTBEAT_S = 60.0
 PROGRESS_S = 10.0
 ACTOR_START_TIMEOUT_S = 900  # model loading, and cluster autoscalers bringing up GPU nodes
 
@@ -94,6 +94,7 @@ class LabelOptions:
     # run used the same model and options: a changed release costs only its changed spectra.
     reuse_unchanged: bool = False
     fault: Fault | None = None  # testing hook (core.faults): where the job fails on purpose
+    lock_timeout_s: float = DEFAULT_LOCK_TIMEOUT_S  # the catalogue's lock is taken over after this
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -212,7 +213,7 @@ def label_spectra(
     map_ids = selected_map_ids(options, source)
     prepass_s = time.perf_counter() - began
     run_id = new_run_id()
-    with dataset.lock(run_id):
+    with dataset.lock(run_id, stale_after_s=options.lock_timeout_s) as lock:
         recovered = dataset.recover()
         if recovered:
             log.info("recovered what earlier runs left: %s", "; ".join(recovered))
@@ -253,7 +254,6 @@ def label_spectra(
             )
             started = time.perf_counter()
             progress = Progress(release, rows_to_label, outputs, enabled=options.progress)
-            heartbeat = time.monotonic()
             # Inside the context: a dataset takes its settings from the context it was built in.
             with ray_data_context(progress_bars=options.progress):
                 stream = label_stream(source, setup, settings, resources, options)
@@ -263,9 +263,6 @@ def label_spectra(
                     for batch in batches:
                         outputs.add(batch)
                         progress.update()
-                        if time.monotonic() - heartbeat > HEARTBEAT_S:
-                            dataset.refresh_lock(run_id)
-                            heartbeat = time.monotonic()
                 except SpeclabelError:
                     raise
                 except Exception as exc:
@@ -282,7 +279,7 @@ def label_spectra(
             written = outputs.close()
             progress.update(final=True)
             check_accounting(source, outputs, written)
-            dataset.refresh_lock(run_id)
+            lock.check()
             side = outputs.publish_side_outputs()
             manifest = {
                 "job": "label",
@@ -322,6 +319,7 @@ def label_spectra(
                 "rows": outputs.labelled_rows + outputs.carried_rows,
                 "quarantined": outputs.quarantined_rows,
             }
+            fault_point("label.publish", options.fault, release=release)
             dataset.publish(release, run_id, manifest, index_fields)
         except BaseException:
             outputs.abort()
