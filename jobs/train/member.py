@@ -15,7 +15,7 @@ With several workers the member trains data-parallel (``model.training.DataParal
 over the workers; every worker evaluates the whole validation split.
 
 Fault injection (``core.faults``): ``train.epoch`` is checked on every worker right after each
-epoch's report, with ``member``, ``epoch`` and ``rank``; the :class:`~speclabel.core.faults.Fault`
+epoch's checkpoint is recorded by Train, with ``member``, ``epoch`` and ``rank``; the :class:`~speclabel.core.faults.Fault`
 is read in the driver and travels in :class:`MemberSpec`.
 """
 
@@ -136,7 +136,13 @@ def member_loop(config: dict) -> None:
                 ray.train.report(values, checkpoint=ray.train.Checkpoint.from_directory(folder))
         else:
             ray.train.report(values)
-        fault_point("train.epoch", spec.fault, member=member, epoch=metrics.epoch, rank=rank)
+        where = {"member": member, "epoch": metrics.epoch, "rank": rank}
+        if spec.fault is not None and spec.fault.matches("train.epoch", where):
+            # The fault is a crash after the epoch's checkpoint was recorded. Train records a report
+            # asynchronously (a process killed first loses it, and its retry would meet the fault
+            # again): wait until the controller holds it.
+            ray.train.get_all_reported_checkpoints()
+        fault_point("train.epoch", spec.fault, **where)
 
     result = train_member(
         spec.arch,
