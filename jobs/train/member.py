@@ -15,8 +15,8 @@ With several workers the member trains data-parallel (``model.training.DataParal
 over the workers; every worker evaluates the whole validation split.
 
 Fault injection (``core.faults``): ``train.epoch`` is checked on every worker right after each
-epoch's checkpoint is recorded by Train, with ``member``, ``epoch`` and ``rank``; the :class:`~speclabel.core.faults.Fault`
-is read in the driver and travels in :class:`MemberSpec`.
+epoch's checkpoint is recorded by Train, with ``member``, ``epoch`` and ``rank``; the
+:class:`~speclabel.core.faults.Fault` is read in the driver and travels in :class:`MemberSpec`.
 """
 
 from __future__ import annotations
