@@ -2,7 +2,7 @@
 
 For 1, 2 and 8 members, in one run on one machine: the wall time of ``model.fit.fit_ensemble`` in
 this process (members one after another, torch using every core) and of ``jobs.train.run_training``
-on a local Ray instance (one Tune trial per member, ``--cpus-per-member`` CPUs each), on the same
+on a local Ray instance (one Ray Train run per member, ``--cpus-per-member`` CPUs each), on the same
 simulated survey with the same architecture and epochs. Printed per member count: both times, the
 Ray/loop ratio (> 1: Ray costs more), the speed-up, and the parallel efficiency = speed-up / members
 that can run at once. The Ray instance is started once, before the timings.
@@ -14,8 +14,6 @@ that can run at once. The Ray instance is started once, before the timings.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import io
 import os
 import platform
 import tempfile
@@ -24,6 +22,7 @@ import time
 import pyarrow.parquet as pq
 import torch
 
+from speclabel.core.reporting import QUIET
 from speclabel.core.setups import get_setup
 from speclabel.jobs.train import TrainJob, run_training
 from speclabel.model.arch import get_arch
@@ -85,8 +84,7 @@ def main() -> None:
                 streaming="off",
             )
             began = time.perf_counter()
-            with contextlib.redirect_stdout(io.StringIO()):  # the job's per-epoch progress lines
-                run_training(job, echo=lambda line: None)
+            run_training(job, reporter=QUIET)  # the job's lines, progress included, go nowhere
             parallel = time.perf_counter() - began
             at_once = min(members, slots)
             speedup = loop / parallel

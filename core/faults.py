@@ -28,7 +28,7 @@ FAULT_ENV = "SPECLABEL_FAULT"
 
 # Every point a job offers, with what its keys mean: a typo in a test fails loudly, not silently.
 POINTS: dict[str, str] = {
-    "train.epoch": "a member after an epoch's checkpoint (member, epoch)",
+    "train.epoch": "a member's worker after an epoch's checkpoint (member, epoch, rank)",
     "label.batch": "a label actor before a batch (batches: how many it has labelled)",
     "label.publish": "the label job's driver just before publishing (release)",
     "ingest.publish": "the ingest job's driver just before publishing (release)",

@@ -7,7 +7,7 @@ steps share instead of starting their own:
 1. ``simulate`` a labelled training survey (Parquet) and a delivered release of FITS files, one
    of which is then corrupted on purpose: the run must account for it;
 2. ``ingest`` the FITS release into a spectra store;
-3. ``train`` an ensemble on the training survey (members in parallel, as Ray Tune trials);
+3. ``train`` an ensemble on the training survey (members in parallel, one Ray Train run each);
 4. ``label`` the stored release into the catalogue (Ray Data, ensemble + saliency);
 5. ``query`` the catalogue with a filter;
 6. ``evaluate`` the catalogue against the release's true labels (report.md, metrics.json, figures).

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -130,11 +130,10 @@ def assemble_ensemble(
             "mean_best_val_loss": float(np.mean([m.best_val_loss for m in members])),
         },
     }
-    if test is not None and len(test["labels"]):
-        prediction = ensemble.predict(test["flux"], test["mask"])
-        metrics["test"] = metrics_by_snr(
-            prediction.mean, test["labels"], scaler.names, test.get("snr"), std=prediction.std
-        )
+    if test is not None:
+        test_result = test_metrics(ensemble, [test])
+        if test_result is not None:
+            metrics["test"] = test_result
     ensemble.info = {
         "training": {
             "data": dict(data),
@@ -149,6 +148,33 @@ def assemble_ensemble(
         "metrics": metrics,
     }
     return ensemble
+
+
+def test_metrics(ensemble: Ensemble, batches: Iterable[Mapping[str, np.ndarray]]) -> dict | None:
+    """The ensemble on the common test split (``metrics.metrics_by_snr``), over batches of its rows.
+
+    The one computation of ``metrics.test`` in model.json, for this in-process fit and the Ray job
+    alike. ``batches``: dicts with ``flux``, ``mask``, ``labels`` and optionally ``snr`` (one batch of
+    all test rows, or the job's streamed batches); None when there are no test rows. A one-member
+    ensemble has no spread (its std is NaN), so its metrics have no calibration keys (``std_ratio``, ...)
+    rather than NaN in model.json.
+    """
+    mean, std, labels, snr = [], [], [], []
+    for batch in batches:
+        if not len(batch["labels"]):
+            continue
+        prediction = ensemble.predict(batch["flux"], batch["mask"])
+        mean.append(prediction.mean)
+        std.append(prediction.std)
+        labels.append(np.asarray(batch["labels"], dtype=np.float64))
+        snr.append(np.asarray(batch["snr"], dtype=np.float64) if batch.get("snr") is not None else None)
+    if not labels:
+        return None
+    snr_all = None if any(s is None for s in snr) else np.concatenate(snr)
+    spread = np.concatenate(std) if ensemble.n_members > 1 else None
+    return metrics_by_snr(
+        np.concatenate(mean), np.concatenate(labels), ensemble.label_names, snr_all, std=spread
+    )
 
 
 def fit_ensemble(

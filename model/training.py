@@ -197,6 +197,63 @@ class BatchStream:
         return self.factory(epoch)
 
 
+@dataclass
+class Shard:
+    """Worker ``rank`` of ``world_size``'s part of every batch of ``data``: rows rank, rank + W, ...
+
+    Every worker draws the same batches (the same shuffle seed) and keeps its rows of each, so the
+    workers of one step together hold exactly the batch one worker would train on: with
+    :class:`DataParallel` the averaged gradient is that batch's gradient.
+    """
+
+    data: TrainingData
+    rank: int
+    world_size: int
+
+    def batches(self, epoch: int, batch_size: int, shuffle_seed: int | None) -> Iterator[Mapping]:
+        for batch in self.data.batches(epoch, batch_size, shuffle_seed):
+            yield {key: value[self.rank :: self.world_size] for key, value in batch.items()}
+
+
+@dataclass(frozen=True)
+class DataParallel:
+    """This process is worker ``rank`` of ``world_size`` that train one member data-parallel.
+
+    ``torch.distributed`` is initialised by the caller (the job's Ray Train workers); ``wrap`` turns
+    the network into its gradient-averaging form (``ray.train.torch.prepare_model``: DDP). Each
+    worker's training data are its own rows (a :class:`Shard` or a Ray Data shard). The validation
+    data are every validation row on every worker: all workers compute the same validation loss and
+    so take the same early-stopping and schedule decisions, which they must (a worker that stopped
+    alone would leave the others waiting in the next all-reduce).
+    """
+
+    rank: int
+    world_size: int
+    wrap: Callable[[nn.Module], nn.Module]
+    device: str = "cpu"  # where the process group's collectives run (NCCL: the GPU)
+
+    def all_sum(self, values: Iterable[float]) -> list[float]:
+        totals = torch.tensor(list(values), dtype=torch.float64, device=self.device)
+        torch.distributed.all_reduce(totals)
+        return totals.tolist()
+
+    def step_loss(self, sq: torch.Tensor, weights: torch.Tensor | None) -> tuple[torch.Tensor, float]:
+        """This worker's share of the step's loss, and the step's rows over all workers.
+
+        DDP averages gradients over the workers, so each worker's loss is W x its part of the
+        whole step's (weighted) mean: the average is then the gradient of the mean over every row of
+        the step, however the rows were split (unequal parts included).
+        """
+        n_rows, n_labels = sq.shape
+        local = [float(n_rows), *(weights.sum(0).tolist() if weights is not None else [])]
+        totals = self.all_sum(local)
+        if weights is None:
+            part = sq.sum() / (totals[0] * n_labels)
+        else:
+            part = ((sq * weights).sum(0) / torch.as_tensor(totals[1:], dtype=sq.dtype)).mean()
+        return part * self.world_size, totals[0]
+
+
 # -- augmentation ----------------------------------------------------------------------------------
 
 
@@ -480,6 +537,7 @@ def train_member(
     on_epoch: Callable[[EpochMetrics, TrainingState], None] | None = None,
     device: str = "cpu",
     reference: np.ndarray | None = None,
+    parallel: DataParallel | None = None,
 ) -> MemberResult:
     """Train one member from scratch (or from ``resume``) and return it with its best weights.
 
@@ -487,6 +545,8 @@ def train_member(
     CPU, so the random draws are the same on every device, and the states passed to ``on_epoch``
     and the returned network are on the CPU. ``reference`` is the input reference of a
     ``center_input`` architecture (default: the mean of ``train``; ensembles pass their pool's).
+    ``parallel``: this process is one of several workers training the member data-parallel (see
+    :class:`DataParallel`); the epoch metrics are those of all workers together.
     """
     seed = config.seed
     with torch.random.fork_rng(devices=[]):
@@ -513,6 +573,8 @@ def train_member(
         best_state = {k: v.clone() for k, v in resume.best_model.items()}
         best_val, best_epoch, since_best = resume.best_val_loss, resume.best_epoch, resume.epochs_since_best
         start, history, stopped = resume.epoch, list(resume.history), resume.stopped
+    # Wrapped after any resume: DDP hands every worker rank 0's weights when it is built.
+    trained = network if parallel is None else parallel.wrap(network)
 
     for epoch in range(start, config.epochs):
         if stopped:
@@ -531,15 +593,23 @@ def train_member(
                     else (batch["flux"], batch["mask"])
                 )
                 target = _scaled(batch["labels"], scaler).to(device)
-                sq = (network(flux.to(device), mask.to(device)) - target) ** 2
+                sq = (trained(flux.to(device), mask.to(device)) - target) ** 2
                 weights = _loss_weights(batch, scaler, config)
                 weights = None if weights is None else weights.to(device)
-                loss = sq.mean() if weights is None else ((sq * weights).sum(0) / weights.sum(0)).mean()
+                if parallel is None:
+                    loss = sq.mean() if weights is None else ((sq * weights).sum(0) / weights.sum(0)).mean()
+                    step_rows = flux.shape[0]
+                else:
+                    loss, step_rows = parallel.step_loss(sq, weights)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
-                loss_sum += float(loss.detach()) * flux.shape[0]
+                # Summed over the workers this is the step's mean loss times its rows (one worker: W = 1).
+                loss_sum += float(loss.detach()) * step_rows / (parallel.world_size if parallel else 1)
                 n_train += flux.shape[0]
+        if parallel is not None:
+            loss_sum, n_train = parallel.all_sum([loss_sum, n_train])
+            n_train = int(n_train)
         if n_train == 0:
             raise InputError("the training data are empty")
         predicted, target = predict_scaled(network, val, scaler, max(config.batch_size, 256), device)

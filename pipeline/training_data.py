@@ -20,7 +20,9 @@ Two ways to serve the rows to the members, chosen by the job from the estimated 
   Parquet files, keeps the part's rows by the hash split and decodes them in Ray Data tasks, epoch
   after epoch; nothing larger than a few blocks is ever held. Batches are shuffled by row-group order and
   a local shuffle buffer, both seeded by the epoch's seed, with order preserved, so a resumed member
-  sees the same batches as an uninterrupted one.
+  sees the same batches as an uninterrupted one. Inside a member's Ray Train run the workers read
+  its train and val pipelines through ``ray.train.get_dataset_shard`` (:class:`ShardBatches`): the
+  row-group order is then the member's own, fixed, and the local buffer is seeded by the epoch.
 
 In streaming mode the scan itself runs as Ray Data tasks; in memory it runs on the table in the
 driver. Both give the same accounting, scaler and fingerprint for the same input.
@@ -324,9 +326,9 @@ def member_rows(
 class StreamedRows:
     """One part (train / val / test) of one member's rows, read from the input every epoch.
 
-    Implements ``model.training.TrainingData``: ``batches(epoch, batch_size, shuffle_seed)``. The
-    Ray Data pipeline is built lazily in the process that iterates (a Tune trial), so that its tasks
-    run in that trial's placement group.
+    Implements ``model.training.TrainingData``: ``batches(epoch, batch_size, shuffle_seed)`` (the
+    driver's passes: the input reference, the test split). The train job hands :meth:`dataset` to
+    each member's Ray Train run, whose workers read it through :class:`ShardBatches`.
     """
 
     input: TrainingInput
@@ -390,3 +392,23 @@ class StreamingRows:
 
     def test_batches(self, split: SplitRule, batch_size: int) -> Iterator[Mapping]:
         return self.part(split, 0, "test").batches(0, batch_size, None)
+
+
+@dataclass
+class ShardBatches:
+    """A Ray Train worker's shard of a streamed part (``ray.train.get_dataset_shard``) as
+    ``model.training.TrainingData``: a local shuffle buffer seeded by the epoch's seed, so that a
+    resumed member sees the batches an uninterrupted one would have (the shard preserves order)."""
+
+    shard: object  # ray.data.DataIterator
+    shuffle_buffer_rows: int = 1024
+
+    def batches(self, epoch: int, batch_size: int, shuffle_seed: int | None) -> Iterator[Mapping]:
+        if shuffle_seed is None:
+            return self.shard.iter_batches(batch_size=batch_size, batch_format="numpy")
+        return self.shard.iter_batches(
+            batch_size=batch_size,
+            batch_format="numpy",
+            local_shuffle_buffer_size=self.shuffle_buffer_rows,
+            local_shuffle_seed=shuffle_seed % 2**32,
+        )

@@ -9,6 +9,7 @@ from tiny import TINY_ARCH
 from speclabel.core.labels import LABEL_NAMES
 from speclabel.model import io
 from speclabel.model.fit import EnsembleConfig, fit_ensemble, prepare_arrays
+from speclabel.model.fit import test_metrics as ensemble_test_metrics
 from speclabel.model.metrics import label_metrics, metrics_by_snr
 from speclabel.model.splits import SplitRule
 from speclabel.model.training import TrainConfig
@@ -50,6 +51,25 @@ def test_fit_select_save_load(small_survey, setup, tmp_path):
     pred = loaded.predict(arrays["flux"][test_rows], arrays["mask"][test_rows])
     residual = pred.mean[:, 0] - arrays["labels"][test_rows, 0]
     assert document["metrics"]["test"]["all"]["teff"]["bias"] == pytest.approx(residual.mean(), rel=1e-6)
+
+
+def test_a_one_member_model_json_has_the_shape_the_job_writes(small_survey, setup, tmp_path):
+    """One member has no spread: no calibration keys (not nulls), as model.fit.test_metrics gives the job."""
+    arrays = prepare_arrays(small_survey, setup)
+    config = EnsembleConfig(n_members=1, split=SplitRule(test_fraction=0.2, val_fraction=0.25))
+    ensemble = fit_ensemble(arrays, setup, ARCH, TrainConfig(epochs=1, batch_size=8), config, data={})
+    io.save_model(ensemble, str(tmp_path / "model"))
+    test = json.loads((tmp_path / "model" / "model.json").read_text())["metrics"]["test"]
+    assert set(test["all"]["teff"]) == {"n", "bias", "scatter", "rmse", "robust_scatter"}
+    rows = config.split.is_test(arrays["spectrum_id"])
+    batches = [
+        {k: arrays[k][rows][i : i + 3] for k in ("flux", "mask", "labels", "snr")} for i in range(0, 40, 3)
+    ]
+    batched = ensemble_test_metrics(ensemble, batches)
+    assert batched.keys() == test.keys()
+    for cut, per_label in test.items():
+        for label, values in per_label.items():
+            assert batched[cut][label] == pytest.approx(values, rel=1e-6)
 
 
 def test_metrics_against_numpy():

@@ -1,9 +1,10 @@
 """Fit the ensemble's members in parallel with Ray and write one model directory.
 
-One Ray Tune trial per member runs that member's training (train/validation split by hashed
-spectrum_id, early stopping, augmentation as configured) with --cpus-per-member CPUs and, where the
-cluster has GPUs, one GPU each: 8 members on 8 GPUs take the time of one. Locally it starts a Ray
-instance on this machine; with --address or RAY_ADDRESS it uses that cluster.
+Each member is one Ray Train run (a TorchTrainer) that trains that member (train/validation split
+by hashed spectrum_id, early stopping, augmentation as configured) with --cpus-per-member CPUs and,
+where the cluster has GPUs, one GPU per worker: 8 members on 8 GPUs take the time of one. A member may
+train data-parallel on --workers-per-member workers (DDP; each with those CPUs and GPU). Locally it
+starts a Ray instance on this machine; with --address or RAY_ADDRESS it uses that cluster.
 
 Every member checkpoints every epoch into the run folder (--storage/--name; by default
 <OUT's parent>/.speclabel-train/<OUT's name>). Rerunning the same command, or --resume, continues an
@@ -74,6 +75,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--cpus-per-member", type=positive_float, default=1.0, help="CPUs (and torch threads) per member"
     )
+    parser.add_argument(
+        "--workers-per-member",
+        type=positive_int,
+        default=1,
+        help="data-parallel (DDP) workers per member, each with --cpus-per-member CPUs and "
+        "--gpus-per-member GPUs (default 1)",
+    )
     parser.add_argument("--storage", help="folder or URI for run folders (default: beside --out)")
     parser.add_argument("--name", help="run name (default: the name of --out)")
     parser.add_argument("--resume", action="store_true", help="continue the run; fail if there is none")
@@ -118,6 +126,7 @@ def build_job(args: argparse.Namespace):
         out=args.out,
         gpus_per_member=args.gpus_per_member,
         cpus_per_member=args.cpus_per_member,
+        workers_per_member=args.workers_per_member,
         storage=args.storage,
         name=args.name,
         resume=args.resume,
@@ -129,9 +138,11 @@ def build_job(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
+    from speclabel.core.reporting import Reporter, to_stdout
+
     from ..train import run_training
 
-    outcome = run_training(build_job(args))
+    outcome = run_training(build_job(args), reporter=Reporter(to_stdout))
     print(
         f"\ntrain: model {outcome.model_id} written to {outcome.out} ({sum(m.kept for m in outcome.members)} "
         f"members) in {outcome.seconds:.0f} s; {outcome.n_input} rows in = {outcome.n_used} used + "

@@ -1,0 +1,56 @@
+"""The tables the train job prints at the end: one row per member, one per label."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from speclabel.model.ensemble import Ensemble
+
+
+def member_table(summaries: list) -> str:
+    """One row per member (``run.MemberSummary``): status, epochs, best epoch and loss, where it ran."""
+    lines = [
+        "",
+        f"{'member':>6} {'seed':>5} {'status':<9} {'epochs':>6} {'best@':>5} {'best val loss':>13} "
+        f"{'early':>5} {'resumed@':>8} {'kept':>4} {'device':<6} node",
+    ]
+    for s in summaries:
+        lines.append(
+            f"{s.member:>6} {s.seed:>5} {s.status:<9} {s.epochs:>6} {s.best_epoch:>5} "
+            f"{s.best_val_loss:>13.5g} "
+            f"{'yes' if s.stopped_early else 'no':>5} {s.resumed_from_epoch or '-':>8} "
+            f"{'yes' if s.kept else 'no':>4} {s.device:<6} {s.node[:12]}"
+        )
+    return "\n".join(lines)
+
+
+def label_table(ensemble: Ensemble) -> str:
+    """Per label: bias and scatter on the validation split (mean over kept members) and on the test split."""
+    test = ensemble.info.get("metrics", {}).get("test", {}).get("all", {})
+    lines = [
+        "",
+        f"{'label':<6} {'val bias':>10} {'val scatter':>11} {'test n':>6} {'test bias':>10} "
+        f"{'test scatter':>12} {'std ratio':>9}",
+    ]
+    for name in ensemble.label_names:
+        val = [m["validation"][name] for m in ensemble.member_info]
+        t = test.get(name, {})
+        bias = np.mean([_number(v["bias"]) for v in val])
+        scatter = np.mean([_number(v["scatter"]) for v in val])
+        lines.append(
+            f"{name:<6} {bias:>10.4g} {scatter:>11.4g} "
+            f"{t.get('n', 0):>6} {_number(t.get('bias')):>10.4g} {_number(t.get('scatter')):>12.4g} "
+            f"{_number(t.get('std_ratio')):>9.3g}"
+        )
+    lines.append(
+        "validation: each kept member on its own validation rows, averaged; test: the ensemble mean on the "
+        "common test split (std ratio = rms ensemble std / rms error)"
+    )
+    return "\n".join(lines)
+
+
+def _number(value) -> float:
+    """A metric as a float: model.json writes an undefined one (NaN) as null."""
+    return math.nan if value is None else float(value)
