@@ -123,7 +123,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "that precision, and the run fails (exit 1) if it is out of tolerance",
     )
     add_ray_address(run)
-    run.add_argument("--quiet", action="store_true", help="no progress bars or progress lines")
+    run.add_argument(
+        "--quiet",
+        action="store_true",
+        help="the summary and real warnings only: no progress lines or bars, no Ray INFO lines "
+        "(without it, where Ray's logs are is logged at the start)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:

@@ -20,7 +20,9 @@ Before any spectrum is read, the driver makes one cheap pass over the input (:me
   content hash (``--force`` relabels regardless).
 
 Spectra are then read by Ray tasks, one per row group, with only the columns the job needs
-(:func:`read_spectra`): row groups are the unit of parallelism.
+(:func:`read_spectra`), streamed in batches so that a task's memory does not grow with its row
+group; the job cuts what the tasks read into blocks of one actor batch, so that the actors share a
+file of one large row group as they share many small ones.
 
 A run that may reuse the live rows of its release (``LabelOptions.reuse_unchanged``) first calls
 :meth:`ParquetInput.carry_unchanged`: rows whose ``(spectrum_id, input_sha256)`` equal a live
@@ -61,6 +63,7 @@ from .batch import DUPLICATE, PASS_THROUGH, SOURCE
 PARQUET_EXTENSIONS = (".parquet", ".parq", ".pq")
 FITS_EXTENSIONS = (".fits", ".fit", ".fits.gz", ".fit.gz")
 _RELEASE_IN_PATH = re.compile(r"/release=([^/]+)/")
+READ_BUFFER_BYTES = 4 * 2**20  # per column read: what a read task holds besides its batch
 
 
 class SpectraSource(Protocol):
@@ -287,7 +290,10 @@ def read_spectra(items: pa.Table, fs: pafs.FileSystem, read_rows: int) -> Iterat
         carried = np.asarray(json.loads(item["carried"]), dtype=np.int64)
         with fs.open_input_file(item["path"]) as fh:
             start = 0
-            for batch in pq.ParquetFile(fh).iter_batches(
+            # Streamed, not pre-buffered: pre-buffering loads a row group's column chunks whole
+            # before the first batch, which for a file of one 100k-row group is the whole file.
+            parquet = pq.ParquetFile(fh, pre_buffer=False, buffer_size=READ_BUFFER_BYTES)
+            for batch in parquet.iter_batches(
                 batch_size=read_rows, row_groups=[item["row_group"]], columns=json.loads(item["columns"])
             ):
                 n = batch.num_rows

@@ -37,6 +37,7 @@ import logging
 import platform
 import re
 import time
+import warnings
 from importlib.metadata import PackageNotFoundError, version
 
 from speclabel.core.errors import IntegrityError, SpeclabelError, UsageError
@@ -259,36 +260,45 @@ def label_spectra(
 def label_stream(
     source, setup: Setup, settings: LabellerSettings, resources: Resources, options: LabelOptions
 ):
-    """The Ray Data pipeline: read -> prepare (tasks) -> EnsembleLabeller (actor pool).
+    """The Ray Data pipeline: read -> prepare (tasks) -> EnsembleLabeller (actor pool)."""
+    from ray.data import ActorPoolStrategy
+
+    prepared = prepared_blocks(source, setup, options.batch_size, resources.prepare_cpus)
+    if prepared is None:
+        return None
+    gpu_args = {"num_gpus": resources.gpus_per_actor} if resources.gpus_per_actor else {}
+    with warnings.catch_warnings():
+        # Ray 2.60 takes max_restarts only among the extra remote args, which it calls deprecated
+        # (gone in 2.64; ray is pinned to 2.60.*): the one way to turn actor restarts off.
+        warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
+        return prepared.map_batches(
+            EnsembleLabeller,
+            fn_constructor_kwargs={"settings": settings},
+            batch_size=options.batch_size,
+            batch_format="pyarrow",
+            compute=ActorPoolStrategy(size=resources.actors),
+            num_cpus=resources.cpus_per_actor,
+            max_restarts=ACTOR_RESTARTS,
+            **gpu_args,
+        )
+
+
+def prepared_blocks(source, setup: Setup, batch_size: int, cpus: float):
+    """Read -> validate + prepare (tasks), in blocks of at most ``batch_size`` rows, or None when
+    nothing is to be read.
 
     The read tasks cut what they read into blocks of one actor batch (a non-strict streaming
     repartition, which Ray Data fuses into the read -> prepare task): Ray Data would otherwise merge
     a row group's batches into blocks of up to 128 MiB, and a file of one large row group (pyarrow's
     default up to ~1 M rows) would reach the actor pool as one input that one actor labels alone.
     """
-    from ray.data import ActorPoolStrategy
-
-    raw = source.dataset(read_rows=options.batch_size, num_cpus=resources.prepare_cpus)
+    raw = source.dataset(read_rows=batch_size, num_cpus=cpus)
     if raw is None:
         return None
     prepared = raw.map_batches(
-        prepare,
-        fn_kwargs={"setup": setup},
-        batch_size=None,
-        batch_format="pyarrow",
-        num_cpus=resources.prepare_cpus,
-    ).repartition(target_num_rows_per_block=options.batch_size)
-    gpu_args = {"num_gpus": resources.gpus_per_actor} if resources.gpus_per_actor else {}
-    return prepared.map_batches(
-        EnsembleLabeller,
-        fn_constructor_kwargs={"settings": settings},
-        batch_size=options.batch_size,
-        batch_format="pyarrow",
-        compute=ActorPoolStrategy(size=resources.actors),
-        num_cpus=resources.cpus_per_actor,
-        max_restarts=ACTOR_RESTARTS,
-        **gpu_args,
+        prepare, fn_kwargs={"setup": setup}, batch_size=None, batch_format="pyarrow", num_cpus=cpus
     )
+    return prepared.repartition(target_num_rows_per_block=batch_size)
 
 
 def _report(reporter: Reporter, what: str, outputs: RunOutputs, rows: int, final: bool = False) -> None:

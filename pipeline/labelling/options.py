@@ -63,7 +63,6 @@ class LabelOptions:
         return None if self.saliency == "none" else self.saliency
 
 
-
 @dataclass
 class LabelResult:
     status: str  # "published" or "up to date"

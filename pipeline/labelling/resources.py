@@ -24,7 +24,6 @@ class Resources:
         return dataclasses.asdict(self)
 
 
-
 def usable_resources(total: dict, available: dict) -> dict:
     """The cluster's resources, with the CPUs that are free now when at least one is: CPUs held for
     the whole run by others, such as the one a job submitted through the Jobs API reserves for its
