@@ -168,7 +168,7 @@ def test_a_file_of_one_row_group_reaches_the_actors_in_batch_sized_blocks(tiny_s
     source.scan_ids()
     assert len(source.read_tasks()) == 1
     blocks = prepared_blocks(source, tiny_setup, batch_size=16, cpus=1.0).materialize()
-    sizes = sorted(ref.num_rows() for ref in blocks.iter_internal_ref_bundles())
+    sizes = [meta.num_rows for bundle in blocks.iter_internal_ref_bundles() for meta in bundle.metadata]
     assert sum(sizes) == 70 and max(sizes) <= 16 and len(sizes) >= 5
     rows = blocks.to_arrow_refs()
     ids = pa.concat_tables(ray_session.get(rows)).column("spectrum_id").to_pylist()
