@@ -108,8 +108,9 @@ def test_unchanged_rows_are_carried_and_never_read(tiny_setup, tmp_path):
     (path,) = source.rows_by_source()
     assert source.carried[path].tolist() == [0, 1, 2, 3, 4, 6, 7]
     assert source.carried_by_source() == {path: 7}
-    items = source.read_tasks()
-    assert [item["row_group"] for item in items] == [1, 2]  # group 0 (rows 0-3) is not read
+    items = source.read_tasks(read_rows=3)
+    # group 0 (rows 0-3) is not read, nor group 1's last slice (row 7): carried rows only
+    assert [(item["row_group"], item["start"]) for item in items] == [(1, 0), (2, 0)]
     rows = pa.concat_tables(read_spectra(pa.Table.from_pylist(items), source.fs, read_rows=3))
     assert rows.column("spectrum_id").to_pylist() == [ids[5], ids[8], ids[9]]
     assert rows.column(B.DUPLICATE).to_pylist() == [False, False, True]
@@ -131,7 +132,9 @@ def _peak_bytes_reading(path, read_rows: int) -> int:
     from speclabel.core.storage import filesystem_and_path
 
     fs, _ = filesystem_and_path(str(path))
-    item = {"path": str(path), "row_group": 0, "columns": '["spectrum_id", "flux", "ivar"]'}
+    rows = pq.ParquetFile(path).metadata.num_rows
+    columns = '["spectrum_id", "flux", "ivar"]'
+    item = {"path": str(path), "row_group": 0, "start": 0, "rows": rows, "columns": columns}
     items = pa.Table.from_pylist([{**item, "duplicates": "[3]", "carried": "[]"}])
     pool, previous = pa.proxy_memory_pool(pa.default_memory_pool()), pa.default_memory_pool()
     pa.set_memory_pool(pool)
@@ -166,10 +169,29 @@ def test_a_file_of_one_row_group_reaches_the_actors_in_batch_sized_blocks(tiny_s
     pq.write_table(survey, tmp_path / "one.parquet")  # one row group of 70 rows
     source = ParquetInput.open(str(tmp_path / "one.parquet"), tiny_setup)
     source.scan_ids()
-    assert len(source.read_tasks()) == 1
+    tasks = source.read_tasks(read_rows=16)
+    assert [(t["start"], t["rows"]) for t in tasks] == [(0, 14), (14, 14), (28, 14), (42, 14), (56, 14)]
     blocks = prepared_blocks(source, tiny_setup, batch_size=16, cpus=1.0).materialize()
     sizes = [meta.num_rows for bundle in blocks.iter_internal_ref_bundles() for meta in bundle.metadata]
     assert sum(sizes) == 70 and max(sizes) <= 16 and len(sizes) >= 5
     rows = blocks.to_arrow_refs()
     ids = pa.concat_tables(ray_session.get(rows)).column("spectrum_id").to_pylist()
     assert sorted(ids) == sorted(survey.column("spectrum_id").to_pylist())
+
+
+def test_row_group_slices_read_back_every_row_once_with_its_duplicate_flag(survey, tiny_setup, tmp_path):
+    pq.write_table(survey, tmp_path / "one.parquet")  # one row group of 12 rows
+    source = ParquetInput.open(str(tmp_path / "one.parquet"), tiny_setup)
+    (path,) = source.rows_by_source()
+    source.duplicates = {path: np.array([7])}
+    items = source.read_tasks(read_rows=5)
+    assert [(t["start"], t["rows"]) for t in items] == [(0, 4), (4, 4), (8, 4)]
+    rows = pa.concat_tables(read_spectra(pa.Table.from_pylist(items), source.fs, read_rows=3))
+    assert rows.column("spectrum_id").to_pylist() == survey.column("spectrum_id").to_pylist()
+    assert rows.column(B.DUPLICATE).to_pylist() == [i == 7 for i in range(12)]
+    assert rows.column("flux_blue").equals(survey.column("flux_blue"))
+    # a row group of many batches is cut into at most MAX_SLICES_PER_ROW_GROUP slices
+    source.duplicates = {}
+    source.files[0].row_group_rows = (1000,)
+    slices = source.read_tasks(read_rows=1)
+    assert len(slices) <= 32 and sum(t["rows"] for t in slices) == 1000

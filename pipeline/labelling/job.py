@@ -7,9 +7,8 @@
     under the catalogue's lock, after recover():
       reuse_unchanged and the live run has the same model and options: rows whose (spectrum_id,
       input_sha256) equal a live row's keep that row (carried); only the others are read and labelled
-      Ray Data: read row groups (only the needed columns)            tasks
-             -> validate + prepare (batch.prepare)                    tasks, fused with the read,
-                                                                      cut into blocks of one batch
+      Ray Data: read row-group slices of one batch (needed columns)  tasks
+             -> validate + prepare (batch.prepare)                    tasks, fused with the read
              -> EnsembleLabeller (labeller.py)                        actor pool: one per GPU, or
                                                                       fractional-CPU actors locally
              -> iter_batches in the driver -> RunOutputs (outputs.py) staging under _staging/<run>/
@@ -284,21 +283,15 @@ def label_stream(
 
 
 def prepared_blocks(source, setup: Setup, batch_size: int, cpus: float):
-    """Read -> validate + prepare (tasks), in blocks of at most ``batch_size`` rows, or None when
-    nothing is to be read.
-
-    The read tasks cut what they read into blocks of one actor batch (a non-strict streaming
-    repartition, which Ray Data fuses into the read -> prepare task): Ray Data would otherwise merge
-    a row group's batches into blocks of up to 128 MiB, and a file of one large row group (pyarrow's
-    default up to ~1 M rows) would reach the actor pool as one input that one actor labels alone.
-    """
+    """Read -> validate + prepare (tasks, fused), one block per read slice (of at most
+    ``batch_size`` rows, see :meth:`.inputs.ParquetInput.read_tasks`), or None when nothing is to be
+    read."""
     raw = source.dataset(read_rows=batch_size, num_cpus=cpus)
     if raw is None:
         return None
-    prepared = raw.map_batches(
+    return raw.map_batches(
         prepare, fn_kwargs={"setup": setup}, batch_size=None, batch_format="pyarrow", num_cpus=cpus
     )
-    return prepared.repartition(target_num_rows_per_block=batch_size)
 
 
 def _report(reporter: Reporter, what: str, outputs: RunOutputs, rows: int, final: bool = False) -> None:
