@@ -60,7 +60,7 @@ from speclabel.pipeline.lock import DEFAULT_LOCK_TIMEOUT_S
 from speclabel.pipeline.publish import Dataset, new_run_id
 
 if TYPE_CHECKING:  # the label job module imports torch and ray: imported where it is used
-    from speclabel.pipeline.labelling.job import LabelOptions
+    from speclabel.pipeline.labelling.options import LabelOptions
 
 log = logging.getLogger(__name__)
 
@@ -188,7 +188,7 @@ def label_reason(
 ) -> str | None:
     """Why the catalogue's release must be (re)labelled from the store, or None when it is current."""
     from speclabel.pipeline.labelling.inputs import ParquetInput
-    from speclabel.pipeline.labelling.job import label_fingerprints, up_to_date
+    from speclabel.pipeline.labelling.reuse import label_fingerprints, up_to_date
 
     stored = store.release_entry(release)
     if not stored.get("spectra"):

@@ -13,8 +13,7 @@ holding every ensemble member) and publishes one release of the catalogue atomic
 Rerunning the same release with the same model, input and options prints "up to date" and does
 nothing (--force relabels). A new model replaces the release's live rows in one step; the old ones
 are kept under _versions/. Exit codes: 0 done (also with quarantined rows), 1 failed, 2 usage.
-Fault injection for tests: SPECLABEL_FAULT=label.batch:batches=N makes every actor fail after N batches,
-SPECLABEL_FAULT=label.publish the driver just before publishing (add !kill for SIGKILL).
+Fault injection for tests: SPECLABEL_FAULT=label.batch:batches=N makes every actor fail after N batches.
 """
 
 from __future__ import annotations
@@ -132,7 +131,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     add_ray_address(run)
     add_lock_timeout(run)
-    run.add_argument("--quiet", action="store_true", help="no progress bars or progress lines")
+    run.add_argument(
+        "--quiet",
+        action="store_true",
+        help="the summary and real warnings only: no progress lines or bars, no Ray INFO lines "
+        "(without it, where Ray's logs are is logged at the start)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:

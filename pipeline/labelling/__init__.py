@@ -2,8 +2,9 @@
 
 :mod:`.batch` holds the per-batch steps (pure functions over Arrow tables), :mod:`.inputs` the
 driver's pre-pass over the input and the Ray read stage, :mod:`.labeller` the actor that holds the
-ensemble, :mod:`.outputs` the driver's staging of every output, and :mod:`.job` the Ray Data job
-that ties them together and publishes a release::
+ensemble, :mod:`.outputs` the driver's staging of every output, :mod:`.options` what a run is asked to do,
+:mod:`.resources` how it spreads over the cluster, :mod:`.reuse` whether it has work to do and what
+it may keep, and :mod:`.job` the Ray Data job that ties them together and publishes a release::
 
     import ray
     from speclabel.pipeline.labelling import LabelOptions, label_spectra
@@ -18,8 +19,8 @@ from importlib import import_module
 # `batch.prepare`, and must not pay for torch, which only the driver and the actors need.
 _EXPORTS = {
     "FlagThresholds": "batch",
-    "LabelOptions": "job",
-    "LabelResult": "job",
+    "LabelOptions": "options",
+    "LabelResult": "options",
     "label_spectra": "job",
     "read_population_saliency": "outputs",
 }

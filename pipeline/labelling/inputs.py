@@ -19,8 +19,10 @@ Before any spectrum is read, the driver makes one cheap pass over the input (:me
   changes its footer in practice, so a changed input is seen without reading every byte; it is not a
   content hash (``--force`` relabels regardless).
 
-Spectra are then read by Ray tasks, one per row group, with only the columns the job needs
-(:func:`read_spectra`): row groups are the unit of parallelism.
+Spectra are then read by Ray tasks, one per slice of a row group (of one actor batch, at most
+``MAX_SLICES_PER_ROW_GROUP`` per group), with only the columns the job needs (:func:`read_spectra`),
+streamed in batches so that a task's memory does not grow with its row group: the actors share a file
+of one large row group (pyarrow's default below ~1 M rows) as they share many small ones.
 
 A run that may reuse the live rows of its release (``LabelOptions.reuse_unchanged``) first calls
 :meth:`ParquetInput.carry_unchanged`: rows whose ``(spectrum_id, input_sha256)`` equal a live
@@ -61,6 +63,10 @@ from .batch import DUPLICATE, PASS_THROUGH, SOURCE
 PARQUET_EXTENSIONS = (".parquet", ".parq", ".pq")
 FITS_EXTENSIONS = (".fits", ".fit", ".fits.gz", ".fit.gz")
 _RELEASE_IN_PATH = re.compile(r"/release=([^/]+)/")
+READ_BUFFER_BYTES = 4 * 2**20  # per column read: what a read task holds besides its batch
+# Slices of one row group each decode (and drop) the rows before them: at most this many slices
+# bound that extra decoding to (n - 1) / 2 row groups' worth, small next to labelling the rows.
+MAX_SLICES_PER_ROW_GROUP = 32
 
 
 class SpectraSource(Protocol):
@@ -239,22 +245,31 @@ class ParquetInput:
             ids = ids if ids is not None else [None] * f.rows
             yield quarantine_table(ids, [f.refused] * len(ids), f.path)
 
-    def read_tasks(self) -> list[dict]:
-        """One item per row group of the accepted files that has rows to label: what
-        :func:`read_spectra` reads."""
+    def read_tasks(self, read_rows: int) -> list[dict]:
+        """One item per slice of a row group of the accepted files that has rows to label: what
+        :func:`read_spectra` reads. A row group is cut into slices of ``read_rows`` rows (one actor
+        batch), at most ``MAX_SLICES_PER_ROW_GROUP`` of them, so that the actors share a file of one
+        large row group as they share many small ones; each slice becomes one block of the stream."""
         items = []
         for f in self.accepted:
             duplicates = self.duplicates.get(f.path, np.empty(0, np.int64))
             carried = self.carried.get(f.path, np.empty(0, np.int64))
             first = 0
             for group, n in enumerate(f.row_group_rows):
-                local = duplicates[(duplicates >= first) & (duplicates < first + n)] - first
-                skip = carried[(carried >= first) & (carried < first + n)] - first
-                if len(skip) < n:
+                length = -(-n // min(max(1, -(-n // read_rows)), MAX_SLICES_PER_ROW_GROUP))
+                for start in range(0, n, length):
+                    rows = min(length, n - start)
+                    lo, hi = first + start, first + start + rows
+                    skip = carried[(carried >= lo) & (carried < hi)] - lo
+                    if len(skip) == rows:
+                        continue
+                    local = duplicates[(duplicates >= lo) & (duplicates < hi)] - lo
                     items.append(
                         {
                             "path": f.path,
                             "row_group": group,
+                            "start": start,
+                            "rows": rows,
                             "columns": json.dumps(list(f.columns)),
                             "duplicates": json.dumps([int(i) for i in local]),
                             "carried": json.dumps([int(i) for i in skip]),
@@ -267,7 +282,7 @@ class ParquetInput:
         """A Ray dataset of input rows (contract columns + ``_source`` + ``_duplicate``)."""
         import ray
 
-        items = self.read_tasks()
+        items = self.read_tasks(read_rows)
         if not items:
             return None
         return ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
@@ -280,23 +295,33 @@ class ParquetInput:
 
 
 def read_spectra(items: pa.Table, fs: pafs.FileSystem, read_rows: int) -> Iterator[pa.Table]:
-    """Read the row groups named by ``items`` (see :meth:`ParquetInput.read_tasks`) in tables of at
-    most ``read_rows`` rows, with ``_source`` and ``_duplicate`` added and carried rows left out."""
+    """Read the row-group slices named by ``items`` (see :meth:`ParquetInput.read_tasks`) in tables
+    of at most ``read_rows`` rows, with ``_source`` and ``_duplicate`` added and carried rows left
+    out. Rows before a slice are decoded and dropped: Parquet readers cannot seek to a row."""
     for item in items.to_pylist():
         duplicates = np.asarray(json.loads(item["duplicates"]), dtype=np.int64)
         carried = np.asarray(json.loads(item["carried"]), dtype=np.int64)
+        begin, end = item["start"], item["start"] + item["rows"]
         with fs.open_input_file(item["path"]) as fh:
-            start = 0
-            for batch in pq.ParquetFile(fh).iter_batches(
+            at = 0  # row of the row group at the batch's start
+            # Streamed, not pre-buffered: pre-buffering loads a row group's column chunks whole
+            # before the first batch, which for a file of one 100k-row group is the whole file.
+            parquet = pq.ParquetFile(fh, pre_buffer=False, buffer_size=READ_BUFFER_BYTES)
+            for batch in parquet.iter_batches(
                 batch_size=read_rows, row_groups=[item["row_group"]], columns=json.loads(item["columns"])
             ):
-                n = batch.num_rows
+                lo, hi = max(at, begin), min(at + batch.num_rows, end)
+                at += batch.num_rows
+                if hi <= lo:
+                    if at >= end:
+                        break
+                    continue
+                batch = batch.slice(lo - (at - batch.num_rows), hi - lo)
+                start, n = lo - begin, hi - lo  # rows of the slice this batch holds
                 flagged = np.zeros(n, dtype=bool)
-                local = duplicates[(duplicates >= start) & (duplicates < start + n)] - start
-                flagged[local] = True
+                flagged[duplicates[(duplicates >= start) & (duplicates < start + n)] - start] = True
                 wanted = np.ones(n, dtype=bool)
                 wanted[carried[(carried >= start) & (carried < start + n)] - start] = False
-                start += n
                 if not wanted.any():
                     continue
                 table = pa.Table.from_batches([batch])

@@ -1,15 +1,13 @@
-"""The label job's pure parts: preparation, catalogue rows, flags, the output stream, the pre-pass."""
+"""labelling/batch.py: preparation, catalogue rows, flags, the output stream."""
 
 import datetime as dt
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 
 from speclabel.core.arrays import model_inputs, spectra_arrays
-from speclabel.core.contract import QUARANTINE_SCHEMA, spectra_schema
-from speclabel.core.errors import ConfigError, UsageError
+from speclabel.core.contract import QUARANTINE_SCHEMA
 from speclabel.core.fingerprints import spectrum_sha256
 from speclabel.core.flags import Flag
 from speclabel.core.setups import Setup
@@ -17,14 +15,6 @@ from speclabel.model.ensemble import Prediction
 from speclabel.model.saliency import SaliencyAccumulator, summarise
 from speclabel.pipeline.catalogue.layout import saliency_column
 from speclabel.pipeline.labelling import batch as B
-from speclabel.pipeline.labelling.inputs import (
-    ParquetInput,
-    duplicate_rows,
-    footer_bytes,
-    inspect_file,
-    read_spectra,
-)
-from speclabel.pipeline.labelling.job import LabelOptions, decide_release, plan_resources, usable_resources
 from speclabel.pipeline.simulate import SurveyConfig, simulate_chunk
 
 LABELS = ("teff", "logg", "feh", "mgfe", "alfe")
@@ -175,132 +165,3 @@ def test_population_sums_merge_exactly_across_batches(tiny_setup):
     assert merged.count == 30
     np.testing.assert_allclose(merged.mean, maps.astype(np.float64).mean(axis=0), rtol=1e-12, atol=1e-15)
     np.testing.assert_allclose(merged.mean_abs, np.abs(maps.astype(np.float64)).mean(axis=0), rtol=1e-12)
-
-
-def test_duplicates_keep_the_first_occurrence_by_path_then_row(tmp_path):
-    from speclabel.pipeline.labelling.inputs import InputFile
-
-    files = [InputFile("a.parquet", 0, 4), InputFile("b.parquet", 0, 5)]
-    ids = [
-        pa.chunked_array([["x", "y", "x", None]]),
-        pa.chunked_array([["z", "y", "", "x"], [""]]),
-    ]
-    found = duplicate_rows(files, ids)
-    assert found["a.parquet"].tolist() == [2]
-    assert found["b.parquet"].tolist() == [1, 3]
-
-
-def test_resources_leave_a_cpu_for_reading_and_refuse_impossible_plans():
-    plan = plan_resources(LabelOptions(), {"CPU": 2.0})
-    assert (plan.actors, plan.cpus_per_actor, plan.threads_per_actor, plan.prepare_cpus) == (2, 0.5, 1, 1.0)
-    plan = plan_resources(LabelOptions(batch_size=10), {"CPU": 2.0}, rows=7)
-    assert plan.actors == 1  # one batch of work: one actor loads the model, not two
-    plan = plan_resources(LabelOptions(), {"CPU": 16.0})
-    assert plan.actors == 16 and plan.actors * plan.cpus_per_actor + plan.prepare_cpus <= 16
-    plan = plan_resources(LabelOptions(gpus=2), {"CPU": 8.0, "GPU": 4.0})
-    assert (plan.actors, plan.gpus_per_actor) == (2, 1)
-    with pytest.raises(ConfigError, match="GPUs"):
-        plan_resources(LabelOptions(gpus=2), {"CPU": 8.0, "GPU": 1.0})
-    with pytest.raises(ConfigError, match="wait forever"):
-        plan_resources(LabelOptions(actors=4, cpus_per_actor=1.0), {"CPU": 2.0})
-
-
-def test_release_and_option_rules():
-    assert decide_release("DR9", ["DR1", "DR2"]) == "DR9"
-    assert decide_release(None, ["DR1"]) == "DR1"
-    with pytest.raises(UsageError, match="several releases"):
-        decide_release(None, ["DR1", "DR2"])
-    with pytest.raises(UsageError, match="--release"):
-        decide_release(None, [])
-    with pytest.raises(UsageError, match="saliency-sample"):
-        LabelOptions(saliency="full")
-    with pytest.raises(UsageError, match="need --saliency full"):
-        LabelOptions(saliency_sample=3)
-
-
-def test_prepass_refuses_whole_files_and_fingerprints_footers(tiny_setup, survey, tmp_path):
-    folder = tmp_path / "in"
-    folder.mkdir()
-    pq.write_table(survey, folder / "a.parquet")
-    other = Setup.from_dict({**tiny_setup.to_dict(), "name": "other-setup"})
-    pq.write_table(survey.cast(spectra_schema(other, labelled=True)), folder / "b.parquet")
-    (folder / "c.parquet").write_bytes(b"not parquet at all")
-    pq.write_table(survey.select(["spectrum_id", "ra", "dec"]), folder / "d.parquet")  # no flux at all
-    source = ParquetInput.open(str(folder), tiny_setup)
-    refused = {f.path.rsplit("/", 1)[1]: f.refused for f in source.files}
-    assert refused["a.parquet"] is None
-    assert refused["b.parquet"].startswith("wrong_setup: ") and "other-setup" in refused["b.parquet"]
-    assert refused["c.parquet"].startswith("corrupt_file: ")
-    assert refused["d.parquet"].startswith("wrong_schema: ") and "flux_blue" in refused["d.parquet"]
-    assert source.rows_in == 3 * survey.num_rows and source.releases == ["SIM"]
-    quarantined = pa.concat_tables(source.refused_quarantine())
-    assert quarantined.num_rows == 2 * survey.num_rows + 1
-    assert (
-        quarantined.column("spectrum_id").to_pylist()[: survey.num_rows]
-        == survey.column("spectrum_id").to_pylist()
-    )
-    assert sorted(set(quarantined.column("reason").to_pylist())) == [
-        "corrupt_file",
-        "wrong_schema",
-        "wrong_setup",
-    ]
-
-    again = ParquetInput.open(str(folder), tiny_setup)
-    assert again.fingerprint == source.fingerprint
-    changed = survey.set_column(
-        survey.schema.get_field_index("teff"), "teff", pa.array(np.zeros(12, np.float32))
-    )
-    pq.write_table(changed, folder / "a.parquet")
-    assert ParquetInput.open(str(folder), tiny_setup).fingerprint != source.fingerprint
-    info = inspect_file(source.fs, str(folder / "a.parquet"), tiny_setup)
-    assert footer_bytes(source.fs, info.path, info.size) is not None
-
-
-def test_release_values_from_statistics_or_the_column(tmp_path):
-    from speclabel.core.storage import filesystem_and_path
-    from speclabel.pipeline.labelling.inputs import release_values
-
-    fs, _ = filesystem_and_path(str(tmp_path))
-    table = pa.table({"spectrum_id": ["a", "b", "c", "d"], "release": ["DR1", "DR1", "DR2", None]})
-    pq.write_table(table, tmp_path / "grouped.parquet", row_group_size=2)  # groups: {DR1}, {DR2, null}
-    assert release_values(fs, str(tmp_path / "grouped.parquet")) == {"DR1", "DR2"}
-    pq.write_table(table.slice(1, 2), tmp_path / "mixed.parquet")  # one group holding DR1 and DR2
-    assert release_values(fs, str(tmp_path / "mixed.parquet")) == {"DR1", "DR2"}
-
-
-def test_unchanged_rows_are_carried_and_never_read(tiny_setup, tmp_path):
-    """reuse_unchanged: rows equal (id and content hash) to a live row are left out of the read; a
-    row group made only of such rows is not read at all; duplicates are never carried."""
-    survey = simulate_chunk(tiny_setup, SurveyConfig(n=9, seed=4, chunk_size=9), 0)
-    survey = pa.concat_tables([survey, survey.slice(0, 1)])  # row 9 repeats row 0 exactly
-    sha = spectrum_sha256(spectra_arrays(survey, tiny_setup), tiny_setup)
-    assert sha[9] == sha[0]
-    pq.write_table(
-        survey.append_column("input_sha256", pa.array(sha)), tmp_path / "in.parquet", row_group_size=4
-    )
-    ids = survey.column("spectrum_id").to_pylist()
-    live = {ids[i]: sha[i] for i in range(8)}
-    live[ids[5]] = sha[6]  # spectrum 5 changed since it was labelled; 8 is new
-    source = ParquetInput.open(str(tmp_path / "in.parquet"), tiny_setup)
-    source.scan_ids()
-    assert source.carry_unchanged(live) == {ids[i] for i in (0, 1, 2, 3, 4, 6, 7)}
-    (path,) = source.rows_by_source()
-    assert source.carried[path].tolist() == [0, 1, 2, 3, 4, 6, 7]
-    assert source.carried_by_source() == {path: 7}
-    items = source.read_tasks()
-    assert [item["row_group"] for item in items] == [1, 2]  # group 0 (rows 0-3) is not read
-    rows = pa.concat_tables(read_spectra(pa.Table.from_pylist(items), source.fs, read_rows=3))
-    assert rows.column("spectrum_id").to_pylist() == [ids[5], ids[8], ids[9]]
-    assert rows.column(B.DUPLICATE).to_pylist() == [False, False, True]
-    assert source.carry_unchanged({}) == set() and source.carried == {}
-
-
-def test_pools_are_planned_on_the_cpus_free_now():
-    # A submitted job's driver holds one of the head's CPUs for the whole run.
-    total = {"CPU": 2.0, "memory": 1e9}
-    usable = usable_resources(total, {"CPU": 1.0, "memory": 1e9})
-    assert usable == {"CPU": 1.0, "memory": 1e9}
-    plan = plan_resources(LabelOptions(), usable)
-    assert plan.actors * plan.cpus_per_actor + plan.prepare_cpus <= 1.0
-    assert usable_resources(total, {"CPU": 0.5}) == total  # work still finishing: plan on the total
-    assert usable_resources({"CPU": 8.0, "GPU": 2.0}, {"CPU": 7.0, "GPU": 1.0}) == {"CPU": 7.0, "GPU": 2.0}

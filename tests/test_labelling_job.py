@@ -17,7 +17,9 @@ from label_data import saved_model, spectra_file
 from speclabel.core.arrays import model_inputs, spectra_arrays
 from speclabel.core.contract import spectra_schema
 from speclabel.core.errors import InputError, IntegrityError, UsageError
+from speclabel.core.faults import Fault, InjectedFault
 from speclabel.core.fingerprints import spectrum_sha256
+from speclabel.core.reporting import Reporter
 from speclabel.core.setups import Setup
 from speclabel.jobs.cli import main
 from speclabel.model.io import load_model
@@ -69,7 +71,10 @@ def labelled(tmp_path_factory, tiny_setup, ray_session):
     pq.write_table(foreign.cast(spectra_schema(other, labelled=True)), inputs / "c.parquet")
     catalogue = root / "cat"
     options = LabelOptions(saliency="full", saliency_sample=5, **OPTIONS)
-    result = label_spectra(str(inputs), model, str(catalogue), options)
+    ticks = iter(range(0, 10**6, 11))  # a clock 11 s on at every look: every progress line is due
+    lines = []
+    reporter = Reporter(lines.append, every_s=10.0, clock=lambda: float(next(ticks)))
+    result = label_spectra(str(inputs), model, str(catalogue), options, reporter=reporter)
     return {
         "root": root,
         "model": model,
@@ -81,6 +86,7 @@ def labelled(tmp_path_factory, tiny_setup, ray_session):
         "foreign": foreign,
         "result": result,
         "options": options,
+        "progress": lines,
     }
 
 
@@ -319,3 +325,62 @@ def test_a_tampered_model_fails_before_any_work(labelled, tmp_path):
     with pytest.raises(IntegrityError, match="weight sha256"):
         label_spectra(labelled["inputs"], str(model), str(tmp_path / "cat"), LabelOptions(**OPTIONS))
     assert not (tmp_path / "cat").exists()
+
+
+def test_progress_goes_to_the_reporter_in_the_label_line_shape(labelled):
+    lines = labelled["progress"]
+    # 40 + 12 + 6 rows in; the 6 of the refused file are quarantined before the stream starts.
+    pattern = re.compile(
+        r"^label DR1: (\d+)/58 rows \((\d+) quarantined\), \d+\.\d\d rows/s(, ETA \d+\.\d min)?$"
+    )
+    assert len(lines) >= 2 and all(pattern.match(line) for line in lines), lines
+    done = [int(pattern.match(line).group(1)) for line in lines]
+    assert done == sorted(done) and done[-1] == 58
+    assert lines[-1].endswith("rows/s") and pattern.match(lines[-1]).group(2) == "10"
+    assert "ETA" in lines[0]  # not done yet: the line says when it will be
+
+
+def test_a_fault_just_before_publishing_publishes_nothing(labelled, tmp_path):
+    catalogue = str(tmp_path / "cat")
+    options = LabelOptions(saliency="none", fault=Fault("label.publish", {"release": "DR1"}), **OPTIONS)
+    with pytest.raises(InjectedFault, match=r"label\.publish"):
+        label_spectra(labelled["inputs"], labelled["model"], catalogue, options)
+    dataset = Dataset.open(catalogue)
+    assert dataset.release_entry("DR1") is None
+    assert not os.path.exists(dataset.path("_lock"))
+    staging = dataset.path("_staging")
+    assert not os.path.exists(staging) or not os.listdir(staging)
+    other = LabelOptions(saliency="none", fault=Fault("label.publish", {"release": "DR2"}), **OPTIONS)
+    assert label_spectra(labelled["inputs"], labelled["model"], catalogue, other).status == "published"
+
+
+def test_quiet_cli_prints_the_summary_and_no_ray_chatter(labelled, tiny_setup, tmp_path):
+    """A file of one row group (pyarrow's default): quiet shows no Ray INFO line, no core_worker
+    error about actor arguments, no warning that the actor pool got too few inputs."""
+    table = spectra_file(tiny_setup, tmp_path / "one.parquet", n=40, seed=12, release="DR1", row_group=40)
+    catalogue = str(tmp_path / "cat")
+    run = subprocess.run(
+        [
+            *(
+                sys.executable,
+                "-m",
+                "speclabel.jobs.cli",
+                "label",
+                "--spectra",
+                str(tmp_path / "one.parquet"),
+            ),
+            *("--model", labelled["model"], "--out", catalogue, "--batch-size", "8", "--saliency", "none"),
+            *("--quiet", "--address", "local"),
+        ],
+        env={**os.environ, "RAY_AUTH_MODE": "disabled"},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "release DR1 published" in run.stdout and "labelled 40" in run.stdout
+    for noise in (" INFO ", "core_worker.cc", "UserWarning", "Warning:", "Progress bars", "label DR1:"):
+        assert noise not in run.stderr, run.stderr[-3000:]
+    assert sorted(_live(catalogue).column("spectrum_id").to_pylist()) == sorted(
+        table.column("spectrum_id").to_pylist()
+    )
