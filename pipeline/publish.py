@@ -180,13 +180,6 @@ class Dataset:
         """Who holds the lock (its JSON: run_id, host, pid, user, acquired_at, renewed_at, timeout_s)."""
         return read_lock(self.fs, self.path(LOCK))
 
-    def refresh_lock(self, run_id: str) -> None:
-        """Raise :class:`LockedError` unless ``run_id`` holds the lock. (Kept for callers of old: the
-        lock's heartbeat renews it now.)"""
-        held = self.lock_holder()
-        if held is None or held.get("run_id") != run_id:
-            raise LockedError(f"run {run_id} lost the lock of {self.location} (now held by {held})")
-
     # -- publication ------------------------------------------------------------------------------
 
     def publish(self, release: str, run_id: str, manifest: dict, index_fields: dict) -> None:
