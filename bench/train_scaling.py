@@ -41,6 +41,9 @@ def main() -> None:
     parser.add_argument("--arch", default="paper", help="architecture preset or .toml (default paper)")
     parser.add_argument("--cpus", type=int, default=os.cpu_count(), help="CPUs of the Ray instance")
     parser.add_argument("--cpus-per-member", type=float, default=1.0)
+    parser.add_argument(
+        "--fixed-cost-members", type=int, default=8, help="members of the fixed-cost run (default 8)"
+    )
     args = parser.parse_args()
 
     import ray
@@ -93,7 +96,46 @@ def main() -> None:
                 f"{at_once:>7} {speedup / at_once:>10.2f} {loop / members:>13.1f}",
                 flush=True,
             )
+        fixed_cost(table, setup, arch, folder, args, slots)
     ray.shutdown()
+
+
+def fixed_cost(table, setup, arch, folder: str, args, slots: int) -> None:
+    """What a Ray Train run adds per member beyond its epochs: 8 members of 1 epoch on 32 spectra.
+
+    Per round of members that run at once, the overhead is the job's wall time less the plain loop's
+    (members one after another) over the rounds; with 32 spectra and one epoch the compute is a fraction
+    of a second, so the number is the Train run's own cost (controller and worker actors, the
+    validating scan, checkpoints, assembly and the test-split pass).
+    """
+    small = table.slice(0, 32)
+    members = args.fixed_cost_members
+    train = TrainConfig(epochs=1, patience=2)
+    ensemble = EnsembleConfig(n_members=members)
+    began = time.perf_counter()
+    fit_ensemble(prepare_arrays(small, setup), setup, arch, train, ensemble, data={})
+    loop = time.perf_counter() - began
+    data = os.path.join(folder, "small.parquet")
+    pq.write_table(small, data)
+    job = TrainJob(
+        data=data,
+        out=os.path.join(folder, "model-small"),
+        arch=arch,
+        train=train,
+        ensemble=ensemble,
+        cpus_per_member=args.cpus_per_member,
+        streaming="off",
+    )
+    began = time.perf_counter()
+    run_training(job, reporter=QUIET)
+    parallel = time.perf_counter() - began
+    rounds = -(-members // slots)
+    print(
+        f"# fixed cost: {members} members x 1 epoch on 32 spectra: loop {loop:.1f} s, "
+        f"Ray job {parallel:.1f} s ({rounds} rounds of {slots}); Train adds "
+        f"{(parallel - loop) / rounds:.1f} s per round of members (per member where each has its own CPUs)",
+        flush=True,
+    )
 
 
 if __name__ == "__main__":

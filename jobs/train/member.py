@@ -94,6 +94,9 @@ def member_loop(config: dict) -> None:
     import ray.train.torch
     import torch
 
+    # Train V2 logs each report at INFO under a logger named by its file path, outside the `ray.train`
+    # logger that RunConfig's LoggingConfig holds to warnings: one line per epoch buried the progress.
+    logging.getLogger().setLevel(logging.WARNING)
     spec: MemberSpec = config["spec"]
     member = int(config["member"])
     seed = spec.seeds[member]
