@@ -11,7 +11,8 @@ S/N 50-150 (``twins``: the same stars, 10 noise draws each, a steadier number th
 2-core machine) and reports the wall time of the whole ensemble; ``--save DIR`` writes the model
 directory. ``--cannon`` adds a quadratic Cannon (Ness et al. 2015) fitted on the same rows as a yardstick.
 Results are appended as JSON lines to ``--out`` so runs made one at a time can be tabled together
-(``--table-only``).
+(``--table-only``). ``--model DIR`` scores a model directory made elsewhere (``speclabel train``)
+on the same rows instead of training one.
 """
 
 from __future__ import annotations
@@ -31,9 +32,17 @@ import torch
 from speclabel.core.labels import LABEL_NAMES
 from speclabel.core.setups import get_setup
 from speclabel.model.arch import PRESETS, ArchConfig
-from speclabel.model.fit import EnsembleConfig, assemble_ensemble, fit_scaler, member_data, prepare_arrays
-from speclabel.model.io import save_model
+from speclabel.model.fit import (
+    EnsembleConfig,
+    assemble_ensemble,
+    fit_scaler,
+    member_data,
+    prepare_arrays,
+    test_metrics,
+)
+from speclabel.model.io import load_model, save_model
 from speclabel.model.metrics import label_metrics
+from speclabel.model.splits import SplitRule
 from speclabel.model.training import AugmentConfig, TrainConfig, input_reference, train_member
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -216,6 +225,26 @@ def cannon_baseline(arrays, split):
     }
 
 
+def score_model(location: str, name: str | None = None) -> dict:
+    """A model directory (e.g. from ``speclabel train`` on the shared file) on the same held-out rows."""
+    arrays, setup = load_shared()
+    ensemble = load_model(location, setup=setup)
+    split = SplitRule.from_dict(ensemble.info["training"]["split"])
+    test_rows = split.is_test(arrays["spectrum_id"])
+    metrics = test_metrics(ensemble, [{k: arrays[k][test_rows] for k in ("flux", "mask", "labels", "snr")}])
+    return {
+        "variant": name or Path(location).name,
+        "members": ensemble.n_members,
+        "model": location,
+        "epochs_run": [m["epochs_run"] for m in ensemble.member_info],
+        "test_snr50": metrics["snr>=50"],
+        "test_all": metrics["all"],
+        "twins": twin_test(ensemble, arrays, test_rows),
+        "machine": platform.node(),
+        "date": time.strftime("%Y-%m-%d"),
+    }
+
+
 def print_table(results: list[dict]) -> None:
     header = f"{'variant':<26} {'M':>2} {'s/memb':>7} {'epochs':>7}  " + " ".join(
         f"{n:>15}" for n in LABEL_NAMES
@@ -265,15 +294,19 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=1, help="members trained at a time (processes)")
     parser.add_argument("--save", help="write the (last) ensemble as a model directory here")
     parser.add_argument("--table-only", action="store_true")
+    parser.add_argument("--model", help="score this model directory instead of training one")
     args = parser.parse_args()
     out = Path(args.out)
     if not args.table_only:
         out.parent.mkdir(parents=True, exist_ok=True)
         todo = [("cannon", None)] if args.cannon else []
         todo += [(name, name) for name in args.variants]
+        todo += [("model", args.model)] if args.model else []
         for kind, name in todo:
             if kind == "cannon":
                 result = cannon_baseline(load_shared()[0], EnsembleConfig().split)
+            elif kind == "model":
+                result = score_model(name)
             else:
                 result = run_variant(name, args.members, args.epochs, args.workers, args.save)
             with out.open("a") as fh:
