@@ -1,6 +1,7 @@
 """The Gaia-ESO-style label catalogue of the simulator: absolute abundances, errors, nulls, flags,
 FITS/Parquet/CSV round trips and the CNAMEs that join it to the spectra."""
 
+import gzip
 import warnings
 
 import numpy as np
@@ -107,6 +108,8 @@ def test_fits_round_trip_with_astropy(tmp_path):
     assert (header["SUN_MG"], header["SUN_AL"]) == (7.53, 6.37)
     units = {header[f"TTYPE{i}"]: header.get(f"TUNIT{i}") for i in range(1, header["TFIELDS"] + 1)}
     assert units["TEFF"] == units["E_TEFF"] == "K" and units["MG1"] == "dex" and units["CNAME"] is None
+    write_label_catalogue(str(tmp_path / "ges.fits.gz"), cat)
+    assert gzip.decompress((tmp_path / "ges.fits.gz").read_bytes()) == path.read_bytes()
 
 
 def test_parquet_and_csv_outputs_and_a_bad_suffix(tmp_path):
@@ -144,5 +147,7 @@ def test_cli_writes_a_catalogue_keyed_by_the_ids_of_the_spectra(tmp_path, capsys
     assert main([*elsewhere, "--workers", "1"]) == 2  # new spectra, but the catalogue exists
     assert f"{catalogue} exists; choose another --label-catalogue" in capsys.readouterr().err
     assert not (tmp_path / "other").exists()
+    assert main([*elsewhere[:-1], str(tmp_path / "ges.txt"), "--workers", "1"]) == 2  # before any work
+    assert "name it .fits" in capsys.readouterr().err and not (tmp_path / "other").exists()
     assert main([*argv, "--workers", "2", "--overwrite"]) == 0
     assert catalogue.read_bytes() == written  # same seed, same bytes, however many processes

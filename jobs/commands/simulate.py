@@ -76,8 +76,10 @@ def check_output(out: str, fmt: str, *, overwrite: bool, label_catalogue: str | 
     """Refuse an existing output without ``overwrite``; with it, clear an old FITS spectra folder."""
     from speclabel.core.errors import UsageError
     from speclabel.core.storage import exists, filesystem_and_path, join
-    from speclabel.pipeline.simulate import FITS_SPECTRA_DIR, FITS_TRUTH_FILE
+    from speclabel.pipeline.simulate import FITS_SPECTRA_DIR, FITS_TRUTH_FILE, catalogue_format
 
+    if label_catalogue and catalogue_format(label_catalogue) is None:
+        raise UsageError(f"--label-catalogue {label_catalogue}: name it .fits, .fits.gz, .parquet or .csv")
     fs, root = filesystem_and_path(out)
     names = ("",) if fmt == "parquet" else (FITS_TRUTH_FILE, FITS_SPECTRA_DIR)
     existing = [name for name in names if exists(fs, join(root, name) if name else root)]
@@ -125,6 +127,7 @@ def write_catalogue(location: str, out: str, fmt: str, *, seed: int) -> None:
     from speclabel.pipeline.simulate import (
         FITS_TRUTH_FILE,
         LABEL_COLUMNS,
+        TRUTH_COLUMNS,
         LabelCatalogueConfig,
         label_catalogue,
         write_label_catalogue,
@@ -132,8 +135,7 @@ def write_catalogue(location: str, out: str, fmt: str, *, seed: int) -> None:
 
     truth_location = join(out, FITS_TRUTH_FILE) if fmt == "fits" else out
     fs, path = filesystem_and_path(truth_location)
-    columns = ["spectrum_id", "snr", "teff", "logg", "feh", "mgfe", "alfe"]
-    truth = pq.read_table(path, columns=columns, filesystem=fs)
+    truth = pq.read_table(path, columns=list(TRUTH_COLUMNS), filesystem=fs)
     catalogue = label_catalogue(truth, LabelCatalogueConfig(seed=seed))
     write_label_catalogue(location, catalogue)
     nulls = ", ".join(f"{name} {catalogue.column(name).null_count}" for name in LABEL_COLUMNS)

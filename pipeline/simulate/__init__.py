@@ -16,7 +16,9 @@ from .fits import FITS_SPECTRA_DIR, FITS_TRUTH_FILE, fits_truth_schema, write_fi
 from .label_catalogue import (
     LABEL_COLUMNS,
     SOLAR_ABUNDANCES,
+    TRUTH_COLUMNS,
     LabelCatalogueConfig,
+    catalogue_format,
     label_catalogue,
     write_label_catalogue,
 )
@@ -29,9 +31,11 @@ __all__ = [
     "FITS_TRUTH_FILE",
     "LABEL_COLUMNS",
     "SOLAR_ABUNDANCES",
+    "TRUTH_COLUMNS",
     "LabelCatalogueConfig",
     "LineList",
     "SurveyConfig",
+    "catalogue_format",
     "draw_labels",
     "fits_truth_schema",
     "iter_survey",

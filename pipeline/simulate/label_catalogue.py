@@ -49,7 +49,16 @@ LABEL_COLUMNS: dict[str, tuple[str, float, float, str, float]] = {
 }
 # The element whose solar abundance turns [X/Fe] into A(X), for the absolute-abundance columns.
 ABSOLUTE = {"MG1": "Mg", "AL1": "Al"}
-FITS_SUFFIXES = (".fits", ".fit", ".fts", ".fits.gz")
+# The columns of a truth table the catalogue is drawn from (``labels.parquet`` or the Parquet survey).
+TRUTH_COLUMNS = ("spectrum_id", "snr", *(spec[0] for spec in LABEL_COLUMNS.values()))
+FORMATS = {
+    ".fits": "fits",
+    ".fit": "fits",
+    ".fts": "fits",
+    ".fits.gz": "fits.gz",
+    ".parquet": "parquet",
+    ".csv": "csv",
+}
 
 
 def _default_nulls() -> dict[str, float]:
@@ -135,22 +144,28 @@ def _fits_bytes(table: pa.Table) -> bytes:
     return buffer.getvalue()
 
 
+def catalogue_format(location: str) -> str | None:
+    """The format a catalogue file name asks for (``fits``, ``fits.gz``, ``parquet``, ``csv``), or None."""
+    lower = location.lower()
+    return next((fmt for suffix, fmt in FORMATS.items() if lower.endswith(suffix)), None)
+
+
 def write_label_catalogue(location: str, table: pa.Table) -> None:
     """Write the catalogue as FITS (by suffix, the Gaia-ESO form), Parquet or CSV, atomically."""
+    fmt = catalogue_format(location)
+    if fmt is None:
+        raise ConfigError(f"label catalogue {location!r}: name it .fits, .fits.gz, .parquet or .csv")
     fs, path = filesystem_and_path(location)
-    lower = path.lower()
-    if lower.endswith(FITS_SUFFIXES):
+    if fmt.startswith("fits"):
         data = _fits_bytes(table)
-        if lower.endswith(".gz"):
+        if fmt == "fits.gz":
             import gzip
 
             data = gzip.compress(data, mtime=0)
         write_bytes_atomic(fs, path, data)
-    elif lower.endswith(".parquet"):
-        with atomic_output(fs, path) as out:
+        return
+    with atomic_output(fs, path) as out:
+        if fmt == "parquet":
             pq.write_table(table, out)
-    elif lower.endswith(".csv"):
-        with atomic_output(fs, path) as out:
+        else:
             pacsv.write_csv(table, out)
-    else:
-        raise ConfigError(f"label catalogue {location!r}: name it .fits, .fits.gz, .parquet or .csv")
