@@ -29,6 +29,12 @@ def _depth_at(setup, flux, wavelength):
     return 1.0 - flux[np.argmin(np.abs(setup.wave - wavelength))]
 
 
+def _width_near(setup, flux, wavelength, half_width=2.0):
+    """Equivalent width (Angstrom) of the flux within ``half_width`` of a line."""
+    near = np.abs(setup.wave - wavelength) <= half_width
+    return float(np.sum((1.0 - flux[near]) * np.gradient(setup.wave)[near]))
+
+
 def test_same_seed_same_rows_however_parallelised(setup):
     config = SurveyConfig(n=30, seed=5, chunk_size=10)
     serial = list(iter_survey(setup, config, workers=1))
@@ -182,3 +188,39 @@ def test_cli_fits_overwrite_leaves_no_star_of_the_old_survey(tmp_path, capsys):
     new = {p.name for p in (out / "spectra").rglob("*.fits")}
     assert len(old) == 4 * 2 and len(new) == 2 * 2 and new < old  # stars 2 and 3 of the old one are gone
     assert pq.read_table(out / "labels.parquet").num_rows == 2
+
+
+# (setup, Al I lines, Mg I lines, a Balmer line) of the new setups; HR15N has no Mg I line.
+NEW_SETUP_LINES = [
+    ("giraffe-hr15n", (6696.02, 6698.67), (), 6562.80),
+    (
+        "4most-hrs",
+        (3944.01, 3961.52, 5557.06, 6696.02, 6698.67),
+        (4167.27, 5172.68, 5183.60, 5711.09),
+        4340.46,
+    ),
+]
+
+
+@pytest.mark.parametrize(("name", "al_lines", "mg_lines", "balmer"), NEW_SETUP_LINES)
+def test_new_setups_have_their_lines_and_they_respond_to_the_labels(name, al_lines, mg_lines, balmer):
+    from speclabel.core.setups import get_setup
+
+    setup = get_setup(name)
+    base = synthesize(setup, _star())[0]
+    assert np.all(base > 0) and np.all(base <= 1.0)
+    for arm, part in setup.arm_slices.items():
+        assert (1 - base[part]).mean() > 0.01, arm  # every arm has absorption lines
+    more_al = synthesize(setup, _star(alfe=0.35))[0]
+    # Equivalent widths within 2 A: saturated resonance lines (Al I 3944, 3961) grow in the wings.
+    for line in al_lines:
+        assert _width_near(setup, more_al, line) > _width_near(setup, base, line) + 0.005, line
+    near_al = np.min(np.abs(setup.wave[:, None] - np.array(al_lines)), axis=1) < 40.0
+    assert not ((np.abs(more_al - base) > 1e-4) & ~near_al).any()  # Al changes only Al lines
+    more_mg = synthesize(setup, _star(mgfe=0.4))[0]
+    for line in mg_lines:
+        assert _width_near(setup, more_mg, line) > _width_near(setup, base, line) + 0.005, line
+    cool, hot = synthesize(setup, _star(teff=4300.0))[0], synthesize(setup, _star(teff=6300.0, logg=4.2))[0]
+    assert _depth_at(setup, hot, balmer) > _depth_at(setup, cool, balmer) + 0.05
+    poor = synthesize(setup, _star(feh=-1.5))[0]
+    assert (1 - poor).sum() < 0.6 * (1 - base).sum()

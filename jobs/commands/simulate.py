@@ -11,6 +11,13 @@ spectra/<chunk>/<id>_<arm>.fits (one file per star and arm: flux with a linear a
 the observed frame of a drawn radial velocity, an ERROR extension, and OBJECT, CNAME, RA, DEC, SETUP,
 SNR, VRAD in the header) and labels.parquet, the true labels keyed by CNAME, the id ingest gives.
 
+--label-catalogue FILE (.fits, .fits.gz, .parquet or .csv) also writes what a survey's own pipeline
+delivers: a Gaia-ESO-style label catalogue keyed by CNAME (the id the spectra carry in a store: the
+CNAME for --format fits, spectrum_id for --format parquet) with TEFF, E_TEFF, LOGG, E_LOGG, FEH,
+E_FEH, MG1, E_MG1, AL1, E_AL1 (absolute abundances A(X) = [X/Fe] + [Fe/H] + A(X)_sun, A(Mg)_sun =
+7.53, A(Al)_sun = 6.37), SNR and a PECULI flag; values scattered by their errors, a fraction of
+each label null, a few rows with large errors and a few flagged peculiar ones.
+
 An existing output is refused unless --overwrite is given; then, for --format fits, the old
 spectra/ folder is removed first, so that no star of an earlier survey is left among the new ones.
 """
@@ -56,22 +63,31 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--chunk-size", type=positive_int, default=500, help="rows per chunk / Parquet row group"
     )
+    parser.add_argument(
+        "--label-catalogue",
+        metavar="FILE",
+        help="also write a Gaia-ESO-style label catalogue (.fits, .fits.gz, .parquet, .csv) keyed by CNAME",
+    )
     parser.add_argument("--workers", type=positive_int, default=None, help="processes (default: all CPUs)")
     parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
 
 
-def check_output(out: str, fmt: str, *, overwrite: bool) -> None:
+def check_output(out: str, fmt: str, *, overwrite: bool, label_catalogue: str | None = None) -> None:
     """Refuse an existing output without ``overwrite``; with it, clear an old FITS spectra folder."""
     from speclabel.core.errors import UsageError
     from speclabel.core.storage import exists, filesystem_and_path, join
-    from speclabel.pipeline.simulate import FITS_SPECTRA_DIR, FITS_TRUTH_FILE
+    from speclabel.pipeline.simulate import FITS_SPECTRA_DIR, FITS_TRUTH_FILE, catalogue_format
 
+    if label_catalogue and catalogue_format(label_catalogue) is None:
+        raise UsageError(f"--label-catalogue {label_catalogue}: name it .fits, .fits.gz, .parquet or .csv")
     fs, root = filesystem_and_path(out)
     names = ("",) if fmt == "parquet" else (FITS_TRUTH_FILE, FITS_SPECTRA_DIR)
     existing = [name for name in names if exists(fs, join(root, name) if name else root)]
     if existing and not overwrite:
         shown = join(out, existing[0]) if existing[0] else out
         raise UsageError(f"{shown} exists; choose another --out or pass --overwrite")
+    if label_catalogue and not overwrite and exists(*filesystem_and_path(label_catalogue)):
+        raise UsageError(f"{label_catalogue} exists; choose another --label-catalogue or pass --overwrite")
     if fmt == "fits" and FITS_SPECTRA_DIR in existing:
         fs.delete_dir(join(root, FITS_SPECTRA_DIR))
 
@@ -80,7 +96,7 @@ def run(args: argparse.Namespace) -> int:
     from speclabel.core.setups import get_setup
     from speclabel.pipeline.simulate import SurveyConfig, write_fits, write_parquet
 
-    check_output(args.out, args.format, overwrite=args.overwrite)
+    check_output(args.out, args.format, overwrite=args.overwrite, label_catalogue=args.label_catalogue)
     setup = get_setup(args.setup)
     config = SurveyConfig(
         n=args.n,
@@ -98,4 +114,33 @@ def run(args: argparse.Namespace) -> int:
         f"simulate: wrote {rows} spectra ({setup.name}, seed {args.seed}, {args.format}) to {args.out} "
         f"in {elapsed:.1f} s ({rows / max(elapsed, 1e-9):.0f} spectra/s)"
     )
+    if args.label_catalogue:
+        write_catalogue(args.label_catalogue, args.out, args.format, seed=args.seed)
     return 0
+
+
+def write_catalogue(location: str, out: str, fmt: str, *, seed: int) -> None:
+    """The label catalogue of the survey just written, from its true labels (the spectra's ids)."""
+    import pyarrow.parquet as pq
+
+    from speclabel.core.storage import filesystem_and_path, join
+    from speclabel.pipeline.simulate import (
+        FITS_TRUTH_FILE,
+        LABEL_COLUMNS,
+        TRUTH_COLUMNS,
+        LabelCatalogueConfig,
+        label_catalogue,
+        write_label_catalogue,
+    )
+
+    truth_location = join(out, FITS_TRUTH_FILE) if fmt == "fits" else out
+    fs, path = filesystem_and_path(truth_location)
+    truth = pq.read_table(path, columns=list(TRUTH_COLUMNS), filesystem=fs)
+    catalogue = label_catalogue(truth, LabelCatalogueConfig(seed=seed))
+    write_label_catalogue(location, catalogue)
+    nulls = ", ".join(f"{name} {catalogue.column(name).null_count}" for name in LABEL_COLUMNS)
+    print(
+        f"simulate: wrote label catalogue {location} ({catalogue.num_rows} rows keyed by CNAME = "
+        f"spectrum_id{' (the CNAME)' if fmt == 'fits' else ''}; nulls: {nulls}; "
+        f"{sum(catalogue.column('PECULI').to_pylist())} PECULI)"
+    )

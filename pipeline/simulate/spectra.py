@@ -45,7 +45,9 @@ ELEMENTS: dict[str, tuple[float, float, float, str]] = {
     "Mn": (7.434, 54.938, 5.39, "feh"),
     "Fe": (7.902, 55.845, 7.45, "feh"),
     "Ni": (7.640, 58.693, 6.23, "feh"),
+    "Sr": (5.695, 87.62, 2.92, "feh"),
     "Y": (6.217, 88.906, 2.21, "feh"),
+    "Ba": (5.212, 137.327, 2.17, "feh"),
 }
 
 # Zero points of log10(line-centre optical depth), one per line class, calibrated so that solar
