@@ -34,6 +34,7 @@ import difflib
 import re
 from dataclasses import dataclass
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -78,7 +79,7 @@ _KEYWORDS = {"and", "or", "not", "in", "is", "null", "between", "true", "false"}
 _COMPARISONS = {"<": "<", "<=": "<=", ">": ">", ">=": ">=", "=": "=", "==": "=", "!=": "!=", "<>": "!="}
 _FUNCTIONS = ("abs", "has_flag")
 MAX_QUERY_LENGTH = 10_000
-_INT64 = (-(2**63), 2**63 - 1)
+_INTEGER_TYPES = (pa.int8(), pa.int16(), pa.int32(), pa.int64())
 
 
 @dataclass(frozen=True)
@@ -291,11 +292,16 @@ class Parser:
         return self.primary()
 
     def number(self, value: int | float, token: Token) -> Literal:
+        """A number literal of the narrowest type that holds it exactly, as Arrow binds literals (so
+        ``sky + 1`` stays int32 and ``snr * 0.5`` float32, while ``snr * 0.1`` is float64)."""
         if isinstance(value, int):
-            if not _INT64[0] <= value <= _INT64[1]:
-                self.fail(f"{value} is out of range for a 64-bit integer (write it as {value:.3e})", token)
-            return Literal(value, pa.int64(), pos=token.pos)
-        return Literal(value, pa.float64(), pos=token.pos)
+            for dtype in _INTEGER_TYPES:
+                if -(2 ** (dtype.bit_width - 1)) <= value < 2 ** (dtype.bit_width - 1):
+                    return Literal(value, dtype, pos=token.pos)
+            self.fail(f"{value} is out of range for a 64-bit integer (write it as {value:.3e})", token)
+        with np.errstate(over="ignore"):
+            single = float(np.float32(value)) == value
+        return Literal(value, pa.float32() if single else pa.float64(), pos=token.pos)
 
     def primary(self) -> Expr:
         token = self.advance()

@@ -66,7 +66,7 @@ class Column(Expr):
 @dataclass(frozen=True, eq=False)
 class Literal(Expr):
     value: int | float | str | bool | dt.datetime
-    type: pa.DataType  # int64, float64, string, bool or TIMESTAMP
+    type: pa.DataType  # the narrowest int or float holding a number exactly; string, bool or TIMESTAMP
 
     @property
     def dtype(self) -> pa.DataType:
