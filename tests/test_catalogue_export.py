@@ -122,6 +122,27 @@ def test_fits_pads_ragged_lists_and_blanks_null_strings():
     assert back["flags"].mask.tolist() == [False, True, False] and back["flags"][2] == 4
 
 
+def test_fits_round_trips_boolean_columns_with_nulls(tmp_path):
+    # e.g. `speclabel sql labels/ "SELECT spectrum_id, feh < -1 AS poor FROM labels" --out x.fits`
+    from astropy.table import Table
+
+    table = pa.table(
+        {
+            "spectrum_id": ["a", "b", "c", "d"],
+            "poor": pa.array([True, None, False, True]),
+            "seen": pa.array([True, False, False, True]),
+        }
+    )
+    out = tmp_path / "poor.fits"
+    E.write_table(table, str(out))
+    back = Table.read(out, hdu="LABELS")
+    assert back["poor"].mask.tolist() == [False, True, False, False]
+    assert back["poor"].filled(-1).tolist() == [1, -1, 0, 1]
+    assert back["seen"].dtype == np.bool_ and back["seen"].tolist() == [True, False, False, True]
+    with fits.open(out) as hdul:
+        assert hdul["LABELS"].columns["seen"].format == "L"  # a FITS logical where no value is null
+
+
 def test_existing_outputs_are_kept_unless_overwrite(result, tmp_path):
     path = str(tmp_path / "rows.parquet")
     E.write_table(result.slice(0, 5), path)

@@ -25,7 +25,8 @@ def table():
             "feh": pa.array(feh, mask=rng.random(N) < 0.05),
             "mgfe": rng.uniform(-0.2, 0.5, N).astype(np.float32),
             "mgfe_std": rng.uniform(0, 0.1, N).astype(np.float32),
-            "teff": rng.uniform(3500, 7000, N).astype(np.float32),
+            # NaN (not null) in some rows: IEEE comparisons, false except !=, as in Python.
+            "teff": np.where(rng.random(N) < 0.05, np.nan, rng.uniform(3500, 7000, N)).astype(np.float32),
             "flags": pa.array(rng.integers(0, 16, N), pa.int32()),
             "object": pa.array(object_, pa.string()),
             "processed_at": pa.array(

@@ -31,9 +31,11 @@ def comma_list(text: str) -> list[str]:
     return items
 
 
-def add_query_arguments(parser: argparse.ArgumentParser) -> None:
-    """The catalogue and row-selection options shared by `query` and `stats`."""
-    parser.add_argument("catalogue", metavar="CATALOGUE", help="catalogue folder or URI (s3://, gs://)")
+def add_query_arguments(
+    parser: argparse.ArgumentParser, catalogue_help: str = "catalogue folder or URI (s3://, gs://)"
+) -> None:
+    """The catalogue and run-selection options shared by `query`, `sql` and `stats`."""
+    parser.add_argument("catalogue", metavar="CATALOGUE", help=catalogue_help)
     parser.add_argument(
         "--release",
         type=comma_list,

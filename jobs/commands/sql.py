@@ -20,26 +20,15 @@ from __future__ import annotations
 import argparse
 
 from ._types import positive_float
-from .query import PRINT_ROWS, comma_list
+from .query import PRINT_ROWS, add_query_arguments
 
 HELP = "run an SQL SELECT over a label catalogue or a catalogue server (DuckDB, sandboxed)"
 SERVER_SCHEMES = ("grpc://", "grpc+tls://")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "catalogue", metavar="CATALOGUE", help="catalogue folder or URI, or a server grpc://HOST:PORT"
-    )
+    add_query_arguments(parser, "catalogue folder or URI, or a server grpc://HOST:PORT")
     parser.add_argument("sql", metavar="SQL", help='one SELECT, e.g. "SELECT count(*) FROM labels"')
-    parser.add_argument(
-        "--release",
-        type=comma_list,
-        action="extend",
-        dest="releases",
-        metavar="NAME[,NAME]",
-        help="only these releases in the views (repeatable; default: all)",
-    )
-    parser.add_argument("--model-id", help="rows labelled by this model (default: the live rows)")
     parser.add_argument("--out", metavar="FILE", help="write the rows to FILE.parquet, .csv or .fits")
     parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     parser.add_argument(

@@ -106,8 +106,14 @@ def _fits_column(dtype: pa.DataType, column: pa.ChunkedArray, masked_column):
             .fill_null(np.nan)
             .to_numpy()
         )
-    if pa.types.is_integer(dtype) or pa.types.is_boolean(dtype):
-        values = column.fill_null(0).to_numpy(zero_copy_only=False)
+    if pa.types.is_boolean(dtype) and column.null_count:
+        # astropy writes a masked logical as T; FITS has no null there that readers agree on, so a
+        # nullable boolean is 0/1 in a 16-bit integer column with TNULL.
+        column = column.cast(pa.int16())
+    if pa.types.is_integer(column.type) or pa.types.is_boolean(column.type):
+        values = column.fill_null(False if pa.types.is_boolean(column.type) else 0).to_numpy(
+            zero_copy_only=False
+        )
         if column.null_count:
             return masked_column(values, mask=column.is_null().to_numpy(zero_copy_only=False))
         return values

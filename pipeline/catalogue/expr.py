@@ -21,8 +21,10 @@ Grammar (keywords are case-insensitive; column names are exact, `backticks` quot
                   | "(" or_expr ")"
     function   := abs(sum) | has_flag(flag, ...)      (flags: see pipeline/flags.py)
 
-The text is tokenised and parsed by hand into :mod:`pyarrow.compute` expressions, never evaluated as
-Python, so a query can read columns and nothing else. Errors name the problem and point at it.
+The text is tokenised and parsed by hand into typed nodes (:mod:`.expr_ast`), never evaluated as
+Python, so a query can read columns and nothing else; errors name the problem and point at it. The
+nodes become Arrow expressions (:mod:`.expr_arrow`, the reference semantics) or DuckDB SQL with the
+same results (:mod:`.expr_sql`, what ``speclabel query`` runs).
 """
 
 from __future__ import annotations
@@ -32,11 +34,30 @@ import difflib
 import re
 from dataclasses import dataclass
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from speclabel.core.errors import UsageError
 from speclabel.core.flags import flag_by_name, flag_names
+
+from .expr_arrow import arithmetic_type, to_arrow
+from .expr_ast import (
+    TIMESTAMP,
+    Abs,
+    Arithmetic,
+    Cast,
+    Column,
+    Compare,
+    Expr,
+    HasFlag,
+    In,
+    IsNull,
+    Literal,
+    Logical,
+    Negate,
+    Not,
+)
 
 
 class QueryError(UsageError):
@@ -55,10 +76,10 @@ _TOKEN = re.compile(
     re.VERBOSE,
 )
 _KEYWORDS = {"and", "or", "not", "in", "is", "null", "between", "true", "false"}
-_COMPARISONS = {"<": "less", "<=": "less_equal", ">": "greater", ">=": "greater_equal"}
-_COMPARISONS.update({"=": "equal", "==": "equal", "!=": "not_equal", "<>": "not_equal"})
+_COMPARISONS = {"<": "<", "<=": "<=", ">": ">", ">=": ">=", "=": "=", "==": "=", "!=": "!=", "<>": "!="}
 _FUNCTIONS = ("abs", "has_flag")
 MAX_QUERY_LENGTH = 10_000
+_INTEGER_TYPES = (pa.int8(), pa.int16(), pa.int32(), pa.int64())
 
 
 @dataclass(frozen=True)
@@ -66,31 +87,6 @@ class Token:
     kind: str  # number, string, name, keyword, op, end
     text: str
     pos: int
-
-
-@dataclass(frozen=True)
-class Node:
-    """A parsed sub-expression: its Arrow expression (or Python value for literals) and its kind."""
-
-    value: object
-    kind: str  # number, string, bool, timestamp, null, other
-    pos: int
-    literal: bool = False
-
-    def expr(self) -> pc.Expression:
-        return self.value if isinstance(self.value, pc.Expression) else pc.scalar(self.value)
-
-
-def kind_of(dtype: pa.DataType) -> str:
-    if pa.types.is_integer(dtype) or pa.types.is_floating(dtype):
-        return "number"
-    if pa.types.is_string(dtype) or pa.types.is_large_string(dtype):
-        return "string"
-    if pa.types.is_boolean(dtype):
-        return "bool"
-    if pa.types.is_timestamp(dtype):
-        return "timestamp"
-    return "other"
 
 
 def unknown_column(name: str, names: list[str], *, where: str = "") -> str:
@@ -160,7 +156,7 @@ class Parser:
             self.fail(f"expected {what}, found {self.describe(self.token)}", self.token)
         return token
 
-    def fail(self, message: str, token: Token | Node, length: int | None = None):
+    def fail(self, message: str, token: Token | Expr, length: int | None = None):
         pos = token.pos
         if length is None:
             length = len(token.text) if isinstance(token, Token) else 1
@@ -172,43 +168,41 @@ class Parser:
 
     # -- grammar ----------------------------------------------------------------------------------
 
-    def parse(self) -> pc.Expression:
+    def parse(self, *, condition: bool = True) -> Expr:
         if self.token.kind == "end":
             raise QueryError("the query is empty")
         node = self.or_expr()
         if self.token.kind != "end":
             self.fail(f"unexpected {self.describe(self.token)} (missing 'and' / 'or'?)", self.token)
-        if node.kind != "bool":
+        if condition and node.kind != "bool":
             self.fail(f"the query must be a condition (e.g. feh < -1), not a {node.kind}", node)
-        return node.expr()
+        return node
 
-    def or_expr(self) -> Node:
+    def or_expr(self) -> Expr:
         node = self.and_expr()
         while op := self.accept("or"):
-            right = self.and_expr()
-            node = self.logical(node, right, op, lambda a, b: a | b)
+            node = self.logical(node, self.and_expr(), op)
         return node
 
-    def and_expr(self) -> Node:
+    def and_expr(self) -> Expr:
         node = self.not_expr()
         while op := self.accept("and"):
-            right = self.not_expr()
-            node = self.logical(node, right, op, lambda a, b: a & b)
+            node = self.logical(node, self.not_expr(), op)
         return node
 
-    def not_expr(self) -> Node:
+    def not_expr(self) -> Expr:
         if op := self.accept("not"):
             node = self.not_expr()
             self.require(node, "bool", f"'not' needs a condition, not a {node.kind}")
-            return Node(~node.expr(), "bool", op.pos)
+            return Not(node, pos=op.pos)
         return self.comparison()
 
-    def logical(self, left: Node, right: Node, op: Token, combine) -> Node:
+    def logical(self, left: Expr, right: Expr, op: Token) -> Expr:
         for side in (left, right):
             self.require(side, "bool", f"'{op.text}' joins conditions, not a {side.kind}")
-        return Node(combine(left.expr(), right.expr()), "bool", left.pos)
+        return Logical(op.text, left, right, pos=left.pos)
 
-    def comparison(self) -> Node:
+    def comparison(self) -> Expr:
         left = self.sum()
         token = self.token
         if token.kind == "op" and token.text in _COMPARISONS:
@@ -219,13 +213,12 @@ class Parser:
             left, right = self.comparable(left, right, token)
             if token.text not in ("=", "==", "!=", "<>") and left.kind == "bool":
                 self.fail(f"'{token.text}' does not order true/false values", token)
-            compare = getattr(pc, _COMPARISONS[token.text])
-            return Node(compare(left.expr(), right.expr()), "bool", left.pos)
+            return Compare(_COMPARISONS[token.text], left, right, pos=left.pos)
         if self.accept("is"):
             negate = self.accept("not") is not None
             self.expect("null", "'null' after 'is'")
-            test = pc.is_null(left.expr())
-            return Node(~test if negate else test, "bool", left.pos)
+            test = IsNull(left, pos=left.pos)
+            return Not(test, pos=left.pos) if negate else test
         negate = self.accept("not")
         if self.accept("in"):
             return self.membership(left, negate is not None)
@@ -235,74 +228,90 @@ class Parser:
             high = self.sum()
             left_low, low = self.comparable(left, low, token)
             left_high, high = self.comparable(left, high, token)
-            inside = (left_low.expr() >= low.expr()) & (left_high.expr() <= high.expr())
-            return Node(~inside if negate else inside, "bool", left.pos)
+            inside = Logical(
+                "and",
+                Compare(">=", left_low, low, pos=left.pos),
+                Compare("<=", left_high, high, pos=left.pos),
+                pos=left.pos,
+            )
+            return Not(inside, pos=left.pos) if negate else inside
         if negate:
             self.fail("expected 'in' or 'between' after 'not'", self.token)
         return left
 
-    def membership(self, left: Node, negate: bool) -> Node:
+    def membership(self, left: Expr, negate: bool) -> Expr:
         self.expect("(", "'(' to start the list of values")
         values = []
         while True:
             item = self.unary()
-            if not item.literal:
+            if not isinstance(item, Literal):
                 self.fail("'in (...)' takes literal values (numbers or quoted strings)", item)
             _, item = self.comparable(left, item, self.token)
             values.append(item.value)
             if not self.accept(","):
                 break
         self.expect(")", "',' or ')' in the list of values")
-        if left.literal:
+        if isinstance(left, Literal):
             self.fail("'in' needs a column on its left", left)
-        column = left.expr()
-        field_type = self.type_of(left)
+        operand = left
         try:  # a safe cast: 2.5 must not become 2 for an integer column
-            value_set = pa.array(values).cast(field_type) if field_type is not None else pa.array(values)
+            value_set = pa.array(values)
+            if isinstance(left, Column):
+                value_set = value_set.cast(left.type)
         except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError):
-            column, value_set = column.cast(pa.float64()), pa.array(values, pa.float64())
-        test = pc.is_in(column, value_set=value_set)
-        return Node(~test if negate else test, "bool", left.pos)
+            operand = Cast(left, pa.float64(), pos=left.pos)
+            value_set = pa.array(values, pa.float64())
+        test = In(operand, value_set, pos=left.pos)
+        return Not(test, pos=left.pos) if negate else test
 
-    def sum(self) -> Node:
+    def sum(self) -> Expr:
         node = self.term()
         while op := self.accept("+", "-"):
             node = self.arithmetic(node, self.term(), op)
         return node
 
-    def term(self) -> Node:
+    def term(self) -> Expr:
         node = self.unary()
         while op := self.accept("*", "/"):
             node = self.arithmetic(node, self.unary(), op)
         return node
 
-    def arithmetic(self, left: Node, right: Node, op: Token) -> Node:
+    def arithmetic(self, left: Expr, right: Expr, op: Token) -> Expr:
         for side in (left, right):
             self.require(side, "number", f"'{op.text}' needs numbers, not a {side.kind}")
-        a, b = left.expr(), right.expr()
-        if op.text == "/":  # integer columns would otherwise divide as integers
-            a, b = a.cast(pa.float64()), b.cast(pa.float64())
-        function = {"+": pc.add_checked, "-": pc.subtract_checked, "*": pc.multiply_checked, "/": pc.divide}
-        return Node(function[op.text](a, b), "number", left.pos)
+        dtype = arithmetic_type(op.text, left.dtype, right.dtype)
+        return Arithmetic(op.text, left, right, dtype, pos=left.pos)
 
-    def unary(self) -> Node:
+    def unary(self) -> Expr:
         if op := self.accept("-"):
             node = self.unary()
             self.require(node, "number", f"'-' needs a number, not a {node.kind}")
-            if node.literal:
-                return Node(-node.value, "number", op.pos, literal=True)
-            return Node(pc.negate_checked(node.expr()), "number", op.pos)
+            if isinstance(node, Literal):
+                return self.number(-node.value, op)
+            return Negate(node, pos=op.pos)
         return self.primary()
 
-    def primary(self) -> Node:
+    def number(self, value: int | float, token: Token) -> Literal:
+        """A number literal of the narrowest type that holds it exactly, as Arrow binds literals (so
+        ``sky + 1`` stays int32 and ``snr * 0.5`` float32, while ``snr * 0.1`` is float64)."""
+        if isinstance(value, int):
+            for dtype in _INTEGER_TYPES:
+                if -(2 ** (dtype.bit_width - 1)) <= value < 2 ** (dtype.bit_width - 1):
+                    return Literal(value, dtype, pos=token.pos)
+            self.fail(f"{value} is out of range for a 64-bit integer (write it as {value:.3e})", token)
+        with np.errstate(over="ignore"):
+            single = float(np.float32(value)) == value
+        return Literal(value, pa.float32() if single else pa.float64(), pos=token.pos)
+
+    def primary(self) -> Expr:
         token = self.advance()
         if token.kind == "number":
             value = float(token.text) if re.search(r"[.eE]", token.text) else int(token.text)
-            return Node(value, "number", token.pos, literal=True)
+            return self.number(value, token)
         if token.kind == "string":
-            return Node(_unquote(token.text), "string", token.pos, literal=True)
+            return Literal(_unquote(token.text), pa.string(), pos=token.pos)
         if token.kind == "keyword" and token.text in ("true", "false"):
-            return Node(token.text == "true", "bool", token.pos, literal=True)
+            return Literal(token.text == "true", pa.bool_(), pos=token.pos)
         if token.kind == "op" and token.text == "(":
             node = self.or_expr()
             self.expect(")", "')'")
@@ -313,16 +322,16 @@ class Parser:
             if token.text not in self.schema.names:
                 hint = f" (to compare with a text value, quote it: '{token.text}')"
                 self.fail(unknown_column(token.text, self.schema.names) + hint, token)
-            return Node(pc.field(token.text), kind_of(self.schema.field(token.text).type), token.pos)
+            return Column(token.text, self.schema.field(token.text).type, pos=token.pos)
         self.fail(f"expected a column, a number or a quoted string, found {self.describe(token)}", token)
 
-    def function(self, name: Token) -> Node:
+    def function(self, name: Token) -> Expr:
         self.advance()  # "("
         if name.text.lower() == "abs":
             arg = self.sum()
             self.expect(")", "')' after the argument of abs")
             self.require(arg, "number", f"abs() needs a number, not a {arg.kind}")
-            return Node(pc.abs_checked(arg.expr()), "number", name.pos)
+            return Abs(arg, pos=name.pos)
         if name.text.lower() == "has_flag":
             if "flags" not in self.schema.names:
                 self.fail("has_flag() needs the 'flags' column, which this catalogue lacks", name)
@@ -339,30 +348,22 @@ class Parser:
                 if not self.accept(","):
                     break
             self.expect(")", "',' or ')' in has_flag(...)")
-            test = pc.bit_wise_and(pc.field("flags"), pc.scalar(pa.scalar(bits, pa.int32()))) != 0
-            return Node(test, "bool", name.pos)
+            return HasFlag(int(bits), pos=name.pos)
         self.fail(f"unknown function {name.text!r}; functions are: {', '.join(_FUNCTIONS)}", name)
 
     # -- types ------------------------------------------------------------------------------------
 
-    def require(self, node: Node, kind: str, message: str) -> None:
+    def require(self, node: Expr, kind: str, message: str) -> None:
         if node.kind != kind:
             self.fail(message, node)
 
-    def type_of(self, node: Node) -> pa.DataType | None:
-        if isinstance(node.value, pc.Expression):
-            name = _field_name(node.value)
-            if name is not None:
-                return self.schema.field(name).type
-        return None
-
-    def comparable(self, left: Node, right: Node, op: Token) -> tuple[Node, Node]:
+    def comparable(self, left: Expr, right: Expr, op: Token) -> tuple[Expr, Expr]:
         """Both sides, made comparable (a quoted date against a timestamp column), or an error."""
         if left.kind == right.kind and left.kind != "other":
             return left, right
         for a, b in ((left, right), (right, left)):
-            if a.kind == "timestamp" and b.kind == "string" and b.literal:
-                stamp = Node(_timestamp(b, self), "timestamp", b.pos, literal=True)
+            if a.kind == "timestamp" and b.kind == "string" and isinstance(b, Literal):
+                stamp = Literal(_timestamp(b, self), TIMESTAMP, pos=b.pos)
                 return (a, stamp) if a is left else (stamp, a)
         bad = right if left.kind != "other" else left
         self.fail(
@@ -372,13 +373,7 @@ class Parser:
         )
 
 
-def _field_name(expr: pc.Expression) -> str | None:
-    """The column name of a bare field reference, else None."""
-    match = re.fullmatch(r"(\w+)", str(expr))
-    return match.group(1) if match else None
-
-
-def _timestamp(node: Node, parser: Parser) -> pa.Scalar:
+def _timestamp(node: Literal, parser: Parser) -> dt.datetime:
     try:
         value = dt.datetime.fromisoformat(node.value)
     except ValueError:
@@ -387,9 +382,15 @@ def _timestamp(node: Node, parser: Parser) -> pa.Scalar:
         )
     if value.tzinfo is None:
         value = value.replace(tzinfo=dt.UTC)
-    return pa.scalar(value, pa.timestamp("us", tz="UTC"))
+    return value
+
+
+def parse(text: str, schema: pa.Schema, *, condition: bool = True) -> Expr:
+    """The parsed, type-checked query over a table with ``schema`` (a condition unless
+    ``condition=False``, which also accepts a number such as ``mg1 - feh``); raises :class:`QueryError`."""
+    return Parser(text, schema).parse(condition=condition)
 
 
 def parse_where(text: str, schema: pa.Schema) -> pc.Expression:
     """The Arrow filter expression of a query over a table with ``schema``; raises :class:`QueryError`."""
-    return Parser(text, schema).parse()
+    return to_arrow(parse(text, schema))

@@ -126,13 +126,12 @@ class CatalogueFlightServer(flight.FlightServerBase):
                 raise QueryError(
                     f"limit {query.limit} exceeds this server's bound of {self.limits.max_rows} rows"
                 )
-            scanner = self.catalogue.scanner(query, batch_size=self.limits.batch_rows)
+            schema, batches = self.catalogue.stream(query, self.limits.batch_rows)
         except SpeclabelError as exc:
             log.info("refused query: %s", exc)
             raise _flight_error(exc) from None
         log.info("query %s", json.dumps(query.to_dict()))
-        batches = self._bounded(scanner.to_batches(), query.limit, started)
-        return flight.GeneratorStream(scanner.projected_schema, batches)
+        return flight.GeneratorStream(schema, self._bounded(batches, query.limit, started))
 
     def _sql_stream(self, request: SqlRequest) -> flight.GeneratorStream:
         db = CatalogueSql(
@@ -159,6 +158,14 @@ class CatalogueFlightServer(flight.FlightServerBase):
             db.close()
 
     def _bounded(self, batches, limit: int | None, started: float):
+        try:
+            yield from self._within_limits(batches, limit, started)
+        except SpeclabelError as exc:  # a query error found while reading: this call ends
+            raise _flight_error(exc) from None
+        finally:
+            batches.close()  # stops the query and frees its cursor
+
+    def _within_limits(self, batches, limit: int | None, started: float):
         sent = 0
         for batch in batches:
             if time.monotonic() - started > self.limits.max_seconds:
@@ -187,7 +194,7 @@ class CatalogueFlightServer(flight.FlightServerBase):
                 ) as db:
                     schema = db.schema(query.sql)
             else:
-                schema = self.catalogue.scanner(query).projected_schema
+                schema = self.catalogue.result_schema(query)
         except SpeclabelError as exc:
             raise _flight_error(exc) from None
         return flight.SchemaResult(schema)

@@ -1,23 +1,27 @@
-"""Read a label catalogue with Arrow: projection, pushed-down filters, partition pruning, cone search.
+"""Read a label catalogue: run selection from the index, queries (on DuckDB), Arrow datasets, joins.
 
-:class:`Catalogue` builds a ``pyarrow.dataset`` from the file lists in the catalogue's index and run
-manifests, never by listing folders, so on an object store a reader switches from one published run
-to the next atomically and never sees half-copied files. Each file is a fragment whose partition
-(``release``, ``sky``) is known from the manifest, so filters on them skip whole files; filters on
-other columns are pushed down to Parquet row-group statistics.
+:class:`Catalogue` takes the files of each release's selected run from the catalogue's index and
+run manifests, never by listing folders, so on an object store a reader switches from one
+published run to the next atomically and never sees half-copied files. By default the live rows of
+each release are read; ``model_id`` selects, per release, the latest published run made with that
+model (live, or superseded under ``_versions/``). No Ray anywhere.
+
+:meth:`Catalogue.query`, :meth:`~Catalogue.run`, :meth:`~Catalogue.count` and
+:meth:`~Catalogue.stream` (``speclabel query``, the Flight service) run on DuckDB (:mod:`.query_sql`),
+which reads these files faster than a pyarrow scan. The same files are also a ``pyarrow.dataset``
+(:meth:`~Catalogue.arrow_dataset`) whose fragments know their partition (``release``, ``sky``);
+:meth:`~Catalogue.to_dask` uses it, one partition per file a query's filter keeps, read in the dask
+workers with the Arrow form of the same filter (:meth:`~Catalogue.filter`).
 
 A cone search prunes three times: sky partitions that overlap the cone (HEALPix cells at the
 partition order), row groups whose fine ``healpix`` range cannot overlap it (cells at an order chosen
 from the radius), and then rows, with an exact great-circle distance.
-
-By default the live rows of each release are read; ``model_id`` selects, per release, the latest
-published run made with that model (live, or superseded under ``_versions/``). No Ray anywhere.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 
 import pyarrow as pa
@@ -136,6 +140,7 @@ class Catalogue:
     dataset: Dataset
     layout: CatalogueLayout
     _schemas: dict[tuple[str, str], pa.Schema] = field(default_factory=dict, repr=False)
+    _engine: object = field(default=None, repr=False, compare=False)  # query_sql.QueryEngine
 
     @classmethod
     def open(cls, location: str | Dataset) -> Catalogue:
@@ -215,7 +220,8 @@ class Catalogue:
         """A ``pyarrow.dataset`` of the selected runs' files with ``release`` and ``sky`` partitions."""
         return self.dataset_of_runs(self.runs(releases, model_id))
 
-    def dataset_of_runs(self, runs: Sequence[RunFiles]) -> pads.Dataset:
+    def dataset_of_runs(self, runs: Sequence[RunFiles], schema: pa.Schema | None = None) -> pads.Dataset:
+        """The runs' files as one dataset (of ``schema``, default the runs' own columns)."""
         fmt = pads.ParquetFileFormat()
         fragments = []
         for run in runs:
@@ -225,9 +231,10 @@ class Catalogue:
                     pc.field(SKY) == pa.scalar(cell, pa.int32())
                 )
                 fragments.append(fmt.make_fragment(path, self.dataset.fs, partition_expression=partition))
-        return pads.FileSystemDataset(fragments, self._schema(runs), fmt, self.dataset.fs)
+        schema = self.schema_of_runs(runs) if schema is None else schema
+        return pads.FileSystemDataset(fragments, schema, fmt, self.dataset.fs)
 
-    def _schema(self, runs: Sequence[RunFiles]) -> pa.Schema:
+    def schema_of_runs(self, runs: Sequence[RunFiles]) -> pa.Schema:
         """The union of the runs' file schemas (one footer read per run: a run writes one schema)."""
         schemas = []
         for run in runs:
@@ -243,22 +250,12 @@ class Catalogue:
         return pa.unify_schemas([*schemas, PARTITIONING_SCHEMA])
 
     def schema(self, releases: Iterable[str] | None = None, model_id: str | None = None) -> pa.Schema:
-        return self._schema(self.runs(releases, model_id))
+        return self.schema_of_runs(self.runs(releases, model_id))
 
     # -- queries ----------------------------------------------------------------------------------
 
-    def scanner(self, query: Query, batch_size: int = 64 * 1024) -> pads.Scanner:
-        """A streaming scanner for ``query`` (``query.limit`` is applied by the caller)."""
-        dataset = self.arrow_dataset(query.releases, query.model_id)
-        return dataset.scanner(
-            columns=self._projection(query, dataset.schema),
-            filter=self.filter(query, dataset.schema),
-            batch_size=batch_size,
-            # Catalogue files are many and mostly small: open more of them at once than the default 4.
-            fragment_readahead=16,
-        )
-
     def filter(self, query: Query, schema: pa.Schema) -> pc.Expression | None:
+        """The Arrow form of ``query``'s rows (where and cone), for pyarrow reads (:meth:`to_dask`)."""
         parts = []
         if query.where:
             parts.append(parse_where(query.where, schema))
@@ -285,15 +282,9 @@ class Catalogue:
         return in_sky & in_ranges & cone_expression(cone.ra, cone.dec, cone.radius)
 
     def _projection(self, query: Query, schema: pa.Schema) -> dict[str, pc.Expression]:
-        names = list(query.columns) if query.columns else list(schema.names)
-        for name in names:
-            if name not in schema.names and not (name == CONE_DISTANCE and query.cone is not None):
-                raise QueryError(unknown_column(name, schema.names, where=" in the column list"))
-        if query.cone is not None and CONE_DISTANCE not in names:
-            names.append(CONE_DISTANCE)
         return {
             name: cone_distance(query.cone.ra, query.cone.dec) if name == CONE_DISTANCE else pc.field(name)
-            for name in dict.fromkeys(names)
+            for name in projected_names(query, schema)
         }
 
     def query(
@@ -311,10 +302,24 @@ class Catalogue:
         return self.run(build_query(where, columns, releases, cone, model_id, limit))
 
     def run(self, query: Query) -> pa.Table:
-        scanner = self.scanner(query)
-        if query.limit is not None:
-            return scanner.head(query.limit)
-        return scanner.to_table()
+        return self._queries().table(query)
+
+    def stream(self, query: Query, batch_rows: int = 64 * 1024) -> tuple[pa.Schema, Iterator[pa.RecordBatch]]:
+        """The result's schema and its record batches, read as they are consumed (close the
+        iterator to stop early)."""
+        return self._queries().stream(query, batch_rows)
+
+    def result_schema(self, query: Query) -> pa.Schema:
+        """The schema of ``query``'s result, without reading rows."""
+        return self._queries().schema(query)
+
+    def _queries(self):
+        """The DuckDB engine of :meth:`run`, :meth:`count` and :meth:`stream` (:mod:`.query_sql`)."""
+        if self._engine is None:
+            from .query_sql import QueryEngine
+
+            self._engine = QueryEngine(self)
+        return self._engine
 
     def sql(
         self, text: str, *, releases: Sequence[str] | None = None, model_id: str | None = None
@@ -326,8 +331,7 @@ class Catalogue:
         return sql(self, text, releases=releases, model_id=model_id)
 
     def count(self, query: Query) -> int:
-        dataset = self.arrow_dataset(query.releases, query.model_id)
-        return dataset.count_rows(filter=self.filter(query, dataset.schema))
+        return self._queries().count(query)
 
     def to_pandas(self, where: str | None = None, **kwargs):
         return self.query(where, **kwargs).to_pandas()
@@ -440,6 +444,18 @@ class Catalogue:
         absent = [i for i in ids.to_pylist() if i not in found]
         missing = pa.table({"spectrum_id": pa.array(absent, pa.string()), "status": ["absent"] * len(absent)})
         return pa.concat_tables([labelled, quarantined, missing], promote_options="default")
+
+
+def projected_names(query: Query, schema: pa.Schema) -> list[str]:
+    """The columns of ``query``'s result (checked against ``schema``), ``cone_distance`` last for a
+    cone search unless placed."""
+    names = list(query.columns) if query.columns else list(schema.names)
+    for name in names:
+        if name not in schema.names and not (name == CONE_DISTANCE and query.cone is not None):
+            raise QueryError(unknown_column(name, schema.names, where=" in the column list"))
+    if query.cone is not None and CONE_DISTANCE not in names:
+        names.append(CONE_DISTANCE)
+    return list(dict.fromkeys(names))
 
 
 def left_join_by_id(left: pa.Table, right: pa.Table, *, key: str = "spectrum_id", suffix: str) -> pa.Table:

@@ -37,6 +37,8 @@ from speclabel.core.errors import SpeclabelError
 from speclabel.core.layout import QUARANTINE, RELEASE, SALIENCY
 
 from .expr import QueryError
+from .expr_sql import string_literal
+from .query_sql import labels_source, read_parquet
 from .reader import Catalogue, RunFiles
 
 VIEWS = ("labels", "quarantine", "saliency")
@@ -133,22 +135,21 @@ class CatalogueSql:
     # -- the views --------------------------------------------------------------------------------
 
     def _make_views(self, runs: list[RunFiles]) -> tuple[str, ...]:
-        data = [list(run.files) for run in runs if run.files]
-        if data and self.catalogue.dataset.local:
-            # One source per run (a run writes one schema); runs may differ in columns.
-            self._view("labels", [self._source(files, hive=True) for files in data])
-        else:  # object stores, and no rows at all (the documented columns, so queries still bind)
-            self._view("labels", [self._register(self.catalogue.dataset_of_runs(runs))])
+        if self.catalogue.dataset.local:
+            self._allowed += [f for run in runs for f in run.files]
+        source = labels_source(self.catalogue, runs, self._register, self.catalogue.schema_of_runs(runs))
+        self._view("labels", [source])
         views = ["labels"]
         for kind, name in ((QUARANTINE, "quarantine"), (SALIENCY, "saliency")):
             parts = []
             for run in runs:
                 files = self._side_files(kind, run)
                 if files:
-                    literal = f"{_literal(run.release)} AS {RELEASE}, {_literal(run.run_id)} AS run_id"
-                    parts.append(f"SELECT *, {literal} FROM {self._source(files, hive=False)}")
+                    release, run_id = string_literal(run.release), string_literal(run.run_id)
+                    columns = f"{release} AS {RELEASE}, {run_id} AS run_id"
+                    parts.append(f"(SELECT *, {columns} FROM {self._source(files)})")
             if parts:
-                self._view(name, [f"({p})" for p in parts])
+                self._view(name, parts)
                 views.append(name)
             elif name == "quarantine":
                 empty = QUARANTINE_SCHEMA.empty_table()
@@ -162,17 +163,12 @@ class CatalogueSql:
         folder = dataset.side_dir(kind, run.release, run.run_id)
         return [p for p in dataset.files_under(folder) if p.endswith(".parquet")]
 
-    def _source(self, files: list[str], *, hive: bool) -> str:
-        """A FROM item reading ``files``: DuckDB's reader locally, an Arrow dataset elsewhere."""
+    def _source(self, files: list[str]) -> str:
+        """A FROM item reading side ``files``: DuckDB's reader locally, an Arrow dataset elsewhere."""
         dataset = self.catalogue.dataset
         if dataset.local:
             self._allowed += files
-            options = (
-                "hive_partitioning = true, hive_types = {'release': VARCHAR, 'sky': INTEGER}"
-                if hive
-                else "hive_partitioning = false"
-            )
-            return f"read_parquet([{', '.join(_literal(f) for f in files)}], {options})"
+            return read_parquet(files, hive=False)
         return self._register(pads.dataset(files, format="parquet", filesystem=dataset.fs))
 
     def _register(self, arrow) -> str:
@@ -189,7 +185,7 @@ class CatalogueSql:
         """Applied after the views exist: the views keep reading their files, nothing else can."""
         con = self._con
         if self._allowed:
-            con.execute(f"SET allowed_paths = [{', '.join(_literal(f) for f in self._allowed)}]")
+            con.execute(f"SET allowed_paths = [{', '.join(string_literal(f) for f in self._allowed)}]")
         settings = [
             "SET TimeZone = 'UTC'",
             "SET python_enable_replacements = false",
@@ -198,7 +194,7 @@ class CatalogueSql:
             "SET max_temp_directory_size = '0B'",
         ]
         if self.limits.memory:
-            settings.append(f"SET memory_limit = {_literal(self.limits.memory)}")
+            settings.append(f"SET memory_limit = {string_literal(self.limits.memory)}")
         if self.limits.threads:
             settings.append(f"SET threads = {int(self.limits.threads)}")
         settings += ["SET enable_external_access = false", "SET lock_configuration = true"]
@@ -334,10 +330,6 @@ def sql(
     """The result of one SELECT over the catalogue's views as an Arrow table."""
     with CatalogueSql(catalogue, releases=releases, model_id=model_id, limits=limits) as db:
         return db.table(text)
-
-
-def _literal(text: str) -> str:
-    return "'" + str(text).replace("'", "''") + "'"
 
 
 def _message(exc: Exception) -> str:

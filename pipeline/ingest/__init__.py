@@ -37,7 +37,7 @@ and speclabel version into the same release is a no-op unless forced: the input 
 stored in the release's index entry.
 """
 
-from importlib import import_module
+from speclabel.core.lazy import lazy_exports
 
 # Exports load on first use (PEP 562), as in ``pipeline.labelling``: a Ray worker that unpickles
 # ``scan.scan_block`` or ``task.ingest_block`` imports only the modules that pass needs.
@@ -76,10 +76,4 @@ _EXPORTS = {
     "check_locations": "job",
     "run_ingest": "job",
 }
-__all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str):
-    if name not in _EXPORTS:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(import_module(f".{_EXPORTS[name]}", __name__), name)
+__getattr__, __all__ = lazy_exports(__name__, _EXPORTS)

@@ -13,7 +13,7 @@ it may keep, and :mod:`.job` the Ray Data job that ties them together and publis
     print(result.summary())
 """
 
-from importlib import import_module
+from speclabel.core.lazy import lazy_exports
 
 # Exports load on first use (PEP 562): the read/prepare tasks import this package to unpickle
 # `batch.prepare`, and must not pay for torch, which only the driver and the actors need.
@@ -24,10 +24,4 @@ _EXPORTS = {
     "label_spectra": "job",
     "read_population_saliency": "outputs",
 }
-__all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str):
-    if name not in _EXPORTS:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(import_module(f".{_EXPORTS[name]}", __name__), name)
+__getattr__, __all__ = lazy_exports(__name__, _EXPORTS)
