@@ -10,7 +10,8 @@ Because that content includes every weight file's sha256, the id covers the weig
 Loading checks, in order, and fails with :class:`IntegrityError` naming the check: the format, the
 ``model_id`` against the content (an edited model.json), the set of files in ``members/`` (a stray
 or missing weight file), each file's sha256 (a tampered or truncated file), each file's tensors
-against the architecture, the forward model's sha256 and its labels and arms, and, when the caller names the setup of its input, the wavelength grid.
+against the architecture, the forward model's sha256, labels and arms, and, when the caller
+names the setup of its input, the wavelength grid.
 Weights are safetensors only: nothing here can execute code from a model directory.
 
 Saving is atomic: on a local disk the directory is staged beside the target and renamed into
