@@ -36,7 +36,7 @@ SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 def held_out_twins(path: Path, ensemble) -> tuple[np.ndarray, np.ndarray]:
     """Noise-free flux ``[N, P]`` and true labels ``[N, L]`` of the model's test-split stars."""
     table = pq.read_table(path)
-    split = SplitRule(**ensemble.info.get("training", {}).get("split", {}))
+    split = SplitRule.from_dict(ensemble.info["training"]["split"])
     test = split.is_test(table.column("spectrum_id").to_pylist())
     table = table.filter(test)
     arrays = spectra_arrays(table, ensemble.setup)
