@@ -216,3 +216,15 @@ def test_array_batches_cover_the_rows_once():
         [b[0][:, 0] for b in array_batches(flux, flux, flux > -1, flux, np.arange(10, 600))()]
     )
     assert np.array_equal(seen, flux[10:, 0])
+
+
+def test_fit_labels_recovers_the_labels_of_a_known_quadratic():
+    rng = np.random.default_rng(4)
+    labels, _, _, flux, ivar, good = quadratic_spectra(rng, n=400)
+    model = fit_forward_model(flux, ivar, good, labels, ("a", "b", "c"), ("blue", "red"), (30, 20))
+    fresh = quadratic_spectra(np.random.default_rng(5), n=20)
+    fitted = model.fit_labels(fresh[3], fresh[4], fresh[5])
+    bound = model.label_bound(fitted, fresh[4], fresh[5])
+    # Within a few Cramér-Rao bounds of the truth (the fit starts at the training mean).
+    assert np.all(np.abs(fitted - fresh[0]) < 5 * bound + 1e-6)
+    assert np.median(np.abs(fitted - fresh[0]) / bound) < 1.5
