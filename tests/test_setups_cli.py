@@ -143,7 +143,7 @@ def test_a_new_setup_end_to_end(ray_session, tmp_path, capsys, name):
     result = label_spectra(
         str(store), str(tmp_path / "model"), str(catalogue), LabelOptions(batch_size=8, progress=False)
     )
-    assert (result.labelled, result.quarantined) == (10, 0)
+    assert result.labelled == 10 and sum(result.quarantined.values()) == 0
 
     out = tmp_path / "rows.parquet"
     assert main(["query", str(catalogue), "--where", "teff > 0", "--out", str(out)]) == 0
