@@ -3,6 +3,7 @@ simulate FITS (+ label catalogue) -> ingest -> label with a tiny model trained o
 
 import json
 import tomllib
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -143,7 +144,7 @@ def test_a_new_setup_end_to_end(ray_session, tmp_path, capsys, name):
     result = label_spectra(
         str(store), str(tmp_path / "model"), str(catalogue), LabelOptions(batch_size=8, progress=False)
     )
-    assert (result.labelled, result.quarantined) == (10, 0)
+    assert result.labelled == 10 and sum(result.quarantined.values()) == 0
 
     out = tmp_path / "rows.parquet"
     assert main(["query", str(catalogue), "--where", "teff > 0", "--out", str(out)]) == 0
@@ -152,7 +153,10 @@ def test_a_new_setup_end_to_end(ray_session, tmp_path, capsys, name):
     # The label catalogue joins to the labelled rows by CNAME = spectrum_id.
     from astropy.table import Table
 
-    assert set(Table.read(ges)["CNAME"]) == set(rows.column("spectrum_id").to_pylist())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # astropy does not parse "dex" as a unit
+        cnames = set(Table.read(ges)["CNAME"])
+    assert cnames == set(rows.column("spectrum_id").to_pylist())
     # Saliency summaries over this setup's window groups; the groups share no pixel, so the
     # shares of one label add up to at most 1.
     for label in ensemble.label_names:
