@@ -208,3 +208,21 @@ def test_labels_option_picks_mapped_labels_or_same_named_columns():
     )
     assert chosen.where == mapping.where and not chosen.plain
     assert LabelMapping().choose(["teff", "logg", "feh"]).plain
+
+
+def test_the_command_line_and_the_gaia_eso_example_set_the_job_labels():
+    from pathlib import Path
+
+    from speclabel.jobs.cli import build_parser
+    from speclabel.jobs.commands.train import build_job
+
+    example = Path(__file__).resolve().parents[1] / "examples" / "gaia-eso.toml"
+    argv = ["train", "--data", "store", "--out", "m", "--config", str(example)]
+    argv += ["--label-catalogue", "ges.fits", "--id-column", "CNAME"]
+    job = build_job(build_parser().parse_args(argv))
+    assert job.labels.names == ("teff", "logg", "feh", "mgfe", "alfe") and job.labels.where == "E_TEFF < 150"
+    assert job.labels.labels[3].expr == "MG1 - FEH - 7.53" and job.train.loss_weighting == "inverse_variance"
+    assert (job.label_catalogue, job.id_column) == ("ges.fits", "CNAME")
+    job = build_job(build_parser().parse_args([*argv, "--labels", "teff,logg,feh"]))
+    assert job.labels.names == ("teff", "logg", "feh") and job.arch.n_outputs == 3
+    assert job.labels.labels[0].error == "E_TEFF"
