@@ -139,9 +139,17 @@ def training_arrays(
         "flux_clean": None,
     }
     err_columns = [f"{c}_err" for c in label_names]
-    if all(c in table.column_names for c in err_columns):
+    if any(c in table.column_names for c in err_columns):
+        # A label without an error column has NaN errors: inverse-variance weighting gives its
+        # entries the error floor (as for a single missing error).
         out["label_err"] = np.stack(
-            [table.column(c).cast(pa.float64()).fill_null(np.nan).to_numpy() for c in err_columns], axis=1
+            [
+                table.column(c).cast(pa.float64()).fill_null(np.nan).to_numpy()
+                if c in table.column_names
+                else np.full(table.num_rows, np.nan)
+                for c in err_columns
+            ],
+            axis=1,
         )
     if "snr" in table.column_names:
         out["snr"] = table.column("snr").cast(pa.float64()).fill_null(np.nan).to_numpy()

@@ -133,6 +133,9 @@ def test_a_join_with_ids_on_one_side_only_accounts_for_every_row(setup, tmp_path
     used = list(rows.arrays["spectrum_id"])
     assert np.isnan(rows.arrays["labels"][used.index("s1"), 3])
     assert np.isfinite(rows.arrays["labels"][used.index("s1"), [0, 1, 2, 4]]).all()
+    # Errors mapped for teff and logg only: the others are NaN (the error floor when weighting).
+    err = rows.arrays["label_err"]
+    assert np.isfinite(err[:, :2]).all() and np.isnan(err[:, 2:]).all()
     assert training_set.label_counts(training_set_split := _no_test())["mgfe"]["rows"] == 2
     assert training_set.label_counts(training_set_split)["teff"]["rows"] == 4
 
