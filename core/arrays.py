@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -101,8 +102,22 @@ def model_inputs(arrays: SpectraArrays, setup: Setup) -> tuple[np.ndarray, np.nd
     return np.where(good, flux, np.float32(1.0)).astype(np.float32, copy=False), good
 
 
-def training_arrays(table: pa.Table, setup: Setup, *, clean: pa.Table | None = None) -> dict[str, np.ndarray]:
+def label_matrix(table: pa.Table, names: Sequence[str]) -> np.ndarray:
+    """``[n_rows, len(names)]`` float64 labels; a missing label (null) is NaN."""
+    columns = [table.column(c).cast(pa.float64()).fill_null(np.nan).to_numpy() for c in names]
+    return np.stack(columns, axis=1) if columns else np.zeros((table.num_rows, 0))
+
+
+def training_arrays(
+    table: pa.Table,
+    setup: Setup,
+    *,
+    clean: pa.Table | None = None,
+    label_names: Sequence[str] = LABEL_NAMES,
+) -> dict[str, np.ndarray]:
     """The arrays of :class:`ArrayData` from a labelled spectra table (validated rows).
+
+    ``labels`` has one column per name of ``label_names``, NaN where a row lacks that label.
 
     ``clean``: a table of noise-free twins (``spectrum_id`` and flux columns) matched by id; rows
     without a twin are an error, because augmentation would silently differ between rows.
@@ -110,10 +125,10 @@ def training_arrays(table: pa.Table, setup: Setup, *, clean: pa.Table | None = N
     arrays = spectra_arrays(table, setup)
     flux, mask = model_inputs(arrays, setup)
     _, ivar = arrays.concatenated(setup)
-    missing = [c for c in LABEL_NAMES if c not in table.column_names]
+    missing = [c for c in label_names if c not in table.column_names]
     if missing:
         raise InputError(f"training table lacks label column(s) {missing}")
-    labels = np.stack([table.column(c).to_numpy(zero_copy_only=False) for c in LABEL_NAMES], axis=1)
+    labels = label_matrix(table, label_names)
     out = {
         "spectrum_id": np.asarray(table.column("spectrum_id").to_pylist(), dtype=object),
         "flux": flux,
@@ -123,10 +138,18 @@ def training_arrays(table: pa.Table, setup: Setup, *, clean: pa.Table | None = N
         "label_err": None,
         "flux_clean": None,
     }
-    err_columns = [f"{c}_err" for c in LABEL_NAMES]
-    if all(c in table.column_names for c in err_columns):
+    err_columns = [f"{c}_err" for c in label_names]
+    if any(c in table.column_names for c in err_columns):
+        # A label without an error column has NaN errors: inverse-variance weighting gives its
+        # entries the error floor (as for a single missing error).
         out["label_err"] = np.stack(
-            [table.column(c).cast(pa.float64()).fill_null(np.nan).to_numpy() for c in err_columns], axis=1
+            [
+                table.column(c).cast(pa.float64()).fill_null(np.nan).to_numpy()
+                if c in table.column_names
+                else np.full(table.num_rows, np.nan)
+                for c in err_columns
+            ],
+            axis=1,
         )
     if "snr" in table.column_names:
         out["snr"] = table.column("snr").cast(pa.float64()).fill_null(np.nan).to_numpy()
@@ -143,19 +166,25 @@ def training_arrays(table: pa.Table, setup: Setup, *, clean: pa.Table | None = N
     return out
 
 
-def prepare_arrays(table: pa.Table, setup: Setup, *, clean: pa.Table | None = None) -> dict[str, np.ndarray]:
+def prepare_arrays(
+    table: pa.Table,
+    setup: Setup,
+    *,
+    clean: pa.Table | None = None,
+    label_names: Sequence[str] = LABEL_NAMES,
+) -> dict[str, np.ndarray]:
     """Training arrays of a validated labelled table, with its fingerprint."""
-    arrays = training_arrays(table, setup, clean=clean)
-    arrays["fingerprint"] = DataFingerprint().add_digests(row_digests(table, setup)).hexdigest
+    arrays = training_arrays(table, setup, clean=clean, label_names=label_names)
+    digests = row_digests(table, setup, label_names=label_names)
+    arrays["fingerprint"] = DataFingerprint().add_digests(digests).hexdigest
+    arrays["label_names"] = tuple(label_names)
     return arrays
 
 
-def row_digests(table: pa.Table, setup: Setup) -> list[bytes]:
+def row_digests(table: pa.Table, setup: Setup, *, label_names: Sequence[str] = LABEL_NAMES) -> list[bytes]:
     """Each row's 32-byte contribution: sha256 of its id, its flux and ivar content and its labels."""
     content = spectrum_sha256(spectra_arrays(table, setup), setup)
-    labels = np.stack(
-        [table.column(c).cast(pa.float64()).fill_null(np.nan).to_numpy() for c in LABEL_NAMES], axis=1
-    )
+    labels = label_matrix(table, label_names)
     return [
         hashlib.sha256(f"{sid}\x00{digest}\x00".encode() + row.astype("<f8").tobytes()).digest()
         for sid, digest, row in zip(table.column("spectrum_id").to_pylist(), content, labels, strict=True)

@@ -3,7 +3,9 @@
 A *spectra table* has one row per spectrum: ``spectrum_id`` (unique string), ``flux_<arm>`` for each
 arm of the setup (list or fixed_size_list of float32/float64 of the arm's length), optional
 ``ivar_<arm>`` (inverse variance, 0 = masked pixel) and optional ``ra``, ``dec``, ``snr``, ``object``,
-``release``. A *labelled* table adds the five labels and optional ``<label>_err``.
+``release``. A *labelled* table adds label columns (by default the paper's five; a model may name
+others) and optional ``<label>_err``. A labelled row may lack some labels (null or NaN: that label is
+not trained on it); a row with none of them is quarantined (``missing_label``).
 
 Validation never raises for a bad row: it returns one reason per row (``None`` = good) so that jobs
 can route bad rows to quarantine and account for every input row. Problems with the table as a whole
@@ -12,13 +14,15 @@ can route bad rows to quarantine and account for every input row. Problems with 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from .arrays import SpectraArrays, spectra_arrays
 from .errors import InputError
-from .labels import LABEL_NAMES, LABELS
+from .labels import LABEL_NAMES, label_definition
 from .setups import Setup
 
 OPTIONAL_COLUMNS: dict[str, pa.DataType] = {
@@ -39,6 +43,7 @@ NONFINITE_IVAR = "nonfinite_ivar"
 NEGATIVE_IVAR = "negative_ivar"
 MISSING_LABEL = "missing_label"
 LABEL_OUT_OF_RANGE = "label_out_of_range"
+NOT_SELECTED = "not_selected"  # a training row whose star the [selection] cut of model.toml removed
 # A validated row whose labels the model could not compute (e.g. non-finite network output).
 MODEL_ERROR = "model_error"
 
@@ -99,15 +104,25 @@ def store_schema(setup: Setup) -> pa.Schema:
     return pa.schema(fields, metadata=base.metadata)
 
 
-def required_columns(setup: Setup, *, labelled: bool = False) -> list[str]:
+def required_columns(
+    setup: Setup, *, labelled: bool = False, label_names: Sequence[str] = LABEL_NAMES
+) -> list[str]:
     cols = ["spectrum_id", *(arm.flux_column for arm in setup.arms)]
-    return cols + list(LABEL_NAMES) if labelled else cols
+    return cols + list(label_names) if labelled else cols
 
 
-def check_table_columns(schema: pa.Schema, setup: Setup, *, labelled: bool = False, source: str = "") -> None:
+def check_table_columns(
+    schema: pa.Schema,
+    setup: Setup,
+    *,
+    labelled: bool = False,
+    source: str = "",
+    label_names: Sequence[str] = LABEL_NAMES,
+) -> None:
     """Raise :class:`InputError` naming what is missing when a table cannot follow the contract."""
     where = f" in {source}" if source else ""
-    missing = [c for c in required_columns(setup, labelled=labelled) if c not in schema.names]
+    required = required_columns(setup, labelled=labelled, label_names=label_names)
+    missing = [c for c in required if c not in schema.names]
     if missing:
         raise InputError(
             f"spectra table{where} lacks required column(s) {missing} for setup {setup.name!r} "
@@ -141,6 +156,7 @@ def validate(
     labelled: bool = False,
     arrays: SpectraArrays | None = None,
     known_duplicates: np.ndarray | None = None,
+    label_names: Sequence[str] = LABEL_NAMES,
 ) -> np.ndarray:
     """One reason per row (``"code: detail"``), or ``None`` for a good row.
 
@@ -148,7 +164,7 @@ def validate(
     table are duplicates; ``known_duplicates`` (a boolean mask) marks rows that a job found to be
     duplicates of rows in other batches.
     """
-    check_table_columns(table.schema, setup, labelled=labelled)
+    check_table_columns(table.schema, setup, labelled=labelled, label_names=label_names)
     arrays = arrays if arrays is not None else spectra_arrays(table, setup)
     n = table.num_rows
     reasons = np.full(n, None, dtype=object)
@@ -214,18 +230,21 @@ def validate(
         flag(bad_flux, f"{NONFINITE_FLUX}: {arm.flux_column} has NaN or inf at unmasked pixels")
 
     if labelled:
-        for label in LABELS:
-            values = table.column(label.name).cast(pa.float64()).fill_null(np.nan).to_numpy()
-            flag(~np.isfinite(values), f"{MISSING_LABEL}: {label.name} is null or not finite")
-            lo, hi = label.physical_range
+        present = np.zeros(n, dtype=bool)
+        for name in label_names:
+            values = table.column(name).cast(pa.float64()).fill_null(np.nan).to_numpy()
+            present |= np.isfinite(values)
+            lo, hi = label_definition(name).physical_range
             with np.errstate(invalid="ignore"):
                 outside = (values < lo) | (values > hi)
             flag(
                 outside,
-                lambda i, label=label, values=values, lo=lo, hi=hi: (
-                    f"{LABEL_OUT_OF_RANGE}: {label.name} = {values[i]:g} outside [{lo:g}, {hi:g}]"
+                lambda i, name=name, values=values, lo=lo, hi=hi: (
+                    f"{LABEL_OUT_OF_RANGE}: {name} = {values[i]:g} outside [{lo:g}, {hi:g}]"
                 ),
             )
+        # A row lacking some labels still trains the others; one with none has nothing to teach.
+        flag(~present, f"{MISSING_LABEL}: none of the labels {', '.join(label_names)} is present")
     return reasons
 
 

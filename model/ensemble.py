@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from speclabel.core.errors import ConfigError, InputError
+from speclabel.core.labels import Label, label_set, labels_from_dicts
 from speclabel.core.setups import Setup
 
 from .arch import ArchConfig, build_network
@@ -169,6 +170,15 @@ class Ensemble:
     @property
     def label_names(self) -> tuple[str, ...]:
         return self.scaler.names
+
+    @property
+    def label_definitions(self) -> tuple[Label, ...]:
+        """The model's labels with units and descriptions (model.json ``label_definitions``; a model
+        written before labels were declared gets the standard definitions of its label names)."""
+        declared = self.info.get("label_definitions")
+        if declared and [d["name"] for d in declared] == list(self.label_names):
+            return labels_from_dicts(declared)
+        return label_set(self.label_names)
 
     @property
     def dtype(self) -> torch.dtype:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -19,6 +19,7 @@ import numpy as np
 # from here, where README has always shown it.
 from speclabel.core.arrays import prepare_arrays as prepare_arrays
 from speclabel.core.errors import ConfigError, InputError
+from speclabel.core.labels import LABEL_NAMES
 from speclabel.core.setups import Setup
 
 from .arch import ArchConfig
@@ -71,12 +72,15 @@ class EnsembleConfig:
         return {**dataclasses.asdict(self), "split": self.split.to_dict()}
 
 
-def fit_scaler(arrays: Mapping[str, np.ndarray], split: SplitRule, method: str) -> LabelScaler:
-    """The label scaling of the whole ensemble, from every row outside the common test split."""
+def fit_scaler(
+    arrays: Mapping[str, np.ndarray], split: SplitRule, method: str, names: Sequence[str] = LABEL_NAMES
+) -> LabelScaler:
+    """The label scaling of the whole ensemble, from every row outside the common test split
+    (each label from the rows that have it)."""
     rows = ~split.is_test(arrays["spectrum_id"])
     if rows.sum() < 2:
         raise InputError(f"only {int(rows.sum())} training rows outside the test split")
-    return LabelScaler.fit(arrays["labels"][rows], method)
+    return LabelScaler.fit(arrays["labels"][rows], method, tuple(names))
 
 
 def member_data(arrays: Mapping[str, np.ndarray], split: SplitRule, seed: int) -> tuple[ArrayData, ArrayData]:
@@ -189,7 +193,7 @@ def fit_ensemble(
 ) -> Ensemble:
     """Train every candidate member in turn (``on_epoch(seed, metrics, state)`` after each epoch)."""
     split = ensemble_config.split
-    scaler = fit_scaler(arrays, split, ensemble_config.scaling)
+    scaler = fit_scaler(arrays, split, ensemble_config.scaling, arrays.get("label_names", LABEL_NAMES))
     reference = (
         input_reference(*member_data(arrays, split, ensemble_config.seeds[0])) if arch.center_input else None
     )

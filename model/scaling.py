@@ -46,15 +46,20 @@ class LabelScaler:
     def fit(
         cls, labels: np.ndarray, method: str = "standard", names: tuple[str, ...] = LABEL_NAMES
     ) -> LabelScaler:
-        """Scaling of the training labels ``[N, n_labels]`` (physical units)."""
+        """Scaling of the training labels ``[N, n_labels]`` (physical units; NaN = a row lacks that
+        label, and each label is scaled from the rows that have it)."""
         labels = np.asarray(labels, dtype=np.float64)
         if labels.ndim != 2 or labels.shape[1] != len(names) or labels.shape[0] < 2:
             raise ConfigError(
                 f"need labels of shape [N >= 2, {len(names)}] to fit a scaling, got {labels.shape}"
             )
-        lo, hi = labels.min(axis=0), labels.max(axis=0)
+        counts = np.isfinite(labels).sum(axis=0)
+        if (counts < 2).any():
+            few = [f"{n} ({c})" for n, c in zip(names, counts, strict=True) if c < 2]
+            raise ConfigError(f"label(s) {', '.join(few)} have fewer than 2 training values to fit a scaling")
+        lo, hi = np.nanmin(labels, axis=0), np.nanmax(labels, axis=0)
         if method == "standard":
-            offset, scale = labels.mean(axis=0), labels.std(axis=0)
+            offset, scale = np.nanmean(labels, axis=0), np.nanstd(labels, axis=0)
         elif method == "minmax":
             offset, scale = lo, hi - lo
         else:

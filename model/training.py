@@ -4,7 +4,8 @@ Data come through a small interface, :class:`TrainingData`: ``batches(epoch, bat
 shuffle_seed)`` yields dicts of arrays (numpy or torch) with the keys
 
 * ``flux`` [B, P] float (masked pixels = 1.0, as ``core.arrays.model_inputs`` gives them),
-* ``mask`` [B, P] bool (True = good pixel), ``labels`` [B, L] physical units,
+* ``mask`` [B, P] bool (True = good pixel), ``labels`` [B, L] physical units, NaN where a row
+  lacks a label (the loss then ignores that entry: :func:`masked_mean`),
 * optional ``label_err`` [B, L] (for inverse-variance weighting), ``ivar`` [B, P] (to add noise down
   to a lower S/N) and ``flux_clean`` [B, P] (a noise-free twin: fresh noise at a drawn S/N).
 
@@ -237,20 +238,16 @@ class DataParallel:
         torch.distributed.all_reduce(totals)
         return totals.tolist()
 
-    def step_loss(self, sq: torch.Tensor, weights: torch.Tensor | None) -> tuple[torch.Tensor, float]:
+    def step_loss(self, sq: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, float]:
         """This worker's share of the step's loss, and the step's rows over all workers.
 
         DDP averages gradients over the workers, so each worker's loss is W x its part of the
-        whole step's (weighted) mean: the average is then the gradient of the mean over every row of
-        the step, however the rows were split (unequal parts included).
+        whole step's (weighted, masked) mean: the average is then the gradient of
+        :func:`masked_mean` over every row of the step, however the rows were split (unequal parts
+        included).
         """
-        n_rows, n_labels = sq.shape
-        local = [float(n_rows), *(weights.sum(0).tolist() if weights is not None else [])]
-        totals = self.all_sum(local)
-        if weights is None:
-            part = sq.sum() / (totals[0] * n_labels)
-        else:
-            part = ((sq * weights).sum(0) / torch.as_tensor(totals[1:], dtype=sq.dtype)).mean()
+        totals = self.all_sum([float(sq.shape[0]), *weights.sum(0).tolist()])
+        part = masked_mean(sq, weights, torch.as_tensor(totals[1:], dtype=sq.dtype, device=sq.device))
         return part * self.world_size, totals[0]
 
 
@@ -462,20 +459,47 @@ def _scaled(labels: torch.Tensor, scaler: LabelScaler) -> torch.Tensor:
     return ((labels - offset) / scale).to(torch.float32)
 
 
-def _loss_weights(
+def loss_targets(
     batch: dict[str, torch.Tensor], scaler: LabelScaler, config: TrainConfig
-) -> torch.Tensor | None:
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scaled targets and per-entry loss weights ``[B, L]`` of a batch.
+
+    A missing label (NaN) gets weight 0 and a finite placeholder target, so that it adds nothing to
+    the loss nor, through a NaN times zero, to the gradient. Present labels weigh 1, or
+    1 / (scaled error)^2 with ``inverse_variance`` weighting (a missing error counts as the floor:
+    such a row weighs as much as the best-measured ones).
+    """
+    labels = batch["labels"]
+    present = torch.isfinite(labels)
+    target = _scaled(torch.where(present, labels, torch.as_tensor(scaler.offset, dtype=labels.dtype)), scaler)
+    weights = present.to(torch.float32)
     if config.loss_weighting == "none":
-        return None
+        return target, weights
     err = batch.get("label_err")
     if err is None:
         raise InputError(
             "loss_weighting='inverse_variance' needs label_err (<label>_err columns) in the batches"
         )
     scaled_err = (err / torch.as_tensor(scaler.scale)).to(torch.float32)
-    # Missing errors count as the floor: such rows weigh as much as the best-measured ones.
     scaled_err = torch.nan_to_num(scaled_err, nan=config.error_floor).clamp(min=config.error_floor)
-    return 1.0 / scaled_err**2
+    return target, weights / scaled_err**2
+
+
+def masked_mean(sq: torch.Tensor, weights: torch.Tensor, totals: torch.Tensor | None = None) -> torch.Tensor:
+    """The training loss: per label, the weighted mean of ``sq`` over the rows that have the label,
+    then the mean over the labels that some row has. ``totals``: the weight sums per label, when the
+    rows of the step are spread over several workers (default: ``weights.sum(0)``)."""
+    totals = weights.sum(0) if totals is None else totals
+    has = totals > 0
+    return ((sq * weights).sum(0)[has] / totals[has]).mean()
+
+
+def per_label_mse(predicted: np.ndarray, target: np.ndarray) -> np.ndarray:
+    """Mean squared error per label over the rows whose target is present (NaN for a label none has)."""
+    present = np.isfinite(target)
+    sums = np.where(present, (predicted - np.where(present, target, 0.0)) ** 2, 0.0).sum(axis=0)
+    counts = present.sum(axis=0)
+    return np.where(counts > 0, sums / np.maximum(counts, 1), np.nan)
 
 
 def predict_scaled(
@@ -592,12 +616,11 @@ def train_member(
                     if config.augment.active
                     else (batch["flux"], batch["mask"])
                 )
-                target = _scaled(batch["labels"], scaler).to(device)
-                sq = (trained(flux.to(device), mask.to(device)) - target) ** 2
-                weights = _loss_weights(batch, scaler, config)
-                weights = None if weights is None else weights.to(device)
+                target, weights = loss_targets(batch, scaler, config)
+                sq = (trained(flux.to(device), mask.to(device)) - target.to(device)) ** 2
+                weights = weights.to(device)
                 if parallel is None:
-                    loss = sq.mean() if weights is None else ((sq * weights).sum(0) / weights.sum(0)).mean()
+                    loss = masked_mean(sq, weights)
                     step_rows = flux.shape[0]
                 else:
                     loss, step_rows = parallel.step_loss(sq, weights)
@@ -613,8 +636,8 @@ def train_member(
         if n_train == 0:
             raise InputError("the training data are empty")
         predicted, target = predict_scaled(network, val, scaler, max(config.batch_size, 256), device)
-        per_label = ((predicted - target) ** 2).mean(axis=0)
-        val_loss, val_rmse = float(per_label.mean()), np.sqrt(per_label) * scaler.scale
+        per_label = per_label_mse(predicted, target)
+        val_loss, val_rmse = float(np.nanmean(per_label)), np.sqrt(per_label) * scaler.scale
         if not math.isfinite(val_loss):
             stopped = True  # diverged: keep the best weights so far; selection will drop this member
         elif val_loss < best_val - config.min_delta:

@@ -40,7 +40,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from speclabel.core.arrays import row_digests, training_arrays
+from speclabel.core.arrays import label_matrix, row_digests, training_arrays
 from speclabel.core.contract import DUPLICATE_ID, check_table_columns, quarantine_table
 from speclabel.core.contract import validate as validate_rows
 from speclabel.core.errors import InputError
@@ -51,6 +51,8 @@ from speclabel.core.storage import absolute_location, resolve_files
 from speclabel.model.fit import member_data
 from speclabel.model.splits import SplitRule
 from speclabel.model.training import ArrayData
+
+from .training_labels import TrainingLabels
 
 PARQUET_EXTENSIONS = (".parquet", ".parq", ".pq")
 # Bytes per pixel of one spectrum as training arrays: float32 flux + float32 ivar + bool mask.
@@ -76,6 +78,8 @@ class TrainingInput:
     pieces: tuple[tuple[str, int], ...]  # (file, row group)
     n_rows: int  # from the Parquet footers
     batch_rows: int = 256  # rows decoded at a time inside a row group
+    label_names: tuple[str, ...] = LABEL_NAMES  # the model's outputs, in order
+    labels: TrainingLabels | None = None  # labels joined by spectrum_id; None: the files' own columns
 
     def estimated_bytes(self, setup: Setup) -> int:
         """Memory the used rows take as training arrays (the in-memory mode's footprint)."""
@@ -85,7 +89,10 @@ class TrainingInput:
         tables = [
             pq.read_table(f, filesystem=self.filesystem, columns=list(self.columns)) for f in self.files
         ]
-        return pa.concat_tables(tables, promote_options="permissive")
+        return self._with_labels(pa.concat_tables(tables, promote_options="permissive"))
+
+    def _with_labels(self, table: pa.Table) -> pa.Table:
+        return table if self.labels is None else self.labels.attach(table)
 
     def read_piece(self, path: str, row_group: int) -> Iterator[pa.Table]:
         with self.filesystem.open_input_file(path) as handle:
@@ -93,7 +100,7 @@ class TrainingInput:
             for batch in reader.iter_batches(
                 batch_size=self.batch_rows, row_groups=[row_group], columns=list(self.columns)
             ):
-                yield pa.Table.from_batches([batch])
+                yield self._with_labels(pa.Table.from_batches([batch]))
 
     def map_pieces(self, fn, fn_kwargs: dict, *, num_cpus: float, shuffle_seed: int | None = None):
         """A Ray Data dataset of ``fn(table, **fn_kwargs)`` over every row group, in file order or in a
@@ -128,8 +135,28 @@ def _over_pieces(items: pa.Table, *, input: TrainingInput, fn, fn_kwargs: dict):
             yield fn(table, **fn_kwargs)
 
 
-def resolve_input(location: str, setup: Setup) -> TrainingInput:
-    """The Parquet files at ``location``, each checked to hold a labelled spectra table for ``setup``."""
+def scalar_columns(location: str) -> pa.Table:
+    """Every training file's columns of plain values (no spectra): what a [labels] mapping without a
+    label catalogue computes the labels from."""
+    fs, files = resolve_files(location, PARQUET_EXTENSIONS)
+    tables = []
+    for path in files:
+        schema = pq.read_schema(path, filesystem=fs)
+        names = [f.name for f in schema if not pa.types.is_nested(f.type)]
+        tables.append(pq.read_table(path, filesystem=fs, columns=names))
+    return pa.concat_tables(tables, promote_options="permissive")
+
+
+def resolve_input(
+    location: str,
+    setup: Setup,
+    label_names: tuple[str, ...] = LABEL_NAMES,
+    labels: TrainingLabels | None = None,
+) -> TrainingInput:
+    """The Parquet files at ``location``, each checked to hold a labelled spectra table for ``setup``
+    with the columns of ``label_names``, or spectra whose ``labels`` are joined by ``spectrum_id``."""
+    if labels is not None:
+        label_names = labels.label_names
     fs, files = resolve_files(location, PARQUET_EXTENSIONS)
     columns: list[str] | None = None
     pieces: list[tuple[str, int]] = []
@@ -140,43 +167,64 @@ def resolve_input(location: str, setup: Setup) -> TrainingInput:
             schema = metadata.schema.to_arrow_schema()
         except (OSError, pa.ArrowInvalid) as exc:
             raise InputError(f"cannot read Parquet file {path}: {exc}") from exc
-        check_table_columns(schema, setup, labelled=True, source=path)
+        check_table_columns(schema, setup, labelled=labels is None, source=path, label_names=label_names)
         n_rows += metadata.num_rows
         pieces += [(path, group) for group in range(metadata.num_row_groups)]
         present = set(schema.names)
         wanted = [
             "spectrum_id",
             *(c for arm in setup.arms for c in (arm.flux_column, arm.ivar_column)),
-            *LABEL_NAMES,
-            *(f"{label}_err" for label in LABEL_NAMES),
+            *(() if labels is not None else (*label_names, *(f"{label}_err" for label in label_names))),
             "snr",
         ]
         # Optional columns are used only when every file has them: one schema for all batches.
         file_columns = [c for c in wanted if c in present]
         columns = file_columns if columns is None else [c for c in columns if c in file_columns]
-    return TrainingInput(location, fs, tuple(files), tuple(columns or ()), tuple(pieces), n_rows)
+    return TrainingInput(
+        location,
+        fs,
+        tuple(files),
+        tuple(columns or ()),
+        tuple(pieces),
+        n_rows,
+        label_names=tuple(label_names),
+        labels=labels,
+    )
 
 
-SCAN_SCHEMA = pa.schema(
-    [
-        ("spectrum_id", pa.string()),
-        ("reason", pa.string()),
-        *[(name, pa.float64()) for name in LABEL_NAMES],
-        ("digest", pa.binary(32)),
-    ]
-)
+def scan_schema(label_names: tuple[str, ...]) -> pa.Schema:
+    """What the scan keeps of each row: id, reason (null for a good row), labels, content digest."""
+    return pa.schema(
+        [
+            ("spectrum_id", pa.string()),
+            ("reason", pa.string()),
+            *[(name, pa.float64()) for name in label_names],
+            ("digest", pa.binary(32)),
+        ]
+    )
 
 
-def scan_batch(table: pa.Table, setup: Setup) -> pa.Table:
-    """What the driver keeps of each row (:data:`SCAN_SCHEMA`): the reason is null for a good row."""
-    reasons = validate_rows(table, setup, labelled=True)
+SCAN_SCHEMA = scan_schema(LABEL_NAMES)  # the paper's five labels
+
+
+def scan_batch(
+    table: pa.Table,
+    setup: Setup,
+    label_names: tuple[str, ...] = LABEL_NAMES,
+    labels: TrainingLabels | None = None,
+) -> pa.Table:
+    """What the driver keeps of each row (:func:`scan_schema`): the reason is null for a good row.
+    ``labels``: where the labels were joined from, to say why a row has none."""
+    reasons = validate_rows(table, setup, labelled=True, label_names=label_names)
+    if labels is not None:
+        reasons = labels.explain(table.column("spectrum_id").to_pylist(), reasons)
     columns = {
         "spectrum_id": table.column("spectrum_id").cast(pa.string()),
         "reason": pa.array(list(reasons), pa.string()),
-        **{name: table.column(name).cast(pa.float64()) for name in LABEL_NAMES},
-        "digest": pa.array(row_digests(table, setup), pa.binary(32)),
+        **{name: table.column(name).cast(pa.float64()) for name in label_names},
+        "digest": pa.array(row_digests(table, setup, label_names=label_names), pa.binary(32)),
     }
-    return pa.table(columns, schema=SCAN_SCHEMA)
+    return pa.table(columns, schema=scan_schema(label_names))
 
 
 @dataclass
@@ -210,13 +258,29 @@ class TrainingSet:
             bad.column("spectrum_id").to_pylist(), bad.column("reason").to_pylist(), self.input.location
         )
 
+    @property
+    def label_names(self) -> tuple[str, ...]:
+        return self.input.label_names
+
     def label_arrays(self) -> dict[str, np.ndarray]:
-        """``spectrum_id`` and ``labels`` of the used rows, as ``model.fit.fit_scaler`` takes them."""
+        """``spectrum_id`` and ``labels`` of the used rows, as ``model.fit.fit_scaler`` takes them
+        (NaN where a row lacks a label)."""
         used = self.scan.filter(pa.array(self.used))
-        labels = np.stack([used.column(name).to_numpy() for name in LABEL_NAMES], axis=1)
+        labels = label_matrix(used, self.label_names)
         return {
             "spectrum_id": np.asarray(used.column("spectrum_id").to_pylist(), dtype=object),
             "labels": labels,
+        }
+
+    def label_counts(self, split: SplitRule) -> dict[str, dict[str, int]]:
+        """Per label: used rows that have it, and of those the rows outside the common test split,
+        which train (or validate) it."""
+        arrays = self.label_arrays()
+        outside = ~split.is_test(arrays["spectrum_id"])
+        present = np.isfinite(arrays["labels"])
+        return {
+            name: {"rows": int(present[:, k].sum()), "trained": int((present[:, k] & outside).sum())}
+            for k, name in enumerate(self.label_names)
         }
 
     def fingerprint(self) -> str:
@@ -258,16 +322,22 @@ def finish_scan(scan: pa.Table, input: TrainingInput, setup: Setup) -> TrainingS
 def scan_in_memory(input: TrainingInput, setup: Setup) -> tuple[TrainingSet, InMemoryRows]:
     """Read the whole input in this process, scan it, and keep the used rows as training arrays."""
     table = input.read_table()
-    training_set = finish_scan(scan_batch(table, setup), input, setup)
-    arrays = training_arrays(table.filter(pa.array(training_set.used)), setup)
+    training_set = finish_scan(scan_batch(table, setup, input.label_names, input.labels), input, setup)
+    used = table.filter(pa.array(training_set.used))
+    arrays = training_arrays(used, setup, label_names=input.label_names)
     return training_set, InMemoryRows(arrays)
 
 
 def scan_streaming(input: TrainingInput, setup: Setup, *, num_cpus: float = 1.0) -> TrainingSet:
     """Scan the input in Ray Data tasks; only the small per-row results come back to the driver."""
-    scanned = input.map_pieces(scan_batch, {"setup": setup}, num_cpus=num_cpus)
+    scanned = input.map_pieces(
+        scan_batch,
+        {"setup": setup, "label_names": input.label_names, "labels": input.labels},
+        num_cpus=num_cpus,
+    )
     parts = [pa.Table.from_batches([b]) if isinstance(b, pa.RecordBatch) else b for b in _blocks(scanned)]
-    scan = pa.concat_tables(parts).cast(SCAN_SCHEMA) if parts else SCAN_SCHEMA.empty_table()
+    schema = scan_schema(input.label_names)
+    scan = pa.concat_tables(parts).cast(schema) if parts else schema.empty_table()
     if scan.num_rows != input.n_rows:
         raise InputError(
             f"the scan of {input.location} returned {scan.num_rows} rows, the Parquet footers say "
@@ -309,6 +379,7 @@ def member_rows(
     seed: int,
     part: str,
     excluded_ids: frozenset[str],
+    label_names: tuple[str, ...] = LABEL_NAMES,
 ) -> dict[str, np.ndarray]:
     """The rows of ``table`` in ``part`` of member ``seed``, as training arrays (a Ray Data UDF)."""
     ids = table.column("spectrum_id").to_pylist()
@@ -318,7 +389,7 @@ def member_rows(
     else:
         train, val = split.member_masks(ids, seed)
         keep = train if part == "train" else val
-    arrays = training_arrays(table.filter(pa.array(usable & keep)), setup)
+    arrays = training_arrays(table.filter(pa.array(usable & keep)), setup, label_names=label_names)
     return {k: arrays[k] for k in ARRAY_KEYS if arrays.get(k) is not None}
 
 
@@ -353,6 +424,7 @@ class StreamedRows:
                 "seed": self.seed,
                 "part": self.part,
                 "excluded_ids": self.excluded_ids,
+                "label_names": self.input.label_names,
             },
             num_cpus=self.num_cpus,
             shuffle_seed=shuffle_seed,

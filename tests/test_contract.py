@@ -34,8 +34,12 @@ def test_each_bad_row_gets_its_specific_reason(setup):
     table = table.set_column(0, "spectrum_id", pa.array(ids))
     teff = table.column("teff").to_pylist()
     teff[5] = -5.0
-    teff[6] = None
+    teff[7] = None  # a row lacking one label is good: it trains the others
     table = table.set_column(table.schema.get_field_index("teff"), "teff", pa.array(teff, pa.float32()))
+    for name in contract.LABEL_NAMES:  # row 6 lacks every label
+        values = table.column(name).to_pylist()
+        values[6] = None if name != "feh" else float("nan")
+        table = table.set_column(table.schema.get_field_index(name), name, pa.array(values, pa.float32()))
 
     reasons = contract.validate(table, setup, labelled=True)
     codes = [None if r is None else contract.reason_code(r) for r in reasons]
@@ -51,6 +55,20 @@ def test_each_bad_row_gets_its_specific_reason(setup):
     ]
     assert "5600 values" in reasons[0] and "5601" in reasons[0]
     assert "teff = -5" in reasons[5]
+    assert "none of the labels teff, logg, feh, mgfe, alfe" in reasons[6]
+
+
+def test_a_label_set_of_the_model_is_what_a_labelled_row_is_checked_for(setup):
+    table = spectra_table(setup, n=3, fixed=True, labelled=True).drop_columns(["mgfe", "alfe"])
+    table = table.append_column("cafe", pa.array([0.1, None, None], pa.float32()))
+    with pytest.raises(InputError, match="mgfe"):
+        contract.validate(table, setup, labelled=True)
+    reasons = contract.validate(table, setup, labelled=True, label_names=("cafe",))
+    assert (
+        reasons.tolist() == [None, reasons[1], reasons[2]]
+        and contract.reason_code(reasons[1]) == "missing_label"
+    )
+    assert contract.validate(table, setup, labelled=True, label_names=("teff", "cafe")).tolist() == [None] * 3
 
 
 def test_nan_flux_is_allowed_where_the_pixel_is_masked(setup):

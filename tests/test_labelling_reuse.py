@@ -57,3 +57,26 @@ def test_map_ids_come_from_a_file_and_a_hash_sample(tmp_path):
     options = LabelOptions(saliency="full", saliency_sample=4, saliency_ids=str(tmp_path / "ids.txt"))
     assert selected_map_ids(options, Source()) == frozenset(smallest | {"a", "b"})
     assert selected_map_ids(LabelOptions(), Source()) is None
+
+
+class _Released:
+    """The part of ``publish.Dataset`` the label-set check reads: one release's index entry."""
+
+    location = "cat"
+
+    def __init__(self, entry):
+        self.entry = entry
+
+    def release_entry(self, release):
+        return self.entry
+
+
+def test_a_release_keeps_one_label_set():
+    from speclabel.core.errors import SpeclabelError
+    from speclabel.pipeline.labelling.reuse import check_label_set
+
+    five = ("teff", "logg", "feh", "mgfe", "alfe")
+    check_label_set(_Released(None), "DR1", ("teff",), "new")  # a new release takes any label set
+    check_label_set(_Released({"model_id": "old"}), "DR1", five, "new")  # entries before label sets: five
+    with pytest.raises(SpeclabelError, match=r"holds the labels teff, logg, feh .*--force"):
+        check_label_set(_Released({"model_id": "old", "labels": ["teff", "logg", "feh"]}), "DR1", five, "new")

@@ -18,6 +18,8 @@ from speclabel.model.training import (
     TrainingState,
     augment,
     derived_seed,
+    loss_targets,
+    masked_mean,
     rv_shift,
     train_member,
 )
@@ -177,6 +179,57 @@ def test_inverse_variance_weighting_ignores_rows_with_huge_errors(tiny_setup, da
     )
     with pytest.raises(InputError, match="label_err"):
         train_member(arch, tiny_setup, scaler, config, ArrayData(train.flux, train.mask, train.labels), val)
+
+
+@pytest.mark.parametrize("weighting", ["none", "inverse_variance"])
+def test_masked_loss_is_the_mean_over_present_labels_only(data, weighting):
+    """The loss of a batch with missing labels, against a hand computation over the present entries."""
+    _, _, scaler = data
+    rng = np.random.default_rng(5)
+    labels = scaler.inverse(rng.normal(size=(6, 5)))
+    labels[[0, 2, 3], 3] = np.nan  # three rows lack [Mg/Fe]
+    labels[1, [0, 4]] = np.nan
+    labels[:, 4] = np.nan  # no row of this batch has [Al/Fe]: that label is left out of the mean
+    err = rng.uniform(0.5, 2.0, size=(6, 5)) * scaler.scale
+    predicted = rng.normal(size=(6, 5))
+    config = TrainConfig(loss_weighting=weighting)
+    batch = {"labels": torch.as_tensor(labels), "label_err": torch.as_tensor(err)}
+    target, weights = loss_targets(batch, scaler, config)
+    output = torch.tensor(predicted, dtype=torch.float32, requires_grad=True)
+    loss = masked_mean((output - target) ** 2, weights)
+    loss.backward()
+
+    expected = []
+    for k in range(4):
+        rows = np.isfinite(labels[:, k])
+        sq = (predicted[rows, k] - (labels[rows, k] - scaler.offset[k]) / scaler.scale[k]) ** 2
+        w = np.ones(rows.sum()) if weighting == "none" else (err[rows, k] / scaler.scale[k]) ** -2.0
+        expected.append((w * sq).sum() / w.sum())
+    assert float(loss.detach()) == pytest.approx(np.mean(expected), rel=1e-5)
+    assert torch.isfinite(output.grad).all()
+    missing = ~np.isfinite(labels)
+    assert (output.grad.numpy()[missing] == 0).all() and (output.grad.numpy()[~missing] != 0).all()
+
+
+def test_missing_labels_train_like_entries_of_no_weight(tiny_setup, data):
+    """Rows lacking [Mg/Fe] train the same network as those rows with a near-infinite [Mg/Fe] error."""
+    train, val, scaler = data
+    config = TrainConfig(epochs=3, batch_size=64, learning_rate=3e-3, seed=1, augment=AugmentConfig())
+    arch = ARCH.replace(dropout=0.0)
+    labels, err = train.labels.copy(), np.ones_like(train.labels) * scaler.scale
+    labels[:20, 3] = np.nan
+    val_labels = val.labels.copy()
+    val_labels[:5, 3] = np.nan
+    val_missing = ArrayData(val.flux, val.mask, val_labels)
+    a = train_member(arch, tiny_setup, scaler, config, ArrayData(train.flux, train.mask, labels), val_missing)
+    err[:20, 3] = 1e12
+    weighted = config.replace(loss_weighting="inverse_variance", error_floor=1e-6)
+    b = train_member(
+        arch, tiny_setup, scaler, weighted, ArrayData(train.flux, train.mask, train.labels, err), val
+    )
+    for key, value in _weights(a.network).items():
+        assert torch.allclose(value, _weights(b.network)[key], rtol=1e-4, atol=1e-6), key
+    assert math.isfinite(a.best_val_loss) and a.val_metrics["mgfe"]["n"] == len(val) - 5
 
 
 def test_rv_shift_matches_numpy_interpolation(tiny_setup):

@@ -45,9 +45,11 @@ def faulty_survey(table: pa.Table) -> pa.Table:
     flux[7, int(np.flatnonzero(ivar[7] > 0)[0])] = np.nan  # NaN at a pixel that is not masked
     flux_array = pa.FixedSizeListArray.from_arrays(pa.array(flux.ravel(), flux_type.value_type), n_pixels)
     table = table.set_column(table.schema.get_field_index("flux_hr10"), "flux_hr10", flux_array)
-    teff = table.column("teff").to_pylist()
-    teff[9] = None
-    return table.set_column(table.schema.get_field_index("teff"), "teff", pa.array(teff, pa.float32()))
+    for name in ("teff", "logg", "feh", "mgfe", "alfe"):  # row 9 has no label at all
+        values = table.column(name).to_pylist()
+        values[9] = None
+        table = table.set_column(table.schema.get_field_index(name), name, pa.array(values, pa.float32()))
+    return table
 
 
 def write_in_two_files(table: pa.Table, folder: Path, row_group_size: int = 8) -> Path:

@@ -102,9 +102,9 @@ def run(args: argparse.Namespace) -> int:
 
 def _print_columns(names: list[str]) -> list[str]:
     """A terminal-wide selection: identity, position and the labels with their precision."""
-    from speclabel.core.labels import LABEL_NAMES
+    from speclabel.pipeline.catalogue.layout import label_columns
 
     wanted = ["spectrum_id", "release", "ra", "dec", "snr"]
-    for label in LABEL_NAMES:
+    for label in label_columns(names):
         wanted += [label, f"{label}_std"]
     return [name for name in [*wanted, "flags"] if name in names]

@@ -26,6 +26,16 @@ Configuration file (--config model.toml; command-line options override it):
   n_candidates = 10              # train 10, keep the 8 best by validation loss
   [ensemble.split]
   test_fraction = 0.1
+  [labels]                       # order = network outputs; default: the paper's five, same-named columns
+  teff = { expr = "TEFF", error = "E_TEFF", unit = "K" }
+  mgfe = { expr = "MG1 - FEH - 7.53" }   # arithmetic on columns, the --where language of query
+  [selection]
+  where = "E_TEFF < 150 and SNR > 30"     # cuts before training; each cut's removed rows are printed
+
+Labels from a separate catalogue: --label-catalogue FILE.{fits,parquet,csv} --id-column CNAME joins
+its rows to the spectra by spectrum_id; a spectrum without a row (or whose row a cut removed) is
+quarantined with that reason, catalogue rows without a spectrum are counted. A row lacking some
+labels trains the others.
 """
 
 from __future__ import annotations
@@ -66,6 +76,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "speclabel.model.arch:DEFAULT_ARCH",
     )
     parser.add_argument("--setup", help="instrument setup name or TOML (default: as the input declares)")
+    parser.add_argument(
+        "--labels",
+        metavar="A,B,...",
+        help="labels to train, in output order: as [labels] maps them, else same-named columns "
+        "(default: [labels], else teff,logg,feh,mgfe,alfe)",
+    )
+    parser.add_argument(
+        "--label-catalogue",
+        metavar="FILE",
+        help="labels from this FITS, Parquet or CSV table, joined to the spectra by --id-column",
+    )
+    parser.add_argument(
+        "--id-column",
+        default="spectrum_id",
+        help="the --label-catalogue column holding the spectra's spectrum_id (default spectrum_id)",
+    )
     parser.add_argument(
         "--gpus-per-member",
         choices=("auto", "0", "1"),
@@ -121,7 +147,14 @@ def build_job(args: argparse.Namespace):
         settings["ensemble"] = dataclasses.replace(ensemble, n_members=args.members)
     if args.setup:
         settings["setup"] = args.setup
+    if args.labels:
+        from speclabel.pipeline.training_labels import LabelMapping
+
+        names = [n.strip() for n in args.labels.split(",") if n.strip()]
+        settings["labels"] = settings.get("labels", LabelMapping()).choose(names)
     return TrainJob(
+        label_catalogue=args.label_catalogue,
+        id_column=args.id_column,
         data=args.data,
         out=args.out,
         gpus_per_member=args.gpus_per_member,

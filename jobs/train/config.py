@@ -15,6 +15,7 @@ from speclabel.model.arch import DEFAULT_ARCH, ArchConfig, arch_from_toml, get_a
 from speclabel.model.fit import EnsembleConfig
 from speclabel.model.splits import SplitRule
 from speclabel.model.training import TrainConfig
+from speclabel.pipeline.training_labels import SPECTRUM_ID, LabelMapping, label_mapping_from_toml
 
 JOB_FILE = "job.json"
 QUARANTINE_FILE = "quarantine.parquet"
@@ -47,8 +48,14 @@ class TrainJob:
     streaming: str = "auto"
     memory_fraction: float = 0.25  # of a node's memory the in-memory rows may take, over all its members
     address: str | None = None
+    labels: LabelMapping = field(default_factory=LabelMapping)  # [labels] + [selection] of model.toml
+    label_catalogue: str | None = None  # a FITS/Parquet/CSV table of labels, joined by id
+    id_column: str = SPECTRUM_ID  # its column holding the spectra's spectrum_id
 
     def __post_init__(self) -> None:
+        # The network has one output per label of the model.
+        if self.arch.n_outputs != len(self.labels.names):
+            object.__setattr__(self, "arch", self.arch.replace(n_outputs=len(self.labels.names)))
         if self.streaming not in STREAMING_MODES:
             raise ConfigError(f"streaming must be one of {STREAMING_MODES}, got {self.streaming!r}")
         if str(self.gpus_per_member) not in GPU_CHOICES:
@@ -80,7 +87,8 @@ class TrainJob:
 
 
 def read_model_config(path: str | os.PathLike) -> dict:
-    """``model.toml``: ``arch`` (preset name, TOML path or ``[arch]`` table), ``[train]``, ``[ensemble]``.
+    """``model.toml``: ``arch`` (preset name, TOML path or ``[arch]`` table), ``[train]``, ``[ensemble]``,
+    ``[labels]`` and ``[selection]`` (``pipeline.training_labels``).
 
     Returns the keyword arguments of :class:`TrainJob` that the file sets.
     """
@@ -91,9 +99,10 @@ def read_model_config(path: str | os.PathLike) -> dict:
         raise ConfigError(f"cannot read the configuration file {path}: {exc}") from exc
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"configuration file {path} is not valid TOML: {exc}") from exc
-    unknown = sorted(set(document) - {"arch", "train", "ensemble", "setup"})
+    known = ("arch", "train", "ensemble", "setup", "labels", "selection")
+    unknown = sorted(set(document) - set(known))
     if unknown:
-        raise ConfigError(f"{path}: unknown section(s) {unknown}; known: arch, train, ensemble, setup")
+        raise ConfigError(f"{path}: unknown section(s) {unknown}; known: {', '.join(known)}")
     out: dict = {}
     if "arch" in document:
         arch = document["arch"]
@@ -104,6 +113,8 @@ def read_model_config(path: str | os.PathLike) -> dict:
         out["ensemble"] = ensemble_config(document["ensemble"], source=str(path))
     if "setup" in document:
         out["setup"] = str(document["setup"])
+    if "labels" in document or "selection" in document:
+        out["labels"] = label_mapping_from_toml(document, source=str(path))
     return out
 
 

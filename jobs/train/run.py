@@ -58,14 +58,22 @@ from speclabel.pipeline.training_data import (
     StreamingRows,
     TrainingSet,
     resolve_input,
+    scalar_columns,
     scan_in_memory,
     scan_streaming,
+)
+from speclabel.pipeline.training_labels import (
+    TrainingLabels,
+    join_table,
+    read_label_catalogue,
+    selection_table,
+    training_labels,
 )
 
 from .config import JOB_FILE, QUARANTINE_FILE, TrainingFailed, TrainJob
 from .member import FINISHED, MemberSpec, error_text, member_name, member_trainer
 from .progress import MemberProgress
-from .tables import label_table, member_table
+from .tables import label_rows_table, label_table, member_table
 from .trust import fit_trust
 
 FINISHED_FOLDER = "finished"
@@ -124,7 +132,10 @@ def run_training(job: TrainJob, *, echo: Echo = to_stdout, reporter: Reporter | 
     replace_model = existing_model_of_run(job)
     with ray_session(job.address):
         setup = job_setup(job)
-        training_input = resolve_input(job.data, setup)
+        labels = job_labels(job)
+        if labels is not None:
+            reporter.line(selection_table(labels))
+        training_input = resolve_input(job.data, setup, job.labels.names, labels)
         gpus = member_gpus(job.gpus_per_member)
         mode = data_mode(job, training_input.estimated_bytes(setup), gpus)
         gib = training_input.estimated_bytes(setup) / 2**30
@@ -142,8 +153,16 @@ def run_training(job: TrainJob, *, echo: Echo = to_stdout, reporter: Reporter | 
             f"{training_set.n_input - training_set.n_used} quarantined "
             f"{training_set.quarantined_by_reason() or ''}"
         )
+        label_source = {}
+        if labels is not None:
+            label_source = {"labels": labels.accounting(training_set.scan.column("spectrum_id").to_pylist())}
+            reporter.line(join_table(label_source["labels"]))
         split = job.ensemble.split
-        scaler = fit_scaler(training_set.label_arrays(), split, job.ensemble.scaling)
+        label_rows = training_set.label_counts(split)
+        reporter.line(label_rows_table(label_rows))
+        scaler = fit_scaler(
+            training_set.label_arrays(), split, job.ensemble.scaling, training_set.label_names
+        )
         spec = MemberSpec(
             setup=setup,
             arch=job.arch,
@@ -173,14 +192,20 @@ def run_training(job: TrainJob, *, echo: Echo = to_stdout, reporter: Reporter | 
         candidates = [member_result(job, spec, records[s.member]) for s in summaries]
         ensemble = assemble_ensemble(
             setup,
-            job.arch,
+            spec.arch,
             scaler,
             candidates,
             ensemble_config=job.ensemble,
             train_config=job.train,
             test=None,
-            data={**training_set.describe(mode), "run": job.run_path},
+            data={
+                **training_set.describe(mode),
+                "label_rows": label_rows,
+                **label_source,
+                "run": job.run_path,
+            },
         )
+        ensemble.info["label_definitions"] = [label.to_dict() for label in job.labels.definitions]
         test = test_metrics(ensemble, rows, split)
         if test is not None:
             ensemble.info["metrics"]["test"] = test
@@ -220,6 +245,17 @@ def existing_model_of_run(job: TrainJob) -> bool:
             "or remove it first"
         )
     return True
+
+
+def job_labels(job: TrainJob) -> TrainingLabels | None:
+    """The labels joined to the spectra by id: from ``--label-catalogue``, or from the training table's
+    own columns when ``[labels]`` / ``[selection]`` compute them; None when the table has them as they are."""
+    if job.label_catalogue is not None:
+        table = read_label_catalogue(job.label_catalogue)
+        return training_labels(table, job.labels, id_column=job.id_column, source=job.label_catalogue)
+    if job.labels.plain:
+        return None
+    return training_labels(scalar_columns(job.data), job.labels, source=job.data)
 
 
 def job_setup(job: TrainJob) -> Setup:

@@ -51,6 +51,14 @@ def label_table(ensemble: Ensemble) -> str:
     return "\n".join(lines)
 
 
+def label_rows_table(counts: dict[str, dict[str, int]]) -> str:
+    """Per label: the used rows that have it and, of those, the rows that train it (outside the test
+    split); a row lacking a label trains the others (``TrainingSet.label_counts``)."""
+    lines = [f"{'label':<8} {'rows with it':>12} {'training it':>11}"]
+    lines += [f"{name:<8} {c['rows']:>12} {c['trained']:>11}" for name, c in counts.items()]
+    return "\n".join(lines)
+
+
 def _number(value) -> float:
     """A metric as a float: model.json writes an undefined one (NaN) as null."""
     return math.nan if value is None else float(value)

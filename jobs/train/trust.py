@@ -28,18 +28,21 @@ BATCH_ROWS = 256
 def training_pool_batches(
     rows: InMemoryRows | StreamingRows, split: SplitRule
 ) -> Callable[[], Iterator[Batch]]:
-    """The used rows outside the common test split as ``(flux, ivar, good, labels)`` batches,
-    the same rows in the same order on every call (the fit reads them several times)."""
+    """The used rows outside the common test split that have every label (a row missing one cannot
+    place its spectrum in label space) as ``(flux, ivar, good, labels)`` batches, the same rows in the
+    same order on every call (the fit reads them several times)."""
     if isinstance(rows, InMemoryRows):
         arrays = rows.arrays
-        pool = np.flatnonzero(~split.is_test(arrays["spectrum_id"]))
+        labelled = np.isfinite(arrays["labels"]).all(axis=1)
+        pool = np.flatnonzero(~split.is_test(arrays["spectrum_id"]) & labelled)
         return array_batches(arrays["flux"], arrays["ivar"], arrays["mask"], arrays["labels"], pool)
 
     def streamed() -> Iterator[Batch]:
         # The pool is any member's train + val rows; order is preserved and nothing is shuffled.
         for part in rows.member(split, 0):
             for batch in part.batches(0, BATCH_ROWS, None):
-                yield batch["flux"], batch["ivar"], batch["mask"], batch["labels"]
+                keep = np.isfinite(batch["labels"]).all(axis=1)
+                yield batch["flux"][keep], batch["ivar"][keep], batch["mask"][keep], batch["labels"][keep]
 
     return streamed
 

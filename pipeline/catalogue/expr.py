@@ -394,3 +394,34 @@ def parse(text: str, schema: pa.Schema, *, condition: bool = True) -> Expr:
 def parse_where(text: str, schema: pa.Schema) -> pc.Expression:
     """The Arrow filter expression of a query over a table with ``schema``; raises :class:`QueryError`."""
     return to_arrow(parse(text, schema))
+
+
+def parse_value(text: str, schema: pa.Schema) -> pc.Expression:
+    """The float64 Arrow expression of a number computed from columns (``MG1 - FEH - 7.53``), in the
+    language of :func:`parse_where` (arithmetic, ``abs``, parentheses); raises :class:`QueryError`."""
+    node = parse(text, schema, condition=False)
+    if node.kind != "number":
+        raise QueryError(f"the expression must be a number (e.g. MG1 - FEH), not a {node.kind}")
+    return to_arrow(node).cast(pa.float64())
+
+
+def split_conjunction(text: str) -> list[str]:
+    """The parts of ``a and b and c`` joined by top-level ``and`` (one part when an ``or`` joins them at
+    the top level): the cuts of a selection, each reported on its own. ``between x and y`` stays whole."""
+    tokens = tokenize(text)
+    depth, open_between, starts, ends = 0, 0, [0], []
+    for token in tokens[:-1]:
+        if token.kind == "op" and token.text in "()":
+            depth += 1 if token.text == "(" else -1
+        elif depth == 0 and token.kind == "keyword" and token.text == "or":
+            return [text.strip()]
+        elif depth == 0 and token.kind == "keyword" and token.text == "between":
+            open_between += 1
+        elif depth == 0 and token.kind == "keyword" and token.text == "and":
+            if open_between:
+                open_between -= 1
+            else:
+                ends.append(token.pos)
+                starts.append(token.pos + len(token.text))
+    ends.append(len(text))
+    return [text[a:b].strip() for a, b in zip(starts, ends, strict=True)]

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 
 import astropy.units as u
@@ -87,6 +88,22 @@ def _fixed_types() -> dict[str, pa.DataType]:
 # Saliency summary columns (`sal_<label>_<group>`, `sal_<label>_peak_wave`) are float32.
 COLUMN_TYPES: dict[str, pa.DataType] = _fixed_types()
 SALIENCY_PREFIX = "sal_"
+
+
+def column_type(name: str) -> pa.DataType:
+    """The catalogue type of a column: a known column's, ``list<float32>`` for ``<label>_members``,
+    else float32 (the labels a model declares, their ``_std``, saliency summaries)."""
+    if name in COLUMN_TYPES:
+        return COLUMN_TYPES[name]
+    return pa.list_(pa.float32()) if name.endswith("_members") else pa.float32()
+
+
+def label_columns(names: Iterable[str]) -> list[str]:
+    """The labels of a catalogue schema, in its order: the columns with a ``<label>_std`` partner (a
+    catalogue holds the labels of the models that made it, not a fixed list)."""
+    names = list(names)
+    present = set(names)
+    return [name for name in names if f"{name}_std" in present]
 
 
 def saliency_column(label: str, group: str) -> str:

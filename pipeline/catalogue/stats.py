@@ -13,9 +13,8 @@ import pyarrow.acero as ac
 import pyarrow.compute as pc
 
 from speclabel.core.flags import Flag
-from speclabel.core.labels import LABEL_NAMES
 
-from .layout import RELEASE
+from .layout import RELEASE, label_columns
 from .reader import Catalogue
 
 PERCENTILES = (1, 16, 50, 84, 99)
@@ -26,7 +25,7 @@ def catalogue_stats(cat: Catalogue, releases=None, model_id: str | None = None) 
     runs = {run.release: run for run in cat.runs(releases, model_id)}
     dataset = cat.arrow_dataset(list(runs), model_id)
     names = dataset.schema.names
-    measured = [c for label in LABEL_NAMES for c in (label, f"{label}_std") if c in names]
+    measured = [c for label in label_columns(names) for c in (label, f"{label}_std")]
     projections = {RELEASE: pc.field(RELEASE)}
     projections.update({c: pc.field(c).cast(pa.float64()) for c in measured})
     if "flags" in names:

@@ -28,16 +28,15 @@ import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
-from speclabel.core.arrays import model_inputs, spectra_arrays
+from speclabel.core.arrays import label_matrix, model_inputs, spectra_arrays
 from speclabel.core.contract import check_table_columns, quarantine_table, validate
 from speclabel.core.errors import InputError, IntegrityError
-from speclabel.core.labels import LABEL_NAMES
 from speclabel.core.setups import Setup
 from speclabel.core.storage import resolve_files
 from speclabel.model.saliency import SaliencyAccumulator
 
 from ..catalogue import open_catalogue
-from ..catalogue.layout import saliency_column
+from ..catalogue.layout import label_columns, saliency_column
 
 log = logging.getLogger(__name__)
 
@@ -136,7 +135,9 @@ def from_model(
         known = np.array([sid in seen for sid in ids])  # duplicates of rows in earlier batches
         seen.update(s for s in ids if s is not None)
         arrays = spectra_arrays(table, setup)
-        reasons = validate(table, setup, labelled=True, arrays=arrays, known_duplicates=known)
+        reasons = validate(
+            table, setup, labelled=True, arrays=arrays, known_duplicates=known, label_names=labels
+        )
         good = np.array([r is None for r in reasons])
         for i in np.flatnonzero(~good):
             refused_ids.append(ids[i])
@@ -150,7 +151,7 @@ def from_model(
         parts["id"] += [ids[i] for i in np.flatnonzero(good)]
         parts["mean"].append(prediction.mean)
         parts["std"].append(prediction.std)
-        parts["true"].append(_label_matrix(table, labels))
+        parts["true"].append(label_matrix(table, labels))
         parts["snr"].append(_optional_column(table, "snr"))
     if not in_split:
         raise InputError(
@@ -217,16 +218,10 @@ def _batches(location: str, setup: Setup, labels, batch_rows: int) -> Iterator[t
         with fs.open_input_file(path) as fh:
             parquet = pq.ParquetFile(fh)
             schema = parquet.schema_arrow
-            check_table_columns(schema, setup, labelled=True, source=path)
+            check_table_columns(schema, setup, labelled=True, source=path, label_names=labels)
             columns = [c for c in wanted if c in schema.names]
             for batch in parquet.iter_batches(batch_size=batch_rows, columns=columns):
                 yield path, pa.Table.from_batches([batch])
-
-
-def _label_matrix(table: pa.Table, labels) -> np.ndarray:
-    return np.stack(
-        [table.column(name).cast(pa.float64()).fill_null(np.nan).to_numpy() for name in labels], axis=1
-    )
 
 
 def _optional_column(table: pa.Table, name: str) -> np.ndarray:
@@ -290,8 +285,8 @@ def from_catalogue(
     """
     cat = open_catalogue(catalogue)
     schema = cat.schema(releases, model_id)
-    truth_table = read_truth(truth, [n for n in LABEL_NAMES if n in schema.names])
-    labels = tuple(n for n in LABEL_NAMES if n in schema.names and n in truth_table.column_names)
+    truth_table = read_truth(truth, label_columns(schema.names))
+    labels = tuple(n for n in label_columns(schema.names) if n in truth_table.column_names)
     with_std = all(f"{n}_std" in schema.names for n in labels)
     sal_columns = [c for c in schema.names if c.startswith("sal_")]
     columns = ["spectrum_id", "release", *labels]
@@ -324,9 +319,9 @@ def from_catalogue(
     return Evaluation(
         labels=labels,
         spectrum_id=np.array(joined.column("spectrum_id").to_pylist(), dtype=object),
-        predicted=_label_matrix(joined, labels),
-        true=_label_matrix(truth_rows, labels),
-        std=_label_matrix(joined, [f"{n}_std" for n in labels]) if with_std else None,
+        predicted=label_matrix(joined, labels),
+        true=label_matrix(truth_rows, labels),
+        std=label_matrix(joined, [f"{n}_std" for n in labels]) if with_std else None,
         snr=snr,
         setup=setup,
         source={

@@ -35,7 +35,7 @@ from speclabel.core.fingerprints import spectrum_sha256
 from speclabel.core.flags import Flag
 from speclabel.core.setups import Setup
 
-from ..catalogue.layout import COLUMN_TYPES, saliency_column
+from ..catalogue.layout import COLUMN_TYPES, column_type, saliency_column
 
 if TYPE_CHECKING:  # torch stays out of the read/prepare tasks' processes: they never need it
     from speclabel.model.ensemble import Prediction
@@ -230,7 +230,7 @@ def catalogue_fields(spec: OutputSpec) -> list[pa.Field]:
         names += [label, f"{label}_std"] + ([f"{label}_members"] if spec.members else [])
     names += ["input_sha256", "flags", *spec.summary_columns, "model_id", "run_id", "processed_at"]
     names += spec.chi2_columns
-    return [pa.field(name, COLUMN_TYPES.get(name, pa.float32())) for name in names]
+    return [pa.field(name, column_type(name)) for name in names]
 
 
 def output_schema(spec: OutputSpec) -> pa.Schema:

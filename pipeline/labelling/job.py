@@ -55,6 +55,7 @@ from .outputs import RunOutputs
 from .resources import Resources, plan_resources, usable_resources
 from .reuse import (
     SAMPLE_SALT,  # noqa: F401  (importable from here, where it was first defined)
+    check_label_set,
     decide_release,
     label_fingerprints,
     live_checksums,
@@ -131,6 +132,8 @@ def label_spectra(
             return LabelResult(
                 "up to date", release, catalogue, model_id, seconds=time.perf_counter() - began
             )
+        if not options.force:
+            check_label_set(dataset, release, spec.label_names, model_id)
         reuse = options.reuse_unchanged and not options.force
         carried_from = reusable_run(dataset, release, fingerprints) if reuse else None
         carried_ids: set[str] = set()
@@ -228,6 +231,8 @@ def label_spectra(
             }
             index_fields = {
                 **fingerprints,
+                "labels": list(spec.label_names),
+                "label_definitions": [label.to_dict() for label in ensemble.label_definitions],
                 "rows": outputs.labelled_rows + outputs.carried_rows,
                 "quarantined": outputs.quarantined_rows,
             }

@@ -18,7 +18,8 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-from speclabel.core.errors import UsageError
+from speclabel.core.errors import SpeclabelError, UsageError
+from speclabel.core.labels import LABEL_NAMES
 from speclabel.core.layout import check_release_name
 from speclabel.model.splits import hash_uniform
 
@@ -107,6 +108,23 @@ def label_fingerprints(model_id: str, source, options: LabelOptions) -> dict:
         "input_fingerprint": source.fingerprint,
         "options_fingerprint": options_fingerprint(options),
     }
+
+
+def check_label_set(dataset: Dataset, release: str, label_names: tuple[str, ...], model_id: str) -> None:
+    """A release keeps one label set (its index entry's ``labels``; entries from before label sets
+    were recorded hold the paper's five): labelling it with a model of another set is refused, since
+    its live rows, carried rows and queries would otherwise mix schemas. ``--force`` replaces it."""
+    entry = dataset.release_entry(release)
+    if entry is None:
+        return
+    held = tuple(entry.get("labels", LABEL_NAMES))
+    if held != tuple(label_names):
+        raise SpeclabelError(
+            f"release {release!r} of {dataset.location} holds the labels {', '.join(held)} (model "
+            f"{entry.get('model_id')}); model {model_id} has the labels {', '.join(label_names)}. A release "
+            "keeps one label set: label into another release (--release), or add --force to replace "
+            "its rows with this model's"
+        )
 
 
 def up_to_date(dataset: Dataset, release: str, fingerprints: dict) -> bool:
