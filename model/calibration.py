@@ -142,6 +142,25 @@ def model_calibration(info: Mapping) -> ErrorCalibration | None:
     return None if data is None else ErrorCalibration.from_dict(data)
 
 
+def row_errors(
+    calibration: ErrorCalibration,
+    forward,
+    mean: np.ndarray,
+    std: np.ndarray,
+    ivar: np.ndarray | None,
+    good: np.ndarray,
+) -> np.ndarray:
+    """The calibrated err ``[N, L]`` of rows labelled ``mean`` with ensemble ``std``: the forward
+    model's bound (``forward.label_bound``) at the predicted labels, from the rows' ``ivar`` and
+    ``good`` pixels, where the calibration uses it; NaN rows where it does and the model has no
+    forward model (None) or the spectra no ivar (None)."""
+    if not calibration.uses_bound:
+        return calibration.total_error(std)
+    if forward is None or ivar is None:
+        return np.full(np.shape(std), np.nan)
+    return calibration.total_error(std, forward.label_bound(mean, ivar, good))
+
+
 def fit_error_calibration(
     residual: np.ndarray,
     std: np.ndarray | None,
