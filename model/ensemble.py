@@ -24,6 +24,7 @@ from speclabel.core.errors import ConfigError, InputError
 from speclabel.core.setups import Setup
 
 from .arch import ArchConfig, build_network
+from .forward import ForwardModel
 from .fused import PRECISIONS, FusedEnsemble, fusable_ensemble
 from .saliency import SaliencyAccumulator, SaliencySummary, member_gradients, summarise
 from .scaling import LabelScaler
@@ -132,6 +133,9 @@ class Ensemble:
         self.member_info = list(member_info) if member_info is not None else [{} for _ in self.networks]
         self.info = dict(info or {})
         self.model_id: str | None = None  # set when saved or loaded (model/io.py)
+        # The data-driven forward model fitted on the same training rows (model/forward.py), or
+        # None: a model without one still labels, its rows get no chi^2.
+        self.forward: ForwardModel | None = None
         self.inference = inference or InferenceOptions()
         # Fused engines by (options, device, autocast, weight versions): a job that switches between
         # float32 and a bf16 autocast keeps both. None: the reference is used for that key.

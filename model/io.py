@@ -1,4 +1,5 @@
-"""The model directory: ``model.json`` plus ``members/member-<i>.safetensors``, nothing else.
+"""The model directory: ``model.json`` plus ``members/member-<i>.safetensors`` and, when the model
+has one, its forward model ``forward/forward.safetensors`` (model/forward.py), nothing else.
 
 ``model.json`` holds everything needed to use and to trust the weights: the setup (grids), the
 architecture, the label scaling with training ranges, each member's weight file with its sha256,
@@ -9,7 +10,8 @@ Because that content includes every weight file's sha256, the id covers the weig
 Loading checks, in order, and fails with :class:`IntegrityError` naming the check: the format, the
 ``model_id`` against the content (an edited model.json), the set of files in ``members/`` (a stray
 or missing weight file), each file's sha256 (a tampered or truncated file), each file's tensors
-against the architecture, and, when the caller names the setup of its input, the wavelength grid.
+against the architecture, the forward model's sha256, labels and arms, and, when the caller
+names the setup of its input, the wavelength grid.
 Weights are safetensors only: nothing here can execute code from a model directory.
 
 Saving is atomic: on a local disk the directory is staged beside the target and renamed into
@@ -36,10 +38,12 @@ from speclabel.core.storage import exists, files_under, filesystem_and_path, joi
 
 from .arch import ArchConfig, build_network
 from .ensemble import STD_DDOF, Ensemble
+from .forward import ForwardModel
 from .scaling import LabelScaler
 
 MODEL_JSON = "model.json"
 MEMBERS_DIR = "members"
+FORWARD_FILE = "forward/forward.safetensors"  # the data-driven forward model (model/forward.py)
 FORMAT = "speclabel-model"
 FORMAT_VERSION = 1
 # Sections of model.json written from the ensemble itself; Ensemble.info adds the others.
@@ -55,6 +59,7 @@ RESERVED = (
     "scaling",
     "std_ddof",
     "members",
+    "forward",
 )
 
 
@@ -119,6 +124,12 @@ def model_document(ensemble: Ensemble, weight_files: dict[str, bytes]) -> dict:
         "members": members,
         **json_numbers(ensemble.info),
     }
+    if ensemble.forward is not None:
+        document["forward"] = {
+            **json_numbers(ensemble.forward.summary()),
+            "file": FORWARD_FILE,
+            "sha256": hashlib.sha256(weight_files[FORWARD_FILE]).hexdigest(),
+        }
     document["model_id"] = compute_model_id(document)
     return document
 
@@ -126,6 +137,8 @@ def model_document(ensemble: Ensemble, weight_files: dict[str, bytes]) -> dict:
 def save_model(ensemble: Ensemble, location: str, *, overwrite: bool = False) -> str:
     """Write the ensemble as a model directory at a local path or URI; returns its ``model_id``."""
     weight_files = {member_file(i): member_bytes(net, i) for i, net in enumerate(ensemble.networks)}
+    if ensemble.forward is not None:
+        weight_files[FORWARD_FILE] = ensemble.forward.to_bytes()
     document = model_document(ensemble, weight_files)
     text = (json.dumps(document, indent=2, sort_keys=True, allow_nan=False) + "\n").encode()
     fs, root = filesystem_and_path(location)
@@ -220,8 +233,37 @@ def load_model(location: str, *, setup: Setup | None = None, dtype: torch.dtype 
         ],
         info={k: v for k, v in document.items() if k not in RESERVED},
     )
+    ensemble.forward = _load_forward(fs, root, location, document, ensemble)
     ensemble.model_id = document["model_id"]
     return ensemble
+
+
+def _load_forward(fs, root: str, location: str, document: dict, ensemble: Ensemble) -> ForwardModel | None:
+    """The forward model model.json lists, checked like the members; None for a model without one."""
+    entry = document.get("forward")
+    if entry is None:
+        return None
+    path = join(root, entry["file"])
+    if not exists(fs, path):
+        raise IntegrityError(
+            f"check 'forward model file': model.json lists {entry['file']}, absent in {location}"
+        )
+    with fs.open_input_stream(path) as fh:
+        data = fh.read()
+    if hashlib.sha256(data).hexdigest() != entry["sha256"]:
+        raise IntegrityError(
+            f"check 'forward model sha256': {location}/{entry['file']} does not match the sha256 in "
+            "model.json (the file was changed or truncated)"
+        )
+    forward = ForwardModel.from_bytes(data, f"{location}/{entry['file']}")
+    arms = tuple((a.name, a.n_pixels) for a in ensemble.setup.arms)
+    modelled = tuple(zip(forward.arm_names, forward.arm_pixels, strict=True))
+    if forward.label_names != ensemble.label_names or modelled != arms:
+        raise IntegrityError(
+            f"check 'forward model fits': {location}/{entry['file']} models labels {forward.label_names} "
+            f"on arms {forward.arm_names}, the ensemble has {ensemble.label_names} on {arms}"
+        )
+    return forward
 
 
 def _member_files(fs, folder: str) -> list[str]:
