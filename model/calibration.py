@@ -29,7 +29,7 @@ Without a forward model the fit drops the bound term (``uses_bound`` false).
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -142,6 +142,14 @@ def model_calibration(info: Mapping) -> ErrorCalibration | None:
     return None if data is None else ErrorCalibration.from_dict(data)
 
 
+def prior_widths(ensemble) -> np.ndarray:
+    """``w`` of each label: the training labels' standard deviation, as the forward model holds it
+    (its label scale). Without a forward model the bound term is dropped and ``w`` unused; the
+    label scaling's scale stands in."""
+    forward = getattr(ensemble, "forward", None)
+    return np.asarray(forward.label_scale if forward is not None else ensemble.scaler.scale, dtype=np.float64)
+
+
 def row_errors(
     calibration: ErrorCalibration,
     forward,
@@ -159,6 +167,35 @@ def row_errors(
     if forward is None or ivar is None:
         return np.full(np.shape(std), np.nan)
     return calibration.total_error(std, forward.label_bound(mean, ivar, good))
+
+
+def calibrate_ensemble(
+    ensemble, batches: Iterable[Mapping[str, np.ndarray]], *, fitted_on: Mapping | None = None
+) -> ErrorCalibration:
+    """Fit the calibration of ``ensemble`` (with its ``forward`` model, if any) on ``batches`` of
+    rows no member trained on: dicts with ``flux``, ``mask``, ``labels`` and ``ivar``, as
+    ``TrainingRows.test_batches`` gives the common test split. Each row's ensemble mean and std, and
+    the forward model's bound at the predicted labels, are the inputs of :func:`fit_error_calibration`."""
+    forward = getattr(ensemble, "forward", None)
+    residual, std, bound = [], [], []
+    for batch in batches:
+        if not len(batch["labels"]):
+            continue
+        prediction = ensemble.predict(batch["flux"], batch["mask"])
+        residual.append(prediction.mean - np.asarray(batch["labels"], dtype=np.float64))
+        std.append(prediction.std)
+        if forward is not None:
+            bound.append(forward.label_bound(prediction.mean, batch["ivar"], batch["mask"]))
+    if not residual:
+        raise InputError("no rows to calibrate the errors on")
+    return fit_error_calibration(
+        np.concatenate(residual),
+        np.concatenate(std) if ensemble.n_members > 1 else None,
+        np.concatenate(bound) if forward is not None else None,
+        ensemble.label_names,
+        prior_widths(ensemble),
+        fitted_on={**dict(fitted_on or {}), "n_rows": int(sum(len(r) for r in residual))},
+    )
 
 
 def fit_error_calibration(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -10,10 +11,12 @@ import pytest
 from speclabel.core.errors import InputError, IntegrityError
 from speclabel.model.calibration import (
     ErrorCalibration,
+    calibrate_ensemble,
     capped_bound,
     fit_error_calibration,
     model_calibration,
 )
+from speclabel.model.forward import ForwardModel
 from speclabel.model.metrics import GAUSSIAN_WITHIN_1_SIGMA
 
 NAMES = ("feh", "alfe")
@@ -105,3 +108,52 @@ def test_too_few_rows_are_refused():
     residual[:25, 1] = np.nan
     with pytest.raises(InputError, match=r"only 15 rows .* alfe"):
         fit_error_calibration(residual, std, bound, NAMES, PRIOR)
+
+
+class StubEnsemble:
+    """Stands in for an Ensemble: its predictions for the batches in order, a forward model."""
+
+    label_names = NAMES
+    n_members = 8
+    scaler = SimpleNamespace(scale=PRIOR)  # the label scaling's scale
+
+    def __init__(self, predictions, forward):
+        self.predictions = iter(predictions)
+        self.forward = forward
+
+    def predict(self, flux, mask):
+        return next(self.predictions)
+
+
+def test_calibrate_ensemble_feeds_the_bound_at_the_predicted_labels():
+    """Rows whose error follows err^2 = (2 std)^2 + p^2, p from a linear forward model (its bound does
+    not depend on the labels, only on each row's S/N): the fit finds the bound term."""
+    rng = np.random.default_rng(7)
+    n, pixels = 400, 40
+    coefficients = np.zeros((6, pixels))  # terms 1, x_a, x_b, x_a^2, x_a x_b, x_b^2
+    coefficients[0] = 1.0
+    coefficients[1:3] = rng.normal(0.0, 0.02, (2, pixels))
+    forward = ForwardModel(
+        NAMES, ("arm",), (pixels,), np.zeros(2), np.ones(2), coefficients, np.zeros(pixels)
+    )
+    snr = np.exp(rng.uniform(np.log(5), np.log(200), n))
+    ivar = np.repeat(snr[:, None] ** 2, pixels, axis=1)
+    good = np.ones((n, pixels), bool)
+    labels = rng.normal(0.0, 1.0, (n, 2))
+    bound = forward.label_bound(labels, ivar, good)
+    assert bound.max() / bound.min() > 20  # the S/N spread makes the bound matter
+    std = np.exp(rng.normal(np.log(0.05), 0.5, (n, 2)))
+    predicted = labels + rng.normal(0.0, np.sqrt((2 * std) ** 2 + capped_bound(bound, 1.0) ** 2))
+    batches, predictions = [], []
+    for rows in np.array_split(np.arange(n), 3):
+        batches.append({"flux": None, "mask": good[rows], "labels": labels[rows], "ivar": ivar[rows]})
+        predictions.append(SimpleNamespace(mean=predicted[rows], std=std[rows]))
+    calibration = calibrate_ensemble(StubEnsemble(predictions, forward), batches, fitted_on={"rows": "t"})
+    assert calibration.uses_bound and calibration.fitted_on["n_rows"] == n
+    for name in NAMES:
+        model = calibration.labels[name]
+        assert model.a == pytest.approx(2.0, rel=0.3) and model.b == pytest.approx(1.0, rel=0.3)
+        assert model.prior_width == 1.0  # the forward model's label scale: the training spread
+    without = calibrate_ensemble(StubEnsemble(predictions, None), batches)
+    assert not without.uses_bound and all(m.b == 0.0 for m in without.labels.values())
+    assert [without.labels[n].prior_width for n in NAMES] == list(PRIOR)  # unused without the bound
