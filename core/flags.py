@@ -20,6 +20,11 @@ class Flag(enum.IntFlag):
     HIGH_STD = 1 << 2
     # Too many pixels are masked (ivar = 0 or non-finite flux) for the labels to be reliable.
     HEAVILY_MASKED = 1 << 3
+    # The spectrum does not look like the model spectrum at its labels: its chi^2 against the
+    # model's forward model (total or one arm) exceeds the threshold stored in the model, chosen
+    # from the training spectra's own chi^2. A binary, emission, a cosmic ray, a bad continuum or
+    # an arm of another star: the labels of such a spectrum are not to be trusted.
+    ANOMALOUS_SPECTRUM = 1 << 4
 
 
 DESCRIPTIONS: dict[Flag, str] = {
@@ -27,6 +32,7 @@ DESCRIPTIONS: dict[Flag, str] = {
     Flag.LOW_SNR: "S/N below the threshold",
     Flag.HIGH_STD: "ensemble std above the threshold",
     Flag.HEAVILY_MASKED: "too many masked pixels",
+    Flag.ANOMALOUS_SPECTRUM: "chi2 against the forward model above the model's threshold",
 }
 
 

@@ -66,6 +66,10 @@ BATCH_ROWS = 256  # rows per step of the in-memory fit and of chi2/label_bound: 
 Batch = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]  # flux, ivar, good, labels
 
 
+class TooFewRows(InputError):
+    """Fewer training rows than a forward model of these labels needs (see MIN_ROWS_PER_TERM)."""
+
+
 def n_terms(n_labels: int) -> int:
     """1 + linear + quadratic (with cross) terms of the quadratic model."""
     return 1 + n_labels + n_labels * (n_labels + 1) // 2
@@ -202,6 +206,46 @@ class ForwardModel:
             fisher = np.einsum("npk,np,npl->nkl", jac, weight, jac)
             out[rows] = _inverse_diagonal(fisher)
         return np.sqrt(out) * self.label_scale
+
+    def fit_labels(
+        self,
+        flux: np.ndarray,
+        ivar: np.ndarray,
+        good: np.ndarray,
+        start: np.ndarray | None = None,
+        iterations: int = 8,
+    ) -> np.ndarray:
+        """The labels ``[N, L]`` whose model spectrum fits each spectrum best (least chi^2; The
+        Cannon's test step): damped Gauss-Newton from ``start`` (default: the training mean), kept
+        within 5 training standard deviations of the mean. For the screen of a training set and as
+        the labels a spectrum would get if the model were the truth."""
+        self._check(flux, ivar, good)
+        n, n_labels = len(flux), len(self.label_names)
+        out = np.empty((n, n_labels))
+        for lo in range(0, n, BATCH_ROWS):
+            rows = slice(lo, lo + BATCH_ROWS)
+            weight = _weights(ivar[rows], good[rows], self.scatter)
+            data = np.where(weight > 0, np.asarray(flux[rows], np.float64), 0.0)
+            x = np.zeros((len(data), n_labels)) if start is None else self._standardised(start[rows])
+            damping = np.full(len(data), 1e-3)
+            cost = self._cost(data, weight, x)
+            for _ in range(iterations):
+                jac = np.einsum("tp,ntl->npl", self.coefficients, design_derivative(x))
+                residual = data - design_matrix(x) @ self.coefficients
+                normal = np.einsum("npk,np,npl->nkl", jac, weight, jac)
+                gradient = np.einsum("npk,np,np->nk", jac, weight, residual)
+                normal += damping[:, None, None] * np.eye(n_labels) * np.einsum("nkk->nk", normal)[:, :, None]
+                step = np.linalg.solve(normal + 1e-12 * np.eye(n_labels), gradient[..., None])[..., 0]
+                trial = np.clip(x + step, -5.0, 5.0)
+                trial_cost = self._cost(data, weight, trial)
+                better = trial_cost < cost
+                x[better], cost[better] = trial[better], trial_cost[better]
+                damping = np.where(better, damping / 3.0, damping * 10.0)
+            out[rows] = x * self.label_scale + self.label_offset
+        return out
+
+    def _cost(self, data: np.ndarray, weight: np.ndarray, x: np.ndarray) -> np.ndarray:
+        return ((data - design_matrix(x) @ self.coefficients) ** 2 * weight).sum(1)
 
     @cached_property
     def bound_coefficients(self) -> np.ndarray:
@@ -394,9 +438,10 @@ def fit_forward_model_batches(
         total += labels.sum(0)
         total_sq += (labels**2).sum(0)
         count += len(labels)
-    if count <= n_t:
-        raise InputError(
-            f"a forward model of {n_labels} labels needs more than {n_t} training rows, got {count}"
+    if count < MIN_ROWS_PER_TERM * n_t:
+        raise TooFewRows(
+            f"a forward model of {n_labels} labels needs at least {MIN_ROWS_PER_TERM * n_t} training rows "
+            f"({MIN_ROWS_PER_TERM} per term of its quadratic), got {count}"
         )
     offset = total / count
     scale = np.sqrt(np.maximum(total_sq / count - offset**2, 0.0))

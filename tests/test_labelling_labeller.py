@@ -1,12 +1,20 @@
 """labelling/labeller.py: the actor's call, in process: labels equal the ensemble's, bad rows go to
 quarantine, one summary row per batch, the label.batch fault, a model changed under the run."""
 
+import json
+
 import numpy as np
+import pyarrow as pa
 import pytest
+from forward_data import WINDOW_SETUP, survey, window_forward_model
+from label_data import tiny_ensemble
 from labeller_batches import labeller, prepared_batch
 
+from speclabel.core.arrays import spectra_arrays
 from speclabel.core.errors import ConfigError
 from speclabel.core.faults import Fault, InjectedFault
+from speclabel.core.flags import Flag
+from speclabel.model.io import save_model
 from speclabel.pipeline.labelling import batch as B
 from speclabel.pipeline.labelling.labeller import EnsembleLabeller, LabellerSettings
 
@@ -50,3 +58,50 @@ def test_a_model_changed_during_the_run_is_refused(tiny_setup, tmp_path):
         EnsembleLabeller(changed)
     with pytest.raises(ConfigError, match="precision"):
         LabellerSettings(**{**actor.settings.__dict__, "precision": "fp8"})
+
+
+def test_rows_carry_the_forward_models_chi2_and_anomaly_flag(tmp_path):
+    table, _ = survey(200, 202)
+    table = table.slice(0, 12).append_column(B.SOURCE, pa.array(["in.parquet"] * 12))
+    ensemble = tiny_ensemble(WINDOW_SETUP)
+    plain_model = tmp_path / "plain"
+    save_model(ensemble, str(plain_model))
+    ensemble.forward = window_forward_model()
+    save_model(ensemble, str(tmp_path / "model"))
+    spec = B.OutputSpec(ensemble.label_names, (), None, False, WINDOW_SETUP.n_pixels, ("hr10", "hr21"))
+    chi2_fields = [pa.field(c, pa.float32()) for c in ("chi2", "chi2_hr10", "chi2_hr21")]
+    assert B.catalogue_fields(spec)[-3:] == chi2_fields
+
+    def label(model, with_ivar):
+        settings = LabellerSettings(
+            model_location=str(model),
+            setup=WINDOW_SETUP,
+            spec=spec,
+            thresholds=B.FlagThresholds(low_snr=0),
+            run_id="run-1",
+            model_id=_model_id(model),
+            with_ivar=with_ivar,
+        )
+        prepared = B.prepare(table, WINDOW_SETUP, with_ivar=with_ivar)
+        return prepared, B.split_output(EnsembleLabeller(settings)(prepared), spec)[0]
+
+    prepared, catalogue = label(tmp_path / "model", True)
+    rows, flux, mask = B.model_batch(prepared)
+    ivar = B.ivar_batch(prepared, rows)
+    # Independent: ivar straight from the input table, labels from the ensemble itself.
+    _, input_ivar = spectra_arrays(table, WINDOW_SETUP).concatenated(WINDOW_SETUP)
+    np.testing.assert_array_equal(ivar, np.where(mask, input_ivar, 0))
+    labels = ensemble.predict(flux, mask).mean
+    chi2 = ensemble.forward.chi2(flux, input_ivar, mask, labels)
+    for column, key in (("chi2", "total"), ("chi2_hr10", "hr10"), ("chi2_hr21", "hr21")):
+        np.testing.assert_allclose(catalogue.column(column).to_numpy(), chi2[key], rtol=1e-4)
+    flagged = (np.asarray(catalogue.column("flags")) & Flag.ANOMALOUS_SPECTRUM) > 0
+    np.testing.assert_array_equal(flagged, ensemble.forward.anomalous(chi2))
+    # A model without a forward model: the same columns, null.
+    _, catalogue = label(plain_model, False)
+    assert catalogue.column("chi2").null_count == catalogue.num_rows == 12
+    assert not any(f & Flag.ANOMALOUS_SPECTRUM for f in catalogue.column("flags").to_pylist())
+
+
+def _model_id(folder) -> str:
+    return json.loads((folder / "model.json").read_text())["model_id"]

@@ -108,7 +108,15 @@ def test_killed_member_resumes_and_the_model_matches_the_in_process_fit(
         reference.info["metrics"]["test"]["all"]["feh"]["bias"], rel=1e-3
     )
 
-    assert main(argv) == 1  # the model exists: nothing is overwritten
+    # 32 training rows are too few for a forward model: the model has none, and says so.
+    assert model.forward is None and "no forward model" in printed
+    # The same command again: every member kept, the model written again (how an existing model
+    # gains the post-training fits); another run's model at --out is never overwritten.
+    assert main(argv) == 0
+    assert _epochs_trained(capsys.readouterr().out) == []
+    again = io.load_model(str(out), setup=setup)
+    assert np.array_equal(again.predict(flux, mask, members=True).members, ours)
+    assert main([*argv, "--name", "another-run"]) == 1
     assert "a model already exists" in capsys.readouterr().err
 
 

@@ -12,12 +12,13 @@
    pending placement group until Train's start-up timeout. Each finished member is recorded in
    ``finished/member-<i>.json`` (its final numbers and its last checkpoint);
 5. when every member has finished: ``model.fit.assemble_ensemble`` (selection, provenance), the
-   ensemble's metrics on the common test split (``model.fit.test_metrics``), ``model.io.save_model``
-   (atomic), the summary tables.
+   ensemble's metrics on the common test split (``model.fit.test_metrics``), the post-training fits
+   (``trust``: the forward model), ``model.io.save_model`` (atomic), the summary tables.
 
 Resume: rerunning the same command (or ``--resume``) finds the run folder: a member recorded as
 finished is not trained again (its weights come from its recorded checkpoint), every other member's
-Train run is rerun under the same name, and Train hands it its latest checkpoint. Everything read
+Train run is rerun under the same name, and Train hands it its latest checkpoint. A rerun of a run
+whose model is written writes that model again (same members, post-training fits redone). Everything read
 on that path is JSON, safetensors or Parquet, never a pickle.
 """
 
@@ -48,7 +49,7 @@ from speclabel.model.arch import build_network
 from speclabel.model.ensemble import Ensemble
 from speclabel.model.fit import assemble_ensemble, fit_scaler
 from speclabel.model.fit import test_metrics as ensemble_test_metrics
-from speclabel.model.io import MODEL_JSON, save_model
+from speclabel.model.io import MODEL_JSON, read_model_document, save_model
 from speclabel.model.splits import SplitRule
 from speclabel.model.training import MemberResult, TrainingState, input_reference
 from speclabel.pipeline.ray_session import ray_session
@@ -65,6 +66,7 @@ from .config import JOB_FILE, QUARANTINE_FILE, TrainingFailed, TrainJob
 from .member import FINISHED, MemberSpec, error_text, member_name, member_trainer
 from .progress import MemberProgress
 from .tables import label_table, member_table
+from .trust import fit_trust
 
 FINISHED_FOLDER = "finished"
 
@@ -119,9 +121,7 @@ def run_training(job: TrainJob, *, echo: Echo = to_stdout, reporter: Reporter | 
     """
     reporter = reporter or Reporter(echo)
     started = time.perf_counter()
-    out_fs, out_path = filesystem_and_path(job.out)
-    if exists(out_fs, join(out_path, MODEL_JSON)):
-        raise SpeclabelError(f"a model already exists at {job.out}: choose another --out, or remove it first")
+    replace_model = existing_model_of_run(job)
     with ray_session(job.address):
         setup = job_setup(job)
         training_input = resolve_input(job.data, setup)
@@ -184,7 +184,8 @@ def run_training(job: TrainJob, *, echo: Echo = to_stdout, reporter: Reporter | 
         test = test_metrics(ensemble, rows, split)
         if test is not None:
             ensemble.info["metrics"]["test"] = test
-        model_id = save_model(ensemble, job.out)
+        fit_trust(ensemble, rows, split, reporter)
+        model_id = save_model(ensemble, job.out, overwrite=replace_model)
         kept_seeds = {m["seed"] for m in ensemble.member_info}
         for summary in summaries:
             summary.kept = summary.seed in kept_seeds
@@ -203,6 +204,22 @@ def run_training(job: TrainJob, *, echo: Echo = to_stdout, reporter: Reporter | 
         reporter.line(member_table(summaries))
         reporter.line(label_table(ensemble))
         return outcome
+
+
+def existing_model_of_run(job: TrainJob) -> bool:
+    """False when ``job.out`` holds no model; True when it holds the model of this very run folder,
+    which a rerun writes again (its members kept, the post-training fits of ``trust`` redone: how
+    an existing model gains them without retraining); any other model there is refused."""
+    out_fs, out_path = filesystem_and_path(job.out)
+    if not exists(out_fs, join(out_path, MODEL_JSON)):
+        return False
+    document = read_model_document(job.out)
+    if document.get("training", {}).get("data", {}).get("run") != job.run_path:
+        raise SpeclabelError(
+            f"a model already exists at {job.out} (not from run {job.run_path}): choose another --out, "
+            "or remove it first"
+        )
+    return True
 
 
 def job_setup(job: TrainJob) -> Setup:

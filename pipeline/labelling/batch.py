@@ -39,6 +39,7 @@ from ..catalogue.layout import COLUMN_TYPES, saliency_column
 
 if TYPE_CHECKING:  # torch stays out of the read/prepare tasks' processes: they never need it
     from speclabel.model.ensemble import Prediction
+    from speclabel.model.forward import ForwardModel
     from speclabel.model.saliency import SaliencyAccumulator
 
 # Columns the reader adds to input rows.
@@ -49,6 +50,7 @@ REASON = "_reason"
 DETAIL = "_detail"
 FLUX = "_flux"
 MASK = "_mask"
+IVAR = "_ivar"  # only when the model has a forward model: chi^2 needs the noise
 MASKED_FRACTION = "_masked_fraction"
 FLAG_SNR = "_flag_snr"  # the S/N the low_snr flag is decided on (input snr, else estimated)
 # Columns of output rows.
@@ -62,6 +64,7 @@ POP_COUNT = "_pop_count"
 MAP_PREFIX = "saliency_"  # full saliency map columns: saliency_<label>, list<float32> over the grid
 
 PASS_THROUGH = ("ra", "dec", "snr", "object")
+CHI2 = "chi2"
 
 # Internal precision of the Ambrosch et al. (2023) ensemble at high S/N; the default high_std
 # thresholds are five times these.
@@ -90,11 +93,12 @@ class FlagThresholds:
 # -- 1 -> 2: validation and model inputs -----------------------------------------------------------
 
 
-def prepare(table: pa.Table, setup: Setup) -> pa.Table:
+def prepare(table: pa.Table, setup: Setup, with_ivar: bool = False) -> pa.Table:
     """Validate input rows and compute what the actors need (see the module docstring).
 
     Rows that fail validation keep their row (flux all 1.0, mask all False) so that the stream
-    carries them to quarantine; nothing is dropped here.
+    carries them to quarantine; nothing is dropped here. ``with_ivar``: also ``_ivar`` (0 on masked
+    pixels), for the forward model's chi^2.
     """
     check_table_columns(table.schema, setup)
     n = table.num_rows
@@ -136,6 +140,8 @@ def prepare(table: pa.Table, setup: Setup) -> pa.Table:
     )
     columns[FLUX] = fixed_size_list(flux.astype(np.float32, copy=False))
     columns[MASK] = fixed_size_list(good)
+    if with_ivar:
+        columns[IVAR] = fixed_size_list(np.where(good, ivar, 0.0).astype(np.float32))
     return pa.table(columns)
 
 
@@ -164,6 +170,24 @@ def model_batch(prepared: pa.Table) -> tuple[np.ndarray, np.ndarray, np.ndarray]
     return rows, flux, mask
 
 
+def forward_checks(
+    forward: ForwardModel, flux: np.ndarray, ivar: np.ndarray, mask: np.ndarray, labels: np.ndarray
+) -> dict[str, np.ndarray]:
+    """The forward model's reduced chi^2 (``"total"`` and per arm) of each row at its ``labels``."""
+    return forward.chi2(flux, ivar, mask, labels)
+
+
+def label_bound(forward: ForwardModel, ivar: np.ndarray, mask: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """The forward model's Cramér-Rao bound ``[N, L]`` of each row's labels (what its spectrum can
+    say about each label; for the calibrated errors)."""
+    return forward.label_bound(labels, ivar, mask)
+
+
+def ivar_batch(prepared: pa.Table, rows: np.ndarray) -> np.ndarray:
+    """``_ivar`` of the rows ``rows`` (as :func:`model_batch` picks them) as a float32 matrix."""
+    return _matrix(prepared.column(IVAR), np.float32)[rows]
+
+
 # -- 2 -> 3: catalogue rows, quarantine rows, the batch summary -------------------------------------
 
 
@@ -176,6 +200,13 @@ class OutputSpec:
     saliency: str | None  # None, "summary" or "full"
     members: bool
     n_pixels: int
+    # The setup's arms: the forward model's chi2 columns (chi2, chi2_<arm>), null for a model
+    # without a forward model; empty: no such columns.
+    arm_names: tuple[str, ...] = ()
+
+    @property
+    def chi2_columns(self) -> list[str]:
+        return [CHI2, *(f"{CHI2}_{arm}" for arm in self.arm_names)] if self.arm_names else []
 
     @property
     def summary_columns(self) -> list[str]:
@@ -198,6 +229,7 @@ def catalogue_fields(spec: OutputSpec) -> list[pa.Field]:
     for label in spec.label_names:
         names += [label, f"{label}_std"] + ([f"{label}_members"] if spec.members else [])
     names += ["input_sha256", "flags", *spec.summary_columns, "model_id", "run_id", "processed_at"]
+    names += spec.chi2_columns
     return [pa.field(name, COLUMN_TYPES.get(name, pa.float32())) for name in names]
 
 
@@ -221,8 +253,10 @@ def quality_flags(
     snr: np.ndarray,
     masked: np.ndarray,
     t: FlagThresholds,
+    anomalous: np.ndarray | None = None,
 ) -> np.ndarray:
-    """The ``flags`` bits of each row (int32), see ``pipeline/flags.py``."""
+    """The ``flags`` bits of each row (int32), see ``pipeline/flags.py``. ``anomalous``: the rows
+    whose chi^2 exceeds the forward model's threshold."""
     flags = np.zeros(prediction.mean.shape[0], dtype=np.int32)
     if prediction.outside_training_range is not None:
         flags[prediction.outside_training_range.any(axis=1)] |= Flag.EXTRAPOLATED
@@ -232,6 +266,8 @@ def quality_flags(
             if name in t.high_std:
                 flags[prediction.std[:, k] > t.high_std[name]] |= Flag.HIGH_STD
     flags[np.asarray(masked) > t.masked_fraction] |= Flag.HEAVILY_MASKED
+    if anomalous is not None:
+        flags[np.asarray(anomalous, dtype=bool)] |= Flag.ANOMALOUS_SPECTRUM
     return flags
 
 
@@ -245,11 +281,14 @@ def label_rows(
     run_id: str,
     processed_at: dt.datetime,
     map_rows: np.ndarray | None = None,
+    chi2: dict[str, np.ndarray] | None = None,
+    anomalous: np.ndarray | None = None,
 ) -> pa.Table:
     """Catalogue rows (plus ``_source`` and the full-map columns) for the prepared ``good`` rows.
 
     ``map_rows``: boolean mask of the rows whose full saliency maps are kept (``spec.saliency ==
-    "full"``); other rows get null maps.
+    "full"``); other rows get null maps. ``chi2``: :func:`forward_checks` of the rows (None: the
+    model has no forward model, the chi2 columns are null); ``anomalous``: rows to flag.
     """
     n = good.num_rows
     columns: dict[str, pa.Array] = {"spectrum_id": good.column("spectrum_id")}
@@ -271,6 +310,7 @@ def label_rows(
             _float_column(good.column(FLAG_SNR)),
             _float_column(good.column(MASKED_FRACTION)),
             thresholds,
+            anomalous,
         )
     )
     if spec.saliency is not None:
@@ -284,6 +324,10 @@ def label_rows(
     columns["model_id"] = pa.array([model_id] * n, pa.string())
     columns["run_id"] = pa.array([run_id] * n, pa.string())
     columns["processed_at"] = pa.array([processed_at] * n, COLUMN_TYPES["processed_at"])
+    if chi2 is not None and spec.arm_names:
+        columns[CHI2] = _float32_nullable(chi2["total"])
+        for arm in spec.arm_names:
+            columns[f"{CHI2}_{arm}"] = _float32_nullable(chi2[arm])
     columns[SOURCE] = good.column(SOURCE)
     if spec.saliency == "full":
         keep = np.zeros(n, dtype=bool) if map_rows is None else np.asarray(map_rows, dtype=bool)
@@ -402,6 +446,12 @@ def _matrix(column: pa.ChunkedArray | pa.Array, dtype) -> np.ndarray:
     size = arr.type.list_size
     values = arr.values.slice(arr.offset * size, len(arr) * size).to_numpy(zero_copy_only=False)
     return values.reshape(len(arr), size).astype(dtype, copy=False)
+
+
+def _float32_nullable(values: np.ndarray) -> pa.Array:
+    """float32 with null where not finite (a row or arm without good pixels has no chi^2)."""
+    values = np.asarray(values, dtype=np.float64)
+    return pa.array(values.astype(np.float32), mask=~np.isfinite(values))
 
 
 def _float_column(column) -> np.ndarray:

@@ -108,6 +108,7 @@ def label_spectra(
         saliency=options.saliency_mode,
         members=options.members,
         n_pixels=setup.n_pixels,
+        arm_names=tuple(arm.name for arm in setup.arms),
     )
     source = source or ParquetInput.open(
         spectra, setup, read_releases=options.release is None, release=options.release
@@ -160,6 +161,7 @@ def label_spectra(
                 use_gpu=resources.gpus_per_actor > 0,
                 precision=options.precision,
                 fault=options.fault,
+                with_ivar=ensemble.forward is not None,
             )
             started = time.perf_counter()
             progress = f"label {release}"
@@ -257,7 +259,9 @@ def label_stream(
     """The Ray Data pipeline: read -> prepare (tasks) -> EnsembleLabeller (actor pool)."""
     from ray.data import ActorPoolStrategy
 
-    prepared = prepared_blocks(source, setup, options.batch_size, resources.prepare_cpus)
+    prepared = prepared_blocks(
+        source, setup, options.batch_size, resources.prepare_cpus, with_ivar=settings.with_ivar
+    )
     if prepared is None:
         return None
     gpu_args = {"num_gpus": resources.gpus_per_actor} if resources.gpus_per_actor else {}
@@ -277,15 +281,19 @@ def label_stream(
         )
 
 
-def prepared_blocks(source, setup: Setup, batch_size: int, cpus: float):
+def prepared_blocks(source, setup: Setup, batch_size: int, cpus: float, with_ivar: bool = False):
     """Read -> validate + prepare (tasks, fused), one block per read slice (of at most
     ``batch_size`` rows, see :meth:`.inputs.ParquetInput.read_tasks`), or None when nothing is to be
-    read."""
+    read. ``with_ivar``: prepared rows carry ivar (for the forward model's chi^2)."""
     raw = source.dataset(read_rows=batch_size, num_cpus=cpus)
     if raw is None:
         return None
     return raw.map_batches(
-        prepare, fn_kwargs={"setup": setup}, batch_size=None, batch_format="pyarrow", num_cpus=cpus
+        prepare,
+        fn_kwargs={"setup": setup, "with_ivar": with_ivar},
+        batch_size=None,
+        batch_format="pyarrow",
+        num_cpus=cpus,
     )
 
 

@@ -36,6 +36,8 @@ from .batch import (
     REASON,
     FlagThresholds,
     OutputSpec,
+    forward_checks,
+    ivar_batch,
     label_rows,
     model_batch,
     nonfinite_label_reasons,
@@ -67,6 +69,7 @@ class LabellerSettings:
     precision: str = "float32"
     predict_batch_size: int = 256
     fault: Fault | None = None  # core.faults: read by the driver, carried to the actors
+    with_ivar: bool = False  # the model has a forward model: prepared rows carry _ivar for chi^2
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
@@ -131,7 +134,8 @@ class EnsembleLabeller:
             except InputError as exc:  # the data, not the job: these rows go to quarantine
                 parts.append(quarantine_rows(good, [f"{MODEL_ERROR}: {exc}"] * good.num_rows))
             else:
-                parts += self._label(good, prediction, accumulator)
+                checks = self._forward_checks(batch, rows, flux, mask, prediction)
+                parts += self._label(good, prediction, accumulator, checks)
         engine = self.ensemble.fused_engine() if self.batches_predicted else None
         actor = {
             **self.identity,
@@ -175,7 +179,16 @@ class EnsembleLabeller:
         view[...] = array
         return view
 
-    def _label(self, good: pa.Table, prediction, accumulator) -> list[pa.Table]:
+    def _forward_checks(self, batch: pa.Table, rows, flux, mask, prediction):
+        """(chi^2 per arm and total, anomalous rows) at the ensemble's labels; (None, None) for a
+        model without a forward model."""
+        forward = self.ensemble.forward
+        if forward is None:
+            return None, None
+        chi2 = forward_checks(forward, flux, ivar_batch(batch, rows), mask, prediction.mean)
+        return chi2, forward.anomalous(chi2)
+
+    def _label(self, good: pa.Table, prediction, accumulator, checks=(None, None)) -> list[pa.Table]:
         settings = self.settings
         reasons = nonfinite_label_reasons(prediction, self.ensemble.label_names)
         failed = np.array([r is not None for r in reasons])
@@ -194,6 +207,8 @@ class EnsembleLabeller:
             run_id=settings.run_id,
             processed_at=dt.datetime.now(dt.UTC),
             map_rows=map_rows,
+            chi2=checks[0],
+            anomalous=checks[1],
         )
         if not failed.any():
             return [rows]

@@ -89,12 +89,9 @@ def simulate_chunk(setup: Setup, config: SurveyConfig, chunk: int, prior: dict |
         x = np.linspace(-1.0, 1.0, arm.n_pixels)
         tilt = rng.normal(0, config.continuum_error, (n, 3))
         continuum = 1.0 + tilt[:, :1] + tilt[:, 1:2] * x + tilt[:, 2:3] * (x**2 - 1 / 3)
-        model = np.maximum(flux[:, part] * continuum, 0.02)
-        sigma = np.sqrt(model) / arm_snr[:, None]  # photon noise, continuum S/N = arm_snr
-        observed = model + sigma * rng.standard_normal(model.shape, dtype=np.float32)
-        ivar = (1.0 / sigma**2).astype(np.float32)
-        ivar[rng.random(model.shape) < config.masked_fraction] = 0.0
-        columns[arm.flux_column] = fixed_size_list(observed.astype(np.float32))
+        observed, ivar = photon_noise(flux[:, part] * continuum, arm_snr, rng)
+        ivar[rng.random(ivar.shape) < config.masked_fraction] = 0.0
+        columns[arm.flux_column] = fixed_size_list(observed)
         columns[arm.ivar_column] = fixed_size_list(ivar)
 
     field_ra, field_dec = survey_fields(config.seed, config.n_fields)
@@ -114,6 +111,18 @@ def simulate_chunk(setup: Setup, config: SurveyConfig, chunk: int, prior: dict |
         columns[name] = pa.array(labels[name].astype(np.float32))
     schema = survey_schema(setup)
     return pa.table({f.name: columns[f.name] for f in schema}, schema=schema)
+
+
+def photon_noise(
+    flux: np.ndarray, snr: np.ndarray, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
+    """Noise-free normalised ``flux [N, P]`` observed with photon noise at continuum S/N ``snr [N]``:
+    (observed flux, its ivar), both float32 in shape. Pixels darker than 2 % keep that much light
+    (saturated cores of a real spectrum are never perfectly black)."""
+    model = np.maximum(flux, 0.02)
+    sigma = np.sqrt(model) / np.asarray(snr)[:, None]
+    observed = model + sigma * rng.standard_normal(model.shape, dtype=np.float32)
+    return observed.astype(np.float32), (1.0 / sigma**2).astype(np.float32)
 
 
 def survey_schema(setup: Setup) -> pa.Schema:

@@ -1,0 +1,73 @@
+"""What ``speclabel train`` fits after the members are assembled, so that each catalogue row can say
+how far to trust it: one function per fit, called in order by :func:`fit_trust`.
+
+* :func:`fit_forward`: the data-driven forward model (``model/forward.py``) on the training rows,
+  the used rows outside the common test split (the rows the members learnt from).
+
+These fits read the rows the members were trained on (in memory or streamed again) but none of their
+settings enter the run's identity (``job.json``): rerunning the same command on a finished run keeps
+every member and only refits these, so an existing model gains them without retraining.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+
+import numpy as np
+
+from speclabel.core.reporting import Reporter
+from speclabel.model.ensemble import Ensemble
+from speclabel.model.forward import Batch, TooFewRows, array_batches, fit_forward_model_batches
+from speclabel.model.splits import SplitRule
+from speclabel.pipeline.training_data import InMemoryRows, StreamingRows
+
+BATCH_ROWS = 256
+
+
+def training_pool_batches(
+    rows: InMemoryRows | StreamingRows, split: SplitRule
+) -> Callable[[], Iterator[Batch]]:
+    """The used rows outside the common test split as ``(flux, ivar, good, labels)`` batches,
+    the same rows in the same order on every call (the fit reads them several times)."""
+    if isinstance(rows, InMemoryRows):
+        arrays = rows.arrays
+        pool = np.flatnonzero(~split.is_test(arrays["spectrum_id"]))
+        return array_batches(arrays["flux"], arrays["ivar"], arrays["mask"], arrays["labels"], pool)
+
+    def streamed() -> Iterator[Batch]:
+        # The pool is any member's train + val rows; order is preserved and nothing is shuffled.
+        for part in rows.member(split, 0):
+            for batch in part.batches(0, BATCH_ROWS, None):
+                yield batch["flux"], batch["ivar"], batch["mask"], batch["labels"]
+
+    return streamed
+
+
+def fit_forward(ensemble: Ensemble, rows, split: SplitRule, reporter: Reporter) -> None:
+    """Fit the forward model on the training rows and attach it to ``ensemble``."""
+    began = time.perf_counter()
+    setup = ensemble.setup
+    try:
+        forward, _ = fit_forward_model_batches(
+            training_pool_batches(rows, split),
+            ensemble.label_names,
+            [arm.name for arm in setup.arms],
+            [arm.n_pixels for arm in setup.arms],
+        )
+    except TooFewRows as exc:
+        ensemble.forward = None
+        reporter.line(f"train: no forward model ({exc}): its catalogue rows get no chi2 and no anomaly flag")
+        return
+    ensemble.forward = forward
+    thresholds = ", ".join(f"{key} {value:.2f}" for key, value in forward.chi2_threshold.items())
+    reporter.line(
+        f"train: forward model on {forward.fit['rows']} training rows ({forward.fit['clipped']} clipped as "
+        f"outliers), median chi2 {forward.fit['median_chi2']:.2f}, anomaly thresholds {thresholds} "
+        f"({time.perf_counter() - began:.0f} s)"
+    )
+
+
+def fit_trust(ensemble: Ensemble, rows, split: SplitRule, reporter: Reporter) -> None:
+    """Every post-training fit, in order (later ones may use earlier ones)."""
+    fit_forward(ensemble, rows, split, reporter)
