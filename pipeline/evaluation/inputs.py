@@ -157,9 +157,8 @@ def from_model(
         if calibration is not None:
             has_ivar = all(arrays.ivar[arm.name] is not None for arm in setup.arms)
             ivar = arrays.concatenated(setup)[1][good] if has_ivar else None
-            forward = getattr(ensemble, "forward", None)
             parts["err"].append(
-                row_errors(calibration, forward, prediction.mean, prediction.std, ivar, mask[good])
+                row_errors(calibration, ensemble.forward, prediction.mean, prediction.std, ivar, mask[good])
             )
         parts["true"].append(_label_matrix(table, labels))
         parts["snr"].append(_optional_column(table, "snr"))
