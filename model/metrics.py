@@ -7,7 +7,9 @@ Calibration of the internal precision, when the ensemble std is given (rows wher
 and the std are finite): ``std_ratio`` = rms(ensemble std) / rms(predicted - true), 1 when the
 internal precision tracks the actual error and < 1 when the ensemble is over-confident; ``rms_std``;
 ``frac_within_std`` = the fraction of rows with |predicted - true| < std, 0.683 for Gaussian errors
-whose std is exactly the ensemble std.
+whose std is exactly the ensemble std; ``frac_within_2std`` the same within 2 std (0.954). Given the
+calibrated total error ``err`` (``model.calibration``), the same four numbers of it: ``err_ratio``,
+``rms_err``, ``frac_within_err``, ``frac_within_2err``.
 
 :func:`metrics_by_snr` repeats all of this over S/N cuts (``snr>=50``) and S/N bins
 (``20<=snr<50``), the two views survey papers quote.
@@ -22,12 +24,19 @@ import numpy as np
 
 # The fraction of a Gaussian within one standard deviation of its mean: erf(1 / sqrt(2)).
 GAUSSIAN_WITHIN_1_SIGMA = 0.6826894921370859
+GAUSSIAN_WITHIN_2_SIGMA = 0.9544997361036416  # erf(2 / sqrt(2))
 
 
 def label_metrics(
-    predicted: np.ndarray, true: np.ndarray, names: Sequence[str], *, std: np.ndarray | None = None
+    predicted: np.ndarray,
+    true: np.ndarray,
+    names: Sequence[str],
+    *,
+    std: np.ndarray | None = None,
+    err: np.ndarray | None = None,
 ) -> dict[str, dict[str, float]]:
-    """Per label: n, bias, scatter, rmse, robust_scatter, and the calibration numbers given ``std``."""
+    """Per label: n, bias, scatter, rmse, robust_scatter, and the calibration numbers given ``std``
+    (ensemble std) and ``err`` (calibrated total error)."""
     residual = np.asarray(predicted, dtype=np.float64) - np.asarray(true, dtype=np.float64)
     out = {}
     for k, name in enumerate(names):
@@ -43,22 +52,30 @@ def label_metrics(
         }
         if std is not None:
             entry.update(calibration(residual[:, k], np.asarray(std, dtype=np.float64)[:, k]))
+        if err is not None:
+            entry.update(calibration(residual[:, k], np.asarray(err, dtype=np.float64)[:, k], "err"))
         out[name] = entry
     return out
 
 
-def calibration(residual: np.ndarray, std: np.ndarray) -> dict[str, float]:
-    """``std_ratio``, ``rms_std`` and ``frac_within_std`` of one label (see the module docstring)."""
-    ok = np.isfinite(std) & np.isfinite(residual)
+def calibration(residual: np.ndarray, sigma: np.ndarray, name: str = "std") -> dict[str, float]:
+    """``<name>_ratio``, ``rms_<name>``, ``frac_within_<name>`` and ``frac_within_2<name>`` of one
+    label's uncertainty ``sigma`` (``std`` or ``err``; see the module docstring), over the rows where
+    both it and the residual are finite."""
+    keys = (f"{name}_ratio", f"rms_{name}", f"frac_within_{name}", f"frac_within_2{name}")
+    ok = np.isfinite(sigma) & np.isfinite(residual)
     if not ok.any():
-        return {"std_ratio": float("nan"), "rms_std": float("nan"), "frac_within_std": float("nan")}
+        return dict.fromkeys(keys, float("nan"))
     rms_error = np.sqrt((residual[ok] ** 2).mean())
-    rms_std = np.sqrt((std[ok] ** 2).mean())
-    return {
-        "std_ratio": float(rms_std / rms_error) if rms_error > 0 else float("nan"),
-        "rms_std": float(rms_std),
-        "frac_within_std": float((np.abs(residual[ok]) < std[ok]).mean()),
-    }
+    rms_sigma = np.sqrt((sigma[ok] ** 2).mean())
+    error = np.abs(residual[ok])
+    values = (
+        float(rms_sigma / rms_error) if rms_error > 0 else float("nan"),
+        float(rms_sigma),
+        float((error < sigma[ok]).mean()),
+        float((error < 2 * sigma[ok]).mean()),
+    )
+    return dict(zip(keys, values, strict=True))
 
 
 def snr_bin_name(lo: float, hi: float) -> str:
@@ -86,13 +103,14 @@ def metrics_by_snr(
     snr: np.ndarray | None,
     *,
     std: np.ndarray | None = None,
+    err: np.ndarray | None = None,
     snr_cuts: Sequence[float] = (50.0,),
     snr_edges: Sequence[float] = (),
 ) -> dict[str, dict]:
     """Metrics for all rows (``"all"``), rows with S/N >= each cut (``"snr>=50"``) and, given inner
     ``snr_edges`` (e.g. 20, 50, 100), each S/N bin (``"snr<20"``, ``"20<=snr<50"``, ...). Rows with an
     unknown S/N count in ``"all"`` only."""
-    out = {"all": label_metrics(predicted, true, names, std=std)}
+    out = {"all": label_metrics(predicted, true, names, std=std, err=err)}
     if snr is None:
         return out
     snr = np.asarray(snr, dtype=np.float64)
@@ -101,6 +119,10 @@ def metrics_by_snr(
     for key, rows in selections:
         if key not in out:  # a cut equal to the last edge selects the same rows as the last bin
             out[key] = label_metrics(
-                predicted[rows], true[rows], names, std=None if std is None else std[rows]
+                predicted[rows],
+                true[rows],
+                names,
+                std=None if std is None else std[rows],
+                err=None if err is None else err[rows],
             )
     return out

@@ -20,6 +20,7 @@ from speclabel.core.errors import InputError, IntegrityError
 from speclabel.core.labels import LABEL_NAMES
 from speclabel.jobs.cli import main
 from speclabel.model.arch import build_network
+from speclabel.model.calibration import ErrorCalibration, LabelErrorModel
 from speclabel.model.ensemble import Ensemble
 from speclabel.model.io import save_model
 from speclabel.model.saliency import SaliencyAccumulator
@@ -405,3 +406,87 @@ def test_cli_usage_and_job_errors(model_dir, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["evaluate", "--out", out])
     assert exit_info.value.code == 2
+
+
+# -- the calibrated total error ---------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def calibrated_model_dir(setup, small_survey, survey_file, tmp_path_factory):
+    """The tiny model with a std-and-floor calibration (no forward model: the bound term is dropped)."""
+    torch.manual_seed(3)
+    labels = np.stack([small_survey.column(n).to_numpy() for n in LABEL_NAMES], axis=1).astype(np.float64)
+    calibration = ErrorCalibration(
+        LABEL_NAMES,
+        {
+            n: LabelErrorModel(a=3.0, b=0.0, c=0.5 * s, prior_width=s)
+            for n, s in zip(LABEL_NAMES, labels.std(axis=0), strict=True)
+        },
+        uses_bound=False,
+        fitted_on={"rows": "common test split"},
+    )
+    ensemble = Ensemble(
+        setup,
+        TINY,
+        LabelScaler.fit(labels),
+        [build_network(TINY, setup) for _ in range(3)],
+        info={
+            "training": {"split": SPLIT.to_dict(), "data": {"location": str(survey_file)}},
+            "calibration": calibration.to_dict(),
+        },
+    )
+    path = tmp_path_factory.mktemp("calibrated") / "model"
+    save_model(ensemble, str(path))
+    return path, calibration
+
+
+def test_calibrated_err_before_and_after_by_hand(calibrated_model_dir, model_evaluation, tmp_path):
+    path, calibration = calibrated_model_dir
+    ev = from_model(str(path), saliency=False)
+    np.testing.assert_allclose(ev.err, calibration.total_error(ev.std), rtol=1e-12)
+    assert model_evaluation.err is None  # a model without a calibration: no err
+    document = write_report(ev, str(tmp_path / "report"))
+    for selection, rows in (("all", np.ones(ev.n, bool)), ("snr<20", ev.snr < 20), ("snr>=50", ev.snr >= 50)):
+        for k, name in enumerate(ev.labels):
+            m = document["metrics"][selection][name]
+            error = np.abs(ev.predicted[rows, k] - ev.true[rows, k])
+            err, std = ev.err[rows, k], ev.std[rows, k]
+            if not rows.any():
+                assert m["err_ratio"] is None
+                continue
+            assert m["err_ratio"] == pytest.approx(np.sqrt(np.mean(err**2) / np.mean(error**2)))
+            assert m["frac_within_err"] == pytest.approx(np.mean(error < err))
+            assert m["frac_within_2err"] == pytest.approx(np.mean(error < 2 * err))
+            assert m["frac_within_2std"] == pytest.approx(np.mean(error < 2 * std))
+    assert "error_calibration" in document["figures"]
+    report = (tmp_path / "report" / "report.md").read_text()
+    assert "## Calibrated total error" in report and "in-sample" in report
+    assert "](error_calibration.png)" in report
+    assert render_markdown(document) == report
+
+
+def test_catalogue_err_columns_are_read_and_null_ones_ignored(setup, catalogue, tmp_path):
+    location, rows, _ = catalogue
+    pq.write_table(_truth(rows, 0, 0), tmp_path / "truth.parquet")
+    plain = from_catalogue(location, str(tmp_path / "truth.parquet"), setup=setup)
+    assert plain.err is None
+    errors = {name: np.full(rows.num_rows, 0.1 * (k + 1), np.float32) for k, name in enumerate(LABEL_NAMES)}
+    with_err = rows
+    for name, values in errors.items():
+        with_err = with_err.append_column(f"{name}_err", pa.array(values))
+    second = str(tmp_path / "with-err")
+    write_release(second, "DR1", [with_err], model_id="m2")
+    ev = from_catalogue(second, str(tmp_path / "truth.parquet"), setup=setup)
+    expected = np.tile([0.1 * (k + 1) for k in range(len(LABEL_NAMES))], (ev.n, 1))
+    np.testing.assert_allclose(ev.err, expected, rtol=1e-6)
+    nulls = rows
+    for name in LABEL_NAMES:
+        nulls = nulls.append_column(f"{name}_err", pa.nulls(rows.num_rows, pa.float32()))
+    third = str(tmp_path / "null-err")
+    write_release(third, "DR1", [nulls], model_id="m3")
+    ev = from_catalogue(third, str(tmp_path / "truth.parquet"), setup=setup)
+    assert np.isnan(ev.err).all()
+    document = write_report(ev, str(tmp_path / "report"))
+    assert "err_ratio" not in document["metrics"]["all"]["teff"]
+    assert "error_calibration" not in document["figures"]
+    assert "No calibrated error is available" in (tmp_path / "report" / "report.md").read_text()

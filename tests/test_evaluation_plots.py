@@ -15,7 +15,9 @@ from speclabel.pipeline.evaluation import plots as P
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
-def _evaluation(setup, n=80, *, labels=LABEL_NAMES, std=True, snr=True, saliency=True, seed=0) -> Evaluation:
+def _evaluation(
+    setup, n=80, *, labels=LABEL_NAMES, std=True, snr=True, saliency=True, seed=0, err=False
+) -> Evaluation:
     rng = np.random.default_rng(seed)
     centre = {"teff": 5000.0, "logg": 3.0, "feh": -0.4, "mgfe": 0.1, "alfe": 0.05}
     spread = {"teff": 600.0, "logg": 1.0, "feh": 0.5, "mgfe": 0.1, "alfe": 0.1}
@@ -37,6 +39,7 @@ def _evaluation(setup, n=80, *, labels=LABEL_NAMES, std=True, snr=True, saliency
         source={"kind": "test"},
         rows={"matched": n},
         saliency=accumulator,
+        err=np.full(true.shape, noise) if err else None,
     )
 
 
@@ -111,6 +114,30 @@ def test_calibration_has_one_panel_per_label_and_needs_the_std(tiny_setup, figur
         "error = std",
     ]
     assert P.calibration(_evaluation(tiny_setup, std=False), metrics) is None
+
+
+def test_error_calibration_histograms_z_before_and_after(tiny_setup, figures):
+    ev = _evaluation(tiny_setup, err=True)
+    metrics = evaluation_document(ev)["metrics"]
+    _check_png(P.error_calibration(ev, metrics), figures[0])
+    panels, _ = _panels(figures[0])
+    assert len(panels) == len(LABEL_NAMES)
+    m = metrics["all"]["feh"]
+    assert panels[2].get_title() == f"[Fe/H]: err/error = {m['err_ratio']:.3g}"
+    assert [t.get_text() for t in panels[2].get_legend().get_texts()] == [
+        f"ensemble std: {m['frac_within_std']:.3g} within 1",
+        f"calibrated err: {m['frac_within_err']:.3g} within 1",
+        "N(0, 1)",
+    ]
+    # the "after" histogram is of (pred - true) / err: err = the noise, so z is unit Gaussian here
+    heights, _ = np.histogram(
+        np.clip((ev.predicted[:, 2] - ev.true[:, 2]) / ev.err[:, 2], -P.Z_LIMIT, P.Z_LIMIT),
+        bins=np.linspace(-P.Z_LIMIT, P.Z_LIMIT, 41),
+        density=True,
+    )
+    after = panels[2].patches[1].get_xy()  # the step outline: (edge, height) pairs
+    np.testing.assert_allclose(np.unique(after[:, 1])[1:], np.unique(heights[heights > 0]), rtol=1e-6)
+    assert P.error_calibration(_evaluation(tiny_setup), metrics) is None
 
 
 def test_snr_trends_have_three_curves_per_label(tiny_setup, figures):

@@ -14,6 +14,7 @@ from speclabel.core.arrays import spectra_arrays
 from speclabel.core.errors import ConfigError
 from speclabel.core.faults import Fault, InjectedFault
 from speclabel.core.flags import Flag
+from speclabel.model.calibration import ErrorCalibration, LabelErrorModel
 from speclabel.model.io import save_model
 from speclabel.pipeline.labelling import batch as B
 from speclabel.pipeline.labelling.labeller import EnsembleLabeller, LabellerSettings
@@ -101,6 +102,58 @@ def test_rows_carry_the_forward_models_chi2_and_anomaly_flag(tmp_path):
     _, catalogue = label(plain_model, False)
     assert catalogue.column("chi2").null_count == catalogue.num_rows == 12
     assert not any(f & Flag.ANOMALOUS_SPECTRUM for f in catalogue.column("flags").to_pylist())
+
+
+def test_rows_carry_the_calibrated_err(tmp_path):
+    table, _ = survey(200, 202)
+    table = table.slice(0, 12).append_column(B.SOURCE, pa.array(["in.parquet"] * 12))
+    ensemble = tiny_ensemble(WINDOW_SETUP)
+    ensemble.forward = window_forward_model()
+    calibration = ErrorCalibration(
+        ensemble.label_names,
+        {
+            n: LabelErrorModel(a=2.0, b=1.5, c=0.01 * w, prior_width=w)
+            for n, w in zip(ensemble.label_names, ensemble.forward.label_scale, strict=True)
+        },
+        uses_bound=True,
+    )
+    ensemble.info["calibration"] = calibration.to_dict()
+    save_model(ensemble, str(tmp_path / "model"))
+    ensemble.forward = None
+    save_model(ensemble, str(tmp_path / "no-forward"))  # its calibration needs the bound: null err
+    spec = B.OutputSpec(
+        ensemble.label_names, (), None, False, WINDOW_SETUP.n_pixels, ("hr10", "hr21"), error_columns=True
+    )
+    names = [f.name for f in B.catalogue_fields(spec)]
+    assert names[-8:] == [f"{n}_err" for n in ensemble.label_names] + ["chi2", "chi2_hr10", "chi2_hr21"]
+
+    def label(model, with_ivar):
+        settings = LabellerSettings(
+            model_location=str(model),
+            setup=WINDOW_SETUP,
+            spec=spec,
+            thresholds=B.FlagThresholds(low_snr=0),
+            run_id="run-1",
+            model_id=_model_id(model),
+            with_ivar=with_ivar,
+        )
+        prepared = B.prepare(table, WINDOW_SETUP, with_ivar=with_ivar)
+        return prepared, B.split_output(EnsembleLabeller(settings)(prepared), spec)[0]
+
+    prepared, catalogue = label(tmp_path / "model", True)
+    _, flux, mask = B.model_batch(prepared)
+    # Independent: ivar from the input table, the bound at the ensemble's labels, the stated form.
+    _, input_ivar = spectra_arrays(table, WINDOW_SETUP).concatenated(WINDOW_SETUP)
+    prediction = ensemble.predict(flux, mask)
+    bound = window_forward_model().label_bound(prediction.mean, np.where(mask, input_ivar, 0), mask)
+    for k, name in enumerate(ensemble.label_names):
+        p = bound[:, k] / np.sqrt(1 + (bound[:, k] / calibration.labels[name].prior_width) ** 2)
+        floor = calibration.labels[name].c
+        expected = np.sqrt((2.0 * prediction.std[:, k]) ** 2 + (1.5 * p) ** 2 + floor**2)
+        np.testing.assert_allclose(catalogue.column(f"{name}_err").to_numpy(), expected, rtol=1e-5)
+    assert catalogue.schema.field("alfe_err").type == pa.float32()
+    _, catalogue = label(tmp_path / "no-forward", False)
+    assert catalogue.column("alfe_err").null_count == catalogue.num_rows == 12
 
 
 def _model_id(folder) -> str:

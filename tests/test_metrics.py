@@ -33,6 +33,19 @@ def test_calibration_by_hand():
     assert m["std_ratio"] == pytest.approx(math.sqrt(7 / 6), rel=1e-15)  # rms std / rms error
     # |error| < std: 1 < 1 no, 1 < 2 yes, 2 < 1 no, 0 < 1 yes
     assert m["frac_within_std"] == 0.5
+    # |error| < 2 std: 1 < 2, 1 < 4, 2 < 2 no, 0 < 2
+    assert m["frac_within_2std"] == 0.75
+
+
+def test_calibrated_error_numbers_by_hand():
+    # err 2, 1, 0.5, nan (the last row has no err): errors 1, 1, 2 on the other three
+    err = np.array([[2.0], [1.0], [0.5], [np.nan]])
+    m = label_metrics(PREDICTED, TRUE, ["x"], std=STD, err=err)["x"]
+    assert m["rms_err"] == pytest.approx(math.sqrt((4 + 1 + 0.25) / 3), rel=1e-15)
+    assert m["err_ratio"] == pytest.approx(math.sqrt(5.25 / 6), rel=1e-15)  # rms(err) / rms(1, 1, 2)
+    assert m["frac_within_err"] == pytest.approx(1 / 3)  # 1 < 2 yes, 1 < 1 no, 2 < 0.5 no
+    assert m["frac_within_2err"] == pytest.approx(2 / 3)  # 1 < 4, 1 < 2 yes, 2 < 1 no
+    assert m["frac_within_std"] == 0.5  # the std numbers still use all four rows
 
 
 def test_nonfinite_rows_are_left_out_per_label():

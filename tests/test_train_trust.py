@@ -8,8 +8,9 @@ from forward_data import WINDOW_SETUP, survey
 from tiny import TINY_ARCH
 
 from speclabel.core.reporting import Reporter
-from speclabel.jobs.train.trust import fit_forward, training_pool_batches
+from speclabel.jobs.train.trust import fit_calibration, fit_forward, fit_trust, training_pool_batches
 from speclabel.model.arch import build_network
+from speclabel.model.calibration import fit_error_calibration, model_calibration
 from speclabel.model.ensemble import Ensemble
 from speclabel.model.forward import fit_forward_model
 from speclabel.model.scaling import LabelScaler
@@ -76,3 +77,37 @@ def test_too_few_training_rows_give_no_forward_model():
     ensemble = _ensemble(arrays["labels"])
     fit_forward(ensemble, InMemoryRows(few), SplitRule(test_fraction=0.1), Reporter(lines.append))
     assert ensemble.forward is None and "no forward model" in lines[-1] and "at least 42" in lines[-1]
+
+
+def test_error_calibration_is_fitted_on_the_test_rows_with_the_bound():
+    _, arrays = survey(120, 7)
+    split, lines = SplitRule(test_fraction=0.5), []
+    torch.manual_seed(1)
+    ensemble = Ensemble(
+        WINDOW_SETUP,
+        TINY_ARCH,
+        LabelScaler.fit(arrays["labels"]),
+        [build_network(TINY_ARCH, WINDOW_SETUP) for _ in range(3)],
+    )
+    fit_trust(ensemble, InMemoryRows(arrays), split, Reporter(lines.append))
+    # Independent reference: the test rows picked by hand, predicted and bounded here.
+    test = split.is_test(arrays["spectrum_id"])
+    prediction = ensemble.predict(arrays["flux"][test], arrays["mask"][test])
+    bound = ensemble.forward.label_bound(prediction.mean, arrays["ivar"][test], arrays["mask"][test])
+    reference = fit_error_calibration(
+        prediction.mean - arrays["labels"][test],
+        prediction.std,
+        bound,
+        ensemble.label_names,
+        ensemble.forward.label_scale,
+    )
+    stored = model_calibration(ensemble.info)
+    assert stored.uses_bound and stored.fitted_on["n_rows"] == test.sum()
+    assert stored.fitted_on["rows"] == "common test split"
+    for name in ensemble.label_names:
+        assert stored.labels[name] == reference.labels[name]
+    assert "error calibration (std, forward-model bound, floor) on" in lines[-1]
+    # Too few test rows: no calibration, said so, and a stale one does not survive a refit.
+    few = {k: (v[:80] if v is not None else None) for k, v in arrays.items()}
+    fit_calibration(ensemble, InMemoryRows(few), SplitRule(test_fraction=0.1), Reporter(lines.append))
+    assert model_calibration(ensemble.info) is None and "no error calibration" in lines[-1]

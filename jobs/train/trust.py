@@ -3,6 +3,9 @@ how far to trust it: one function per fit, called in order by :func:`fit_trust`.
 
 * :func:`fit_forward`: the data-driven forward model (``model/forward.py``) on the training rows,
   the used rows outside the common test split (the rows the members learnt from).
+* :func:`fit_calibration`: the error model of ``<label>_err`` (``model/calibration.py``) on the
+  common test split, the only rows no member trained on: the ensemble's mean and std of each row
+  and the forward model's bound at its predicted labels; stored as model.json ``calibration``.
 
 These fits read the rows the members were trained on (in memory or streamed again) but none of their
 settings enter the run's identity (``job.json``): rerunning the same command on a finished run keeps
@@ -16,7 +19,9 @@ from collections.abc import Callable, Iterator
 
 import numpy as np
 
+from speclabel.core.errors import InputError
 from speclabel.core.reporting import Reporter
+from speclabel.model.calibration import CALIBRATION_KEY, calibrate_ensemble
 from speclabel.model.ensemble import Ensemble
 from speclabel.model.forward import Batch, TooFewRows, array_batches, fit_forward_model_batches
 from speclabel.model.splits import SplitRule
@@ -71,6 +76,28 @@ def fit_forward(ensemble: Ensemble, rows, split: SplitRule, reporter: Reporter) 
     )
 
 
+def fit_calibration(ensemble: Ensemble, rows, split: SplitRule, reporter: Reporter) -> None:
+    """Fit the error calibration on the common test split (after :func:`fit_forward`, whose bound
+    it uses) into ``ensemble.info``; a split too small for it leaves the model without one."""
+    began = time.perf_counter()
+    ensemble.info.pop(CALIBRATION_KEY, None)
+    try:
+        calibration = calibrate_ensemble(
+            ensemble, rows.test_batches(split, BATCH_ROWS), fitted_on={"rows": "common test split"}
+        )
+    except InputError as exc:
+        reporter.line(f"train: no error calibration ({exc}): its catalogue rows get null <label>_err")
+        return
+    ensemble.info[CALIBRATION_KEY] = calibration.to_dict()
+    terms = "std, forward-model bound, floor" if calibration.uses_bound else "std, floor"
+    fitted = "; ".join(f"{n} a {m.a:.2g} b {m.b:.2g} c {m.c:.2g}" for n, m in calibration.labels.items())
+    reporter.line(
+        f"train: error calibration ({terms}) on {calibration.fitted_on['n_rows']} test rows: {fitted} "
+        f"({time.perf_counter() - began:.0f} s)"
+    )
+
+
 def fit_trust(ensemble: Ensemble, rows, split: SplitRule, reporter: Reporter) -> None:
     """Every post-training fit, in order (later ones may use earlier ones)."""
     fit_forward(ensemble, rows, split, reporter)
+    fit_calibration(ensemble, rows, split, reporter)

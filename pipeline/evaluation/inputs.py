@@ -45,8 +45,9 @@ log = logging.getLogger(__name__)
 class Evaluation:
     """Predicted and true labels of the same spectra, and where they came from.
 
-    ``predicted``, ``true`` and ``std`` are ``[n, n_labels]`` float64 in the order of ``labels``;
-    ``std`` (the ensemble std) and ``snr`` may be absent. ``saliency`` is the population sum of the
+    ``predicted``, ``true``, ``std`` and ``err`` are ``[n, n_labels]`` float64 in the order of
+    ``labels``; ``std`` (the ensemble std), ``err`` (the calibrated total error, ``model.calibration``:
+    NaN where unknown) and ``snr`` may be absent. ``saliency`` is the population sum of the
     saliency maps (label order of ``labels``) and ``saliency_row_shares`` the mean per-spectrum share
     of |gradient| in each line-window group, ``{label: {group: share}}``: a catalogue may offer only
     the latter. ``source`` says what was evaluated; ``rows`` accounts for every input row.
@@ -64,10 +65,11 @@ class Evaluation:
     saliency: SaliencyAccumulator | None = None
     saliency_row_shares: dict[str, dict[str, float]] | None = None
     quarantine: pa.Table | None = field(default=None, repr=False)
+    err: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         n = len(self.spectrum_id)
-        for name in ("predicted", "true", "std"):
+        for name in ("predicted", "true", "std", "err"):
             value = getattr(self, name)
             if value is not None and value.shape != (n, len(self.labels)):
                 raise ValueError(f"{name} has shape {value.shape}, expected {(n, len(self.labels))}")
@@ -96,10 +98,12 @@ def from_model(
     saliency: bool = True,
 ) -> Evaluation:
     """The model's common test split of ``data`` (default: its training data), labelled by the model."""
+    from speclabel.model.calibration import model_calibration, row_errors
     from speclabel.model.io import load_model
     from speclabel.model.splits import SplitRule
 
     ensemble = load_model(model_location)
+    calibration = model_calibration(ensemble.info)
     training = ensemble.info.get("training", {})
     if "split" not in training:
         raise IntegrityError(
@@ -119,7 +123,7 @@ def from_model(
     setup = ensemble.setup
     labels = ensemble.label_names
     accumulator = SaliencyAccumulator.empty(len(labels), setup.n_pixels) if saliency else None
-    parts: dict[str, list] = {"id": [], "mean": [], "std": [], "true": [], "snr": []}
+    parts: dict[str, list] = {"id": [], "mean": [], "std": [], "err": [], "true": [], "snr": []}
     refused_ids, refused_reasons, refused_sources = [], [], []
     seen: set[str] = set()
     read = in_split = 0
@@ -151,6 +155,12 @@ def from_model(
         parts["id"] += [ids[i] for i in np.flatnonzero(good)]
         parts["mean"].append(prediction.mean)
         parts["std"].append(prediction.std)
+        if calibration is not None:
+            has_ivar = all(arrays.ivar[arm.name] is not None for arm in setup.arms)
+            ivar = arrays.concatenated(setup)[1][good] if has_ivar else None
+            parts["err"].append(
+                row_errors(calibration, ensemble.forward, prediction.mean, prediction.std, ivar, mask[good])
+            )
         parts["true"].append(label_matrix(table, labels))
         parts["snr"].append(_optional_column(table, "snr"))
     if not in_split:
@@ -167,6 +177,7 @@ def from_model(
         predicted=_stack(parts["mean"], n_labels),
         true=_stack(parts["true"], n_labels),
         std=_stack(parts["std"], n_labels) if ensemble.n_members > 1 else None,
+        err=_stack(parts["err"], n_labels) if calibration is not None else None,
         snr=np.concatenate(parts["snr"]) if has_snr and parts["snr"] else None,
         setup=setup,
         source={
@@ -177,6 +188,9 @@ def from_model(
             "data": location,
             "training_data": recorded,
             "split": split.to_dict(),
+            # The calibration was fitted on the test split of the training data: on those rows
+            # its numbers are in-sample (bench/trust_calibration.py scores it cross-fitted).
+            "calibration": None if calibration is None else calibration.fitted_on.get("rows"),
         },
         rows={
             "read": read,
@@ -288,9 +302,11 @@ def from_catalogue(
     truth_table = read_truth(truth, label_columns(schema.names))
     labels = tuple(n for n in label_columns(schema.names) if n in truth_table.column_names)
     with_std = all(f"{n}_std" in schema.names for n in labels)
+    with_err = all(f"{n}_err" in schema.names for n in labels)
     sal_columns = [c for c in schema.names if c.startswith("sal_")]
     columns = ["spectrum_id", "release", *labels]
     columns += [f"{n}_std" for n in labels] if with_std else []
+    columns += [f"{n}_err" for n in labels] if with_err else []
     columns += ["snr"] if "snr" in schema.names else []
     rows = cat.query(where, columns=columns + sal_columns, releases=releases, model_id=model_id)
     _check_unique(
@@ -322,6 +338,7 @@ def from_catalogue(
         predicted=label_matrix(joined, labels),
         true=label_matrix(truth_rows, labels),
         std=label_matrix(joined, [f"{n}_std" for n in labels]) if with_std else None,
+        err=label_matrix(joined, [f"{n}_err" for n in labels]) if with_err else None,
         snr=snr,
         setup=setup,
         source={

@@ -158,6 +158,50 @@ def calibration(ev: Evaluation, metrics: dict) -> bytes | None:
     return png(fig)
 
 
+# z-scores beyond this are drawn in the outermost bins (an over-confident std gives z of 10 or more).
+Z_LIMIT = 5.0
+
+
+def error_calibration(ev: Evaluation, metrics: dict) -> bytes | None:
+    """Per label, the histogram of z = (predicted - true) / uncertainty for the ensemble std (before)
+    and the calibrated err (after), on the unit Gaussian that a calibrated uncertainty follows."""
+    if ev.err is None:
+        return None
+    n = len(ev.labels)
+    fig = Figure(figsize=(3.4 * n, 3.4), layout="constrained")
+    edges = np.linspace(-Z_LIMIT, Z_LIMIT, 41)
+    grid = np.linspace(-Z_LIMIT, Z_LIMIT, 201)
+    for k, label in enumerate(ev.labels):
+        ax = fig.add_subplot(1, n, k + 1)
+        residual = ev.predicted[:, k] - ev.true[:, k]
+        m = metrics["all"][label]
+        for sigma, colour, name, within in (
+            (None if ev.std is None else ev.std[:, k], "0.6", "ensemble std", m.get("frac_within_std")),
+            (ev.err[:, k], "tab:blue", "calibrated err", m.get("frac_within_err")),
+        ):
+            if sigma is None:
+                continue
+            with np.errstate(divide="ignore", invalid="ignore"):
+                z = residual / sigma
+            z = np.clip(z[np.isfinite(z)], -Z_LIMIT, Z_LIMIT)
+            if z.size:
+                ax.hist(
+                    z,
+                    bins=edges,
+                    density=True,
+                    histtype="step",
+                    lw=1.5,
+                    color=colour,
+                    label=f"{name}: {_g(within)} within 1",
+                )
+        ax.plot(grid, np.exp(-0.5 * grid**2) / np.sqrt(2 * np.pi), color="tab:red", lw=1, label="N(0, 1)")
+        ax.set_xlim(-Z_LIMIT, Z_LIMIT)
+        ax.set_title(f"{symbol(label)}: err/error = {_g(m.get('err_ratio'))}", fontsize=10)
+        ax.set_xlabel("(pred. - true) / uncertainty")
+        ax.legend(fontsize=6, loc="upper left")
+    return png(fig)
+
+
 def snr_trends(ev: Evaluation, metrics: dict, bins: list[str]) -> bytes | None:
     """Bias, scatter and robust scatter per S/N bin, one panel per label."""
     if not bins:

@@ -19,7 +19,7 @@ import numpy as np
 from speclabel.core.errors import InputError
 from speclabel.core.labels import LABELS
 from speclabel.core.storage import exists, filesystem_and_path, join, read_json, write_folder_atomic
-from speclabel.model.metrics import GAUSSIAN_WITHIN_1_SIGMA, metrics_by_snr
+from speclabel.model.metrics import GAUSSIAN_WITHIN_1_SIGMA, GAUSSIAN_WITHIN_2_SIGMA, metrics_by_snr
 
 from . import plots
 from .inputs import Evaluation
@@ -52,6 +52,7 @@ def evaluation_document(ev: Evaluation, options: ReportOptions = ReportOptions()
         ev.labels,
         snr,
         std=ev.std,
+        err=calibrated_err(ev),
         snr_cuts=options.snr_cuts,
         snr_edges=options.snr_edges,
     )
@@ -71,10 +72,19 @@ def evaluation_document(ev: Evaluation, options: ReportOptions = ReportOptions()
             "selections": [k for k in metrics if k != "all"],
         },
         "metrics": metrics,
-        "calibration_reference": {"frac_within_std_gaussian": GAUSSIAN_WITHIN_1_SIGMA},
+        "calibration_reference": {
+            "frac_within_std_gaussian": GAUSSIAN_WITHIN_1_SIGMA,
+            "frac_within_2std_gaussian": GAUSSIAN_WITHIN_2_SIGMA,
+        },
         "saliency": saliency_section(ev),
         "figures": {},
     }
+
+
+def calibrated_err(ev: Evaluation) -> np.ndarray | None:
+    """The evaluation's calibrated err where any row has one (a catalogue labelled by a model
+    without a calibration has all-null ``<label>_err``: nothing to report)."""
+    return ev.err if ev.err is not None and np.isfinite(ev.err).any() else None
 
 
 def saliency_section(ev: Evaluation) -> dict | None:
@@ -146,6 +156,7 @@ def draw_figures(ev: Evaluation, document: dict) -> dict[str, bytes]:
         "one_to_one": plots.one_to_one(ev, metrics),
         "snr": plots.snr_trends(ev, metrics, bins) if document["snr"]["available"] else None,
         "calibration": plots.calibration(ev, metrics),
+        "error_calibration": plots.error_calibration(ev, metrics) if calibrated_err(ev) is not None else None,
         "kiel": plots.kiel(ev),
         "abundances": plots.abundances(ev),
         "saliency": plots.saliency_maps(ev, saliency) if saliency else None,
@@ -297,6 +308,8 @@ def render_markdown(doc: dict) -> str:
         lines += ["", *_figure(figures, "calibration", "|predicted - true| against the ensemble std")]
     else:
         lines += ["No ensemble std is available (a one-member model, or a catalogue without `<label>_std`)."]
+    lines += ["", "## Calibrated total error: `<label>_err` against the actual error", ""]
+    lines += _error_calibration_lines(doc, ["all", *selections])
     lines += ["", "## Science views", ""]
     lines += _figure(figures, "kiel", "Kiel diagram coloured by [Fe/H], predicted next to true") or [
         "The Kiel diagram needs teff, logg and feh."
@@ -308,6 +321,58 @@ def render_markdown(doc: dict) -> str:
     lines += ["", "## Saliency: where each label is read", ""]
     lines += _saliency_lines(doc["saliency"], figures)
     return "\n".join(lines) + "\n"
+
+
+# The columns of the calibrated-error table after label and selection, as the metrics name them.
+ERROR_CALIBRATION_COLUMNS = (
+    "rms_std",
+    "rms_err",
+    "rmse",
+    "std_ratio",
+    "err_ratio",
+    "frac_within_std",
+    "frac_within_err",
+    "frac_within_2std",
+    "frac_within_2err",
+)
+
+
+def _error_calibration_lines(doc: dict, selections: list[str]) -> list[str]:
+    labels, metrics = doc["labels"], doc["metrics"]
+    if "err_ratio" not in metrics["all"][labels[0]]:
+        return [
+            "No calibrated error is available (a model without a calibration, or a catalogue without "
+            "`<label>_err` values)."
+        ]
+    reference = doc["calibration_reference"]
+    out = [
+        "err = the calibrated total 1-sigma error (`<label>_err`: ensemble std, the forward model's "
+        "bound and a floor, fitted on the model's test split). Before = the ensemble std, after = err. "
+        "Ratio = rms(uncertainty) / rms(predicted - true), 1 when it is the actual error; within 1 (2) = "
+        "the fraction of spectra with |predicted - true| below 1 (2) x the uncertainty "
+        f"({_n(reference['frac_within_std_gaussian'])} ({_n(reference['frac_within_2std_gaussian'])}) "
+        "for Gaussian errors of exactly that size).",
+    ]
+    if doc["source"].get("calibration") and doc["source"].get("data") == doc["source"].get("training_data"):
+        out += [
+            "",
+            "These are the rows the calibration was fitted on, so the numbers after calibration are "
+            "in-sample; `bench/trust_calibration.py` scores it cross-fitted.",
+        ]
+    out += [
+        "",
+        "| label | selection | rms std | rms err | rms error | ratio before | ratio after | "
+        "within 1 before | within 1 after | within 2 before | within 2 after |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name in labels:
+        for s in selections:
+            m = metrics[s][name]
+            cells = [m.get(k) for k in ERROR_CALIBRATION_COLUMNS]
+            out.append(f"| {name} | {_snr_text(s)} | " + " | ".join(_n(c) for c in cells) + " |")
+    caption = "(predicted - true) / uncertainty, before and after calibration"
+    out += ["", *_figure(doc["figures"], "error_calibration", caption)]
+    return out
 
 
 def _title(source: dict) -> str:

@@ -177,12 +177,6 @@ def forward_checks(
     return forward.chi2(flux, ivar, mask, labels)
 
 
-def label_bound(forward: ForwardModel, ivar: np.ndarray, mask: np.ndarray, labels: np.ndarray) -> np.ndarray:
-    """The forward model's Cramér-Rao bound ``[N, L]`` of each row's labels (what its spectrum can
-    say about each label; for the calibrated errors)."""
-    return forward.label_bound(labels, ivar, mask)
-
-
 def ivar_batch(prepared: pa.Table, rows: np.ndarray) -> np.ndarray:
     """``_ivar`` of the rows ``rows`` (as :func:`model_batch` picks them) as a float32 matrix."""
     return _matrix(prepared.column(IVAR), np.float32)[rows]
@@ -203,6 +197,12 @@ class OutputSpec:
     # The setup's arms: the forward model's chi2 columns (chi2, chi2_<arm>), null for a model
     # without a forward model; empty: no such columns.
     arm_names: tuple[str, ...] = ()
+    # The calibrated total errors (<label>_err), null for a model without a calibration.
+    error_columns: bool = False
+
+    @property
+    def err_columns(self) -> list[str]:
+        return [f"{label}_err" for label in self.label_names] if self.error_columns else []
 
     @property
     def chi2_columns(self) -> list[str]:
@@ -229,6 +229,7 @@ def catalogue_fields(spec: OutputSpec) -> list[pa.Field]:
     for label in spec.label_names:
         names += [label, f"{label}_std"] + ([f"{label}_members"] if spec.members else [])
     names += ["input_sha256", "flags", *spec.summary_columns, "model_id", "run_id", "processed_at"]
+    names += spec.err_columns
     names += spec.chi2_columns
     return [pa.field(name, column_type(name)) for name in names]
 
@@ -283,12 +284,14 @@ def label_rows(
     map_rows: np.ndarray | None = None,
     chi2: dict[str, np.ndarray] | None = None,
     anomalous: np.ndarray | None = None,
+    err: np.ndarray | None = None,
 ) -> pa.Table:
     """Catalogue rows (plus ``_source`` and the full-map columns) for the prepared ``good`` rows.
 
     ``map_rows``: boolean mask of the rows whose full saliency maps are kept (``spec.saliency ==
     "full"``); other rows get null maps. ``chi2``: :func:`forward_checks` of the rows (None: the
-    model has no forward model, the chi2 columns are null); ``anomalous``: rows to flag.
+    model has no forward model, the chi2 columns are null); ``anomalous``: rows to flag. ``err``:
+    the calibrated total errors ``[N, L]`` (``model.calibration.row_errors``; None: null columns).
     """
     n = good.num_rows
     columns: dict[str, pa.Array] = {"spectrum_id": good.column("spectrum_id")}
@@ -324,6 +327,9 @@ def label_rows(
     columns["model_id"] = pa.array([model_id] * n, pa.string())
     columns["run_id"] = pa.array([run_id] * n, pa.string())
     columns["processed_at"] = pa.array([processed_at] * n, COLUMN_TYPES["processed_at"])
+    if err is not None:
+        for k, name in enumerate(spec.err_columns):
+            columns[name] = _float32_nullable(err[:, k])
     if chi2 is not None and spec.arm_names:
         columns[CHI2] = _float32_nullable(chi2["total"])
         for arm in spec.arm_names:

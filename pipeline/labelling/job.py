@@ -110,6 +110,7 @@ def label_spectra(
         members=options.members,
         n_pixels=setup.n_pixels,
         arm_names=tuple(arm.name for arm in setup.arms),
+        error_columns=True,
     )
     source = source or ParquetInput.open(
         spectra, setup, read_releases=options.release is None, release=options.release

@@ -30,6 +30,7 @@ from speclabel.core.contract import MODEL_ERROR
 from speclabel.core.errors import ConfigError, InputError
 from speclabel.core.faults import Fault, fault_point
 from speclabel.core.setups import Setup
+from speclabel.model.calibration import model_calibration, row_errors
 from speclabel.model.saliency import SaliencyAccumulator
 
 from .batch import (
@@ -104,6 +105,7 @@ class EnsembleLabeller:
         self.precision_check = {"requested": settings.precision}
         if precision != settings.precision:
             self.precision_check["why"] = "reduced precision is used on GPUs only"
+        self.calibration = model_calibration(self.ensemble.info)
         self.schema = output_schema(settings.spec)
         self._pinned: dict[str, np.ndarray] = {}
         self.batches = 0
@@ -135,7 +137,8 @@ class EnsembleLabeller:
                 parts.append(quarantine_rows(good, [f"{MODEL_ERROR}: {exc}"] * good.num_rows))
             else:
                 checks = self._forward_checks(batch, rows, flux, mask, prediction)
-                parts += self._label(good, prediction, accumulator, checks)
+                err = self._errors(batch, rows, mask, prediction)
+                parts += self._label(good, prediction, accumulator, checks, err)
         engine = self.ensemble.fused_engine() if self.batches_predicted else None
         actor = {
             **self.identity,
@@ -188,7 +191,18 @@ class EnsembleLabeller:
         chi2 = forward_checks(forward, flux, ivar_batch(batch, rows), mask, prediction.mean)
         return chi2, forward.anomalous(chi2)
 
-    def _label(self, good: pa.Table, prediction, accumulator, checks=(None, None)) -> list[pa.Table]:
+    def _errors(self, batch: pa.Table, rows, mask, prediction) -> np.ndarray | None:
+        """The calibrated ``<label>_err`` of the rows (NaN where unknown); None for a model without
+        a calibration or a run without the columns."""
+        if self.calibration is None or not self.settings.spec.error_columns:
+            return None
+        forward = self.ensemble.forward
+        ivar = ivar_batch(batch, rows) if forward is not None else None
+        return row_errors(self.calibration, forward, prediction.mean, prediction.std, ivar, mask)
+
+    def _label(
+        self, good: pa.Table, prediction, accumulator, checks=(None, None), err=None
+    ) -> list[pa.Table]:
         settings = self.settings
         reasons = nonfinite_label_reasons(prediction, self.ensemble.label_names)
         failed = np.array([r is not None for r in reasons])
@@ -209,6 +223,7 @@ class EnsembleLabeller:
             map_rows=map_rows,
             chi2=checks[0],
             anomalous=checks[1],
+            err=err,
         )
         if not failed.any():
             return [rows]
