@@ -20,6 +20,9 @@ class Flag(enum.IntFlag):
     HIGH_STD = 1 << 2
     # Too many pixels are masked (ivar = 0 or non-finite flux) for the labels to be reliable.
     HEAVILY_MASKED = 1 << 3
+    # The spectrum lies far from every training spectrum in the network's penultimate layer
+    # (ood_score above the model's threshold): the labels come from a kind of spectrum never seen.
+    OUT_OF_DISTRIBUTION = 1 << 5
 
 
 DESCRIPTIONS: dict[Flag, str] = {
@@ -27,6 +30,7 @@ DESCRIPTIONS: dict[Flag, str] = {
     Flag.LOW_SNR: "S/N below the threshold",
     Flag.HIGH_STD: "ensemble std above the threshold",
     Flag.HEAVILY_MASKED: "too many masked pixels",
+    Flag.OUT_OF_DISTRIBUTION: "unlike every training spectrum (ood_score above the model's threshold)",
 }
 
 

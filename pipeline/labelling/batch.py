@@ -198,6 +198,7 @@ def catalogue_fields(spec: OutputSpec) -> list[pa.Field]:
     for label in spec.label_names:
         names += [label, f"{label}_std"] + ([f"{label}_members"] if spec.members else [])
     names += ["input_sha256", "flags", *spec.summary_columns, "model_id", "run_id", "processed_at"]
+    names += ["ood_score", "extrapolated_labels"]
     return [pa.field(name, COLUMN_TYPES.get(name, pa.float32())) for name in names]
 
 
@@ -223,9 +224,7 @@ def quality_flags(
     t: FlagThresholds,
 ) -> np.ndarray:
     """The ``flags`` bits of each row (int32), see ``pipeline/flags.py``."""
-    flags = np.zeros(prediction.mean.shape[0], dtype=np.int32)
-    if prediction.outside_training_range is not None:
-        flags[prediction.outside_training_range.any(axis=1)] |= Flag.EXTRAPOLATED
+    flags = prediction.model_flags()
     with np.errstate(invalid="ignore"):
         flags[np.asarray(snr) < t.low_snr] |= Flag.LOW_SNR
         for k, name in enumerate(label_names):
@@ -284,6 +283,14 @@ def label_rows(
     columns["model_id"] = pa.array([model_id] * n, pa.string())
     columns["run_id"] = pa.array([run_id] * n, pa.string())
     columns["processed_at"] = pa.array([processed_at] * n, COLUMN_TYPES["processed_at"])
+    columns["ood_score"] = (
+        pa.nulls(n, pa.float32())
+        if prediction.ood_score is None
+        else pa.array(prediction.ood_score.astype(np.float32), from_pandas=True)  # NaN: null
+    )
+    columns["extrapolated_labels"] = pa.array(
+        extrapolated_labels(prediction.outside_training_range, spec.label_names, n), pa.string()
+    )
     columns[SOURCE] = good.column(SOURCE)
     if spec.saliency == "full":
         keep = np.zeros(n, dtype=bool) if map_rows is None else np.asarray(map_rows, dtype=bool)
@@ -292,6 +299,15 @@ def label_rows(
             columns[f"{MAP_PREFIX}{label}"] = _list_rows(maps[:, k, :] if maps is not None else None, keep)
     columns[KIND] = pa.array(np.full(n, LABELLED, dtype=np.int8))
     return pa.table(columns)
+
+
+def extrapolated_labels(outside: np.ndarray | None, label_names: tuple[str, ...], n: int) -> list[str | None]:
+    """Per row, the labels outside the training range, comma-separated in model order ('' when none,
+    null when unknown): a plain string that --where, SQL, CSV and FITS all take as it is."""
+    if outside is None:
+        return [None] * n
+    names = np.array(label_names, dtype=object)
+    return [",".join(names[row]) for row in np.asarray(outside, dtype=bool)]
 
 
 def quarantine_rows(bad: pa.Table, reasons: list[str] | None = None) -> pa.Table:
