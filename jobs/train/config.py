@@ -13,6 +13,7 @@ from speclabel.core.errors import ConfigError, SpeclabelError
 from speclabel.core.storage import join
 from speclabel.model.arch import DEFAULT_ARCH, ArchConfig, arch_from_toml, get_arch
 from speclabel.model.fit import EnsembleConfig
+from speclabel.model.ood import OODConfig
 from speclabel.model.splits import SplitRule
 from speclabel.model.training import TrainConfig
 
@@ -36,6 +37,7 @@ class TrainJob:
     arch: ArchConfig = field(default_factory=lambda: get_arch(DEFAULT_ARCH))
     train: TrainConfig = field(default_factory=TrainConfig)
     ensemble: EnsembleConfig = field(default_factory=EnsembleConfig)
+    ood: OODConfig = field(default_factory=OODConfig)  # post-training: not in the run's identity
     setup: str | None = None  # a setup name or TOML file; None: the input's declared setup
     gpus_per_member: str = "auto"  # per worker: a member of N workers holds N x this
     cpus_per_member: float = 1.0  # per worker, likewise
@@ -91,9 +93,9 @@ def read_model_config(path: str | os.PathLike) -> dict:
         raise ConfigError(f"cannot read the configuration file {path}: {exc}") from exc
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"configuration file {path} is not valid TOML: {exc}") from exc
-    unknown = sorted(set(document) - {"arch", "train", "ensemble", "setup"})
+    unknown = sorted(set(document) - {"arch", "train", "ensemble", "setup", "ood"})
     if unknown:
-        raise ConfigError(f"{path}: unknown section(s) {unknown}; known: arch, train, ensemble, setup")
+        raise ConfigError(f"{path}: unknown section(s) {unknown}; known: arch, train, ensemble, setup, ood")
     out: dict = {}
     if "arch" in document:
         arch = document["arch"]
@@ -104,6 +106,8 @@ def read_model_config(path: str | os.PathLike) -> dict:
         out["ensemble"] = ensemble_config(document["ensemble"], source=str(path))
     if "setup" in document:
         out["setup"] = str(document["setup"])
+    if "ood" in document:
+        out["ood"] = OODConfig.from_dict(document["ood"])
     return out
 
 

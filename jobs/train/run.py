@@ -63,6 +63,7 @@ from speclabel.pipeline.training_data import (
 
 from .config import JOB_FILE, QUARANTINE_FILE, TrainingFailed, TrainJob
 from .member import FINISHED, MemberSpec, error_text, member_name, member_trainer
+from .ood import fit_ood
 from .progress import MemberProgress
 from .tables import label_table, member_table
 
@@ -184,6 +185,7 @@ def run_training(job: TrainJob, *, echo: Echo = to_stdout, reporter: Reporter | 
         test = test_metrics(ensemble, rows, split)
         if test is not None:
             ensemble.info["metrics"]["test"] = test
+        fit_ood(ensemble, rows, split, job.ood, reporter)
         model_id = save_model(ensemble, job.out)
         kept_seeds = {m["seed"] for m in ensemble.member_info}
         for summary in summaries:
