@@ -26,7 +26,7 @@ import pyarrow.parquet as pq
 from speclabel.core.arrays import model_inputs, spectra_arrays
 from speclabel.model.io import load_model
 from speclabel.model.splits import SplitRule
-from speclabel.pipeline.simulate.spectra import synthesize
+from speclabel.pipeline.simulate.spectra import microturbulence, synthesize
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "giraffe_synth_train.parquet"
 
@@ -53,6 +53,9 @@ def foreign_spectra(flux: np.ndarray, mask: np.ndarray, teff: np.ndarray, setup,
     for name, labels in extreme.items():
         values = {k: np.full(min(n, 20), v) for k, v in labels.items()}
         values["alpha"] = 0.8 * values["mgfe"]
+        values["vmic"] = microturbulence(values["teff"], values["logg"])
+        values["vbroad"] = np.full_like(values["teff"], 6.0)
+        values["rv"] = np.zeros_like(values["teff"])
         out[name] = (
             synthesize(setup, values).astype(np.float32),
             np.ones((min(n, 20), setup.n_pixels), bool),
