@@ -25,6 +25,9 @@ class Flag(enum.IntFlag):
     # from the training spectra's own chi^2. A binary, emission, a cosmic ray, a bad continuum or
     # an arm of another star: the labels of such a spectrum are not to be trusted.
     ANOMALOUS_SPECTRUM = 1 << 4
+    # The spectrum lies far from every training spectrum in the network's penultimate layer
+    # (ood_score above the model's threshold): the labels come from a kind of spectrum never seen.
+    OUT_OF_DISTRIBUTION = 1 << 5
 
 
 DESCRIPTIONS: dict[Flag, str] = {
@@ -33,6 +36,7 @@ DESCRIPTIONS: dict[Flag, str] = {
     Flag.HIGH_STD: "ensemble std above the threshold",
     Flag.HEAVILY_MASKED: "too many masked pixels",
     Flag.ANOMALOUS_SPECTRUM: "chi2 against the forward model above the model's threshold",
+    Flag.OUT_OF_DISTRIBUTION: "unlike every training spectrum (ood_score above the model's threshold)",
 }
 
 

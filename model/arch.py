@@ -115,6 +115,10 @@ class ArchConfig:
             )
         return self.conv_channels[-1] * sum(lengths)
 
+    def embedding_units(self, setup: Setup) -> int:
+        """Width of one member's penultimate layer (``SpectrumCNN.embed``)."""
+        return self.dense_units[-1] if self.dense_units else self.flat_features(setup)
+
 
 # The paper preset is the network of Guiglion et al. (2020) as used by Ambrosch et al. (2023):
 # Conv1D 8/4/2 filters of width 10, LeakyReLU (Keras' default slope 0.3), max-pooling 2 after each
@@ -239,6 +243,11 @@ class SpectrumCNN(nn.Module):
         self.reference.copy_(reference)
 
     def forward(self, flux: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        return self.head[-1](self.embed(flux, mask))
+
+    def embed(self, flux: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The penultimate-layer activations ``[B, units]``: what the output layer reads (the last
+        dense layer's LeakyReLU output; the flattened conv features when there is no dense layer)."""
         if flux.shape[-1] != self.n_pixels:
             raise ValueError(f"expected {self.n_pixels} pixels per spectrum, got {flux.shape[-1]}")
         x = self.reference - flux
@@ -252,7 +261,7 @@ class SpectrumCNN(nn.Module):
             branch(x[:, :, start:stop]).flatten(1)
             for branch, (start, stop) in zip(self.branches, self.branch_slices, strict=True)
         ]
-        return self.head(torch.cat(features, dim=1) if len(features) > 1 else features[0])
+        return self.head[:-1](torch.cat(features, dim=1) if len(features) > 1 else features[0])
 
 
 def build_network(arch: ArchConfig, setup: Setup) -> SpectrumCNN:

@@ -21,12 +21,14 @@ import torch
 from torch import nn
 
 from speclabel.core.errors import ConfigError, InputError
+from speclabel.core.flags import Flag
 from speclabel.core.labels import Label, label_set, labels_from_dicts
 from speclabel.core.setups import Setup
 
 from .arch import ArchConfig, build_network
 from .forward import ForwardModel
 from .fused import PRECISIONS, FusedEnsemble, fusable_ensemble
+from .ood import EmbeddingReference
 from .saliency import SaliencyAccumulator, SaliencySummary, member_gradients, summarise
 from .scaling import LabelScaler
 
@@ -39,6 +41,7 @@ ENGINES = ("fused", "reference")
 # label's training range, saliency of the largest |gradient|.
 LABEL_MATCH = 1e-5
 SALIENCY_MATCH = 1e-4
+EMBEDDING_MATCH = 1e-4  # of the largest |penultimate activation|
 PROBE_SPECTRA = 2  # synthetic spectra the fused engine is checked on against the reference
 PRECISION_PROBE_SPECTRA = 16  # input spectra a reduced precision is checked on against float32
 # Saliency values allowed outside the tolerance in those checks. Where the two values of a max-pool
@@ -105,6 +108,22 @@ class Prediction:
     saliency: SaliencySummary | None = None  # when saliency is "summary" or "full"
     saliency_maps: np.ndarray | None = None  # [B, L, P] float32, when saliency is "full"
     outside_training_range: np.ndarray | None = field(default=None)  # [B, L] bool
+    # The members' penultimate-layer activations side by side, [B, M * U] float32, when asked for.
+    embedding: np.ndarray | None = None
+    # With ood=True and a model that has an embedding reference (model/ood.py): the score [B]
+    # (0-100) and whether it is beyond the model's threshold [B] bool; None otherwise.
+    ood_score: np.ndarray | None = None
+    out_of_distribution: np.ndarray | None = None
+
+    def model_flags(self) -> np.ndarray:
+        """The quality flags ``[B]`` (int32, core.flags) that the model decides alone: labels
+        outside its training range, spectra out of its training distribution."""
+        flags = np.zeros(self.mean.shape[0], dtype=np.int32)
+        if self.outside_training_range is not None:
+            flags[self.outside_training_range.any(axis=1)] |= Flag.EXTRAPOLATED
+        if self.out_of_distribution is not None:
+            flags[self.out_of_distribution] |= Flag.OUT_OF_DISTRIBUTION
+        return flags
 
 
 class Ensemble:
@@ -137,6 +156,9 @@ class Ensemble:
         # The data-driven forward model fitted on the same training rows (model/forward.py), or
         # None: a model without one still labels, its rows get no chi^2.
         self.forward: ForwardModel | None = None
+        # The training set in the penultimate layer, for out-of-distribution scores (model/ood.py);
+        # None for a model without one (fitted by `speclabel train`, stored by model/io.py).
+        self.ood: EmbeddingReference | None = None
         self.inference = inference or InferenceOptions()
         # Fused engines by (options, device, autocast, weight versions): a job that switches between
         # float32 and a bf16 autocast keeps both. None: the reference is used for that key.
@@ -276,11 +298,11 @@ class Ensemble:
         :data:`NEAR_TIE_FRACTION` of the saliency values of each label within
         ``saliency_tolerance`` of that label's largest |gradient| (Teff gradients are ~1000x those
         of abundances). See :data:`NEAR_TIE_FRACTION` for why not all."""
-        labels, maps = self._run_engine(engine, flux, mask, True)
+        labels, maps, embedding = self._run_engine(engine, flux, mask, True, True)
         if baseline is None:
-            want_labels, want_maps = self._reference_batch(flux, mask, True)
+            want_labels, want_maps, want_embedding = self._reference_batch(flux, mask, True, True)
         else:
-            want_labels, want_maps = self._run_engine(baseline, flux, mask, True)
+            want_labels, want_maps, want_embedding = self._run_engine(baseline, flux, mask, True, True)
         span = self.scaler.train_max - self.scaler.train_min
         span = np.where(span > 0, span, self.scaler.scale)
         label_error = (np.abs(labels.mean(axis=0) - want_labels.mean(axis=0)) / span).max(axis=0)
@@ -288,14 +310,25 @@ class Ensemble:
         outside = np.abs(maps - want_maps) > saliency_tolerance * peak[None, :, None]
         outside_fraction = outside.mean(axis=(0, 2))
         worst_label, worst_map = int(label_error.argmax()), int(outside_fraction.argmax())
-        if label_error[worst_label] <= label_tolerance and outside_fraction[worst_map] <= NEAR_TIE_FRACTION:
+        # The penultimate layer only where exactness is asked for: a reduced precision is judged
+        # by what it changes in the labels and the saliency.
+        embedding_error = 0.0
+        if baseline is None:
+            peak_activation = max(float(np.abs(want_embedding).max()), np.finfo(np.float32).tiny)
+            embedding_error = float(np.abs(embedding - want_embedding).max()) / peak_activation
+        if (
+            label_error[worst_label] <= label_tolerance
+            and outside_fraction[worst_map] <= NEAR_TIE_FRACTION
+            and embedding_error <= EMBEDDING_MATCH
+        ):
             return None
         names = self.label_names
         return (
             f"{names[worst_label]} off by {label_error[worst_label]:.2g} of its training range "
             f"(tolerance {label_tolerance:g}); {100 * outside_fraction[worst_map]:.2g}% of the saliency "
             f"values of {names[worst_map]} off by more than {saliency_tolerance:g} of its largest "
-            f"|gradient| (at most {100 * NEAR_TIE_FRACTION:g}% may be)"
+            f"|gradient| (at most {100 * NEAR_TIE_FRACTION:g}% may be); penultimate layer off by "
+            f"{embedding_error:.2g} of its largest activation (tolerance {EMBEDDING_MATCH:g})"
         )
 
     def predict(
@@ -308,6 +341,8 @@ class Ensemble:
         accumulator: SaliencyAccumulator | None = None,
         batch_size: int = 256,
         engine: str | None = None,
+        embedding: bool = False,
+        ood: bool = False,
     ) -> Prediction:
         """Labels for spectra on the setup's grid.
 
@@ -316,6 +351,9 @@ class Ensemble:
         prediction; ``saliency="summary"`` adds the per-spectrum saliency summary, ``"full"`` also
         the full maps ``[B, L, P]``; an ``accumulator`` receives every map for population averages.
         ``engine`` overrides ``self.inference.engine`` for this call (``"reference"`` for checks).
+        ``embedding=True`` adds the members' penultimate-layer activations; ``ood=True`` the
+        out-of-distribution score and flag of each spectrum, where the model has an embedding
+        reference (:attr:`ood`; None without one).
         """
         if saliency not in SALIENCY_MODES:
             raise ConfigError(f"saliency must be one of {SALIENCY_MODES}, not {saliency!r}")
@@ -336,13 +374,15 @@ class Ensemble:
                 "(core.arrays.model_inputs does this)"
             )
         need_maps = saliency is not None or accumulator is not None
+        scored = ood and self.ood is not None
+        need_embedding = embedding or scored
         fused = self.fused_engine(flux, mask) if engine == "fused" else None
 
-        def run_batch(rows: slice) -> tuple[np.ndarray, np.ndarray | None]:
+        def run_batch(rows: slice) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
             part, part_mask = flux[rows], None if mask is None else mask[rows]
             if fused is None:
-                return self._reference_batch(part, part_mask, need_maps)
-            return self._run_engine(fused, part, part_mask, need_maps)
+                return self._reference_batch(part, part_mask, need_maps, need_embedding)
+            return self._run_engine(fused, part, part_mask, need_maps, need_embedding)
 
         parts = [run_batch(slice(i, i + batch_size)) for i in range(0, flux.shape[0], batch_size)]
         member_values = (
@@ -362,6 +402,16 @@ class Ensemble:
             members=member_values if members else None,
             outside_training_range=self.scaler.outside_training_range(mean),
         )
+        if need_embedding:
+            width = self.n_members * self.arch.embedding_units(self.setup)
+            out.embedding = (
+                np.concatenate([p[2] for p in parts]) if parts else np.zeros((0, width), np.float32)
+            )
+            if scored:
+                out.ood_score = self.ood.score(out.embedding)
+                out.out_of_distribution = self.ood.beyond_threshold(out.ood_score)
+            if not embedding:
+                out.embedding = None
         if need_maps:
             maps = (
                 np.concatenate([p[1] for p in parts])
@@ -377,43 +427,62 @@ class Ensemble:
         return out
 
     def _run_engine(
-        self, engine: FusedEnsemble, flux: np.ndarray, mask: np.ndarray | None, need_maps: bool
-    ) -> tuple[np.ndarray, np.ndarray | None]:
+        self,
+        engine: FusedEnsemble,
+        flux: np.ndarray,
+        mask: np.ndarray | None,
+        need_maps: bool,
+        need_embedding: bool = False,
+    ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
         """As :meth:`_reference_batch`, through a fused engine."""
         x = torch.as_tensor(flux, dtype=self.dtype)
         good = None if mask is None else torch.as_tensor(np.asarray(mask, dtype=bool))
         # d(ensemble mean)/d(flux) in physical units: each member's scaled output times its scale / M.
         weights = torch.as_tensor(self.scaler.scale / self.n_members, dtype=self.dtype) if need_maps else None
-        scaled, maps = engine.run(x, good, weights)
+        scaled, maps, penultimate = engine.run(x, good, weights, embed=need_embedding)
         physical = self.scaler.inverse(scaled.double().numpy())
-        if maps is None:
-            return physical, None
-        return physical, maps.numpy().astype(np.float32 if self.dtype == torch.float32 else np.float64)
+        if maps is not None:
+            maps = maps.numpy().astype(np.float32 if self.dtype == torch.float32 else np.float64)
+        return physical, maps, None if penultimate is None else _side_by_side(penultimate)
 
     def _reference_batch(
-        self, flux: np.ndarray, mask: np.ndarray | None, need_maps: bool
-    ) -> tuple[np.ndarray, np.ndarray | None]:
-        """Member predictions ``[M, b, L]`` (physical) and ensemble-mean gradients ``[b, L, P]``."""
+        self, flux: np.ndarray, mask: np.ndarray | None, need_maps: bool, need_embedding: bool = False
+    ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+        """Member predictions ``[M, b, L]`` (physical), ensemble-mean gradients ``[b, L, P]`` (or
+        None) and the members' penultimate activations side by side ``[b, M * U]`` (or None)."""
         x = torch.as_tensor(flux, dtype=self.dtype)
         good = None if mask is None else torch.as_tensor(np.asarray(mask, dtype=bool))
         scale = torch.as_tensor(self.scaler.scale, dtype=self.dtype)
-        scaled, grad_sum = [], None
+        scaled, grad_sum, penultimate = [], None, []
         for network in self.networks:
             if need_maps:
                 out, grads = member_gradients(network, x, good)
                 grads = grads * scale[None, :, None]
                 grad_sum = grads if grad_sum is None else grad_sum.add_(grads)
-            else:
+            if need_embedding or not need_maps:
                 with torch.inference_mode():
-                    out = network(x, good)
+                    embedded = network.embed(x, good)
+                    out = out if need_maps else network.head[-1](embedded)
+                penultimate.append(embedded)
             scaled.append(out.double().numpy())
         physical = self.scaler.inverse(np.stack(scaled))
+        embedding = _side_by_side(torch.stack(penultimate)) if need_embedding else None
         if not need_maps:
-            return physical, None
+            return physical, None, embedding
         maps = grad_sum / self.n_members
         if good is not None:
             maps = maps * good[:, None, :].to(maps.dtype)
-        return physical, maps.numpy().astype(np.float32 if self.dtype == torch.float32 else np.float64)
+        return (
+            physical,
+            maps.numpy().astype(np.float32 if self.dtype == torch.float32 else np.float64),
+            embedding,
+        )
+
+
+def _side_by_side(penultimate: torch.Tensor) -> np.ndarray:
+    """Members' activations ``[M, b, U]`` as one embedding per spectrum ``[b, M * U]`` float32."""
+    m, b, units = penultimate.shape
+    return penultimate.permute(1, 0, 2).reshape(b, m * units).to(torch.float32).numpy()
 
 
 def select_members(

@@ -165,11 +165,13 @@ def _single(value) -> int:
 class FusedEnsemble:
     """M member networks of one architecture as one network (see the module docstring).
 
-    ``run(flux, good, label_weights)`` returns the scaled member outputs ``[M, b, K]`` and, when
-    ``label_weights [K]`` is given, ``sum_m label_weights[k] * d out[m, :, k] / d flux`` as
-    ``[b, K, P]`` (zero at masked pixels). ``precision``: ``float32`` (IEEE float32 also on GPUs,
-    where cuDNN would otherwise use TF32), ``tf32`` (CUDA only) or ``bf16`` (weights and
-    activations in bfloat16; convolutions and matmuls accumulate in float32).
+    ``run(flux, good, label_weights)`` returns the scaled member outputs ``[M, b, K]``, when
+    ``label_weights [K]`` is given ``sum_m label_weights[k] * d out[m, :, k] / d flux`` as
+    ``[b, K, P]`` (zero at masked pixels), and with ``embed=True`` each member's penultimate-layer
+    activations ``[M, b, U]`` (what the output layer reads; ``SpectrumCNN.embed``).
+    ``precision``: ``float32`` (IEEE float32 also on GPUs, where cuDNN would otherwise use TF32),
+    ``tf32`` (CUDA only) or ``bf16`` (weights and activations in bfloat16; convolutions and matmuls
+    accumulate in float32).
     """
 
     def __init__(
@@ -325,13 +327,18 @@ class FusedEnsemble:
         flux: torch.Tensor,
         good: torch.Tensor | None = None,
         label_weights: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Member outputs ``[M, B, K]`` and, with ``label_weights``, saliency ``[B, K, P]`` (see class)."""
+        *,
+        embed: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """Member outputs ``[M, B, K]``, with ``label_weights`` saliency ``[B, K, P]``, with ``embed``
+        the penultimate activations ``[M, B, U]`` (see class); None for what was not asked."""
         if flux.ndim != 2 or flux.shape[1] != self.n_pixels:
             raise ValueError(f"expected flux [n, {self.n_pixels}], got {tuple(flux.shape)}")
         n = flux.shape[0]
         outs = torch.empty((self.n_members, n, self.n_outputs), dtype=self.out_dtype)
-        grads = None
+        grads = embeddings = None
+        if embed:
+            embeddings = torch.empty((self.n_members, n, self.head[-1].weight.shape[2]), dtype=self.out_dtype)
         if label_weights is not None:
             grads = torch.empty((n, self.n_outputs, self.n_pixels), dtype=self.out_dtype)
             label_weights = label_weights.to(device=self.device, dtype=self.dtype)
@@ -348,16 +355,18 @@ class FusedEnsemble:
             ):
                 x = flux[lo:hi].to(self.device, non_blocking=True)
                 g = None if good is None else good[lo:hi].to(self.device, non_blocking=True)
-                out, grad = self._tile(x, g, label_weights)
+                out, grad, penultimate = self._tile(x, g, label_weights)
                 outs[:, lo:hi] = out.to("cpu", self.out_dtype)
                 if grads is not None:
                     grads[lo:hi] = grad.to("cpu", self.out_dtype)
+                if embeddings is not None:
+                    embeddings[:, lo:hi] = self._network_order(penultimate).to("cpu", self.out_dtype)
 
         threads = torch.get_num_threads() if self.device.type == "cpu" else 1
         if threads == 1 or len(starts) == 1:
             for lo in starts:
                 run_tile(lo)
-            return outs, grads
+            return outs, grads, embeddings
         # Several CPU threads: run that many tiles at once, one thread each, rather than split each
         # of a tile's ~100 small operations across the threads; no thread then waits for another at
         # every operation (OpenMP threads spin there, and lose most of their time on a busy machine).
@@ -366,7 +375,20 @@ class FusedEnsemble:
             list(self._tile_pool(threads).map(run_tile, starts))
         finally:
             torch.set_num_threads(threads)
-        return outs, grads
+        return outs, grads, embeddings
+
+    def _network_order(self, penultimate: torch.Tensor) -> torch.Tensor:
+        """Penultimate activations in the order of ``SpectrumCNN.embed``: a head without hidden
+        layers reads the conv features, which the fused engine keeps channels-last per branch."""
+        if len(self.head) > 1:
+            return penultimate
+        m, b, parts, offset = self.n_members, penultimate.shape[1], [], 0
+        for branch in self.branches:
+            pooled, width = branch.layers[-1].pooled, branch.features
+            block = penultimate[:, :, offset : offset + width].reshape(m, b, pooled, width // pooled)
+            parts.append(block.transpose(2, 3).reshape(m, b, width))
+            offset += width
+        return torch.cat(parts, dim=2)
 
     def _tile_pool(self, threads: int) -> ThreadPoolExecutor:
         """Worker threads that live as long as the engine, so that their buffers are reused."""
@@ -433,13 +455,14 @@ class FusedEnsemble:
         x = torch.cat(features, dim=2) if len(features) > 1 else features[0]
         activations = []
         for dense in self.head:
+            penultimate = x  # the output layer's input, after the loop
             x = torch.baddbmm(dense.bias, x, dense.weight.transpose(1, 2))
             if dense.slope is not None:
                 F.leaky_relu_(x, dense.slope)
                 activations.append(x)
         if not saliency:
-            return x, None
-        return x, self._saliency(b, label_weights, saved, activations, good)
+            return x, None, penultimate
+        return x, self._saliency(b, label_weights, saved, activations, good), penultimate
 
     def _saliency(self, b, label_weights, saved, activations, good) -> torch.Tensor:
         m, k = self.n_members, self.n_outputs

@@ -1,5 +1,6 @@
 """The model directory: ``model.json`` plus ``members/member-<i>.safetensors`` and, when the model
-has one, its forward model ``forward/forward.safetensors`` (model/forward.py), nothing else.
+has them, its forward model ``forward/forward.safetensors`` (model/forward.py) and ``ood.safetensors``
+(the embedding reference of the out-of-distribution score, ``model/ood.py``), nothing else.
 
 ``model.json`` holds everything needed to use and to trust the weights: the setup (grids), the
 architecture, the label scaling with training ranges, each member's weight file with its sha256,
@@ -10,8 +11,9 @@ Because that content includes every weight file's sha256, the id covers the weig
 Loading checks, in order, and fails with :class:`IntegrityError` naming the check: the format, the
 ``model_id`` against the content (an edited model.json), the set of files in ``members/`` (a stray
 or missing weight file), each file's sha256 (a tampered or truncated file), each file's tensors
-against the architecture, the forward model's sha256, labels and arms, and, when the caller
-names the setup of its input, the wavelength grid.
+against the architecture, the forward model's sha256, labels and arms, the embedding reference
+(listed under ``ood`` with its sha256; a model without one loads with ``Ensemble.ood = None``) and,
+when the caller names the setup of its input, the wavelength grid.
 Weights are safetensors only: nothing here can execute code from a model directory.
 
 Saving is atomic: on a local disk the directory is staged beside the target and renamed into
@@ -29,6 +31,8 @@ from importlib.metadata import PackageNotFoundError, version
 
 import torch
 from safetensors import SafetensorError
+from safetensors.numpy import load as load_numpy_safetensors
+from safetensors.numpy import save as save_numpy_safetensors
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
@@ -39,11 +43,13 @@ from speclabel.core.storage import exists, files_under, filesystem_and_path, joi
 from .arch import ArchConfig, build_network
 from .ensemble import STD_DDOF, Ensemble
 from .forward import ForwardModel
+from .ood import EmbeddingReference
 from .scaling import LabelScaler
 
 MODEL_JSON = "model.json"
 MEMBERS_DIR = "members"
 FORWARD_FILE = "forward/forward.safetensors"  # the data-driven forward model (model/forward.py)
+OOD_FILE = "ood.safetensors"
 FORMAT = "speclabel-model"
 FORMAT_VERSION = 1
 # Sections of model.json written from the ensemble itself; Ensemble.info adds the others.
@@ -60,6 +66,7 @@ RESERVED = (
     "std_ddof",
     "members",
     "forward",
+    "ood",
 )
 
 
@@ -130,6 +137,12 @@ def model_document(ensemble: Ensemble, weight_files: dict[str, bytes]) -> dict:
             "file": FORWARD_FILE,
             "sha256": hashlib.sha256(weight_files[FORWARD_FILE]).hexdigest(),
         }
+    if ensemble.ood is not None:
+        document["ood"] = {
+            **ensemble.ood.describe(),
+            "file": OOD_FILE,
+            "sha256": hashlib.sha256(weight_files[OOD_FILE]).hexdigest(),
+        }
     document["model_id"] = compute_model_id(document)
     return document
 
@@ -139,6 +152,8 @@ def save_model(ensemble: Ensemble, location: str, *, overwrite: bool = False) ->
     weight_files = {member_file(i): member_bytes(net, i) for i, net in enumerate(ensemble.networks)}
     if ensemble.forward is not None:
         weight_files[FORWARD_FILE] = ensemble.forward.to_bytes()
+    if ensemble.ood is not None:
+        weight_files[OOD_FILE] = save_numpy_safetensors(ensemble.ood.tensors(), metadata={"format": "np"})
     document = model_document(ensemble, weight_files)
     text = (json.dumps(document, indent=2, sort_keys=True, allow_nan=False) + "\n").encode()
     fs, root = filesystem_and_path(location)
@@ -234,6 +249,8 @@ def load_model(location: str, *, setup: Setup | None = None, dtype: torch.dtype 
         info={k: v for k, v in document.items() if k not in RESERVED},
     )
     ensemble.forward = _load_forward(fs, root, location, document, ensemble)
+    if "ood" in document:
+        ensemble.ood = _load_ood(fs, root, location, document["ood"], ensemble)
     ensemble.model_id = document["model_id"]
     return ensemble
 
@@ -264,6 +281,36 @@ def _load_forward(fs, root: str, location: str, document: dict, ensemble: Ensemb
             f"on arms {forward.arm_names}, the ensemble has {ensemble.label_names} on {arms}"
         )
     return forward
+
+
+def _load_ood(fs, root: str, location: str, section: dict, ensemble: Ensemble) -> EmbeddingReference:
+    """The embedding reference model.json lists, checked by its sha256 and against the members."""
+    path = join(root, section["file"])
+    if not exists(fs, path):
+        raise IntegrityError(
+            f"check 'ood reference': model.json lists {section['file']}, absent from {location}"
+        )
+    with fs.open_input_stream(path) as fh:
+        data = fh.read()
+    if hashlib.sha256(data).hexdigest() != section["sha256"]:
+        raise IntegrityError(
+            f"check 'ood reference sha256': {location}/{section['file']} does not match the sha256 in "
+            "model.json (the file was changed or truncated)"
+        )
+    try:
+        tensors = load_numpy_safetensors(data)
+    except SafetensorError as exc:
+        raise IntegrityError(
+            f"check 'ood reference': {location}/{section['file']} is unreadable: {exc}"
+        ) from exc
+    reference = EmbeddingReference.from_stored(tensors, section)
+    width = ensemble.n_members * ensemble.arch.embedding_units(ensemble.setup)
+    if reference.width != width:
+        raise IntegrityError(
+            f"check 'ood reference': {location}/{section['file']} expects embeddings of {reference.width} "
+            f"features, the members give {width}"
+        )
+    return reference
 
 
 def _member_files(fs, folder: str) -> list[str]:

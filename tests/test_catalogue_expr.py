@@ -27,7 +27,7 @@ def table():
             "mgfe_std": rng.uniform(0, 0.1, N).astype(np.float32),
             # NaN (not null) in some rows: IEEE comparisons, false except !=, as in Python.
             "teff": np.where(rng.random(N) < 0.05, np.nan, rng.uniform(3500, 7000, N)).astype(np.float32),
-            "flags": pa.array(rng.integers(0, 16, N), pa.int32()),
+            "flags": pa.array(rng.integers(0, 64, N), pa.int32()),  # bit 5: out_of_distribution
             "object": pa.array(object_, pa.string()),
             "processed_at": pa.array(
                 [dt.datetime(2026, 1, 1 + i % 28, tzinfo=dt.UTC) for i in range(N)],
@@ -65,6 +65,11 @@ CASES = [
     ("-feh > 2", lambda r: r["feh"] is not None and -r["feh"] > 2),
     ("teff / 1000 > 5.5", lambda r: r["teff"] / 1000 > 5.5),
     ("has_flag(low_snr)", lambda r: r["flags"] & Flag.LOW_SNR != 0),
+    ("has_flag(out_of_distribution)", lambda r: r["flags"] & 32 != 0),
+    (
+        "not has_flag(out_of_distribution, extrapolated)",
+        lambda r: r["flags"] & (Flag.OUT_OF_DISTRIBUTION | Flag.EXTRAPOLATED) == 0,
+    ),
     ("not has_flag(low_snr, 'HIGH_STD')", lambda r: r["flags"] & (Flag.LOW_SNR | Flag.HIGH_STD) == 0),
     ("flags = 0 OR object is null", lambda r: r["flags"] == 0 or r["object"] is None),
     ("processed_at >= '2026-01-20'", lambda r: r["processed_at"] >= dt.datetime(2026, 1, 20, tzinfo=dt.UTC)),

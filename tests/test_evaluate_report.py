@@ -23,6 +23,7 @@ from speclabel.model.arch import build_network
 from speclabel.model.calibration import ErrorCalibration, LabelErrorModel
 from speclabel.model.ensemble import Ensemble
 from speclabel.model.io import save_model
+from speclabel.model.ood import OODConfig, fit_embedding_reference
 from speclabel.model.saliency import SaliencyAccumulator
 from speclabel.model.scaling import LabelScaler
 from speclabel.model.splits import SplitRule
@@ -56,6 +57,13 @@ def model_dir(setup, small_survey, survey_file, tmp_path_factory):
         LabelScaler.fit(labels),
         [build_network(TINY, setup) for _ in range(3)],
         info={"training": {"split": SPLIT.to_dict(), "data": {"location": str(survey_file)}}},
+    )
+    # An out-of-distribution reference of the training rows (the ones outside the test split).
+    train = small_survey.filter(pa.array(~SPLIT.is_test(small_survey.column("spectrum_id"))))
+    flux, mask = model_inputs(spectra_arrays(train, setup), setup)
+    ensemble.ood = fit_embedding_reference(
+        [(train.column("spectrum_id").to_pylist(), ensemble.predict(flux, mask, embedding=True).embedding)],
+        OODConfig(k=3, components=4),
     )
     path = tmp_path_factory.mktemp("model") / "model"
     save_model(ensemble, str(path))
@@ -149,6 +157,7 @@ def test_metrics_json_holds_the_numbers_numpy_gives(model_evaluation, report):
 def test_report_renders_with_real_figures(report):
     out, document = report
     expected = {"one_to_one", "snr", "calibration", "kiel", "abundances", "saliency", "saliency_shares"}
+    expected |= {"embedding_map"}
     assert set(document["figures"]) == expected
     report = (out / "report.md").read_text()
     for name in document["figures"].values():
@@ -490,3 +499,22 @@ def test_catalogue_err_columns_are_read_and_null_ones_ignored(setup, catalogue, 
     assert "err_ratio" not in document["metrics"]["all"]["teff"]
     assert "error_calibration" not in document["figures"]
     assert "No calibrated error is available" in (tmp_path / "report" / "report.md").read_text()
+
+
+def test_the_ood_section_and_map_follow_the_model(model_dir, model_evaluation, report):
+    """Scores and flags as the model gives them; the map covers the evaluated rows."""
+    from speclabel.core.flags import Flag
+    from speclabel.model.io import load_model
+
+    ev = model_evaluation
+    ensemble = load_model(str(model_dir))
+    document = report[1]
+    assert ev.embedding.shape == (ev.n, ensemble.ood.components.shape[0]) and list(ev.embedding_rows) == list(
+        range(ev.n)
+    )
+    ood = document["ood"]
+    assert ood["n"] == ev.n and ood["mean_score"] == pytest.approx(float(np.mean(ev.ood_score)))
+    assert ood["flagged_out_of_distribution"] == int(np.sum(ev.ood_score > ensemble.ood.threshold))
+    assert int(np.sum((ev.flags & Flag.OUT_OF_DISTRIBUTION) != 0)) == ood["flagged_out_of_distribution"]
+    assert document["embedding_map"]["rows"] == ev.n
+    assert "## Out of distribution" in (report[0] / "report.md").read_text()

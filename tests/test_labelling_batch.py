@@ -152,6 +152,62 @@ def test_label_rows_and_flags_follow_the_prediction(tiny_setup):
     assert saliency_maps.column("spectrum_id").to_pylist() == ["a", "d"]
 
 
+def test_ood_score_flag_and_extrapolated_labels(tiny_setup):
+    """The score as float32 (NaN as null), the flag where the model says so, and which labels lie
+    outside the training range; a model without a reference gives null scores and no flag."""
+    n = 4
+    mean = np.tile([5000.0, 3.0, -0.5, 0.1, 0.1], (n, 1))
+    outside = np.zeros((n, 5), dtype=bool)
+    outside[1, 0] = outside[1, 2] = True
+    outside[3, 4] = True
+    good = pa.table(
+        {
+            "spectrum_id": list("abcd"),
+            **{name: pa.nulls(n, pa.float64()) for name in ("ra", "dec")},
+            "snr": pa.array([50.0] * n, pa.float32()),
+            "object": pa.nulls(n, pa.string()),
+            "input_sha256": list("hijk"),
+            B.FLAG_SNR: pa.array([50.0] * n, pa.float32()),
+            B.MASKED_FRACTION: pa.array([0.0] * n, pa.float32()),
+            B.SOURCE: ["f"] * n,
+        }
+    )
+    spec = _spec(tiny_setup, saliency=None, members=False)
+
+    def rows_of(prediction):
+        return B.label_rows(
+            good,
+            prediction,
+            spec,
+            B.FlagThresholds(),
+            model_id="m",
+            run_id="r",
+            processed_at=dt.datetime(2026, 1, 1, tzinfo=dt.UTC),
+        )
+
+    scored = rows_of(
+        Prediction(
+            mean=mean,
+            std=np.full((n, 5), 1e-4),
+            outside_training_range=outside,
+            ood_score=np.array([12.5, 99.5, np.nan, 100.0]),
+            out_of_distribution=np.array([False, True, False, True]),
+        )
+    )
+    assert scored.schema.field("ood_score").type == pa.float32()
+    assert scored.column("ood_score").to_pylist() == [12.5, 99.5, None, 100.0]
+    assert scored.column("extrapolated_labels").to_pylist() == ["", "teff,feh", "", "alfe"]
+    ood, extrapolated = int(Flag.OUT_OF_DISTRIBUTION), int(Flag.EXTRAPOLATED)
+    assert scored.column("flags").to_pylist() == [0, ood | extrapolated, 0, ood | extrapolated]
+    unscored = rows_of(Prediction(mean=mean, std=np.full((n, 5), 1e-4), outside_training_range=outside))
+    assert unscored.column("ood_score").null_count == n
+    assert unscored.column("flags").to_pylist() == [0, extrapolated, 0, extrapolated]
+    output = B.output_table([scored], B.output_schema(spec))
+    catalogue = B.split_output(output, spec)[0]
+    assert catalogue.column_names[-2:] == ["ood_score", "extrapolated_labels"]
+    assert catalogue.column("extrapolated_labels").to_pylist() == ["", "teff,feh", "", "alfe"]
+
+
 def test_population_sums_merge_exactly_across_batches(tiny_setup):
     rng = np.random.default_rng(2)
     maps = rng.normal(size=(30, 5, tiny_setup.n_pixels)).astype(np.float32)

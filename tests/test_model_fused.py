@@ -55,8 +55,10 @@ def spectra(setup, n, *, seed=1, masked_runs=True):
 
 
 def assert_matches_reference(ensemble, flux, mask, **kwargs):
-    fast = ensemble.predict(flux, mask, members=True, saliency="full", **kwargs)
-    ref = ensemble.predict(flux, mask, members=True, saliency="full", engine="reference", **kwargs)
+    fast = ensemble.predict(flux, mask, members=True, saliency="full", embedding=True, **kwargs)
+    ref = ensemble.predict(
+        flux, mask, members=True, saliency="full", embedding=True, engine="reference", **kwargs
+    )
     span = ensemble.scaler.train_max - ensemble.scaler.train_min
     assert np.all(np.abs(fast.mean - ref.mean) <= 1e-5 * span)
     assert np.all(np.abs(fast.members - ref.members) <= 1e-5 * span)
@@ -67,6 +69,9 @@ def assert_matches_reference(ensemble, flux, mask, **kwargs):
         peak = np.abs(ref.saliency_maps[:, k]).max()
         assert np.abs(fast.saliency_maps[:, k] - ref.saliency_maps[:, k]).max() <= 1e-4 * peak
     assert (fast.saliency_maps[~np.broadcast_to(mask[:, None], fast.saliency_maps.shape)] == 0).all()
+    width = ensemble.n_members * ensemble.arch.embedding_units(ensemble.setup)
+    assert fast.embedding.shape == ref.embedding.shape == (len(flux), width)
+    assert np.abs(fast.embedding - ref.embedding).max() <= 1e-5 * max(np.abs(ref.embedding).max(), 1e-30)
     return fast, ref
 
 
@@ -235,9 +240,9 @@ def test_a_fused_engine_that_disagrees_is_not_used(tiny_setup, caplog, monkeypat
     ensemble = make_ensemble(tiny_setup, TINY_ARCH, n_members=2)
     run = FusedEnsemble.run
 
-    def off_by_a_little(self, flux, good=None, label_weights=None):
-        outs, grads = run(self, flux, good, label_weights)
-        return outs + 1e-3, grads
+    def off_by_a_little(self, flux, good=None, label_weights=None, *, embed=False):
+        outs, grads, embedding = run(self, flux, good, label_weights, embed=embed)
+        return outs + 1e-3, grads, embedding
 
     monkeypatch.setattr(FusedEnsemble, "run", off_by_a_little)
     flux, mask = spectra(tiny_setup, 3)
@@ -342,3 +347,31 @@ def _two_arm():
             "arms": [{"name": "a", "wave_start": 5000.0, **arm}, {"name": "b", "wave_start": 8000.0, **arm}],
         }
     )
+
+
+@pytest.mark.parametrize("name", ["tiny", "no-pool-no-hidden", "two-hidden-relu"])
+def test_the_embedding_is_what_each_output_layer_reads(tiny_setup, name):
+    """Each member's output layer applied to its slice of the embedding gives that member's labels."""
+    ensemble = make_ensemble(tiny_setup, ARCHS[name], n_members=3)
+    flux, mask = spectra(tiny_setup, 5)
+    prediction = ensemble.predict(flux, mask, members=True, embedding=True)
+    units = ensemble.arch.embedding_units(tiny_setup)
+    for m, network in enumerate(ensemble.networks):
+        output = network.head[-1]
+        part = prediction.embedding[:, m * units : (m + 1) * units].astype(np.float64)
+        scaled = part @ output.weight.double().numpy().T + output.bias.double().numpy()
+        assert np.allclose(ensemble.scaler.inverse(scaled), prediction.members[m], rtol=1e-5, atol=1e-3)
+
+
+def test_a_fused_engine_with_a_wrong_embedding_is_not_used(tiny_setup, caplog, monkeypatch):
+    ensemble = make_ensemble(tiny_setup, TINY_ARCH, n_members=2)
+    run = FusedEnsemble.run
+
+    def shifted_embedding(self, flux, good=None, label_weights=None, *, embed=False):
+        outs, grads, embedding = run(self, flux, good, label_weights, embed=embed)
+        return outs, grads, None if embedding is None else embedding * 1.01
+
+    monkeypatch.setattr(FusedEnsemble, "run", shifted_embedding)
+    with caplog.at_level(logging.WARNING):
+        ensemble.predict(*spectra(tiny_setup, 3))
+    assert "penultimate layer off by" in caplog.text and ensemble.fused_engine() is None

@@ -1,6 +1,7 @@
 """speclabel train: configuration, the parallel fit against the in-process reference, kill-and-resume,
 streaming with quarantined rows."""
 
+import dataclasses
 import json
 import re
 
@@ -162,6 +163,28 @@ def test_the_documented_example_configuration_is_valid():
     settings = read_model_config(Path(__file__).resolve().parents[1] / "examples" / "model.toml")
     assert settings["arch"] == PAPER and settings["ensemble"].n_candidates == 10
     assert settings["train"].augment.noise and settings["ensemble"].split.val_fraction == 0.1
+    assert settings["ood"].threshold == 99.0 and settings["ood"].components == 32
+
+
+def test_ood_settings_are_read_but_stay_out_of_the_run_identity(tmp_path):
+    """[ood] only refits the post-training reference: it must not make a finished run a different run."""
+    from speclabel.jobs.train.run import job_identity
+
+    (tmp_path / "ood.toml").write_text("[ood]\nk = 4\nthreshold = 99.5\n")
+    assert read_model_config(tmp_path / "ood.toml")["ood"].k == 4
+    (tmp_path / "bad-ood.toml").write_text("[ood]\nneighbours = 4\n")
+    with pytest.raises(ConfigError, match=r"unknown \[ood\]"):
+        read_model_config(tmp_path / "bad-ood.toml")
+    from types import SimpleNamespace
+
+    from speclabel.model.ood import OODConfig
+
+    part = SimpleNamespace(to_dict=lambda: {"x": 1})
+    spec = SimpleNamespace(setup=part, arch=part, train=part, scaler=part)
+    data = SimpleNamespace(fingerprint=lambda: "f", n_used=3)
+    plain = _job(["--data", "d", "--out", "m"])
+    refitted = dataclasses.replace(plain, ood=OODConfig(k=4, threshold=99.5))
+    assert job_identity(spec, plain, data) == job_identity(spec, refitted, data)
 
 
 def test_test_split_metrics_in_batches_equal_the_one_shot_reference(small_survey, setup):

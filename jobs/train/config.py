@@ -13,6 +13,7 @@ from speclabel.core.errors import ConfigError, SpeclabelError
 from speclabel.core.storage import join
 from speclabel.model.arch import DEFAULT_ARCH, ArchConfig, arch_from_toml, get_arch
 from speclabel.model.fit import EnsembleConfig
+from speclabel.model.ood import OODConfig
 from speclabel.model.splits import SplitRule
 from speclabel.model.training import TrainConfig
 from speclabel.pipeline.training_labels import SPECTRUM_ID, LabelMapping, label_mapping_from_toml
@@ -37,6 +38,7 @@ class TrainJob:
     arch: ArchConfig = field(default_factory=lambda: get_arch(DEFAULT_ARCH))
     train: TrainConfig = field(default_factory=TrainConfig)
     ensemble: EnsembleConfig = field(default_factory=EnsembleConfig)
+    ood: OODConfig = field(default_factory=OODConfig)  # post-training: not in the run's identity
     setup: str | None = None  # a setup name or TOML file; None: the input's declared setup
     gpus_per_member: str = "auto"  # per worker: a member of N workers holds N x this
     cpus_per_member: float = 1.0  # per worker, likewise
@@ -99,7 +101,7 @@ def read_model_config(path: str | os.PathLike) -> dict:
         raise ConfigError(f"cannot read the configuration file {path}: {exc}") from exc
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"configuration file {path} is not valid TOML: {exc}") from exc
-    known = ("arch", "train", "ensemble", "setup", "labels", "selection")
+    known = ("arch", "train", "ensemble", "setup", "labels", "selection", "ood")
     unknown = sorted(set(document) - set(known))
     if unknown:
         raise ConfigError(f"{path}: unknown section(s) {unknown}; known: {', '.join(known)}")
@@ -115,6 +117,8 @@ def read_model_config(path: str | os.PathLike) -> dict:
         out["setup"] = str(document["setup"])
     if "labels" in document or "selection" in document:
         out["labels"] = label_mapping_from_toml(document, source=str(path))
+    if "ood" in document:
+        out["ood"] = OODConfig.from_dict(document["ood"])
     return out
 
 

@@ -76,6 +76,10 @@ def _fixed_types() -> dict[str, pa.DataType]:
         "model_id": pa.string(),
         "run_id": pa.string(),
         "processed_at": pa.timestamp("us", tz="UTC"),
+        # How far the spectrum lies from the training set (model/ood.py), 0-100; null without a reference.
+        "ood_score": pa.float32(),
+        # The labels outside the model's training range, comma-separated in model order ('' for none).
+        "extrapolated_labels": pa.string(),
     }
     for label in LABEL_NAMES:
         types[label] = pa.float32()

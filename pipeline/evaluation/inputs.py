@@ -12,6 +12,11 @@ Two sources give the same :class:`Evaluation`:
   The population saliency comes from the sums the label job stored beside the release
   (``_population_saliency/release=<R>/run=<run>/``, :mod:`.population`) when there are any, else
   from the per-spectrum summary columns ``sal_<label>_<group>``.
+
+From a model, each row also gets its trust flags (``extrapolated``, ``out_of_distribution``) and
+``ood_score``, and a bounded sample of the rows (:data:`MAP_ROWS`, chosen by a hash of
+``spectrum_id``) keeps its penultimate-layer embedding for the report's map; a catalogue has
+``flags`` and ``ood_score`` as columns, and no embeddings.
 """
 
 from __future__ import annotations
@@ -33,12 +38,15 @@ from speclabel.core.contract import check_table_columns, quarantine_table, valid
 from speclabel.core.errors import InputError, IntegrityError
 from speclabel.core.setups import Setup
 from speclabel.core.storage import resolve_files
+from speclabel.model.ood import ReferenceSample
 from speclabel.model.saliency import SaliencyAccumulator
 
 from ..catalogue import open_catalogue
 from ..catalogue.layout import label_columns, saliency_column
 
 log = logging.getLogger(__name__)
+
+MAP_ROWS = 3000  # rows whose embeddings are kept for the map (t-SNE grows faster than linearly)
 
 
 @dataclass
@@ -66,6 +74,12 @@ class Evaluation:
     saliency_row_shares: dict[str, dict[str, float]] | None = None
     quarantine: pa.Table | None = field(default=None, repr=False)
     err: np.ndarray | None = None
+    flags: np.ndarray | None = None  # [n] int32 quality flags (core.flags), where known
+    ood_score: np.ndarray | None = None  # [n] float64, NaN where the model has no reference
+    # The map's sample: row positions [m] and their embeddings [m, D] (in the model's reference
+    # space, model/ood.py, when it has one; else the members' penultimate activations).
+    embedding_rows: np.ndarray | None = None
+    embedding: np.ndarray | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         n = len(self.spectrum_id)
@@ -123,7 +137,17 @@ def from_model(
     setup = ensemble.setup
     labels = ensemble.label_names
     accumulator = SaliencyAccumulator.empty(len(labels), setup.n_pixels) if saliency else None
-    parts: dict[str, list] = {"id": [], "mean": [], "std": [], "err": [], "true": [], "snr": []}
+    parts: dict[str, list] = {
+        "id": [],
+        "mean": [],
+        "std": [],
+        "err": [],
+        "true": [],
+        "snr": [],
+        "flags": [],
+        "ood": [],
+    }
+    sample = ReferenceSample(MAP_ROWS)
     refused_ids, refused_reasons, refused_sources = [], [], []
     seen: set[str] = set()
     read = in_split = 0
@@ -150,9 +174,20 @@ def from_model(
         if not good.any():
             continue
         flux, mask = model_inputs(arrays, setup)
-        prediction = ensemble.predict(flux[good], mask[good], accumulator=accumulator)
+        prediction = ensemble.predict(
+            flux[good], mask[good], accumulator=accumulator, embedding=True, ood=True
+        )
         table = table.filter(pa.array(good))
-        parts["id"] += [ids[i] for i in np.flatnonzero(good)]
+        kept_ids = [ids[i] for i in np.flatnonzero(good)]
+        sample.add(
+            kept_ids,
+            prediction.embedding if ensemble.ood is None else ensemble.ood.project(prediction.embedding),
+        )
+        parts["flags"].append(prediction.model_flags())
+        parts["ood"].append(
+            prediction.ood_score if prediction.ood_score is not None else np.full(len(kept_ids), np.nan)
+        )
+        parts["id"] += kept_ids
         parts["mean"].append(prediction.mean)
         parts["std"].append(prediction.std)
         if calibration is not None:
@@ -170,6 +205,7 @@ def from_model(
         )
     n_labels = len(labels)
     quarantined = Counter(r.split(":", 1)[0] for r in refused_reasons)
+    embedding_rows, embedding = sample.in_order()
     log.info("evaluate: %d test-split rows of %d read, %d refused", in_split, read, len(refused_ids))
     return Evaluation(
         labels=tuple(labels),
@@ -201,6 +237,10 @@ def from_model(
         },
         saliency=accumulator if accumulator is not None and accumulator.count else None,
         quarantine=quarantine_table(refused_ids, refused_reasons, refused_sources) if refused_ids else None,
+        flags=np.concatenate(parts["flags"]) if parts["flags"] else np.zeros(0, np.int32),
+        ood_score=np.concatenate(parts["ood"]) if parts["ood"] else np.zeros(0),
+        embedding_rows=embedding_rows,
+        embedding=embedding,
     )
 
 
@@ -308,6 +348,7 @@ def from_catalogue(
     columns += [f"{n}_std" for n in labels] if with_std else []
     columns += [f"{n}_err" for n in labels] if with_err else []
     columns += ["snr"] if "snr" in schema.names else []
+    columns += [c for c in ("flags", "ood_score") if c in schema.names]
     rows = cat.query(where, columns=columns + sal_columns, releases=releases, model_id=model_id)
     _check_unique(
         rows.column("spectrum_id"),
@@ -360,6 +401,10 @@ def from_catalogue(
         },
         saliency=accumulator,
         saliency_row_shares=None if accumulator is not None else _row_shares(joined, labels, setup),
+        flags=joined.column("flags").fill_null(0).to_numpy().astype(np.int32)
+        if "flags" in joined.column_names
+        else None,
+        ood_score=_optional_column(joined, "ood_score") if "ood_score" in joined.column_names else None,
     )
 
 

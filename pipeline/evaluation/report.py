@@ -17,11 +17,12 @@ from dataclasses import dataclass
 import numpy as np
 
 from speclabel.core.errors import InputError
+from speclabel.core.flags import Flag
 from speclabel.core.labels import LABELS
 from speclabel.core.storage import exists, filesystem_and_path, join, read_json, write_folder_atomic
 from speclabel.model.metrics import GAUSSIAN_WITHIN_1_SIGMA, GAUSSIAN_WITHIN_2_SIGMA, metrics_by_snr
 
-from . import plots
+from . import embedding_map, plots
 from .inputs import Evaluation
 
 FORMAT = "speclabel-evaluation"
@@ -77,6 +78,8 @@ def evaluation_document(ev: Evaluation, options: ReportOptions = ReportOptions()
             "frac_within_2std_gaussian": GAUSSIAN_WITHIN_2_SIGMA,
         },
         "saliency": saliency_section(ev),
+        "ood": ood_section(ev),
+        "embedding_map": embedding_map.map_section(ev),
         "figures": {},
     }
 
@@ -85,6 +88,22 @@ def calibrated_err(ev: Evaluation) -> np.ndarray | None:
     """The evaluation's calibrated err where any row has one (a catalogue labelled by a model
     without a calibration has all-null ``<label>_err``: nothing to report)."""
     return ev.err if ev.err is not None and np.isfinite(ev.err).any() else None
+
+
+def ood_section(ev: Evaluation) -> dict | None:
+    """How the evaluated spectra score against the training set (model/ood.py): uniform on 0-100 and
+    about 1 % above a 99th-percentile threshold for spectra like the training spectra."""
+    if ev.ood_score is None or not np.isfinite(ev.ood_score).any():
+        return None
+    scores = ev.ood_score[np.isfinite(ev.ood_score)]
+    flagged = int(((ev.flags & Flag.OUT_OF_DISTRIBUTION) != 0).sum()) if ev.flags is not None else None
+    return {
+        "n": int(scores.size),
+        "mean_score": float(scores.mean()),
+        "percentiles": {str(p): float(np.percentile(scores, p)) for p in (10, 50, 90, 99)},
+        "flagged_out_of_distribution": flagged,
+        "flagged_fraction": flagged / scores.size if flagged is not None else None,
+    }
 
 
 def saliency_section(ev: Evaluation) -> dict | None:
@@ -161,6 +180,7 @@ def draw_figures(ev: Evaluation, document: dict) -> dict[str, bytes]:
         "abundances": plots.abundances(ev),
         "saliency": plots.saliency_maps(ev, saliency) if saliency else None,
         "saliency_shares": plots.saliency_shares(ev, saliency) if saliency else None,
+        "embedding_map": embedding_map.embedding_map(ev, plots.png, plots.axis_label),
     }
     out = {}
     for role, data in figures.items():
@@ -320,6 +340,8 @@ def render_markdown(doc: dict) -> str:
     ]
     lines += ["", "## Saliency: where each label is read", ""]
     lines += _saliency_lines(doc["saliency"], figures)
+    lines += ["", "## Out of distribution: the spectra against the training set", ""]
+    lines += _ood_lines(doc.get("ood"), doc.get("embedding_map"), figures)
     return "\n".join(lines) + "\n"
 
 
@@ -448,6 +470,33 @@ def _saliency_lines(saliency: dict | None, figures: dict) -> list[str]:
     out += _figure(figures, "saliency", "Population-averaged d label / d flux with the line windows shaded")
     out += [""]
     out += _figure(figures, "saliency_shares", "Share of |gradient| per line-window group")
+    return out
+
+
+def _ood_lines(ood: dict | None, mapped: dict | None, figures: dict) -> list[str]:
+    out = []
+    if ood is None:
+        out.append("No ood_score: the model has no embedding reference (or the catalogue no ood_score).")
+    else:
+        p = ood["percentiles"]
+        out += [
+            "ood_score = the distance of a spectrum's penultimate-layer embedding to its nearest training "
+            "spectra, as a percentile of the training spectra's own distances: uniform on 0-100 for "
+            "spectra like the training set, 100 for spectra unlike any of them.",
+            "",
+            f"{ood['n']} spectra: mean score {_n(ood['mean_score'])}, percentiles 10/50/90/99 "
+            f"{_n(p['10'])} / {_n(p['50'])} / {_n(p['90'])} / {_n(p['99'])}; flagged out_of_distribution: "
+            f"{ood['flagged_out_of_distribution']} ({_n(ood['flagged_fraction'])}).",
+        ]
+    if mapped is not None:
+        flagged = ", ".join(f"{k} {v}" for k, v in mapped["flagged"].items())
+        out += [
+            "",
+            f"Map: {mapped['method']}, perplexity {_n(mapped['perplexity'])}, {mapped['rows']} of "
+            f"{mapped['of_rows']} spectra; flagged rows ringed in red ({flagged}).",
+            "",
+            *_figure(figures, "embedding_map", "t-SNE of the embeddings, coloured by each label"),
+        ]
     return out
 
 

@@ -231,6 +231,7 @@ def catalogue_fields(spec: OutputSpec) -> list[pa.Field]:
     names += ["input_sha256", "flags", *spec.summary_columns, "model_id", "run_id", "processed_at"]
     names += spec.err_columns
     names += spec.chi2_columns
+    names += ["ood_score", "extrapolated_labels"]
     return [pa.field(name, column_type(name)) for name in names]
 
 
@@ -256,11 +257,10 @@ def quality_flags(
     t: FlagThresholds,
     anomalous: np.ndarray | None = None,
 ) -> np.ndarray:
-    """The ``flags`` bits of each row (int32), see ``pipeline/flags.py``. ``anomalous``: the rows
-    whose chi^2 exceeds the forward model's threshold."""
-    flags = np.zeros(prediction.mean.shape[0], dtype=np.int32)
-    if prediction.outside_training_range is not None:
-        flags[prediction.outside_training_range.any(axis=1)] |= Flag.EXTRAPOLATED
+    """The ``flags`` bits of each row (int32), see ``core/flags.py``: the model's own (extrapolated,
+    out of distribution) and the job's. ``anomalous``: the rows whose chi^2 exceeds the forward
+    model's threshold."""
+    flags = prediction.model_flags()
     with np.errstate(invalid="ignore"):
         flags[np.asarray(snr) < t.low_snr] |= Flag.LOW_SNR
         for k, name in enumerate(label_names):
@@ -334,6 +334,14 @@ def label_rows(
         columns[CHI2] = _float32_nullable(chi2["total"])
         for arm in spec.arm_names:
             columns[f"{CHI2}_{arm}"] = _float32_nullable(chi2[arm])
+    columns["ood_score"] = (
+        pa.nulls(n, pa.float32())
+        if prediction.ood_score is None
+        else pa.array(prediction.ood_score.astype(np.float32), from_pandas=True)  # NaN: null
+    )
+    columns["extrapolated_labels"] = pa.array(
+        extrapolated_labels(prediction.outside_training_range, spec.label_names, n), pa.string()
+    )
     columns[SOURCE] = good.column(SOURCE)
     if spec.saliency == "full":
         keep = np.zeros(n, dtype=bool) if map_rows is None else np.asarray(map_rows, dtype=bool)
@@ -342,6 +350,15 @@ def label_rows(
             columns[f"{MAP_PREFIX}{label}"] = _list_rows(maps[:, k, :] if maps is not None else None, keep)
     columns[KIND] = pa.array(np.full(n, LABELLED, dtype=np.int8))
     return pa.table(columns)
+
+
+def extrapolated_labels(outside: np.ndarray | None, label_names: tuple[str, ...], n: int) -> list[str | None]:
+    """Per row, the labels outside the training range, comma-separated in model order ('' when none,
+    null when unknown): a plain string that --where, SQL, CSV and FITS all take as it is."""
+    if outside is None:
+        return [None] * n
+    names = np.array(label_names, dtype=object)
+    return [",".join(names[row]) for row in np.asarray(outside, dtype=bool)]
 
 
 def quarantine_rows(bad: pa.Table, reasons: list[str] | None = None) -> pa.Table:

@@ -160,6 +160,7 @@ class EnsembleLabeller:
             members=settings.spec.members,
             saliency=None if settings.spec.saliency is None else "full",
             batch_size=settings.predict_batch_size,
+            ood=True,  # scored where the model has an embedding reference
         )
         self.batches_predicted += 1
         return prediction
