@@ -4,10 +4,13 @@ Every step is a ``speclabel`` subcommand run through the same entry point as the
 printed before it runs, so a reader can repeat any of them), on one local Ray instance that the
 steps share instead of starting their own:
 
-1. ``simulate`` a labelled training survey (Parquet) and a delivered release of FITS files, one
-   of which is then corrupted on purpose: the run must account for it;
+1. ``simulate`` a training survey (Parquet) with a Gaia-ESO-style label catalogue beside it (FITS:
+   CNAME, TEFF, E_TEFF, ..., absolute MG1 and AL1, nulls, PECULI) and a delivered release of FITS
+   files, one of which is then corrupted on purpose: the run must account for it;
 2. ``ingest`` the FITS release into a spectra store;
-3. ``train`` an ensemble on the training survey (members in parallel, one Ray Train run each);
+3. ``train`` an ensemble on the training spectra with the labels of the label catalogue, joined by
+   CNAME through a ``[labels]`` mapping and ``[selection]`` cuts (members in parallel, one Ray Train
+   run each);
 4. ``label`` the stored release into the catalogue (Ray Data, ensemble + saliency);
 5. ``query`` the catalogue with a filter;
 6. ``evaluate`` the catalogue against the release's true labels (report.md, metrics.json, figures).
@@ -28,6 +31,7 @@ from speclabel.core.arrays import model_inputs, spectra_arrays
 from speclabel.core.errors import SpeclabelError, UsageError
 from speclabel.core.setups import get_setup
 from speclabel.pipeline.ray_session import ray_session
+from speclabel.pipeline.simulate.label_catalogue import label_mapping_toml
 
 # Written into the output folder so that a rerun may clear what an earlier demo left there, and
 # nothing else.
@@ -39,6 +43,7 @@ def run_demo(out: str, *, n: int, seed: int, members: int = 8, epochs: int = 15)
 
     out_dir = _fresh_output(Path(out))
     training = out_dir / "train.parquet"
+    survey_labels, config = out_dir / "ges_labels.fits", out_dir / "model.toml"
     delivered = out_dir / "delivered" / "DEMO"
     store, model, catalogue = out_dir / "store", out_dir / "model", out_dir / "catalogue"
     report = out_dir / "report"
@@ -53,7 +58,13 @@ def run_demo(out: str, *, n: int, seed: int, members: int = 8, epochs: int = 15)
             raise SpeclabelError(f"demo step 'speclabel {name}' failed (exit {code}); its output is above")
         steps.append((name, time.perf_counter() - began))
 
-    step("simulate", "--n", str(n), "--seed", str(seed), "--release", "TRAIN", "--out", str(training))
+    step(
+        "simulate",
+        *("--n", str(n), "--seed", str(seed), "--release", "TRAIN", "--out", str(training)),
+        *("--label-catalogue", str(survey_labels)),
+    )
+    config.write_text(label_mapping_toml())
+    print(f"(demo: {config.name} maps the catalogue's columns to the labels)\n{config.read_text()}")
     step(
         "simulate",
         *("--n", str(n_release), "--seed", str(seed + 1), "--release", "DEMO"),
@@ -69,7 +80,8 @@ def run_demo(out: str, *, n: int, seed: int, members: int = 8, epochs: int = 15)
         step("ingest", str(delivered / "spectra"), "--out", str(store), "--release", "DEMO")
         step(
             "train",
-            *("--data", str(training), "--out", str(model)),
+            *("--data", str(training), "--out", str(model), "--config", str(config)),
+            *("--label-catalogue", str(survey_labels), "--id-column", "CNAME"),
             *("--members", str(members), "--epochs", str(epochs), "--storage", str(out_dir / "runs")),
         )
         step("label", "--spectra", str(store), "--model", str(model), "--out", str(catalogue), "--quiet")

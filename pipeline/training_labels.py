@@ -164,7 +164,8 @@ def read_label_catalogue(location: str) -> pa.Table:
 def _fits_table(data: bytes) -> pa.Table:
     from astropy.table import Table
 
-    table = Table.read(io.BytesIO(data), format="fits")
+    # Units are not used here, and survey catalogues carry ones the FITS standard lacks ('dex').
+    table = Table.read(io.BytesIO(data), format="fits", unit_parse_strict="silent")
     columns = {}
     for name in table.colnames:
         column = table[name]

@@ -169,3 +169,14 @@ def write_label_catalogue(location: str, table: pa.Table) -> None:
             pq.write_table(table, out)
         else:
             pacsv.write_csv(table, out)
+
+
+def label_mapping_toml(where: str = "E_TEFF < 150 and not PECULI") -> str:
+    """The ``[labels]`` and ``[selection]`` of a model.toml that trains on this catalogue: each label
+    from its column, absolute abundances back to [X/Fe] with the same solar values, the errors for
+    inverse-variance weighting (what a survey writes for its own catalogue; examples/gaia-eso.toml)."""
+    lines = ["[train]", 'loss_weighting = "inverse_variance"', "", "[labels]"]
+    for column, (label, _, _, unit, _) in LABEL_COLUMNS.items():
+        expr = f"{column} - FEH - {SOLAR_ABUNDANCES[ABSOLUTE[column]]:g}" if column in ABSOLUTE else column
+        lines.append(f'{label} = {{ expr = "{expr}", error = "E_{column}", unit = "{unit}" }}')
+    return "\n".join([*lines, "", "[selection]", f'where = "{where}"', ""])
