@@ -165,3 +165,23 @@ def test_clear_errors(star, tmp_path, capsys):
         star_view(star["catalogue"], first, spectra=str(other), release="DR1")
     assert main(["show", star["catalogue"], first, "--out", str(tmp_path / "no" / "x.png")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+@pytest.mark.ray
+def test_a_catalogue_from_the_label_job_is_shown_from_its_manifest(star, ray_session, tmp_path, capsys):
+    """The real label job records where its model and spectra are; show finds both from the row
+    alone, and the title's chi2 is the job's."""
+    from speclabel.pipeline.catalogue import Catalogue
+    from speclabel.pipeline.labelling import LabelOptions, label_spectra
+
+    catalogue = str(tmp_path / "cat")
+    options = LabelOptions(saliency="none", batch_size=8, progress=False, release="DR1")
+    label_spectra(star["spectra_path"], star["model"], catalogue, options)
+    first = star["spectra"].column("spectrum_id")[0].as_py()
+    assert main(["show", catalogue, first, "--out", str(tmp_path / "job.png")]) == 0
+    view = star_view(catalogue, first)
+    (row,) = Catalogue.open(catalogue).lookup([first]).to_pylist()
+    labels = np.array([[row[n] for n in LABEL_NAMES]])
+    np.testing.assert_allclose(view.model_flux, window_forward_model().flux(labels)[0])
+    assert view.panels == ("flux", "residual")
+    assert f"χ² {row['chi2']:.4g}" in figure(view)._suptitle.get_text()
