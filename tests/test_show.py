@@ -10,7 +10,7 @@ import pytest
 from forward_data import WINDOW_SETUP, survey, window_forward_model
 from label_data import tiny_ensemble
 
-from speclabel.core.errors import InputError
+from speclabel.core.errors import InputError, IntegrityError
 from speclabel.core.flags import Flag
 from speclabel.core.labels import LABEL_NAMES
 from speclabel.jobs.cli import main
@@ -163,6 +163,18 @@ def test_clear_errors(star, tmp_path, capsys):
     pq.write_table(star["spectra"].slice(1, 2), other)
     with pytest.raises(InputError, match="not found in the spectra at"):
         star_view(star["catalogue"], first, spectra=str(other), release="DR1")
+    moved, elsewhere = tmp_path / "moved", str(tmp_path / "cat")
+    write_release(
+        elsewhere,
+        "DR1",
+        [star["rows"]],
+        model_id=star["rows"].column("model_id")[0].as_py(),
+        manifest={"model": {"location": str(moved)}, "input": {"location": str(moved)}},
+    )
+    with pytest.raises(IntegrityError, match="the model directory the label run recorded; --model DIR"):
+        star_view(elsewhere, first)
+    with pytest.raises(InputError, match="the input the label run recorded; --spectra"):
+        star_view(elsewhere, first, model=star["model"])
     assert main(["show", star["catalogue"], first, "--out", str(tmp_path / "no" / "x.png")]) == 2
     assert "does not exist" in capsys.readouterr().err
 

@@ -119,25 +119,38 @@ def star_view(
     cat = Catalogue.open(catalogue)
     row = catalogue_row(cat, spectrum_id, release, model_id)
     manifest = run_manifest(cat, row["release"], model_id)
+    recorded_model = model is None
     model = model or manifest.get("model", {}).get("location")
     if not model:
         raise InputError(
             f"the run {row['run_id']} of release {row['release']} does not record its model directory: "
             "pass --model DIR"
         )
-    ensemble = load_model(model)
+    try:
+        ensemble = load_model(model)
+    except IntegrityError as exc:
+        if not recorded_model:
+            raise
+        raise IntegrityError(f"{exc} (the model directory the label run recorded; --model DIR)") from exc
     if row.get("model_id") and ensemble.model_id != row["model_id"]:
         raise IntegrityError(
             f"the model at {model} is {ensemble.model_id}, but {spectrum_id!r} was labelled by "
             f"{row['model_id']}: pass the model directory it was labelled with (--model DIR)"
         )
+    spectra_given = spectra is not None
     spectra = spectra or manifest.get("input", {}).get("location")
     if not spectra:
         raise InputError(
             f"the run {row['run_id']} of release {row['release']} does not record its input: pass --spectra"
         )
     setup = ensemble.setup
-    arrays = spectra_arrays(read_spectrum(spectra, spectrum_id, setup), setup)
+    try:
+        table = read_spectrum(spectra, spectrum_id, setup)
+    except InputError as exc:
+        if spectra_given:
+            raise
+        raise InputError(f"{exc} (the input the label run recorded; --spectra STORE_OR_PARQUET)") from exc
+    arrays = spectra_arrays(table, setup)
     flux = np.concatenate([arrays.flux[a.name][0] for a in setup.arms])
     has_ivar = all(arrays.ivar[a.name] is not None for a in setup.arms)
     ivar = np.concatenate([arrays.ivar[a.name][0] for a in setup.arms]) if has_ivar else None
