@@ -33,6 +33,7 @@ COMMANDS = (
     "submit",
     "jobs",
     "evaluate",
+    "show",
     "setups",
 )
 
