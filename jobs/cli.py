@@ -22,6 +22,7 @@ COMMANDS = (
     "demo",
     "simulate",
     "ingest",
+    "screen",
     "train",
     "export",
     "label",

@@ -408,7 +408,9 @@ class _Accumulator:
         return np.where(np.isfinite(previous), np.sqrt(variance), np.inf)
 
 
-def _clip_limit(chi2: np.ndarray, sigma: float | None) -> float:
+def clip_limit(chi2: np.ndarray, sigma: float | None) -> float:
+    """The chi^2 beyond which a row is an outlier: ``sigma`` robust standard deviations (1.4826 MAD)
+    above the median of the finite values (inf for ``sigma`` None or no values)."""
     chi2 = chi2[np.isfinite(chi2)]
     if sigma is None or not len(chi2):
         return np.inf
@@ -462,7 +464,7 @@ def fit_forward_model_batches(
     for _ in range(iterations):
         accumulator = run_pass(coefficients, scatter, clip_above)
         kept = np.concatenate(accumulator.kept)
-        clip_above = _clip_limit(np.concatenate(accumulator.chi2), clip_sigma)
+        clip_above = clip_limit(np.concatenate(accumulator.chi2), clip_sigma)
         scatter = accumulator.scatter(scatter, n_t)
         coefficients, modelled, inverse = accumulator.solve()
         scatter = np.where(modelled, scatter, np.inf)

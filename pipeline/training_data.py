@@ -9,7 +9,10 @@ and a 32-byte content digest (``model.provenance.row_digests``). The driver then
 * quarantines every row of a ``spectrum_id`` that occurs more than once: which label belongs to which
   spectrum is unknown, and excluding *all* its rows makes "excluded ids" an exact row filter that a
   streaming reader can apply batch by batch;
-* accounts for every input row (``n_input = n_used + quarantined``), fits nothing itself but hands
+* leaves out the rows whose id a user listed (``speclabel train --exclude``, e.g. the output of
+  ``speclabel screen``), with reason code :data:`EXCLUDED`: not quarantined (nothing is wrong with
+  them as data), but left out the same way;
+* accounts for every input row (``n_input = n_used + quarantined + excluded``), fits nothing itself but hands
   the used rows' ids and labels to ``model.fit.fit_scaler``, and fingerprints the used rows.
 
 Two ways to serve the rows to the members, chosen by the job from the estimated in-memory size:
@@ -46,8 +49,8 @@ from speclabel.core.contract import validate as validate_rows
 from speclabel.core.errors import InputError
 from speclabel.core.fingerprints import DataFingerprint
 from speclabel.core.labels import LABEL_NAMES
-from speclabel.core.setups import Setup
-from speclabel.core.storage import absolute_location, resolve_files
+from speclabel.core.setups import DEFAULT_SETUP, Setup, get_setup
+from speclabel.core.storage import absolute_location, filesystem_and_path, resolve_files
 from speclabel.model.fit import member_data
 from speclabel.model.splits import SplitRule
 from speclabel.model.training import ArrayData
@@ -59,6 +62,9 @@ PARQUET_EXTENSIONS = (".parquet", ".parq", ".pq")
 BYTES_PER_PIXEL = 9
 STREAM_PARTS = ("train", "val", "test")
 ARRAY_KEYS = ("flux", "mask", "labels", "label_err", "ivar", "snr")
+# The reason code of a row left out because its id is on the --exclude list.
+EXCLUDED = "excluded"
+ID_LIST_EXTENSIONS = (*PARQUET_EXTENSIONS, ".csv")
 
 
 @dataclass(frozen=True)
@@ -145,6 +151,48 @@ def scalar_columns(location: str) -> pa.Table:
         names = [f.name for f in schema if not pa.types.is_nested(f.type)]
         tables.append(pq.read_table(path, filesystem=fs, columns=names))
     return pa.concat_tables(tables, promote_options="permissive")
+
+
+def input_setup(location: str, name_or_path: str | None = None) -> Setup:
+    """``name_or_path`` (a setup name or TOML), else the setup the input's first file declares,
+    else the default setup."""
+    if name_or_path is not None:
+        return get_setup(name_or_path)
+    fs, files = resolve_files(location, PARQUET_EXTENSIONS)
+    metadata = pq.read_schema(files[0], filesystem=fs).metadata or {}
+    declared = metadata.get(b"speclabel.setup")
+    return get_setup(declared.decode() if declared else DEFAULT_SETUP)
+
+
+@dataclass(frozen=True)
+class IdList:
+    """The spectrum ids of a Parquet or CSV file with a ``spectrum_id`` column (``--exclude``)."""
+
+    source: str
+    ids: frozenset[str]
+
+    @classmethod
+    def read(cls, location: str) -> IdList:
+        if not location.lower().endswith(ID_LIST_EXTENSIONS):
+            raise InputError(f"{location}: an id list must be {', '.join(ID_LIST_EXTENSIONS)}")
+        fs, path = filesystem_and_path(location)
+        try:
+            with fs.open_input_file(path) as handle:
+                if location.lower().endswith(".csv"):
+                    import pyarrow.csv
+
+                    table = pyarrow.csv.read_csv(
+                        handle,
+                        convert_options=pyarrow.csv.ConvertOptions(column_types={"spectrum_id": pa.string()}),
+                    )
+                else:
+                    table = pq.read_table(handle)
+        except (OSError, pa.ArrowInvalid) as exc:
+            raise InputError(f"cannot read the id list {location}: {exc}") from exc
+        if "spectrum_id" not in table.column_names:
+            raise InputError(f"{location} has no spectrum_id column (columns: {table.column_names})")
+        ids = table.column("spectrum_id").cast(pa.string()).drop_null().to_pylist()
+        return cls(absolute_location(location), frozenset(ids))
 
 
 def resolve_input(
@@ -248,12 +296,27 @@ class TrainingSet:
     def n_used(self) -> int:
         return int(self.used.sum())
 
+    def _codes(self) -> list[str]:
+        return [r.split(":", 1)[0] for r in self.scan.column("reason").drop_null().to_pylist()]
+
     def quarantined_by_reason(self) -> dict[str, int]:
-        codes = [r.split(":", 1)[0] for r in self.scan.column("reason").drop_null().to_pylist()]
+        codes = [code for code in self._codes() if code != EXCLUDED]
         return dict(sorted(collections.Counter(codes).items()))
 
+    @property
+    def n_excluded(self) -> int:
+        """Rows left out by the --exclude list (valid rows only: a quarantined one stays quarantined)."""
+        return self._codes().count(EXCLUDED)
+
+    @property
+    def n_quarantined(self) -> int:
+        return self.n_input - self.n_used - self.n_excluded
+
     def quarantine(self) -> pa.Table:
-        bad = self.scan.filter(pc.invert(pc.is_null(self.scan.column("reason"))))
+        reasons = self.scan.column("reason")
+        bad = self.scan.filter(
+            pc.and_(pc.is_valid(reasons), pc.invert(pc.starts_with(reasons, f"{EXCLUDED}:")))
+        )
         return quarantine_table(
             bad.column("spectrum_id").to_pylist(), bad.column("reason").to_pylist(), self.input.location
         )
@@ -297,12 +360,16 @@ class TrainingSet:
             "n_input": self.n_input,
             "n_rows": self.n_used,
             "quarantined": self.quarantined_by_reason(),
+            **({"excluded": self.n_excluded} if self.n_excluded else {}),
             "fingerprint": self.fingerprint(),
         }
 
 
-def finish_scan(scan: pa.Table, input: TrainingInput, setup: Setup) -> TrainingSet:
-    """Quarantine every row of a duplicated id (see the module docstring) and collect excluded ids."""
+def finish_scan(
+    scan: pa.Table, input: TrainingInput, setup: Setup, exclude: IdList | None = None
+) -> TrainingSet:
+    """Quarantine every row of a duplicated id (see the module docstring), leave out the valid rows
+    listed in ``exclude``, and collect the ids no member may read."""
     ids = scan.column("spectrum_id").to_pylist()
     reasons = scan.column("reason").to_pylist()
     counts = collections.Counter(sid for sid in ids if sid)
@@ -314,21 +381,31 @@ def finish_scan(scan: pa.Table, input: TrainingInput, setup: Setup) -> TrainingS
                 f"{DUPLICATE_ID}: spectrum_id {sid!r} occurs {counts[sid]} times in the training data; "
                 "which label belongs to which spectrum is unknown, so none of its rows is used"
             )
+    if exclude is not None:
+        for i, sid in enumerate(ids):
+            if reasons[i] is None and sid in exclude.ids:
+                reasons[i] = f"{EXCLUDED}: listed in {exclude.source}"
     scan = scan.set_column(scan.schema.get_field_index("reason"), "reason", pa.array(reasons, pa.string()))
     excluded = frozenset(sid for sid, reason in zip(ids, reasons, strict=True) if reason is not None and sid)
     return TrainingSet(input, setup, scan, excluded)
 
 
-def scan_in_memory(input: TrainingInput, setup: Setup) -> tuple[TrainingSet, InMemoryRows]:
+def scan_in_memory(
+    input: TrainingInput, setup: Setup, exclude: IdList | None = None
+) -> tuple[TrainingSet, InMemoryRows]:
     """Read the whole input in this process, scan it, and keep the used rows as training arrays."""
     table = input.read_table()
-    training_set = finish_scan(scan_batch(table, setup, input.label_names, input.labels), input, setup)
+    training_set = finish_scan(
+        scan_batch(table, setup, input.label_names, input.labels), input, setup, exclude
+    )
     used = table.filter(pa.array(training_set.used))
     arrays = training_arrays(used, setup, label_names=input.label_names)
     return training_set, InMemoryRows(arrays)
 
 
-def scan_streaming(input: TrainingInput, setup: Setup, *, num_cpus: float = 1.0) -> TrainingSet:
+def scan_streaming(
+    input: TrainingInput, setup: Setup, *, num_cpus: float = 1.0, exclude: IdList | None = None
+) -> TrainingSet:
     """Scan the input in Ray Data tasks; only the small per-row results come back to the driver."""
     scanned = input.map_pieces(
         scan_batch,
@@ -343,7 +420,7 @@ def scan_streaming(input: TrainingInput, setup: Setup, *, num_cpus: float = 1.0)
             f"the scan of {input.location} returned {scan.num_rows} rows, the Parquet footers say "
             f"{input.n_rows}: rows were lost on the way; nothing was trained"
         )
-    return finish_scan(scan, input, setup)
+    return finish_scan(scan, input, setup, exclude)
 
 
 def _blocks(dataset) -> Iterator[pa.Table]:

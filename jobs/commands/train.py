@@ -93,6 +93,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="the --label-catalogue column holding the spectra's spectrum_id (default spectrum_id)",
     )
     parser.add_argument(
+        "--exclude",
+        metavar="FILE",
+        help="Parquet or CSV with a spectrum_id column (e.g. speclabel screen's output): leave those "
+        "rows out, counted as excluded",
+    )
+    parser.add_argument(
         "--gpus-per-member",
         choices=("auto", "0", "1"),
         default="auto",
@@ -157,6 +163,7 @@ def build_job(args: argparse.Namespace):
         id_column=args.id_column,
         data=args.data,
         out=args.out,
+        exclude=args.exclude,
         gpus_per_member=args.gpus_per_member,
         cpus_per_member=args.cpus_per_member,
         workers_per_member=args.workers_per_member,
@@ -179,6 +186,8 @@ def run(args: argparse.Namespace) -> int:
     print(
         f"\ntrain: model {outcome.model_id} written to {outcome.out} ({sum(m.kept for m in outcome.members)} "
         f"members) in {outcome.seconds:.0f} s; {outcome.n_input} rows in = {outcome.n_used} used + "
-        f"{outcome.n_input - outcome.n_used} quarantined; run folder {outcome.run_path}"
+        f"{outcome.n_input - outcome.n_used - outcome.n_excluded} quarantined"
+        + (f" + {outcome.n_excluded} excluded" if outcome.n_excluded else "")
+        + f"; run folder {outcome.run_path}"
     )
     return 0

@@ -40,6 +40,7 @@ class TrainJob:
     ensemble: EnsembleConfig = field(default_factory=EnsembleConfig)
     ood: OODConfig = field(default_factory=OODConfig)  # post-training: not in the run's identity
     setup: str | None = None  # a setup name or TOML file; None: the input's declared setup
+    exclude: str | None = None  # a Parquet/CSV with spectrum_id: rows left out (speclabel screen's output)
     gpus_per_member: str = "auto"  # per worker: a member of N workers holds N x this
     cpus_per_member: float = 1.0  # per worker, likewise
     workers_per_member: int = 1  # data-parallel (DDP) workers of one member

@@ -35,14 +35,13 @@ import pyarrow.parquet as pq
 from speclabel.core.errors import ConfigError, InputError, SpeclabelError
 from speclabel.core.faults import planned_fault
 from speclabel.core.reporting import Echo, Reporter, to_stdout
-from speclabel.core.setups import DEFAULT_SETUP, Setup, get_setup
+from speclabel.core.setups import Setup
 from speclabel.core.storage import (
     atomic_output,
     exists,
     filesystem_and_path,
     join,
     read_json,
-    resolve_files,
     write_json_atomic,
 )
 from speclabel.model.arch import build_network
@@ -54,9 +53,10 @@ from speclabel.model.splits import SplitRule
 from speclabel.model.training import MemberResult, TrainingState, input_reference
 from speclabel.pipeline.ray_session import ray_session
 from speclabel.pipeline.training_data import (
-    PARQUET_EXTENSIONS,
+    IdList,
     StreamingRows,
     TrainingSet,
+    input_setup,
     resolve_input,
     scalar_columns,
     scan_in_memory,
@@ -121,6 +121,7 @@ class TrainOutcome:
     members: list[MemberSummary]
     metrics: dict
     seconds: float
+    n_excluded: int = 0  # rows left out by --exclude
 
 
 def run_training(job: TrainJob, *, echo: Echo = to_stdout, reporter: Reporter | None = None) -> TrainOutcome:
@@ -144,15 +145,18 @@ def run_training(job: TrainJob, *, echo: Echo = to_stdout, reporter: Reporter | 
             f"train: {training_input.n_rows} rows in {len(training_input.files)} file(s) at {job.data}; "
             f"setup {setup.name}; data {mode} (~{gib:.2f} GiB as arrays)"
         )
+        exclude = IdList.read(job.exclude) if job.exclude else None
         if mode == "memory":
-            training_set, rows = scan_in_memory(training_input, setup)
+            training_set, rows = scan_in_memory(training_input, setup, exclude)
         else:
-            training_set = scan_streaming(training_input, setup, num_cpus=min(1.0, job.cpus_per_member))
+            training_set = scan_streaming(
+                training_input, setup, num_cpus=min(1.0, job.cpus_per_member), exclude=exclude
+            )
             rows = StreamingRows(training_input, setup, training_set.excluded_ids)
         reporter.line(
             f"train: {training_set.n_input} in = {training_set.n_used} used + "
-            f"{training_set.n_input - training_set.n_used} quarantined "
-            f"{training_set.quarantined_by_reason() or ''}"
+            f"{training_set.n_quarantined} quarantined {training_set.quarantined_by_reason() or ''}"
+            + (f" + {training_set.n_excluded} excluded (--exclude)" if exclude is not None else "")
         )
         label_source = {}
         if labels is not None:
@@ -227,6 +231,7 @@ def run_training(job: TrainJob, *, echo: Echo = to_stdout, reporter: Reporter | 
             members=summaries,
             metrics=ensemble.info["metrics"],
             seconds=time.perf_counter() - started,
+            n_excluded=training_set.n_excluded,
         )
         reporter.line(member_table(summaries))
         reporter.line(label_table(ensemble))
@@ -261,12 +266,7 @@ def job_labels(job: TrainJob) -> TrainingLabels | None:
 
 
 def job_setup(job: TrainJob) -> Setup:
-    if job.setup is not None:
-        return get_setup(job.setup)
-    fs, files = resolve_files(job.data, PARQUET_EXTENSIONS)
-    metadata = pq.read_schema(files[0], filesystem=fs).metadata or {}
-    declared = metadata.get(b"speclabel.setup")
-    return get_setup(declared.decode() if declared else DEFAULT_SETUP)
+    return input_setup(job.data, job.setup)
 
 
 def member_gpus(choice: str) -> int:
