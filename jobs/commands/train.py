@@ -79,8 +79,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--labels",
         metavar="A,B,...",
-        help="labels to train, in output order: as [labels] maps them, else same-named columns "
-        "(default: [labels], else teff,logg,feh,mgfe,alfe)",
+        help="labels to train, in output order: as [labels] maps them, else same-named columns; "
+        "without it, [labels] of --config, else the paper's five (teff,logg,feh,mgfe,alfe)",
     )
     parser.add_argument(
         "--label-catalogue",
