@@ -62,11 +62,12 @@ class ScreenResult:
 
     listed: pa.Table  # spectrum_id, reason, chi2, chi2_<arm>, <label>_residual, <label>, <label>_fit
     n_input: int
-    n_screened: int  # valid rows the forward model was fitted on and tested
+    n_screened: int  # valid rows with every label: the forward model was fitted on and tested them
     quarantined: dict[str, int]  # rows the train job would quarantine, by reason code
     forward: ForwardModel
     chi2_limits: dict[str, float]  # "total" and per arm: the chi2 beyond which a row is listed
     label_scatter: dict[str, float]  # per label: robust scatter of (fit - given) / bound, the residual's unit
+    n_partly_labelled: int = 0  # valid rows missing some labels: trained, not screened
 
     def counts_by_test(self) -> dict[str, int]:
         """Listed rows per test (a row failing both counts in both)."""
@@ -80,8 +81,10 @@ class ScreenResult:
     def summary(self) -> str:
         by_test = ", ".join(f"{test} {n}" for test, n in self.counts_by_test().items())
         quarantined = sum(self.quarantined.values())
+        partly = self.n_partly_labelled
+        partly = f" + {partly} missing some labels (not screened)" if partly else ""
         return (
-            f"screen: {self.n_input} in = {self.n_screened} screened + {quarantined} quarantined "
+            f"screen: {self.n_input} in = {self.n_screened} screened{partly} + {quarantined} quarantined "
             f"{self.quarantined or ''}; {self.listed.num_rows} listed ({by_test})"
         )
 
@@ -90,16 +93,15 @@ def screen_training_data(location: str, setup: Setup, *, label_sigma: float = LA
     """Screen the labelled spectra at ``location`` (as ``speclabel train --data`` takes them)."""
     training_set, rows = scan_in_memory(resolve_input(location, setup), setup)
     arrays = rows.arrays
+    # A row missing some labels trains the others, but cannot be placed in label space to be tested.
+    complete = np.isfinite(arrays["labels"]).all(axis=1)
     result = screen_arrays(
-        arrays["spectrum_id"],
-        arrays["flux"],
-        arrays["ivar"],
-        arrays["mask"],
-        arrays["labels"],
+        *(arrays[key][complete] for key in ("spectrum_id", "flux", "ivar", "mask", "labels")),
         setup,
         label_sigma=label_sigma,
     )
     result.n_input = training_set.n_input
+    result.n_partly_labelled = int((~complete).sum())
     result.quarantined = training_set.quarantined_by_reason()
     return result
 

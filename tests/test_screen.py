@@ -60,8 +60,7 @@ def training_file(tmp_path_factory):
         values = table.column(name).to_pylist()
         for row, partner in zip(wrong, partners, strict=True):
             values[row] = float(truth[partner, k])
-        if name == "teff":
-            values[12] = None
+        values[12] = None  # a row with no label at all: quarantined
         table = _set_column(table, name, values)
     path = tmp_path_factory.mktemp("screen") / "train.parquet"
     # The window setup's arms; metadata as the simulator writes it, so the setup is the declared one.
