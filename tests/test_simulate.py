@@ -6,6 +6,7 @@ import pytest
 
 from speclabel.core import contract
 from speclabel.core.arrays import spectra_arrays
+from speclabel.core.labels import LABEL_NAMES, LABELS
 from speclabel.jobs.cli import main
 from speclabel.pipeline.simulate import (
     SurveyConfig,
@@ -116,7 +117,7 @@ def test_prior_has_giants_dwarfs_and_two_alpha_sequences():
     assert 0.4 < giants.mean() < 0.75 and 0.2 < dwarfs.mean() < 0.5
     metal_poor = (labels["feh"] > -1.0) & (labels["feh"] < -0.6)
     assert np.median(labels["mgfe"][metal_poor]) > np.median(labels["mgfe"][labels["feh"] > 0.0]) + 0.1
-    for name, label in zip(contract.LABEL_NAMES, contract.LABELS, strict=True):
+    for name, label in zip(LABEL_NAMES, LABELS, strict=True):
         lo, hi = label.physical_range
         assert ((labels[name] > lo) & (labels[name] < hi)).all()
 
