@@ -255,23 +255,28 @@ def load_model(location: str, *, setup: Setup | None = None, dtype: torch.dtype 
     return ensemble
 
 
+def _listed_file(fs, root: str, location: str, entry: dict, what: str) -> bytes:
+    """The bytes of a file model.json lists beside the members (``entry``: its ``file`` and
+    ``sha256``), checked to exist and to match its sha256 as the members are."""
+    path = join(root, entry["file"])
+    if not exists(fs, path):
+        raise IntegrityError(f"check '{what} file': model.json lists {entry['file']}, absent in {location}")
+    with fs.open_input_stream(path) as fh:
+        data = fh.read()
+    if hashlib.sha256(data).hexdigest() != entry["sha256"]:
+        raise IntegrityError(
+            f"check '{what} sha256': {location}/{entry['file']} does not match the sha256 in "
+            "model.json (the file was changed or truncated)"
+        )
+    return data
+
+
 def _load_forward(fs, root: str, location: str, document: dict, ensemble: Ensemble) -> ForwardModel | None:
     """The forward model model.json lists, checked like the members; None for a model without one."""
     entry = document.get("forward")
     if entry is None:
         return None
-    path = join(root, entry["file"])
-    if not exists(fs, path):
-        raise IntegrityError(
-            f"check 'forward model file': model.json lists {entry['file']}, absent in {location}"
-        )
-    with fs.open_input_stream(path) as fh:
-        data = fh.read()
-    if hashlib.sha256(data).hexdigest() != entry["sha256"]:
-        raise IntegrityError(
-            f"check 'forward model sha256': {location}/{entry['file']} does not match the sha256 in "
-            "model.json (the file was changed or truncated)"
-        )
+    data = _listed_file(fs, root, location, entry, "forward model")
     forward = ForwardModel.from_bytes(data, f"{location}/{entry['file']}")
     arms = tuple((a.name, a.n_pixels) for a in ensemble.setup.arms)
     modelled = tuple(zip(forward.arm_names, forward.arm_pixels, strict=True))
@@ -285,18 +290,7 @@ def _load_forward(fs, root: str, location: str, document: dict, ensemble: Ensemb
 
 def _load_ood(fs, root: str, location: str, section: dict, ensemble: Ensemble) -> EmbeddingReference:
     """The embedding reference model.json lists, checked by its sha256 and against the members."""
-    path = join(root, section["file"])
-    if not exists(fs, path):
-        raise IntegrityError(
-            f"check 'ood reference': model.json lists {section['file']}, absent from {location}"
-        )
-    with fs.open_input_stream(path) as fh:
-        data = fh.read()
-    if hashlib.sha256(data).hexdigest() != section["sha256"]:
-        raise IntegrityError(
-            f"check 'ood reference sha256': {location}/{section['file']} does not match the sha256 in "
-            "model.json (the file was changed or truncated)"
-        )
+    data = _listed_file(fs, root, location, section, "ood reference")
     try:
         tensors = load_numpy_safetensors(data)
     except SafetensorError as exc:
