@@ -27,7 +27,7 @@ def main(data: str, out: str, config: str) -> None:
         head_node_args={"num_cpus": 1, "num_gpus": 0, "object_store_memory": SMALL_OBJECT_STORE},
     )
     workers = [
-        cluster.add_node(num_cpus=2, num_gpus=2, object_store_memory=SMALL_OBJECT_STORE) for _ in range(2)
+        cluster.add_node(num_cpus=2, num_gpus=1, object_store_memory=SMALL_OBJECT_STORE) for _ in range(2)
     ]
     cluster.wait_for_nodes()
     try:

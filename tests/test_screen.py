@@ -127,7 +127,7 @@ def test_train_exclude_leaves_the_screened_rows_out_and_accounts_for_them(
     ids = table.column("spectrum_id").to_pylist()
     exclude = tmp_path / "exclude.parquet"
     pq.write_table(pa.table({"spectrum_id": [*listed, ids[12], "no-such-star"]}), exclude)
-    config = tiny_model_toml(tmp_path / "model.toml", epochs=1, members=2)
+    config = tiny_model_toml(tmp_path / "model.toml", epochs=1, members=1)
     out = tmp_path / "model"
     argv = ["train", "--data", str(path), "--setup", str(setup_file), "--out", str(out)]
     argv += ["--config", str(config), "--exclude", str(exclude), "--storage", str(tmp_path / "runs")]
