@@ -74,21 +74,8 @@ def main() -> None:
         pq.write_table(table, data)
         for members in args.members:
             ensemble = EnsembleConfig(n_members=members)
-            began = time.perf_counter()
-            fit_ensemble(arrays, setup, arch, train, ensemble, data={})
-            loop = time.perf_counter() - began
-            job = TrainJob(
-                data=data,
-                out=os.path.join(folder, f"model-{members}"),
-                arch=arch,
-                train=train,
-                ensemble=ensemble,
-                cpus_per_member=args.cpus_per_member,
-                streaming="off",
-            )
-            began = time.perf_counter()
-            run_training(job, reporter=QUIET)  # the job's lines, progress included, go nowhere
-            parallel = time.perf_counter() - began
+            out = os.path.join(folder, f"model-{members}")
+            loop, parallel = loop_and_job_seconds(arrays, data, out, setup, arch, train, ensemble, args)
             at_once = min(members, slots)
             speedup = loop / parallel
             print(
@@ -98,6 +85,26 @@ def main() -> None:
             )
         fixed_cost(table, setup, arch, folder, args, slots)
     ray.shutdown()
+
+
+def loop_and_job_seconds(arrays, data: str, out: str, setup, arch, train, ensemble, args) -> tuple:
+    """Wall seconds of the same ensemble fitted by the plain loop (members one after another) and by
+    the Ray Train job on the same rows written to ``data``."""
+    began = time.perf_counter()
+    fit_ensemble(arrays, setup, arch, train, ensemble, data={})
+    loop = time.perf_counter() - began
+    job = TrainJob(
+        data=data,
+        out=out,
+        arch=arch,
+        train=train,
+        ensemble=ensemble,
+        cpus_per_member=args.cpus_per_member,
+        streaming="off",
+    )
+    began = time.perf_counter()
+    run_training(job, reporter=QUIET)  # the job's lines, progress included, go nowhere
+    return loop, time.perf_counter() - began
 
 
 def fixed_cost(table, setup, arch, folder: str, args, slots: int) -> None:
@@ -112,23 +119,11 @@ def fixed_cost(table, setup, arch, folder: str, args, slots: int) -> None:
     members = args.fixed_cost_members
     train = TrainConfig(epochs=1, patience=2)
     ensemble = EnsembleConfig(n_members=members)
-    began = time.perf_counter()
-    fit_ensemble(prepare_arrays(small, setup), setup, arch, train, ensemble, data={})
-    loop = time.perf_counter() - began
     data = os.path.join(folder, "small.parquet")
     pq.write_table(small, data)
-    job = TrainJob(
-        data=data,
-        out=os.path.join(folder, "model-small"),
-        arch=arch,
-        train=train,
-        ensemble=ensemble,
-        cpus_per_member=args.cpus_per_member,
-        streaming="off",
-    )
-    began = time.perf_counter()
-    run_training(job, reporter=QUIET)
-    parallel = time.perf_counter() - began
+    out = os.path.join(folder, "model-small")
+    arrays = prepare_arrays(small, setup)
+    loop, parallel = loop_and_job_seconds(arrays, data, out, setup, arch, train, ensemble, args)
     rounds = -(-members // slots)
     print(
         f"# fixed cost: {members} members x 1 epoch on 32 spectra: loop {loop:.1f} s, "
