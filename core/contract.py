@@ -86,6 +86,11 @@ def spectra_schema(setup: Setup, *, labelled: bool = False, with_errors: bool = 
     return pa.schema(fields, metadata={"speclabel.setup": setup.name})
 
 
+# A simulated survey's truth may say which spectra were given a defect on purpose
+# (`speclabel simulate --defects`): the defect's kind, null for a clean spectrum. `speclabel
+# evaluate` reports how many of each kind the screening flagged.
+DEFECT_COLUMN = "defect"
+
 # Columns the spectra store adds to the contract. The store's files carry no ``release`` column: the
 # release is the hive partition (``release=<R>/``), and a column of the same name inside the files
 # would clash with it when the store is read as a dataset.

@@ -3,12 +3,13 @@ flagged, clean spectra at realistic S/N rarely. The chi^2 is taken at the stars'
 perfect network would give (the label job uses the ensemble's)."""
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 from forward_data import WINDOW_SETUP, window_forward_model
 
 from speclabel.core.labels import LABEL_NAMES
 from speclabel.pipeline.simulate import draw_labels, synthesize
-from speclabel.pipeline.simulate.defects import EMISSION_LINES, inject, shifted
+from speclabel.pipeline.simulate.defects import DEFECTS, EMISSION_LINES, inject, shifted
 from speclabel.pipeline.simulate.survey import photon_noise
 
 N = 60
@@ -67,3 +68,36 @@ def test_injectors_do_what_they_say():
     assert np.all(emitted[:, core] > 1.25) and np.allclose(emitted[:, :700], 1.0)
     foreign = inject("foreign_arm", flat, 0.5 * flat, WINDOW_SETUP, rng)
     assert sorted(np.unique(foreign).tolist()) == [0.5, 1.0]
+
+
+def test_a_survey_with_defects_differs_from_the_clean_survey_only_in_the_defective_rows(setup, tmp_path):
+    from speclabel.jobs.cli import main
+    from speclabel.pipeline.simulate import DEFECT_COLUMN, SurveyConfig, simulate_chunk
+
+    clean = simulate_chunk(setup, SurveyConfig(n=40, seed=2, chunk_size=40), 0)
+    with_defects = simulate_chunk(setup, SurveyConfig(n=40, seed=2, chunk_size=40, defect_fraction=0.5), 0)
+    assert DEFECT_COLUMN not in clean.column_names
+    kinds = with_defects.column(DEFECT_COLUMN).to_pylist()
+    hit = np.array([k is not None for k in kinds])
+    assert 10 <= hit.sum() <= 30 and set(kinds) - {None} <= set(DEFECTS)
+    changed = np.zeros(40, dtype=bool)
+    for arm in setup.arms:
+        a, b = (
+            np.stack(t.column(arm.flux_column).to_numpy(zero_copy_only=False)) for t in (clean, with_defects)
+        )
+        changed |= np.any(a != b, axis=1)
+    # Clean rows are the clean survey's exactly (own random stream); every defect changed its row.
+    assert not changed[~hit].any() and changed[hit].all()
+    assert clean.select(LABEL_NAMES).equals(with_defects.select(LABEL_NAMES))
+
+    # The FITS truth table carries the kinds, row for row.
+    out = tmp_path / "sim"
+    argv = ["simulate", "--n", "6", "--seed", "2", "--format", "fits", "--out", str(out), "--defects", "1"]
+    assert main([*argv, "--workers", "1"]) == 0
+    truth = pq.read_table(out / "labels.parquet")
+    assert truth.column(DEFECT_COLUMN).null_count == 0 and set(
+        truth.column(DEFECT_COLUMN).to_pylist()
+    ) <= set(DEFECTS)
+    with pytest.raises(SystemExit) as refused:
+        main(["simulate", "--n", "6", "--out", str(tmp_path / "x.parquet"), "--defects", "1.5"])
+    assert refused.value.code == 2

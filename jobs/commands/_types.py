@@ -34,6 +34,13 @@ def non_negative_float(text: str) -> float:
     return value
 
 
+def fraction(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be a fraction within [0, 1], got {text}")
+    return value
+
+
 def add_ray_address(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
     """The one ``--address`` of every command that runs on Ray (``pipeline.ray_session``)."""
     parser.add_argument(

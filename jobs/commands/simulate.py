@@ -27,7 +27,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from ._types import non_negative_int, positive_float, positive_int
+from ._types import fraction, non_negative_int, positive_float, positive_int
 
 HELP = "write a synthetic survey (spectra + true labels) for demos, tests and benchmarks"
 
@@ -68,6 +68,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="FILE",
         help="also write a Gaia-ESO-style label catalogue (.fits, .fits.gz, .parquet, .csv) keyed by CNAME",
     )
+    parser.add_argument(
+        "--defects",
+        type=fraction,
+        default=0.0,
+        metavar="FRACTION",
+        help="give this fraction of the spectra one defect each (double-lined binary, Ca II emission, "
+        "cosmic rays, a bad continuum, an arm from another star; its kind in a 'defect' column of the "
+        "true labels): a release to check the anomaly screening on (default 0)",
+    )
     parser.add_argument("--workers", type=positive_int, default=None, help="processes (default: all CPUs)")
     parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
 
@@ -105,6 +114,7 @@ def run(args: argparse.Namespace) -> int:
         release=args.release,
         chunk_size=args.chunk_size,
         label_prior=args.label_prior,
+        defect_fraction=args.defects,
     )
     start = time.perf_counter()
     writer = write_fits if args.format == "fits" else write_parquet

@@ -24,9 +24,18 @@ from .label_catalogue import (
 )
 from .labels import draw_labels, load_label_prior, resample_labels
 from .spectra import LineList, load_line_list, microturbulence, synthesize
-from .survey import SurveyConfig, iter_survey, simulate_chunk, survey_fields, survey_schema, write_parquet
+from .survey import (
+    DEFECT_COLUMN,
+    SurveyConfig,
+    iter_survey,
+    simulate_chunk,
+    survey_fields,
+    survey_schema,
+    write_parquet,
+)
 
 __all__ = [
+    "DEFECT_COLUMN",
     "FITS_SPECTRA_DIR",
     "FITS_TRUTH_FILE",
     "LABEL_COLUMNS",

@@ -14,15 +14,16 @@ from speclabel.core.setups import SPEED_OF_LIGHT_KMS, Setup
 from speclabel.core.storage import atomic_output, filesystem_and_path, join, write_bytes_atomic
 
 from ..fits_formats import write_wcs1d
-from .survey import SurveyConfig, iter_survey
+from .survey import DEFECT_COLUMN, SurveyConfig, iter_survey
 
 FITS_RV_DISPERSION_KMS = 40.0  # heliocentric radial velocities of disc and halo stars
 FITS_TRUTH_FILE = "labels.parquet"
 FITS_SPECTRA_DIR = "spectra"
 
 
-def fits_truth_schema() -> pa.Schema:
-    """The label table beside the FITS files, keyed by the id ingest gives each star (its CNAME)."""
+def fits_truth_schema(config: SurveyConfig | None = None) -> pa.Schema:
+    """The label table beside the FITS files, keyed by the id ingest gives each star (its CNAME);
+    with a ``defect`` column where ``config`` injects defects."""
     fields = [
         pa.field("spectrum_id", pa.string(), nullable=False),
         pa.field("object", pa.string()),
@@ -32,7 +33,10 @@ def fits_truth_schema() -> pa.Schema:
         pa.field("vrad", pa.float64()),
         pa.field("release", pa.string()),
     ]
-    return pa.schema(fields + [pa.field(name, pa.float32()) for name in LABEL_NAMES])
+    fields += [pa.field(name, pa.float32()) for name in LABEL_NAMES]
+    if config is not None and config.defect_fraction > 0:
+        fields.append(pa.field(DEFECT_COLUMN, pa.string()))
+    return pa.schema(fields)
 
 
 def write_fits_chunk(
@@ -94,7 +98,9 @@ def write_fits_chunk(
         "release": table.column("release"),
         **{name: table.column(name) for name in LABEL_NAMES},
     }
-    schema = fits_truth_schema()
+    if DEFECT_COLUMN in table.column_names:
+        columns[DEFECT_COLUMN] = table.column(DEFECT_COLUMN)
+    schema = fits_truth_schema(config)
     return pa.table({f.name: columns[f.name] for f in schema}, schema=schema)
 
 
@@ -109,7 +115,7 @@ def write_fits(location: str, setup: Setup, config: SurveyConfig, workers: int |
     rows = 0
     with (
         atomic_output(fs, join(root, FITS_TRUTH_FILE)) as out,
-        pq.ParquetWriter(out, fits_truth_schema()) as writer,
+        pq.ParquetWriter(out, fits_truth_schema(config)) as writer,
     ):
         for truth in iter_survey(setup, config, workers, then=writer_fn):
             writer.write_table(truth)

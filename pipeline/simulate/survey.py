@@ -16,12 +16,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from speclabel.core.arrays import fixed_size_list
-from speclabel.core.contract import spectra_schema
+from speclabel.core.contract import DEFECT_COLUMN, spectra_schema
 from speclabel.core.errors import ConfigError
 from speclabel.core.labels import LABEL_NAMES
 from speclabel.core.setups import Setup
 from speclabel.core.storage import atomic_output, filesystem_and_path
 
+from .defects import DEFECTS, inject
 from .labels import draw_labels, load_label_prior, resample_labels
 from .spectra import synthesize
 
@@ -38,10 +39,17 @@ class SurveyConfig:
     continuum_error: float = 0.002
     n_fields: int = 60
     label_prior: str | None = None
+    # The fraction of spectra given one defect each (pipeline/simulate/defects.py, kind drawn
+    # uniformly from DEFECTS) before the noise, recorded in a ``defect`` column: a release to check
+    # the anomaly screening on. Its draws have their own random stream, so the other spectra are
+    # the same as without defects.
+    defect_fraction: float = 0.0
 
     def __post_init__(self) -> None:
         if self.n < 0 or self.chunk_size < 1:
             raise ConfigError("n must be >= 0 and chunk_size >= 1")
+        if not 0.0 <= self.defect_fraction <= 1.0:
+            raise ConfigError(f"defect_fraction must be within [0, 1], got {self.defect_fraction}")
         lo, hi = self.snr_range
         if not 0 < lo <= hi:
             raise ConfigError(f"snr range must satisfy 0 < A <= B, got {self.snr_range}")
@@ -79,6 +87,9 @@ def simulate_chunk(setup: Setup, config: SurveyConfig, chunk: int, prior: dict |
     labels = resample_labels(rng, n, prior) if prior is not None else draw_labels(rng, n)
     labels["rv"] = rng.normal(0.0, config.rv_residual_kms, n)
     flux = synthesize(setup, labels)
+    defect = None
+    if config.defect_fraction > 0:
+        flux, defect = _with_defects(setup, flux, config.defect_fraction, [config.seed, chunk, 0xDEFEC7])
 
     lo, hi = config.snr_range
     snr = np.exp(rng.uniform(np.log(lo), np.log(hi), n))  # log-uniform, as survey S/N distributions
@@ -109,8 +120,25 @@ def simulate_chunk(setup: Setup, config: SurveyConfig, chunk: int, prior: dict |
     columns["release"] = pa.array([config.release] * n, pa.string())
     for name in LABEL_NAMES:
         columns[name] = pa.array(labels[name].astype(np.float32))
-    schema = survey_schema(setup)
+    if defect is not None:
+        columns[DEFECT_COLUMN] = pa.array(defect, pa.string())
+    schema = survey_schema(setup, config)
     return pa.table({f.name: columns[f.name] for f in schema}, schema=schema)
+
+
+def _with_defects(setup: Setup, flux: np.ndarray, fraction: float, seed: list[int]):
+    """``flux`` with a defect injected into ``fraction`` of the rows, and each row's defect kind
+    (None for a clean row). Companions and foreign arms come from the chunk's next star."""
+    rng = np.random.default_rng(seed)
+    hit = rng.random(len(flux)) < fraction
+    kinds = np.array(DEFECTS)[rng.integers(0, len(DEFECTS), len(flux))]
+    other = np.roll(flux, -1, axis=0)
+    out = flux.copy()
+    for kind in DEFECTS:
+        rows = hit & (kinds == kind)
+        if rows.any():
+            out[rows] = inject(kind, flux[rows], other[rows], setup, rng)
+    return out, [str(k) if h else None for k, h in zip(kinds, hit, strict=True)]
 
 
 def photon_noise(
@@ -125,8 +153,12 @@ def photon_noise(
     return observed.astype(np.float32), (1.0 / sigma**2).astype(np.float32)
 
 
-def survey_schema(setup: Setup) -> pa.Schema:
-    return spectra_schema(setup, labelled=True)
+def survey_schema(setup: Setup, config: SurveyConfig | None = None) -> pa.Schema:
+    """The survey's columns: the labelled spectra contract, plus ``defect`` where the config injects them."""
+    schema = spectra_schema(setup, labelled=True)
+    if config is not None and config.defect_fraction > 0:
+        schema = schema.append(pa.field(DEFECT_COLUMN, pa.string()))
+    return schema
 
 
 def _chunk_worker(args) -> pa.Table:
@@ -170,7 +202,7 @@ def write_parquet(location: str, setup: Setup, config: SurveyConfig, workers: in
     Memory stays flat whatever ``config.n``: chunks stream from the workers into the writer.
     """
     fs, path = filesystem_and_path(location)
-    schema = survey_schema(setup)
+    schema = survey_schema(setup, config)
     rows = 0
     with atomic_output(fs, path) as out, pq.ParquetWriter(out, schema) as writer:
         for table in iter_survey(setup, config, workers):
