@@ -8,7 +8,8 @@ by ``pipeline/simulate/defects.py`` (``inject``: SB2 at 20-60 km/s, Ca II triple
 rays, one arm's continuum off by 2-5 %, one arm from another held-out star) or left clean, then
 observed with fresh photon noise at each S/N (``--draws`` noise draws per star). Each spectrum is
 labelled by the model's ensemble and checked as the label job checks it: the forward model's chi^2
-at the ensemble's labels against the thresholds stored in the model (flag ``anomalous_spectrum``).
+at the ensemble's labels, their calibrated errors propagated into the pixel variances, against the
+thresholds stored in the model (flag ``anomalous_spectrum``).
 The chi^2 at the true labels is given beside it (what a perfect network would get). Results go to
 ``--out`` as JSON; the printed table goes into BENCHMARKS.md.
 """
@@ -25,6 +26,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from speclabel.core.arrays import spectra_arrays
+from speclabel.model.calibration import check_errors, model_calibration, row_errors
 from speclabel.model.io import load_model
 from speclabel.model.splits import SplitRule
 from speclabel.pipeline.simulate.defects import DEFECTS, inject
@@ -47,6 +49,7 @@ def held_out_twins(path: Path, ensemble) -> tuple[np.ndarray, np.ndarray]:
 
 def rates(ensemble, clean, truth, snrs, draws, seed) -> dict:
     forward = ensemble.forward
+    calibration = model_calibration(ensemble.info)
     other = np.roll(clean, 1, axis=0)  # companions and foreign arms: other held-out stars
     out: dict = {}
     for kind in ("clean", *DEFECTS):
@@ -58,8 +61,16 @@ def rates(ensemble, clean, truth, snrs, draws, seed) -> dict:
                 flux = clean if kind == "clean" else inject(kind, clean, other, ensemble.setup, rng)
                 observed, ivar = photon_noise(flux, np.full(len(flux), float(snr)), rng)
                 good = np.ones(observed.shape, dtype=bool)
-                labels = ensemble.predict(observed, good).mean
-                at_labels = forward.chi2(observed, ivar, good, labels)
+                prediction = ensemble.predict(observed, good)
+                # As the label job checks a row: its calibrated err propagated into the variances.
+                err = (
+                    None
+                    if calibration is None
+                    else row_errors(calibration, forward, prediction.mean, prediction.std, ivar, good)
+                )
+                at_labels = forward.chi2(
+                    observed, ivar, good, prediction.mean, check_errors(err, prediction.std)
+                )
                 flagged.append(forward.anomalous(at_labels))
                 flagged_true.append(forward.anomalous(forward.chi2(observed, ivar, good, truth)))
                 chi2.append(at_labels["total"])

@@ -169,6 +169,13 @@ def row_errors(
     return calibration.total_error(std, forward.label_bound(mean, ivar, good))
 
 
+def check_errors(err: np.ndarray | None, std: np.ndarray) -> np.ndarray:
+    """The label uncertainties the anomaly check propagates into the pixel variances
+    (``ForwardModel.chi2(..., label_error)``): the calibrated ``err`` where known, else the ensemble
+    ``std`` (too small, but better than none; NaN for one member counts as 0 there)."""
+    return std if err is None else np.where(np.isfinite(err), err, std)
+
+
 def calibrate_ensemble(
     ensemble, batches: Iterable[Mapping[str, np.ndarray]], *, fitted_on: Mapping | None = None
 ) -> ErrorCalibration:

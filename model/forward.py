@@ -162,25 +162,47 @@ class ForwardModel:
             raise InputError(f"flux, ivar and good must all be [N, {self.n_pixels}], got {sorted(shapes)}")
 
     def chi2(
-        self, flux: np.ndarray, ivar: np.ndarray, good: np.ndarray, labels: np.ndarray
+        self,
+        flux: np.ndarray,
+        ivar: np.ndarray,
+        good: np.ndarray,
+        labels: np.ndarray,
+        label_error: np.ndarray | None = None,
     ) -> dict[str, np.ndarray]:
         """Reduced chi^2 ``{"total": [N], arm: [N]}`` (float64) against the model at ``labels``.
 
-        Sum over good pixels of ``(flux - model)^2 / (1/ivar + s^2)``, divided by the number of
-        those pixels (the labels are not fitted here, so no degrees of freedom are taken off); NaN
-        where a row or arm has no good pixel.
+        Sum over good pixels of ``(flux - model)^2 / (1/ivar + s^2 + e^2)``, divided by the number
+        of those pixels (the labels are not fitted here, so no degrees of freedom are taken off); NaN
+        where a row or arm has no good pixel. ``e`` is 0 unless ``label_error`` ``[N, L]`` gives the
+        1-sigma uncertainty of ``labels`` (a row's calibrated err): then ``e^2 = sum_k (d flux /
+        d label_k * err_k)^2``, how far that uncertainty moves the model flux (non-finite errors count
+        as 0). Labels off by their errors leave
+        residuals that at high S/N outweigh the noise: without ``e`` a clean spectrum's chi^2 at an
+        ensemble's labels grows with S/N, while the thresholds are set at the training labels.
         """
         self._check(flux, ivar, good)
+        if label_error is not None and np.shape(label_error) != np.shape(labels):
+            raise InputError(f"label_error must have the shape of labels {np.shape(labels)}")
         parts = []
         for lo in range(0, len(flux), BATCH_ROWS):
             rows = slice(lo, lo + BATCH_ROWS)
             residual = np.asarray(flux[rows], np.float64) - self.flux(labels[rows])
-            parts.append(
-                _reduced_chi2(residual, _weights(ivar[rows], good[rows], self.scatter), self.arm_slices)
-            )
+            weight = _weights(ivar[rows], good[rows], self.scatter)
+            if label_error is not None:
+                with np.errstate(divide="ignore"):
+                    weight = 1.0 / (1.0 / weight + self._label_variance(labels[rows], label_error[rows]))
+            parts.append(_reduced_chi2(residual, weight, self.arm_slices))
         if not parts:
             return {key: np.zeros(0) for key in (TOTAL, *self.arm_names)}
         return {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
+
+    def _label_variance(self, labels: np.ndarray, label_error: np.ndarray) -> np.ndarray:
+        """``[n, P]``: sum over labels of (d flux / d label * err)^2, in standardised units."""
+        error = np.asarray(label_error, np.float64) / self.label_scale
+        error = np.where(np.isfinite(error), error, 0.0)
+        # The fitted coefficients, not the bound's shrunk ones: the model flux moves by exactly these.
+        jac = np.einsum("tp,ntl->npl", self.coefficients, design_derivative(self._standardised(labels)))
+        return np.einsum("npl,nl->np", jac**2, error**2)
 
     def anomalous(self, chi2: dict[str, np.ndarray]) -> np.ndarray:
         """True where the total or any arm's chi^2 exceeds its stored threshold (NaN never does)."""

@@ -91,11 +91,15 @@ def test_rows_carry_the_forward_models_chi2_and_anomaly_flag(tmp_path):
     prepared, catalogue = label(tmp_path / "model", True)
     rows, flux, mask = B.model_batch(prepared)
     ivar = B.ivar_batch(prepared, rows)
-    # Independent: ivar straight from the input table, labels from the ensemble itself.
+    # Independent: ivar straight from the input table, labels and their errors from the ensemble
+    # itself (no calibration: the ensemble std is the error propagated into the pixel variances).
     _, input_ivar = spectra_arrays(table, WINDOW_SETUP).concatenated(WINDOW_SETUP)
     np.testing.assert_array_equal(ivar, np.where(mask, input_ivar, 0))
-    labels = ensemble.predict(flux, mask).mean
-    chi2 = ensemble.forward.chi2(flux, input_ivar, mask, labels)
+    prediction = ensemble.predict(flux, mask)
+    chi2 = ensemble.forward.chi2(flux, input_ivar, mask, prediction.mean, prediction.std)
+    assert not np.allclose(
+        chi2["total"], ensemble.forward.chi2(flux, input_ivar, mask, prediction.mean)["total"]
+    )
     for column, key in (("chi2", "total"), ("chi2_hr10", "hr10"), ("chi2_hr21", "hr21")):
         np.testing.assert_allclose(catalogue.column(column).to_numpy(), chi2[key], rtol=1e-4)
     flagged = (np.asarray(catalogue.column("flags")) & Flag.ANOMALOUS_SPECTRUM) > 0

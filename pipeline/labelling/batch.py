@@ -171,10 +171,16 @@ def model_batch(prepared: pa.Table) -> tuple[np.ndarray, np.ndarray, np.ndarray]
 
 
 def forward_checks(
-    forward: ForwardModel, flux: np.ndarray, ivar: np.ndarray, mask: np.ndarray, labels: np.ndarray
+    forward: ForwardModel,
+    flux: np.ndarray,
+    ivar: np.ndarray,
+    mask: np.ndarray,
+    labels: np.ndarray,
+    label_error: np.ndarray | None = None,
 ) -> dict[str, np.ndarray]:
-    """The forward model's reduced chi^2 (``"total"`` and per arm) of each row at its ``labels``."""
-    return forward.chi2(flux, ivar, mask, labels)
+    """The forward model's reduced chi^2 (``"total"`` and per arm) of each row at its ``labels``,
+    their ``label_error`` propagated into each pixel's variance (``ForwardModel.chi2``)."""
+    return forward.chi2(flux, ivar, mask, labels, label_error)
 
 
 def ivar_batch(prepared: pa.Table, rows: np.ndarray) -> np.ndarray:

@@ -30,7 +30,7 @@ from speclabel.core.contract import MODEL_ERROR
 from speclabel.core.errors import ConfigError, InputError
 from speclabel.core.faults import Fault, fault_point
 from speclabel.core.setups import Setup
-from speclabel.model.calibration import model_calibration, row_errors
+from speclabel.model.calibration import check_errors, model_calibration, row_errors
 from speclabel.model.saliency import SaliencyAccumulator
 
 from .batch import (
@@ -136,8 +136,8 @@ class EnsembleLabeller:
             except InputError as exc:  # the data, not the job: these rows go to quarantine
                 parts.append(quarantine_rows(good, [f"{MODEL_ERROR}: {exc}"] * good.num_rows))
             else:
-                checks = self._forward_checks(batch, rows, flux, mask, prediction)
                 err = self._errors(batch, rows, mask, prediction)
+                checks = self._forward_checks(batch, rows, flux, mask, prediction, err)
                 parts += self._label(good, prediction, accumulator, checks, err)
         engine = self.ensemble.fused_engine() if self.batches_predicted else None
         actor = {
@@ -183,13 +183,15 @@ class EnsembleLabeller:
         view[...] = array
         return view
 
-    def _forward_checks(self, batch: pa.Table, rows, flux, mask, prediction):
-        """(chi^2 per arm and total, anomalous rows) at the ensemble's labels; (None, None) for a
+    def _forward_checks(self, batch: pa.Table, rows, flux, mask, prediction, err):
+        """(chi^2 per arm and total, anomalous rows) at the ensemble's labels, with their calibrated
+        ``err`` (where known, else the ensemble std) in the pixel variances; (None, None) for a
         model without a forward model."""
         forward = self.ensemble.forward
         if forward is None:
             return None, None
-        chi2 = forward_checks(forward, flux, ivar_batch(batch, rows), mask, prediction.mean)
+        label_error = check_errors(err, prediction.std)
+        chi2 = forward_checks(forward, flux, ivar_batch(batch, rows), mask, prediction.mean, label_error)
         return chi2, forward.anomalous(chi2)
 
     def _errors(self, batch: pa.Table, rows, mask, prediction) -> np.ndarray | None:
