@@ -93,6 +93,13 @@ def design_derivative(x: np.ndarray) -> np.ndarray:
     return out
 
 
+def _jacobian(coefficients: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """``d flux / d x`` ``[N, P, L]`` of the model with ``coefficients`` ``[T, P]`` at standardised
+    labels ``x``: one matrix product per label (BLAS), ~15x faster than the same einsum."""
+    derivative = design_derivative(x)
+    return np.stack([derivative[:, :, k] @ coefficients for k in range(x.shape[1])], axis=2)
+
+
 def _weights(ivar: np.ndarray, good: np.ndarray, scatter: np.ndarray) -> np.ndarray:
     """``1 / (1/ivar + s^2)`` on good pixels, 0 elsewhere (and where the model has no pixel)."""
     with np.errstate(divide="ignore"):
@@ -153,8 +160,7 @@ class ForwardModel:
 
     def jacobian(self, labels: np.ndarray) -> np.ndarray:
         """``d flux / d label`` per physical label unit: ``[N, P, L]``."""
-        derivative = design_derivative(self._standardised(labels))  # [N, T, L]
-        return np.einsum("tp,ntl->npl", self.coefficients, derivative) / self.label_scale
+        return _jacobian(self.coefficients, self._standardised(labels)) / self.label_scale
 
     def _check(self, flux: np.ndarray, ivar: np.ndarray, good: np.ndarray) -> None:
         shapes = {np.shape(flux), np.shape(ivar), np.shape(good)}
@@ -201,8 +207,11 @@ class ForwardModel:
         error = np.asarray(label_error, np.float64) / self.label_scale
         error = np.where(np.isfinite(error), error, 0.0)
         # The fitted coefficients, not the bound's shrunk ones: the model flux moves by exactly these.
-        jac = np.einsum("tp,ntl->npl", self.coefficients, design_derivative(self._standardised(labels)))
-        return np.einsum("npl,nl->np", jac**2, error**2)
+        derivative = design_derivative(self._standardised(labels)) * error[:, None, :]  # [n, T, L]
+        variance = np.zeros((len(labels), self.n_pixels))
+        for k in range(derivative.shape[2]):
+            variance += (derivative[:, :, k] @ self.coefficients) ** 2
+        return variance
 
     def anomalous(self, chi2: dict[str, np.ndarray]) -> np.ndarray:
         """True where the total or any arm's chi^2 exceeds its stored threshold (NaN never does)."""
@@ -223,9 +232,9 @@ class ForwardModel:
             rows = slice(lo, lo + BATCH_ROWS)
             x = self._standardised(labels[rows])
             # In standardised units the Fisher matrix is well scaled; bounds scale back at the end.
-            jac = np.einsum("tp,ntl->npl", self.bound_coefficients, design_derivative(x))
+            jac = _jacobian(self.bound_coefficients, x)
             weight = _weights(ivar[rows], good[rows], self.scatter)
-            fisher = np.einsum("npk,np,npl->nkl", jac, weight, jac)
+            fisher = np.matmul(jac.transpose(0, 2, 1), jac * weight[:, :, None])
             out[rows] = _inverse_diagonal(fisher)
         return np.sqrt(out) * self.label_scale
 
@@ -252,7 +261,7 @@ class ForwardModel:
             damping = np.full(len(data), 1e-3)
             cost = self._cost(data, weight, x)
             for _ in range(iterations):
-                jac = np.einsum("tp,ntl->npl", self.coefficients, design_derivative(x))
+                jac = _jacobian(self.coefficients, x)
                 residual = data - design_matrix(x) @ self.coefficients
                 normal = np.einsum("npk,np,npl->nkl", jac, weight, jac)
                 gradient = np.einsum("npk,np,np->nk", jac, weight, residual)
