@@ -54,6 +54,10 @@ THRESHOLD_MARGIN = 1.1
 # A training spectrum whose chi^2 lies more than CLIP_SIGMA robust standard deviations above the
 # median chi^2 is left out of the next fit.
 CLIP_SIGMA = 5.0
+# Passes of scatter update, refit and clipping. With bad rows in the set the model is pulled by them
+# until clipping has left them out (measured on 16 bad rows of 200: median chi2 9.8 after 3
+# passes, 1.06 after 5), and a training set is not screened unless its user asks.
+CLIP_PASSES = 6
 # A pixel needs this many training rows per model term with a good value to be modelled at all;
 # pixels with fewer are unusable (infinite scatter: no weight in chi^2 or the bound).
 MIN_ROWS_PER_TERM = 2
@@ -456,7 +460,7 @@ def fit_forward_model_batches(
     arm_names,
     arm_pixels,
     *,
-    iterations: int = 3,
+    iterations: int = CLIP_PASSES,
     clip_sigma: float | None = CLIP_SIGMA,
 ) -> tuple[ForwardModel, np.ndarray]:
     """Fit from ``batches()``, an iterable of ``(flux, ivar, good, labels)`` batches that can be

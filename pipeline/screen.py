@@ -34,6 +34,7 @@ import pyarrow as pa
 from speclabel.core.labels import LABEL_NAMES
 from speclabel.core.setups import Setup
 from speclabel.model.forward import (
+    CLIP_PASSES,
     CLIP_SIGMA,
     TOTAL,
     ForwardModel,
@@ -50,10 +51,6 @@ TESTS = (CHI2, LABEL_RESIDUAL)
 # (the residuals have wider tails than a Gaussian: at 5, 2 % of clean simulated rows were listed;
 # mixed-up ids lie beyond 7).
 LABEL_SIGMA = 6.0
-# More passes of clipping than the train job's fit: with bad rows in the set the model is pulled by them
-# until clipping has left them out (measured on 16 bad rows of 200: median chi2 9.8 after 3 passes,
-# 1.06 after 5).
-ITERATIONS = 6
 
 
 @dataclass
@@ -115,7 +112,7 @@ def screen_arrays(
     setup: Setup,
     *,
     label_sigma: float = LABEL_SIGMA,
-    iterations: int = ITERATIONS,
+    iterations: int = CLIP_PASSES,
 ) -> ScreenResult:
     """Screen training arrays (flux/ivar/good ``[N, P]`` in setup arm order, labels ``[N, L]``)."""
     arm_names = [arm.name for arm in setup.arms]
