@@ -6,13 +6,14 @@ steps share instead of starting their own:
 
 1. ``simulate`` a training survey (Parquet) with a Gaia-ESO-style label catalogue beside it (FITS:
    CNAME, TEFF, E_TEFF, ..., absolute MG1 and AL1, nulls, PECULI) and a delivered release of FITS
-   files, one of which is then corrupted on purpose: the run must account for it;
+   files, a tenth of them with a defect (``--defects``) and one then corrupted on purpose: the run
+   must account for it;
 2. ``ingest`` the FITS release into a spectra store;
 3. ``train`` an ensemble on the training spectra with the labels of the label catalogue, joined by
    CNAME through a ``[labels]`` mapping and ``[selection]`` cuts (members in parallel, one Ray Train
    run each);
 4. ``label`` the stored release into the catalogue (Ray Data, ensemble + saliency);
-5. ``query`` the catalogue with a filter;
+5. ``query`` the catalogue with a filter, and ``show`` a spectrum the screening flagged;
 6. ``evaluate`` the catalogue against the release's true labels (report.md, metrics.json, figures).
 """
 
@@ -36,6 +37,9 @@ from speclabel.pipeline.simulate.label_catalogue import label_mapping_toml
 # Written into the output folder so that a rerun may clear what an earlier demo left there, and
 # nothing else.
 MARKER = ".speclabel-demo"
+# A tenth of the delivered release gets a defect (a binary, emission, cosmic rays, a bad continuum,
+# an arm from another star) for the screening to find; the evaluation reports how many it flagged.
+DEFECT_FRACTION = 0.1
 
 
 def run_demo(out: str, *, n: int, seed: int, members: int = 8, epochs: int = 15) -> int:
@@ -68,7 +72,7 @@ def run_demo(out: str, *, n: int, seed: int, members: int = 8, epochs: int = 15)
     step(
         "simulate",
         *("--n", str(n_release), "--seed", str(seed + 1), "--release", "DEMO"),
-        *("--format", "fits", "--out", str(delivered)),
+        *("--format", "fits", "--out", str(delivered), "--defects", str(DEFECT_FRACTION)),
     )
     corrupted = _corrupt_one_file(delivered)
     print(f"(demo: truncated {corrupted.relative_to(out_dir)} to show what happens to a corrupt file)")
@@ -91,6 +95,10 @@ def run_demo(out: str, *, n: int, seed: int, members: int = 8, epochs: int = 15)
         *("--where", "logg < 3.5 and feh < -0.5", "--limit", "5"),
         *("--columns", "spectrum_id,teff,logg,feh,mgfe,alfe,teff_std,snr"),
     )
+    flagged = _flagged_example(catalogue)
+    if flagged is not None:
+        print(f"(demo: {flagged} is flagged anomalous_spectrum; drawing it against its model spectrum)")
+        step("show", str(catalogue), flagged, "--spectra", str(store), "--out", str(out_dir / "flagged.png"))
     step(
         "evaluate",
         "--catalogue",
@@ -106,9 +114,11 @@ def run_demo(out: str, *, n: int, seed: int, members: int = 8, epochs: int = 15)
     for name, seconds in steps:
         print(f"{name:<10} {seconds:>8.1f}")
     print(_accounting(catalogue))
-    print(f"\noutputs under {out_dir}/: report/report.md (accuracy, calibration, saliency figures),")
-    print("catalogue/ (the label catalogue), model/ (the ensemble), store/ (the spectra store),")
-    print(f"{plot.name} (a giant and a dwarf of the training survey with the line windows).")
+    print(f"\noutputs under {out_dir}/: report/report.md (accuracy, calibration, saliency figures, the")
+    print("screening of the injected defects), catalogue/ (the label catalogue), model/ (the ensemble),")
+    print(f"store/ (the spectra store), {plot.name} (a giant and a dwarf of the training survey with the")
+    shown = ", flagged.png (a flagged spectrum against its model spectrum)" if flagged else ""
+    print(f"line windows){shown}.")
     print(f"Next: speclabel stats {catalogue}; speclabel query {catalogue} --where 'alfe > 0.2' --limit 10")
     return 0
 
@@ -122,6 +132,15 @@ def _fresh_output(out_dir: Path) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / MARKER).write_text("made by speclabel demo; the next demo run clears this folder\n")
     return out_dir
+
+
+def _flagged_example(catalogue: Path) -> str | None:
+    """The first labelled spectrum flagged anomalous_spectrum (lowest spectrum_id), if any."""
+    from speclabel.pipeline.catalogue import Catalogue
+
+    rows = Catalogue.open(str(catalogue)).query("has_flag(anomalous_spectrum)", columns=["spectrum_id"])
+    ids = sorted(rows.column("spectrum_id").to_pylist())
+    return ids[0] if ids else None
 
 
 def _corrupt_one_file(delivered: Path) -> Path:

@@ -17,6 +17,7 @@ from tiny import TINY_ARCH
 
 from speclabel.core.arrays import model_inputs, spectra_arrays
 from speclabel.core.errors import InputError, IntegrityError
+from speclabel.core.flags import Flag
 from speclabel.core.labels import LABEL_NAMES
 from speclabel.jobs.cli import main
 from speclabel.model.arch import build_network
@@ -518,3 +519,30 @@ def test_the_ood_section_and_map_follow_the_model(model_dir, model_evaluation, r
     assert int(np.sum((ev.flags & Flag.OUT_OF_DISTRIBUTION) != 0)) == ood["flagged_out_of_distribution"]
     assert document["embedding_map"]["rows"] == ev.n
     assert "## Out of distribution" in (report[0] / "report.md").read_text()
+
+
+def test_the_screening_section_counts_flagged_rows_per_injected_defect(setup, tmp_path):
+    rows = synthetic_label_rows(setup, SyntheticCatalogue(release="DR1", n_members=0), 0, 60)
+    flags = rows.column("flags").to_numpy().copy()
+    flags[:12] |= Flag.ANOMALOUS_SPECTRUM  # rows 0-11 flagged, 12-13 out of distribution only
+    flags[12:14] |= Flag.OUT_OF_DISTRIBUTION
+    rows = rows.set_column(rows.schema.get_field_index("flags"), "flags", pa.array(flags))
+    location = str(tmp_path / "catalogue")
+    write_release(location, "DR1", [rows], model_id="m1")
+    # Defects: binaries in rows 0-9 (all flagged), emission in 10-19 (2 by chi2, 2 out of distribution).
+    defect = ["binary"] * 10 + ["emission"] * 10 + [None] * 40
+    truth = _truth(rows, drop=0, extra=0).append_column("defect", pa.array(defect, pa.string()))
+    pq.write_table(truth, tmp_path / "truth.parquet")
+    ev = from_catalogue(location, str(tmp_path / "truth.parquet"), setup=setup)
+    document = report_module.evaluation_document(ev)
+    section = document["screening"]
+    assert section["anomalous_spectrum"] == 12 and section["out_of_distribution"] == 2
+    assert section["defects"] == {
+        "binary": {"n": 10, "anomalous_spectrum": 10, "flagged": 10},
+        "emission": {"n": 10, "anomalous_spectrum": 2, "flagged": 4},
+        "clean": {"n": 40, "anomalous_spectrum": 0, "flagged": 0},
+    }
+    ids = rows.column("spectrum_id").to_pylist()
+    assert len(section["examples"]) == 5 and set(section["examples"]) <= set(ids[:14])
+    text = render_markdown(document)
+    assert "| emission | 10 | 2 | 4 | 0.4 |" in text and section["examples"][0] in text

@@ -34,7 +34,7 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
 from speclabel.core.arrays import label_matrix, model_inputs, spectra_arrays
-from speclabel.core.contract import check_table_columns, quarantine_table, validate
+from speclabel.core.contract import DEFECT_COLUMN, check_table_columns, quarantine_table, validate
 from speclabel.core.errors import InputError, IntegrityError
 from speclabel.core.setups import Setup
 from speclabel.core.storage import resolve_files
@@ -80,6 +80,9 @@ class Evaluation:
     # space, model/ood.py, when it has one; else the members' penultimate activations).
     embedding_rows: np.ndarray | None = None
     embedding: np.ndarray | None = field(default=None, repr=False)
+    # [n] object: the kind of defect the truth says a spectrum was given (None: clean); absent
+    # unless the truth table has a ``defect`` column (``speclabel simulate --defects``).
+    defect: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         n = len(self.spectrum_id)
@@ -292,15 +295,16 @@ def _stack(parts: list[np.ndarray], n_labels: int) -> np.ndarray:
 
 
 def read_truth(location: str, labels) -> pa.Table:
-    """``spectrum_id``, the true labels found among ``labels`` and ``snr`` (when present) of a Parquet
-    file, folder or glob; other columns (e.g. the spectra of a simulated survey) are not read."""
+    """``spectrum_id``, the true labels found among ``labels``, ``snr`` and ``defect`` (the kind of an
+    injected defect, ``speclabel simulate --defects``; when present) of a Parquet file, folder or
+    glob; other columns (e.g. the spectra of a simulated survey) are not read."""
     fs, files = resolve_files(location, (".parquet",))
     dataset = pads.dataset(files, format="parquet", filesystem=fs)
     names = dataset.schema.names
     if "spectrum_id" not in names:
         raise InputError(f"truth table {location} has no spectrum_id column (it has {names})")
-    wanted = [n for n in ("spectrum_id", *labels, "snr") if n in names]
-    if len(wanted) == 1 + ("snr" in wanted):
+    wanted = [n for n in ("spectrum_id", *labels, "snr", DEFECT_COLUMN) if n in names]
+    if len(wanted) == 1 + ("snr" in wanted) + (DEFECT_COLUMN in wanted):
         raise InputError(
             f"truth table {location} has none of the label columns {list(labels)} (it has {names})"
         )
@@ -405,6 +409,9 @@ def from_catalogue(
         if "flags" in joined.column_names
         else None,
         ood_score=_optional_column(joined, "ood_score") if "ood_score" in joined.column_names else None,
+        defect=np.array(truth_rows.column(DEFECT_COLUMN).to_pylist(), dtype=object)
+        if DEFECT_COLUMN in truth_rows.column_names
+        else None,
     )
 
 

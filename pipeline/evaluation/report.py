@@ -79,6 +79,7 @@ def evaluation_document(ev: Evaluation, options: ReportOptions = ReportOptions()
         },
         "saliency": saliency_section(ev),
         "ood": ood_section(ev),
+        "screening": screening_section(ev),
         "embedding_map": embedding_map.map_section(ev),
         "figures": {},
     }
@@ -104,6 +105,41 @@ def ood_section(ev: Evaluation) -> dict | None:
         "flagged_out_of_distribution": flagged,
         "flagged_fraction": flagged / scores.size if flagged is not None else None,
     }
+
+
+# The flags of the screening (issue: a spectrum that is itself odd): what a defect should raise.
+SCREENING_FLAGS = Flag.ANOMALOUS_SPECTRUM | Flag.OUT_OF_DISTRIBUTION
+FLAGGED_EXAMPLES = 5
+
+
+def screening_section(ev: Evaluation) -> dict | None:
+    """How many spectra the screening flagged (anomalous_spectrum, out_of_distribution), a few of
+    their ids to open with ``speclabel show``, and, where the truth says which spectra were given a
+    defect (``speclabel simulate --defects``), the share of each kind flagged and the false-flag
+    rate on the clean ones. None for rows without flags."""
+    if ev.flags is None:
+        return None
+    anomalous = (ev.flags & Flag.ANOMALOUS_SPECTRUM) != 0
+    screened = (ev.flags & SCREENING_FLAGS) != 0
+    section = {
+        "n": ev.n,
+        "anomalous_spectrum": int(anomalous.sum()),
+        "out_of_distribution": int(((ev.flags & Flag.OUT_OF_DISTRIBUTION) != 0).sum()),
+        "examples": [str(i) for i in ev.spectrum_id[screened][:FLAGGED_EXAMPLES]],
+        "defects": None,
+    }
+    if ev.defect is not None:
+        kind = np.array(["clean" if k is None else str(k) for k in ev.defect], dtype=object)
+        order = [*sorted(set(kind) - {"clean"}), "clean"]
+        section["defects"] = {
+            name: {
+                "n": int((kind == name).sum()),
+                "anomalous_spectrum": int((anomalous & (kind == name)).sum()),
+                "flagged": int((screened & (kind == name)).sum()),
+            }
+            for name in order
+        }
+    return section
 
 
 def saliency_section(ev: Evaluation) -> dict | None:
@@ -342,6 +378,8 @@ def render_markdown(doc: dict) -> str:
     lines += _saliency_lines(doc["saliency"], figures)
     lines += ["", "## Out of distribution: the spectra against the training set", ""]
     lines += _ood_lines(doc.get("ood"), doc.get("embedding_map"), figures)
+    lines += ["", "## Screening: spectra flagged as odd", ""]
+    lines += _screening_lines(doc.get("screening"), source)
     return "\n".join(lines) + "\n"
 
 
@@ -497,6 +535,40 @@ def _ood_lines(ood: dict | None, mapped: dict | None, figures: dict) -> list[str
             "",
             *_figure(figures, "embedding_map", "t-SNE of the embeddings, coloured by each label"),
         ]
+    return out
+
+
+def _screening_lines(screening: dict | None, source: dict) -> list[str]:
+    if screening is None:
+        return ["No flags: the evaluated rows carry no quality flags."]
+    out = [
+        f"Of {screening['n']} spectra, {screening['anomalous_spectrum']} are flagged anomalous_spectrum "
+        "(chi^2 against the model spectrum at their labels beyond the model's threshold) and "
+        f"{screening['out_of_distribution']} out_of_distribution.",
+    ]
+    if screening["examples"]:
+        where = source.get("catalogue", "CATALOGUE")
+        out += [
+            "",
+            "Flagged, to look at first: "
+            + ", ".join(f"`{i}`" for i in screening["examples"])
+            + f" (`speclabel show {where} SPECTRUM_ID --spectra STORE` draws one against its model "
+            "spectrum).",
+        ]
+    defects = screening["defects"]
+    if defects:
+        out += [
+            "",
+            "The truth says which spectra were given a defect (`speclabel simulate --defects`): the share "
+            "of each kind the screening flagged (anomalous_spectrum or out_of_distribution); for clean "
+            "spectra, the false-flag rate.",
+            "",
+            "| spectra | n | anomalous_spectrum | flagged | share flagged |",
+            "|---|---:|---:|---:|---:|",
+        ]
+        for kind, d in defects.items():
+            share = d["flagged"] / d["n"] if d["n"] else None
+            out.append(f"| {kind} | {d['n']} | {d['anomalous_spectrum']} | {d['flagged']} | {_n(share, 3)} |")
     return out
 
 
