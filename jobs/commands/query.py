@@ -25,7 +25,7 @@ import argparse
 
 from ._types import non_negative_int
 
-HELP = "query a label catalogue (filters, cone search) and print or write the rows"
+HELP = "query a label catalogue (filters, cone search, aggregates) and print or write the rows"
 PRINT_ROWS = 20
 
 

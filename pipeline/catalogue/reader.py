@@ -6,12 +6,13 @@ published run to the next atomically and never sees half-copied files. By defaul
 each release are read; ``model_id`` selects, per release, the latest published run made with that
 model (live, or superseded under ``_versions/``). No Ray anywhere.
 
-:meth:`Catalogue.query`, :meth:`~Catalogue.run`, :meth:`~Catalogue.count` and
-:meth:`~Catalogue.stream` (``speclabel query``, the Flight service) run on DuckDB (:mod:`.query_sql`),
-which reads these files faster than a pyarrow scan. The same files are also a ``pyarrow.dataset``
-(:meth:`~Catalogue.arrow_dataset`) whose fragments know their partition (``release``, ``sky``);
-:meth:`~Catalogue.to_dask` uses it, one partition per file a query's filter keeps, read in the dask
-workers with the Arrow form of the same filter (:meth:`~Catalogue.filter`).
+:meth:`Catalogue.query`, :meth:`~Catalogue.aggregate`, :meth:`~Catalogue.run`, :meth:`~Catalogue.count`
+and :meth:`~Catalogue.stream` (``speclabel query``, the Flight service) run on DuckDB
+(:mod:`.query_sql`; aggregates :mod:`.aggregate`), which reads these files faster than a pyarrow scan.
+The same files are also a ``pyarrow.dataset`` (:meth:`~Catalogue.arrow_dataset`) whose fragments
+know their partition (``release``, ``sky``); :meth:`~Catalogue.to_dask` uses it, one partition per
+file a query's filter keeps, read in the dask workers with the Arrow form of the same filter
+(:meth:`~Catalogue.filter`).
 
 A cone search prunes three times: sky partitions that overlap the cone (HEALPix cells at the
 partition order), row groups whose fine ``healpix`` range cannot overlap it (cells at an order chosen
@@ -332,14 +333,7 @@ class Catalogue:
         """Aggregates of the rows a query selects, computed in DuckDB, one row per group (sorted by
         the group-by columns), e.g. ``cat.aggregate(["count", "mean(feh)", "q95(feh_std)"],
         group_by=["release"], where="snr > 20")``; the specs are listed in :mod:`.aggregate`."""
-        query = build_query(where, None, releases, cone, model_id, limit)
-        return self.run(
-            replace(
-                query,
-                group_by=tuple(group_by) if group_by is not None else None,
-                aggregates=tuple(aggregates),
-            )
-        )
+        return self.run(aggregate_query(aggregates, group_by, where, releases, cone, model_id, limit))
 
     def run(self, query: Query) -> pa.Table:
         """The result of ``query``: its rows, or for an aggregate query (``group_by`` /
@@ -533,6 +527,15 @@ def build_query(where=None, columns=None, releases=None, cone=None, model_id=Non
         model_id=model_id,
         limit=limit,
     )
+
+
+def aggregate_query(
+    aggregates=(COUNT,), group_by=None, where=None, releases=None, cone=None, model_id=None, limit=None
+) -> Query:
+    """An aggregate :class:`Query` from the keyword arguments of :meth:`Catalogue.aggregate`."""
+    query = build_query(where, None, releases, cone, model_id, limit)
+    group_by = tuple(group_by) if group_by is not None else None
+    return replace(query, group_by=group_by, aggregates=tuple(aggregates))
 
 
 def _read_fragment(fragment, *, location, schema, projection, expression):
