@@ -12,8 +12,8 @@ rendered to SQL, run on the catalogue's DuckDB database, opened once as DuckDB's
 aggregate is `--group-by release --aggregate count(feh),mean(feh)`), with `speclabel sql` (the same
 SQL over the sandboxed `labels` view of the index's files; one sandbox, set up once) and with raw
 DuckDB's read_parquet over the same files and the same predicates, each the median of --repeat runs,
-the three interleaved, as wall time and as this process's CPU time (which a loaded machine disturbs
-far less), and checks all three return the same rows and aggregates.
+the three interleaved in turns, as wall time and as this process's CPU time (which a loaded machine
+disturbs far less), and checks all three return the same rows and aggregates.
 
     python bench/query.py                         # 2 million rows (~2 minutes to write)
     python bench/query.py --rows 200000 --repeat 3
@@ -57,12 +57,12 @@ def write(root: str, rows: int) -> tuple[float, int, int]:
 
 def timed(fns, repeat: int) -> list[tuple[float, float, object]]:
     """(median wall s, median process CPU s, result) of each of ``fns``, their repeats interleaved
-    so that a change in the machine's load meets all of them alike."""
+    and their order rotated so that a change in the machine's load meets all of them alike."""
     walls, cpus, results = [[] for _ in fns], [[] for _ in fns], [None] * len(fns)
-    for _ in range(repeat):
-        for i, fn in enumerate(fns):
+    for r in range(repeat):
+        for i in (np.arange(len(fns)) + r) % len(fns):
             start, cpu = time.perf_counter(), time.process_time()
-            results[i] = fn()
+            results[i] = fns[i]()
             walls[i].append(time.perf_counter() - start)
             cpus[i].append(time.process_time() - cpu)
     return [
