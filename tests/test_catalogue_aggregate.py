@@ -4,7 +4,13 @@ import pyarrow as pa
 import pytest
 
 from speclabel.pipeline.catalogue import Query, QueryError
-from speclabel.pipeline.catalogue.aggregate import Aggregate, check_aggregates, parse_aggregate
+from speclabel.pipeline.catalogue.aggregate import (
+    Aggregate,
+    aggregate_items,
+    check_aggregates,
+    parse_aggregate,
+)
+from speclabel.pipeline.catalogue.query_sql import _run
 
 SCHEMA = pa.schema(
     [
@@ -79,3 +85,20 @@ def test_query_carries_aggregates_through_its_json_form():
         Query.from_dict({"aggregates": ["avg(feh)"]})
     with pytest.raises(QueryError, match="group_by must be a list of names"):
         Query(group_by="release")
+
+
+def test_an_integer_sum_is_int64_and_its_overflow_a_query_error():
+    import duckdb
+
+    schema = pa.schema([("healpix", pa.int64())])
+    (item,) = aggregate_items([], [parse_aggregate("sum(healpix)")], schema, {})
+
+    def total(*values):
+        rows = ", ".join(f"({v})" for v in values)
+        return _run(lambda: duckdb.sql(f"SELECT {item} FROM (VALUES {rows}) t(healpix)").to_arrow_table())
+
+    table = total(2**62, 2**61, -5)
+    assert table.schema.field("sum_healpix").type == pa.int64()
+    assert table.column(0).to_pylist() == [2**62 + 2**61 - 5]
+    with pytest.raises(QueryError, match="arithmetic overflows"):
+        total(2**62, 2**62)

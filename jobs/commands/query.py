@@ -70,7 +70,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=comma_list,
         action="extend",
         metavar="COL[,COL]",
-        help="aggregate per group of these columns (repeatable; default aggregate: count)",
+        help="aggregate per group of these columns (repeatable; without --aggregate, count the rows)",
     )
     parser.add_argument(
         "--aggregate",

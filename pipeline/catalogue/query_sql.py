@@ -211,10 +211,11 @@ def _batches(reader, cursor) -> Iterator[pa.RecordBatch]:
 
 
 def _run(fn):
-    """``fn()``, with an integer overflow in the query's arithmetic as a query error."""
+    """``fn()``, with an integer overflow in the query's arithmetic (or in an integer ``sum``, which
+    does not fit the 64-bit result) as a query error."""
     import duckdb
 
     try:
         return fn()
-    except duckdb.OutOfRangeException as exc:
+    except (duckdb.OutOfRangeException, duckdb.ConversionException) as exc:
         raise QueryError(f"the query's arithmetic overflows: {str(exc).strip()}") from None
