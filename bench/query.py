@@ -9,10 +9,11 @@ position, 8 ensemble members) with the catalogue writer, then times, in one run:
 
 with `speclabel query` (`Catalogue.run`: the index read on every call, the --where text parsed and
 rendered to SQL, run on the catalogue's DuckDB database, opened once as DuckDB's connection is; the
-aggregate is its rows aggregated with Arrow, as the filter language has no aggregates), with
-`speclabel sql` (the same SQL over the sandboxed `labels` view of the index's files; one sandbox, set
-up once) and with raw DuckDB's read_parquet over the same files and the same predicates, each the
-median of --repeat runs, and checks all three return the same rows.
+aggregate is `--group-by release --aggregate count(feh),mean(feh)`), with `speclabel sql` (the same
+SQL over the sandboxed `labels` view of the index's files; one sandbox, set up once) and with raw
+DuckDB's read_parquet over the same files and the same predicates, each the median of --repeat runs,
+the three interleaved in turns, as wall time and as this process's CPU time (which a loaded machine
+disturbs far less), and checks all three return the same rows and aggregates.
 
     python bench/query.py                         # 2 million rows (~2 minutes to write)
     python bench/query.py --rows 200000 --repeat 3
@@ -54,13 +55,19 @@ def write(root: str, rows: int) -> tuple[float, int, int]:
     return elapsed, len(files), sum(os.path.getsize(f) for f in files)
 
 
-def timed(fn, repeat: int) -> tuple[float, object]:
-    times, result = [], None
-    for _ in range(repeat):
-        start = time.perf_counter()
-        result = fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), result
+def timed(fns, repeat: int) -> list[tuple[float, float, object]]:
+    """(median wall s, median process CPU s, result) of each of ``fns``, their repeats interleaved
+    and their order rotated so that a change in the machine's load meets all of them alike."""
+    walls, cpus, results = [[] for _ in fns], [[] for _ in fns], [None] * len(fns)
+    for r in range(repeat):
+        for i in (np.arange(len(fns)) + r) % len(fns):
+            start, cpu = time.perf_counter(), time.process_time()
+            results[i] = fns[i]()
+            walls[i].append(time.perf_counter() - start)
+            cpus[i].append(time.process_time() - cpu)
+    return [
+        (statistics.median(w), statistics.median(c), r) for w, c, r in zip(walls, cpus, results, strict=True)
+    ]
 
 
 def duckdb_cone_sql(cat: Catalogue, cone: Cone) -> str:
@@ -115,10 +122,6 @@ def main() -> None:
         ra0, dec0 = (float(v[7]) for v in survey_fields(0, FIELDS["n_fields"]))
         cone = Cone(ra0, dec0, 1.0)
 
-        def aggregate():
-            table = cat.run(Query(columns=("release", "feh")))
-            return table.group_by("release").aggregate([("feh", "count"), ("feh", "mean")])
-
         cat.run(Query(limit=0))  # opens the catalogue's DuckDB database, as `con` above is open
 
         cases = [
@@ -135,7 +138,7 @@ def main() -> None:
             ),
             (
                 "full-scan aggregate",
-                aggregate,
+                lambda: cat.run(Query(group_by=("release",), aggregates=("count(feh)", "mean(feh)"))),
                 "SELECT release, count(feh), avg(feh) FROM {table} GROUP BY release",
             ),
         ]
@@ -144,22 +147,28 @@ def main() -> None:
         print(f"speclabel sql: sandbox over the index's files set up in {time.perf_counter() - start:.3f} s")
         print(
             f"{'query':<30} {'rows':>8} {'query s':>8} {'sql s':>7} {'duckdb s':>9} "
-            f"{'query/duckdb':>12} {'sql/duckdb':>10}"
+            f"{'query/duckdb':>12} {'sql/duckdb':>10} {'CPU: query/duckdb':>17} {'sql/duckdb':>10}"
         )
         for name, ours, sql in cases:
-            ours_s, ours_table = timed(ours, args.repeat)
-            sql_s, sql_table = timed(lambda sql=sql: sandbox.table(sql.format(table="labels")), args.repeat)
-            duck_s, duck_table = timed(
-                lambda sql=sql: con.sql(sql.format(table="cat")).to_arrow_table(), args.repeat
+            (ours_s, ours_cpu, ours_table), (sql_s, sql_cpu, sql_table), (duck_s, duck_cpu, duck_table) = (
+                timed(
+                    [
+                        ours,
+                        lambda sql=sql: sandbox.table(sql.format(table="labels")),
+                        lambda sql=sql: con.sql(sql.format(table="cat")).to_arrow_table(),
+                    ],
+                    args.repeat,
+                )
             )
             _check_same(name, ours_table, duck_table)
             _check_same(name, sql_table, duck_table)
             print(
                 f"{name:<30} {ours_table.num_rows:>8} {ours_s:>8.3f} {sql_s:>7.3f} {duck_s:>9.3f} "
-                f"{ours_s / duck_s:>12.2f} {sql_s / duck_s:>10.2f}"
+                f"{ours_s / duck_s:>12.2f} {sql_s / duck_s:>10.2f} "
+                f"{ours_cpu / duck_cpu:>17.2f} {sql_cpu / duck_cpu:>10.2f}"
             )
         sandbox.close()
-        stats_s, _ = timed(lambda: _stats(cat), max(1, args.repeat // 2))
+        ((stats_s, _, _),) = timed([lambda: _stats(cat)], max(1, args.repeat // 2))
         print(f"{'speclabel stats (all columns)':<30} {'':>8} {stats_s:>12.3f}")
     finally:
         if not args.keep:
@@ -180,6 +189,13 @@ def _check_same(name: str, ours: pa.Table, theirs: pa.Table) -> None:
         b = pc.sort_indices(theirs.column("spectrum_id"))
         if ours.column("spectrum_id").take(a) != theirs.column("spectrum_id").take(b):
             raise SystemExit(f"{name}: speclabel and DuckDB returned different rows")
+        return
+    # Aggregates: the same values per group (columns in the same order, named differently).
+    a, b = (t.take(pc.sort_indices(t.column(0))) for t in (ours, theirs))
+    for x, y in zip(a.columns, b.columns, strict=True):
+        same = x == y if pa.types.is_string(x.type) else np.allclose(x.to_numpy(), y.to_numpy(), rtol=1e-9)
+        if not same:
+            raise SystemExit(f"{name}: speclabel and DuckDB returned different aggregates")
 
 
 if __name__ == "__main__":

@@ -135,6 +135,84 @@ def test_projection_limit_and_helpful_errors(catalogue):
         cat.query(cone=(10, 10, 0))
 
 
+def _quantile(values: np.ndarray, q: float) -> float:
+    return float(np.quantile(values, q)) if len(values) else np.nan
+
+
+def test_aggregates_per_group_match_numpy(catalogue):
+    cat, given = catalogue
+    specs = ["count", "count(ra)", "mean(feh)", "std(feh)", "median(teff)", "q05(feh)", "q95(logg)"]
+    specs += ["min(snr)", "max(dec)", "sum(flags)"]
+    result = cat.aggregate(specs, group_by=["release", "flags"], where="snr > 20")
+    names = ["count", "count_ra", "mean_feh", "std_feh", "median_teff", "q05_feh", "q95_logg"]
+    assert result.column_names == ["release", "flags", *names, "min_snr", "max_dec", "sum_flags"]
+    both = pa.concat_tables([given["DR1"], given["DR2"]])
+    with np.errstate(invalid="ignore"):
+        keep = _numpy(both, "snr") > 20
+    release = np.repeat(["DR1", "DR2"], [given["DR1"].num_rows, given["DR2"].num_rows])
+    flags = both.column("flags").to_numpy()
+    groups = sorted({(r, int(f)) for r, f in zip(release[keep], flags[keep], strict=True)})
+    assert len(groups) > 4
+    got = zip(result.column("release").to_pylist(), result.column("flags").to_pylist(), strict=True)
+    assert list(got) == groups
+    columns = {n: _numpy(both, n) for n in ("ra", "feh", "teff", "logg", "snr", "dec", "flags")}
+    for row, (name, flag) in zip(result.to_pylist(), groups, strict=True):
+        rows = keep & (release == name) & (flags == flag)
+        v = {n: c[rows] for n, c in columns.items()}
+        assert row["count"] == rows.sum() and row["count_ra"] == np.isfinite(v["ra"]).sum()
+        std = np.std(v["feh"], ddof=1) if rows.sum() > 1 else None  # SQL: no sample std of one value
+        expected = {
+            "mean_feh": np.mean(v["feh"]),
+            "std_feh": std,
+            "median_teff": np.median(v["teff"]),
+            "q05_feh": _quantile(v["feh"], 0.05),
+            "q95_logg": _quantile(v["logg"], 0.95),
+            "min_snr": v["snr"].min(),
+            "max_dec": np.nanmax(v["dec"]) if np.isfinite(v["dec"]).any() else None,
+            "sum_flags": int(v["flags"].sum()),
+        }
+        for name, value in expected.items():
+            assert row[name] == (None if value is None else pytest.approx(value, rel=1e-6)), (name, row)
+
+
+def test_aggregates_follow_release_model_cone_and_limit(catalogue):
+    cat, given = catalogue
+    old = cat.aggregate(["count", "mean(feh)"], releases=["DR1"], model_id="m1")
+    m1 = given["DR1-m1"]
+    assert old.to_pylist() == [{"count": m1.num_rows, "mean_feh": pytest.approx(np.mean(_numpy(m1, "feh")))}]
+    live = cat.aggregate(["mean(feh)"], releases=["DR1"])
+    assert live.column("mean_feh")[0].as_py() == pytest.approx(np.mean(_numpy(given["DR1"], "feh")))
+    # A cone search selects the rows of the row query, and its distance can be aggregated.
+    ra0, dec0, radius = 40.0, -30.0, 25.0
+    cone = cat.aggregate(["count", "max(cone_distance)"], group_by=["release"], cone=(ra0, dec0, radius))
+    expected = []
+    for release in ("DR1", "DR2"):
+        t = given[release]
+        with np.errstate(invalid="ignore"):
+            distance = _haversine_deg(_numpy(t, "ra"), _numpy(t, "dec"), ra0, dec0)
+            inside = distance <= radius
+        expected.append(
+            {"release": release, "count": inside.sum(), "max_cone_distance": distance[inside].max()}
+        )
+    assert cone.to_pylist() == [
+        {**e, "max_cone_distance": pytest.approx(e["max_cone_distance"])} for e in expected
+    ]
+    # --limit limits the groups, in group order; without groups, no rows still make one row.
+    assert cat.aggregate(group_by=["release"], limit=1).to_pylist() == [{"release": "DR1", "count": 2500}]
+    assert cat.aggregate(["count", "mean(feh)"], where="feh > 100").to_pylist() == [
+        {"count": 0, "mean_feh": None}
+    ]
+    assert cat.count(Query(group_by=("release", "flags"))) == len(
+        cat.aggregate(group_by=["release", "flags"])
+    )
+    with pytest.raises(QueryError, match="'spectrum_id' is string; mean needs a numeric column"):
+        cat.aggregate(["mean(spectrum_id)"])
+    with pytest.raises(QueryError, match="cannot group by 'feh_members': it is a list column"):
+        cat.aggregate(group_by=["feh_members"])
+    with pytest.raises(QueryError, match=r"unknown column 'cone_distance' in max\(cone_distance\)"):
+        cat.aggregate(["max(cone_distance)"])  # only a cone search has a distance
+
+
 def test_pandas_and_dask_agree_with_arrow(catalogue):
     cat, _ = catalogue
     kwargs = {"columns": ["spectrum_id", "feh", "release", "sky"], "cone": (40.0, -30.0, 25.0)}

@@ -41,6 +41,17 @@ def test_answers_the_same_query_as_the_library(server, catalogue):
     assert {"spectrum_id", "feh", "release", "sky", "healpix"} <= set(schema.names)
 
 
+def test_aggregates_on_the_server_as_the_library(server, catalogue):
+    kwargs = {"group_by": ["release"], "where": "feh < 0", "cone": (40.0, -30.0, 30.0)}
+    with connect(server.url, TOKEN) as client:
+        remote = client.aggregate(["count", "mean(feh)"], **kwargs)
+        with pytest.raises(pa.ArrowInvalid, match="mean needs a numeric column"):
+            client.aggregate(["mean(spectrum_id)"])
+    local = Catalogue.open(catalogue).aggregate(["count", "mean(feh)"], **kwargs)
+    assert remote.column_names == ["release", "count", "mean_feh"] and remote.equals(local)
+    assert sum(remote.column("count").to_pylist()) > 0
+
+
 @pytest.mark.parametrize("token", [None, "wrong-token-wrong-token-wrong-token"])
 def test_refuses_a_missing_or_wrong_token(server, token):
     with connect(server.url, token) as client, pytest.raises(flight.FlightUnauthenticatedError):

@@ -81,9 +81,32 @@ def test_printed_table_is_readable_and_says_what_it_shows(catalogue, capsys):
     assert lines[0].split() == ["spectrum_id", "feh"] and lines[-1] == "(3 rows)"
 
 
+def test_group_by_and_aggregate_print_and_write_the_groups(catalogue, tmp_path, capsys):
+    root, given = catalogue
+    selection = ["query", root, "--where", "feh < 0", "--group-by", "release"]
+    assert main([*selection, "--aggregate", "count,mean(feh)", "--aggregate", "max(teff)"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == ["release", "count", "mean_feh", "max_teff"] and lines[-1] == "(2 rows)"
+    expected = {}
+    for release in ("DR1", "DR2"):
+        feh = given[release].column("feh").to_numpy()
+        teff = given[release].column("teff").to_numpy()
+        expected[release] = ((feh < 0).sum(), feh[feh < 0].mean(), teff[feh < 0].max())
+    assert [line.split()[:2] for line in lines[1:3]] == [[r, str(expected[r][0])] for r in ("DR1", "DR2")]
+    out = tmp_path / "groups.csv"
+    assert main([*selection, "--aggregate", "count,mean(feh),max(teff)", "--out", str(out)]) == 0
+    frame = pd.read_csv(out)
+    assert frame["release"].tolist() == ["DR1", "DR2"]
+    for row in frame.itertuples():
+        assert (row.count, row.mean_feh, row.max_teff) == pytest.approx(expected[row.release], rel=1e-6)
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
+        (["--aggregate", "mean(spectrum_id)"], "mean needs a numeric column"),
+        (["--aggregate", "avg(feh)"], "unknown aggregate function 'avg'"),
+        (["--group-by", "teff_members"], "it is a list column"),
         (["--where", "fe_h < 1"], "did you mean feh"),
         (["--columns", "spectrum_id,tef"], "did you mean teff"),
         (["--release", "DR7"], "unknown release"),

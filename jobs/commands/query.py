@@ -4,11 +4,16 @@ Examples:
   speclabel query labels/ --where "feh < -1 and mgfe_std < 0.05" --columns spectrum_id,feh,mgfe
   speclabel query labels/ --cone 83.82 -5.39 0.5 --out orion.fits
   speclabel query s3://survey/labels --release DR6 --where "has_flag(high_std)" --out flagged.parquet
+  speclabel query labels/ --where "snr > 20" --group-by release --aggregate count,mean(feh),q95(feh_std)
 
 --where takes a small filter language: comparisons (< <= > >= = !=), and / or / not, parentheses,
 numbers, 'quoted strings', `col in ('a', 'b')`, `col between 1 and 2`, `col is [not] null`,
 + - * /, abs(x) and has_flag(low_snr, high_std, extrapolated, heavily_masked). It is parsed, never
 evaluated as code. --cone takes RA DEC RADIUS in degrees (ICRS) and adds a cone_distance column.
+--group-by and --aggregate return one row per group (sorted by the group-by columns; one row in
+all without --group-by) of the rows the other options select: count, count(COL) (non-null values),
+mean, median, std (sample), min, max, sum or a quantile qNN (q05 = 5 %) of a column, named count,
+mean_feh, q05_feh, ...; --limit then limits the groups.
 Rows are the live rows of each release unless --model-id names a model. Without --out, the first
 rows are printed (20 unless --limit says otherwise); --out writes .parquet, .csv or .fits (a binary
 table with units for TOPCAT).
@@ -20,7 +25,7 @@ import argparse
 
 from ._types import non_negative_int
 
-HELP = "query a label catalogue (filters, cone search) and print or write the rows"
+HELP = "query a label catalogue (filters, cone search, aggregates) and print or write the rows"
 PRINT_ROWS = 20
 
 
@@ -60,6 +65,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--columns", type=comma_list, metavar="A,B,...", help="columns to return (default: all)"
     )
+    parser.add_argument(
+        "--group-by",
+        type=comma_list,
+        action="extend",
+        metavar="COL[,COL]",
+        help="aggregate per group of these columns (repeatable; without --aggregate, count the rows)",
+    )
+    parser.add_argument(
+        "--aggregate",
+        type=comma_list,
+        action="extend",
+        dest="aggregates",
+        metavar="SPEC[,SPEC]",
+        help="aggregates of the selected rows, computed in DuckDB, e.g. count,mean(feh),q05(feh) "
+        "(listed above; repeatable)",
+    )
     parser.add_argument("--limit", type=non_negative_int, metavar="N", help="at most N rows")
     parser.add_argument("--out", metavar="FILE", help="write the rows to FILE.parquet, .csv or .fits")
     parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
@@ -81,13 +102,15 @@ def run(args: argparse.Namespace) -> int:
         cone=Cone(*args.cone) if args.cone else None,
         model_id=args.model_id,
         limit=args.limit,
+        group_by=tuple(args.group_by) if args.group_by else None,
+        aggregates=tuple(args.aggregates) if args.aggregates else None,
     )
     if args.out:
         table = cat.run(query)
         fmt = write_table(table, args.out, overwrite=args.overwrite)
         print(f"query: wrote {table.num_rows} rows, {table.num_columns} columns to {args.out} ({fmt})")
         return 0
-    if query.columns is None:
+    if query.columns is None and not query.aggregated:
         query = replace(
             query, columns=tuple(_print_columns(cat.schema(query.releases, query.model_id).names))
         )

@@ -1,14 +1,14 @@
 """Serve a catalogue over Arrow Flight, and the client to query it from a notebook.
 
-The server answers the same queries as :meth:`Catalogue.run` (a :class:`Query` sent as a JSON
-ticket) and SQL over the catalogue's views (an :class:`SqlRequest`, ``{"sql": ...}``, run in the
-sandbox of :mod:`.sql`: read-only, no file or network access, bounded in memory, time and rows) with
-a stream of Arrow record batches, so a team queries one catalogue without copying
-files. Every call must carry ``authorization: Bearer <token>`` (compared in constant time) unless the
-server was started without a token, which :func:`serve` allows only on 127.0.0.1. A query is parsed
-and validated before any data is read; a result larger than ``max_rows`` or slower than
-``max_seconds`` ends with an error instead of a silently truncated table; a bad query fails that call
-only.
+The server answers the same queries as :meth:`Catalogue.run` (a :class:`Query`, of rows or of
+aggregates, sent as a JSON ticket) and SQL over the catalogue's views (an :class:`SqlRequest`,
+``{"sql": ...}``, run in the sandbox of :mod:`.sql`: read-only, no file or network access, bounded
+in memory, time and rows) with a stream of Arrow record batches, so a team queries one catalogue
+without copying files. Every call must carry ``authorization: Bearer <token>`` (compared in constant
+time) unless the server was started without a token, which :func:`serve` allows only on 127.0.0.1. A
+query is parsed and validated before any data is read; a result larger than ``max_rows`` or slower
+than ``max_seconds`` ends with an error instead of a silently truncated table; a bad query fails
+that call only.
 
     >>> from speclabel.pipeline.catalogue.flight import connect
     >>> client = connect("grpc://labels.example.org:8815", token_file="~/.speclabel-token")
@@ -31,7 +31,7 @@ import pyarrow.flight as flight
 from speclabel.core.errors import ConfigError, SpeclabelError, UsageError
 
 from .expr import QueryError
-from .reader import Catalogue, Query, build_query
+from .reader import Catalogue, Query, aggregate_query, build_query
 from .sql import CatalogueSql, SqlLimitError, SqlLimits, SqlRequest, SqlTimeoutError
 
 log = logging.getLogger(__name__)
@@ -281,6 +281,22 @@ class CatalogueClient:
     ) -> pa.Table:
         """Same arguments as :meth:`Catalogue.query`."""
         query = build_query(where, columns, releases, cone, model_id, limit)
+        ticket = flight.Ticket(json.dumps(query.to_dict()).encode())
+        return self._client.do_get(ticket, options=self._options).read_all()
+
+    def aggregate(
+        self,
+        aggregates=("count",),
+        *,
+        group_by=None,
+        where: str | None = None,
+        releases=None,
+        cone=None,
+        model_id: str | None = None,
+        limit: int | None = None,
+    ) -> pa.Table:
+        """Same arguments as :meth:`Catalogue.aggregate`: the groups, aggregated on the server."""
+        query = aggregate_query(aggregates, group_by, where, releases, cone, model_id, limit)
         ticket = flight.Ticket(json.dumps(query.to_dict()).encode())
         return self._client.do_get(ticket, options=self._options).read_all()
 

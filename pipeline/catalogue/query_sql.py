@@ -25,6 +25,7 @@ from dataclasses import replace
 import numpy as np
 import pyarrow as pa
 
+from .aggregate import aggregate_items, check_aggregates
 from .expr import QueryError, parse
 from .expr_sql import identifier, string_literal, to_sql, value_literal
 from .layout import HEALPIX, RELEASE, SKY, CatalogueLayout
@@ -101,19 +102,34 @@ def select_sql(query: Query, schema: pa.Schema, layout: CatalogueLayout, source:
     if query.cone is not None:
         within, distance = cone_sql(layout, query.cone)
         conditions.append(within)
-    if count:
-        items = "count(*) AS n"
+    where = " WHERE " + " AND ".join(conditions) if conditions else ""
+    if query.aggregated:
+        text = f"{_aggregate_select(query, schema, distance)} FROM {source}{where}"
+        if query.group_by:
+            groups = ", ".join(identifier(n) for n in query.group_by)
+            text += f" GROUP BY {groups} ORDER BY {groups}"
+        if count:
+            return f"SELECT count(*) AS n FROM ({text})"
+    elif count:
+        return f"SELECT count(*) AS n FROM {source}{where}"
     else:
         names = projected_names(query, schema)
         items = ", ".join(
             f"{distance} AS {identifier(n)}" if n == CONE_DISTANCE else identifier(n) for n in names
         )
-    text = f"SELECT {items} FROM {source}"
-    if conditions:
-        text += " WHERE " + " AND ".join(conditions)
-    if query.limit is not None and not count:
+        text = f"SELECT {items} FROM {source}{where}"
+    if query.limit is not None:
         text += f" LIMIT {int(query.limit)}"
     return text
+
+
+def _aggregate_select(query: Query, schema: pa.Schema, distance: str | None) -> str:
+    """``SELECT`` and the group-by columns and aggregates of an aggregate query, checked against
+    ``schema`` (``cone_distance`` may be aggregated in a cone search)."""
+    group_by, aggregates = list(dict.fromkeys(query.group_by or ())), query.parsed_aggregates()
+    computed = {CONE_DISTANCE: distance} if distance is not None else {}
+    check_aggregates(group_by, aggregates, schema, extra=list(computed))
+    return "SELECT " + ", ".join(aggregate_items(group_by, aggregates, schema, computed))
 
 
 class QueryEngine:
@@ -195,10 +211,11 @@ def _batches(reader, cursor) -> Iterator[pa.RecordBatch]:
 
 
 def _run(fn):
-    """``fn()``, with an integer overflow in the query's arithmetic as a query error."""
+    """``fn()``, with an integer overflow in the query's arithmetic (or in an integer ``sum``, which
+    does not fit the 64-bit result) as a query error."""
     import duckdb
 
     try:
         return fn()
-    except duckdb.OutOfRangeException as exc:
+    except (duckdb.OutOfRangeException, duckdb.ConversionException) as exc:
         raise QueryError(f"the query's arithmetic overflows: {str(exc).strip()}") from None

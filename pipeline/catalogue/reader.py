@@ -6,12 +6,13 @@ published run to the next atomically and never sees half-copied files. By defaul
 each release are read; ``model_id`` selects, per release, the latest published run made with that
 model (live, or superseded under ``_versions/``). No Ray anywhere.
 
-:meth:`Catalogue.query`, :meth:`~Catalogue.run`, :meth:`~Catalogue.count` and
-:meth:`~Catalogue.stream` (``speclabel query``, the Flight service) run on DuckDB (:mod:`.query_sql`),
-which reads these files faster than a pyarrow scan. The same files are also a ``pyarrow.dataset``
-(:meth:`~Catalogue.arrow_dataset`) whose fragments know their partition (``release``, ``sky``);
-:meth:`~Catalogue.to_dask` uses it, one partition per file a query's filter keeps, read in the dask
-workers with the Arrow form of the same filter (:meth:`~Catalogue.filter`).
+:meth:`Catalogue.query`, :meth:`~Catalogue.aggregate`, :meth:`~Catalogue.run`, :meth:`~Catalogue.count`
+and :meth:`~Catalogue.stream` (``speclabel query``, the Flight service) run on DuckDB
+(:mod:`.query_sql`; aggregates :mod:`.aggregate`), which reads these files faster than a pyarrow scan.
+The same files are also a ``pyarrow.dataset`` (:meth:`~Catalogue.arrow_dataset`) whose fragments
+know their partition (``release``, ``sky``); :meth:`~Catalogue.to_dask` uses it, one partition per
+file a query's filter keeps, read in the dask workers with the Arrow form of the same filter
+(:meth:`~Catalogue.filter`).
 
 A cone search prunes three times: sky partitions that overlap the cone (HEALPix cells at the
 partition order), row groups whose fine ``healpix`` range cannot overlap it (cells at an order chosen
@@ -22,7 +23,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields, replace
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -35,6 +36,7 @@ from speclabel.core.layout import QUARANTINE, SALIENCY
 from speclabel.core.storage import exists, read_json
 
 from ..publish import Dataset
+from .aggregate import COUNT, Aggregate, parse_aggregate
 from .expr import QueryError, parse_where, unknown_column
 from .layout import (
     COLUMN_TYPES,
@@ -80,16 +82,35 @@ class Query:
     cone: Cone | None = None
     model_id: str | None = None
     limit: int | None = None
+    # An aggregate query (see :mod:`.aggregate`): one row per group of these columns (one row in
+    # all without them), with these aggregates (``count``, ``mean(feh)``, ...; default ``count``).
+    group_by: tuple[str, ...] | None = None
+    aggregates: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         if self.limit is not None and (not isinstance(self.limit, int) or self.limit < 0):
             raise QueryError(f"limit must be a non-negative integer, got {self.limit!r}")
-        for name in ("columns", "releases"):
+        for name in ("columns", "releases", "group_by", "aggregates"):
             value = getattr(self, name)
             if value is not None and (
                 isinstance(value, str) or not all(isinstance(v, str) and v for v in value)
             ):
                 raise QueryError(f"{name} must be a list of names, got {value!r}")
+        if self.aggregated and self.columns is not None:
+            raise QueryError(
+                "columns do not go with group_by / aggregates: an aggregate query returns its "
+                "group-by columns and its aggregates"
+            )
+        self.parsed_aggregates()  # a spec that is not one fails here, before any file is read
+
+    @property
+    def aggregated(self) -> bool:
+        return self.group_by is not None or self.aggregates is not None
+
+    def parsed_aggregates(self) -> list[Aggregate]:
+        """The aggregates of an aggregate query, each once (``count`` when only groups are given)."""
+        specs = self.aggregates or (COUNT,)
+        return list(dict.fromkeys(parse_aggregate(spec) for spec in specs))
 
     def to_dict(self) -> dict:
         return {k: v for k, v in asdict(self).items() if v is not None}
@@ -99,7 +120,7 @@ class Query:
         """A query from plain data (a Flight ticket); unknown keys and wrong shapes are refused."""
         if not isinstance(data, dict):
             raise QueryError("a query must be a JSON object")
-        unknown = set(data) - {"where", "columns", "releases", "cone", "model_id", "limit"}
+        unknown = set(data) - {f.name for f in fields(cls)}
         if unknown:
             raise QueryError(f"unknown query field(s) {sorted(unknown)}")
         cone = data.get("cone")
@@ -113,15 +134,12 @@ class Query:
         for name in ("where", "model_id"):
             if data.get(name) is not None and not isinstance(data[name], str):
                 raise QueryError(f"{name} must be a string, got {data[name]!r}")
-        columns, releases = data.get("columns"), data.get("releases")
-        return cls(
-            where=data.get("where"),
-            columns=tuple(columns) if isinstance(columns, list) else columns,
-            releases=tuple(releases) if isinstance(releases, list) else releases,
-            cone=cone,
-            model_id=data.get("model_id"),
-            limit=data.get("limit"),
-        )
+        lists = {
+            name: tuple(data[name]) if isinstance(data.get(name), list) else data.get(name)
+            for name in ("columns", "releases", "group_by", "aggregates")
+        }
+        where, model_id, limit = data.get("where"), data.get("model_id"), data.get("limit")
+        return cls(where=where, cone=cone, model_id=model_id, limit=limit, **lists)
 
 
 @dataclass(frozen=True)
@@ -301,7 +319,25 @@ class Catalogue:
         columns=["spectrum_id", "feh"], cone=(83.8, -5.4, 1.0))``; cone = (ra, dec, radius), degrees."""
         return self.run(build_query(where, columns, releases, cone, model_id, limit))
 
+    def aggregate(
+        self,
+        aggregates: Sequence[str] = (COUNT,),
+        *,
+        group_by: Sequence[str] | None = None,
+        where: str | None = None,
+        releases: Sequence[str] | None = None,
+        cone: Cone | tuple[float, float, float] | None = None,
+        model_id: str | None = None,
+        limit: int | None = None,
+    ) -> pa.Table:
+        """Aggregates of the rows a query selects, computed in DuckDB, one row per group (sorted by
+        the group-by columns), e.g. ``cat.aggregate(["count", "mean(feh)", "q95(feh_std)"],
+        group_by=["release"], where="snr > 20")``; the specs are listed in :mod:`.aggregate`."""
+        return self.run(aggregate_query(aggregates, group_by, where, releases, cone, model_id, limit))
+
     def run(self, query: Query) -> pa.Table:
+        """The result of ``query``: its rows, or for an aggregate query (``group_by`` /
+        ``aggregates``) its groups."""
         return self._queries().table(query)
 
     def stream(self, query: Query, batch_rows: int = 64 * 1024) -> tuple[pa.Schema, Iterator[pa.RecordBatch]]:
@@ -491,6 +527,15 @@ def build_query(where=None, columns=None, releases=None, cone=None, model_id=Non
         model_id=model_id,
         limit=limit,
     )
+
+
+def aggregate_query(
+    aggregates=(COUNT,), group_by=None, where=None, releases=None, cone=None, model_id=None, limit=None
+) -> Query:
+    """An aggregate :class:`Query` from the keyword arguments of :meth:`Catalogue.aggregate`."""
+    query = build_query(where, None, releases, cone, model_id, limit)
+    group_by = tuple(group_by) if group_by is not None else None
+    return replace(query, group_by=group_by, aggregates=tuple(aggregates))
 
 
 def _read_fragment(fragment, *, location, schema, projection, expression):
