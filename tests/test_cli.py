@@ -5,6 +5,7 @@ import re
 import subprocess
 import sys
 
+import pyarrow.parquet as pq
 import pytest
 
 from speclabel.jobs.cli import COMMANDS, build_parser, main
@@ -81,6 +82,38 @@ def test_ingest_checks_its_paths_before_ray_starts(tmp_path, where, message):
     assert "ray.init was called" not in result.stderr
     assert result.returncode == 1, result.stderr
     assert result.stderr.startswith("speclabel ingest: error: ") and message in result.stderr
+
+
+def test_label_checks_its_inputs_before_ray_starts(tmp_path, small_survey):
+    from speclabel.core.errors import InputError
+    from speclabel.pipeline.labelling.inputs import check_inputs
+
+    spectra, model = tmp_path / "survey.parquet", tmp_path / "model"
+    pq.write_table(small_survey, spectra)
+    model.mkdir()
+    (model / "model.json").write_text("{}")
+    check_inputs(str(spectra), str(model))  # what is there passes (the model's integrity comes later)
+    for bad_spectra, bad_model, message in (
+        (tmp_path / "no-such-file.parquet", model, "does not exist"),
+        (spectra, tmp_path / "no-such-model", "does not exist"),
+        (spectra, tmp_path, "no model.json"),
+    ):
+        with pytest.raises(InputError, match=message):
+            check_inputs(str(bad_spectra), str(bad_model))
+    # The command calls it before Ray: a mistyped model path fails without ray.init.
+    argv = [
+        "label",
+        "--spectra",
+        str(spectra),
+        "--model",
+        str(tmp_path / "modle"),
+        "--out",
+        str(tmp_path / "c"),
+    ]
+    result = subprocess.run([sys.executable, "-c", _NO_RAY, *argv], capture_output=True, text=True)
+    assert "ray.init was called" not in result.stderr
+    assert result.returncode == 1, result.stderr
+    assert result.stderr.startswith("speclabel label: error: --model ") and "does not exist" in result.stderr
 
 
 # -- the defaults --help states are the code's ------------------------------------------------------

@@ -143,6 +143,7 @@ def run(args: argparse.Namespace) -> int:
     from speclabel.core.faults import planned_fault
     from speclabel.pipeline.catalogue import CatalogueLayout, WriteOptions
     from speclabel.pipeline.labelling import FlagThresholds, LabelOptions, label_spectra
+    from speclabel.pipeline.labelling.inputs import check_inputs
     from speclabel.pipeline.ray_session import ray_session
 
     thresholds = FlagThresholds(low_snr=args.low_snr, masked_fraction=args.masked_fraction)
@@ -173,6 +174,7 @@ def run(args: argparse.Namespace) -> int:
         lock_timeout_s=args.lock_timeout,
         progress=not args.quiet,
     )
+    check_inputs(args.spectra, args.model, args.release)  # before Ray's start-up of seconds
     with ray_session(args.address, quiet=args.quiet):
         result = label_spectra(args.spectra, args.model, args.out, options)
     print(result.summary())

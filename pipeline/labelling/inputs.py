@@ -56,6 +56,7 @@ from speclabel.core.contract import (
 from speclabel.core.errors import InputError
 from speclabel.core.setups import Setup
 from speclabel.core.storage import exists, filesystem_and_path, join, resolve_files
+from speclabel.model.io import MODEL_JSON
 
 from ..publish import INDEX, Dataset
 from .batch import DUPLICATE, PASS_THROUGH, SOURCE
@@ -331,6 +332,19 @@ def read_spectra(items: pa.Table, fs: pafs.FileSystem, read_rows: int) -> Iterat
 
 
 # -- the pre-pass -------------------------------------------------------------------------------------
+
+
+def check_inputs(spectra: str, model: str, release: str | None = None) -> None:
+    """Fail in a moment on spectra that are not there or a model folder without ``model.json``:
+    the command line calls it before Ray's start-up of seconds. :func:`label_spectra` checks
+    everything again, the model's integrity included."""
+    input_files(spectra, release)
+    fs, root = filesystem_and_path(model)
+    if not exists(fs, join(root.rstrip("/"), MODEL_JSON)):
+        what = (
+            "does not exist" if not exists(fs, root) else f"has no {MODEL_JSON}: it is not a model directory"
+        )
+        raise InputError(f"--model {model} {what}")
 
 
 def input_files(location: str, release: str | None = None) -> tuple[pafs.FileSystem, list[str]]:
