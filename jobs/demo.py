@@ -80,7 +80,7 @@ def run_demo(out: str, *, n: int, seed: int, members: int = 8, epochs: int = 15)
     plot_example_spectra(pq.read_table(training), get_setup(), plot)
 
     # A Ray instance of its own ("local"), even where `ray start` runs one on this machine.
-    with ray_session("local"):
+    with ray_session("local", state_api=True):  # the train step runs Ray Train
         step("ingest", str(delivered / "spectra"), "--out", str(store), "--release", "DEMO")
         step(
             "train",

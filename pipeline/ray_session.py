@@ -37,11 +37,17 @@ QUIET_NOTICES = ("Progress bars disabled", "Progress bars for operators disabled
 
 
 @contextlib.contextmanager
-def ray_session(address: str | None = None, *, quiet: bool = False) -> Iterator[bool]:
+def ray_session(
+    address: str | None = None, *, quiet: bool = False, state_api: bool = False
+) -> Iterator[bool]:
     """Join or start Ray for the duration of the block; yields True when this call started it.
 
     ``quiet``: worker output is not forwarded to this process (``log_to_driver=False``), Ray's own
     log lines are held to warnings and Ray Data's console lines to real warnings (see above).
+    ``state_api``: a local instance this call starts also runs Ray's dashboard, which serves the
+    State API. Ray Train needs it: its placement-group cleaner asks it every second whether the
+    train controller lives, and without it warns on every ask ("State API may be temporarily
+    unavailable"), which reads as a failure. Other jobs skip the dashboard's start-up and memory.
     """
     import ray
 
@@ -50,7 +56,7 @@ def ray_session(address: str | None = None, *, quiet: bool = False) -> Iterator[
         check_recorded_cluster(address)
         context = ray.init(
             address=address,
-            include_dashboard=False,
+            include_dashboard=state_api,
             log_to_driver=not quiet,
             # Worker INFO lines (one per checkpoint, one per dataset) would bury a job's own progress.
             logging_config=ray.LoggingConfig(log_level="WARNING"),

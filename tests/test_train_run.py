@@ -94,6 +94,9 @@ def test_driver_killed_mid_run_resumes_unfinished_members_and_keeps_finished_one
 
     rerun = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
+    # Ray Train's placement-group cleaner asks the State API every second; without the dashboard
+    # that serves it, each ask was a warning line (54 in a 70 s run) that reads as a failure.
+    assert "State API may be temporarily unavailable" not in rerun.stdout + rerun.stderr
     lines = rerun.stdout.splitlines()
     assert any(line.startswith("member 0: finished in an earlier run; not trained again") for line in lines)
     resumed = [

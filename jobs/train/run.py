@@ -132,7 +132,7 @@ def run_training(job: TrainJob, *, echo: Echo = to_stdout, reporter: Reporter | 
     reporter = reporter or Reporter(echo)
     started = time.perf_counter()
     replace_model = existing_model_of_run(job)
-    with ray_session(job.address):
+    with ray_session(job.address, state_api=True):
         setup = job_setup(job)
         labels = job_labels(job)
         if labels is not None:
