@@ -133,40 +133,34 @@ def test_pools_stay_within_their_bound_and_keep_the_right_rows():
 @pytest.mark.ray
 def test_cli_end_to_end_on_a_small_catalogue(ray_session, setup, tmp_path, capsys):
     root = tmp_path / "cat"
-    rows = build_catalogue(root, {"DR1": 1500})["DR1"]
+    rows = build_catalogue(root, {"DR1": 600})["DR1"]
     model, ensemble = saved_model(setup, tmp_path / "model", members=2)
     excluded = tmp_path / "observed.csv"
-    pyarrow.csv.write_csv(pa.table({"spectrum_id": rows.column("spectrum_id")[:300]}), excluded)
+    pyarrow.csv.write_csv(pa.table({"spectrum_id": rows.column("spectrum_id")[:100]}), excluded)
     out = tmp_path / "targets.csv"
-    argv = ["suggest", "--catalogue", str(root), "--model", model, "--n", "8", "--where", "snr > 8"]
-    argv += ["--exclude", str(excluded), "--max-per-partition", "20", "--out", str(out)]
+    argv = ["suggest", "--catalogue", str(root), "--model", model, "--n", "5", "--where", "snr > 8"]
+    argv += ["--exclude", str(excluded), "--max-per-partition", "10", "--out", str(out)]
     assert main(argv) == 0
     picks = pyarrow.csv.read_csv(out)
-    assert picks.column("rank").to_pylist() == list(range(1, 9))
+    assert picks.column("rank").to_pylist() == list(range(1, 6))
     assert {"spectrum_id", "ra", "dec", "snr", "teff", "score", "score_uncertainty", "score_novelty"} <= set(
         picks.column_names
     )
-    # Independently: the eligible rows and their scores, straight from the catalogue's rows.
-    table = Catalogue.open(str(root)).query()
+    # Independently: the eligible rows and their scores, straight from the catalogue's files.
+    table = Catalogue.open(str(root)).arrow_dataset().to_table()
     flags = table.column("flags").to_numpy()
     ids = np.array(table.column("spectrum_id").to_pylist())
     ok = ((flags & int(Flag.ANOMALOUS_SPECTRUM | Flag.LOW_SNR | Flag.HEAVILY_MASKED)) == 0) & (
         table.column("snr").to_numpy() > 8
     )
-    ok &= ~np.isin(ids, rows.column("spectrum_id")[:300].to_pylist())
+    ok &= ~np.isin(ids, rows.column("spectrum_id")[:100].to_pylist())
     names = ensemble.label_names
     std = np.stack([table.column(f"{n}_std").to_numpy() for n in names], 1) / ensemble.scaler.scale
     score = np.sqrt((std**2).mean(1))
     assert set(picks.column("spectrum_id").to_pylist()) <= set(ids[ok])
     assert picks.column("spectrum_id")[0].as_py() == ids[ok][np.argmax(score[ok])]
     np.testing.assert_allclose(picks.column("score")[0].as_py(), score[ok].max(), rtol=1e-5)
-    # The bound held on a catalogue larger than it: at most 20 candidates per sky partition.
+    # The bound held on a catalogue larger than it: at most 10 candidates per sky partition.
     cells = len(set(table.column("sky").to_pylist()))
     peak = int(re.search(r"at most (\d+) held", capsys.readouterr().out).group(1))
-    assert 8 <= peak <= 20 * cells < table.num_rows
-    # More suggestions than eligible rows: an error naming how many qualify, nothing written.
-    clean = int(((flags & int(Flag.ANOMALOUS_SPECTRUM | Flag.LOW_SNR | Flag.HEAVILY_MASKED)) == 0).sum())
-    none = tmp_path / "none.csv"
-    assert main([*argv[:6], "5000", "--max-per-partition", "5000", "--out", str(none)]) == 1
-    assert f"asked for 5000 suggestions but only {clean} rows qualify" in capsys.readouterr().err
-    assert not none.exists()
+    assert 5 <= peak <= 10 * cells < table.num_rows
