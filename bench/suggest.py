@@ -17,7 +17,9 @@
    50-150 (``accuracy_shared.twin_test``).
 
 Prints per label the scatter of each, the random draws' mean, and suggested / random - 1. Appends
-one JSON line per trained model to ``--out``, so a run stopped part way keeps what it measured.
+one JSON line per trained model to ``--out``, so a run stopped part way keeps what it measured;
+``--runs`` trains only the named ones (the random draws do not depend on it), so two processes can
+share the work and the table.
 """
 
 from __future__ import annotations
@@ -131,6 +133,11 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=None, help="override the default 120 epochs")
     parser.add_argument("--per-partition", type=int, default=1000)
     parser.add_argument("--out", default="out/suggest.jsonl")
+    parser.add_argument(
+        "--runs",
+        nargs="*",
+        help="train only these (start+suggested, start+random1, ...); draws stay the same",
+    )
     args = parser.parse_args()
     torch.set_num_threads(1)
     arrays, setup = load_shared()
@@ -145,25 +152,20 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     common = {"epochs": args.epochs, "machine": platform.node(), "date": time.strftime("%Y-%m-%d")}
 
-    began = time.perf_counter()
-    start_mask = np.isin(np.arange(len(ids)), start)
-    ensemble = train(arrays, setup, start_mask, args.start_members, args.epochs)
-    reference_batch = [
-        (
-            ids[start].tolist(),
-            ensemble.predict(arrays["flux"][start], arrays["mask"][start], embedding=True).embedding,
-        )
-    ]
-    ensemble.ood = fit_embedding_reference(reference_batch, OODConfig(rows=len(start)))
-    chosen = suggested(ensemble, arrays, pool, args.add, args.per_partition)
-    print(
-        f"start ensemble ({args.start_members} members) and suggestions: {time.perf_counter() - began:.0f} s"
-    )
     rng = np.random.default_rng(2026)
-    runs = [("start+suggested", chosen)] + [
+    runs = [("start+suggested", None)] + [
         (f"start+random{d + 1}", rng.choice(pool, args.add, replace=False)) for d in range(args.draws)
     ]
-    records = []
+    runs = [(name, added) for name, added in runs if not args.runs or name in args.runs]
+    if runs and runs[0][0] == "start+suggested":
+        began = time.perf_counter()
+        start_mask = np.isin(np.arange(len(ids)), start)
+        ensemble = train(arrays, setup, start_mask, args.start_members, args.epochs)
+        embedding = ensemble.predict(arrays["flux"][start], arrays["mask"][start], embedding=True).embedding
+        ensemble.ood = fit_embedding_reference([(ids[start].tolist(), embedding)], OODConfig(rows=len(start)))
+        runs[0] = ("start+suggested", suggested(ensemble, arrays, pool, args.add, args.per_partition))
+        seconds = time.perf_counter() - began
+        print(f"start ensemble ({args.start_members} members) and suggestions: {seconds:.0f} s")
     for name, added in runs:
         began, cpu = time.perf_counter(), time.process_time()
         model = train(
@@ -182,11 +184,11 @@ def main() -> None:
             **scores(model, arrays, test_rows),
             **common,
         }
-        records.append(record)
         with out.open("a") as fh:
             fh.write(json.dumps(record) + "\n")
         print(f"{name}: {record['seconds']:.0f} s, {record['epochs_run']} epochs")
-        print_table(records)
+    # Every record in --out: runs made by separate processes (--runs) table together.
+    print_table([json.loads(line) for line in out.read_text().splitlines()])
 
 
 if __name__ == "__main__":
