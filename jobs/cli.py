@@ -30,6 +30,7 @@ COMMANDS = (
     "query",
     "sql",
     "stats",
+    "suggest",
     "serve",
     "submit",
     "jobs",

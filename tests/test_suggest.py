@@ -1,0 +1,166 @@
+"""`speclabel suggest`: the score, k-center, the flag and N checks, the bounded pools, one CLI run."""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.csv
+import pytest
+from catalogue_data import build_catalogue
+from label_data import saved_model
+
+from speclabel.core.errors import InputError
+from speclabel.core.flags import Flag
+from speclabel.jobs.cli import main
+from speclabel.pipeline.catalogue import Catalogue
+from speclabel.pipeline.suggest import CandidatePools, k_center, score_parts, select
+from speclabel.pipeline.suggest_job import scored_candidates
+
+LABELS = ("a", "b")
+WIDTHS = np.array([2.0, 0.5])
+
+
+def candidates(labels, std, *, ood=None, flags=None, sky=None) -> pa.Table:
+    """Catalogue-like rows: labels and stds [N, 2], optional ood_score, flags and sky cells."""
+    labels, std = np.asarray(labels, float), np.asarray(std, float)
+    n = len(labels)
+    columns = {
+        "spectrum_id": [f"s{i:04d}" for i in range(n)],
+        "flags": flags if flags is not None else [0] * n,
+    }
+    for k, name in enumerate(LABELS):
+        columns[name], columns[f"{name}_std"] = labels[:, k], std[:, k]
+    if ood is not None:
+        columns["ood_score"] = ood
+    columns["sky"] = pa.array(sky if sky is not None else [0] * n, pa.int32())
+    return scored_candidates(pa.table(columns), LABELS, WIDTHS, frozenset())
+
+
+def test_score_by_hand_err_first_then_std():
+    std = np.array([[0.2, 0.1], [0.2, 0.1], [np.nan, np.nan]])
+    err = np.array([[0.4, np.nan], [np.nan, np.nan], [np.nan, np.nan]])
+    parts = score_parts(std, err, np.array([50.0, np.nan, 100.0]), WIDTHS)
+    first = np.sqrt(((0.4 / 2.0) ** 2 + (0.1 / 0.5) ** 2) / 2)  # err where known, else std
+    second = np.sqrt(((0.2 / 2.0) ** 2 + (0.1 / 0.5) ** 2) / 2)
+    np.testing.assert_allclose(parts["score_uncertainty"][:2], [first, second])
+    np.testing.assert_allclose(parts["score_novelty"], [0.5, 0.0, 1.0])
+    # No uncertainty at all counts as 1: the novelty alone ranks such rows.
+    np.testing.assert_allclose(parts["score"], [first * 1.5, second, 2.0])
+    assert np.isnan(parts["score_uncertainty"][2])
+
+
+def test_prefers_rows_far_from_the_training_set():
+    # Same labels region, same ensemble std: only the distance to the training set differs.
+    rng = np.random.default_rng(0)
+    labels = rng.normal(0, 1, (40, 2))
+    ood = np.full(40, 20.0)
+    ood[[7, 23]] = [99.0, 97.0]
+    table = candidates(labels, np.full((40, 2), 0.1), ood=ood)
+    pools = CandidatePools(per_partition=40)
+    pools.add(table)
+    picks = select(pools, 2, LABELS, WIDTHS)
+    assert picks.column("spectrum_id").to_pylist()[0] == "s0007"
+    assert picks.column("rank").to_pylist() == [1, 2]
+    top = np.argsort(-table.column("score").to_numpy())[:2]
+    assert sorted(top) == [7, 23]
+
+
+def test_k_center_covers_clusters_instead_of_twins():
+    rng = np.random.default_rng(1)
+    centres = np.array([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0]])
+    points = np.concatenate([c + 0.1 * rng.standard_normal((20, 2)) for c in centres])
+    weights = np.ones(60)
+    weights[:20] = 5.0  # the first cluster scores best: without diversity all picks would sit there
+    picks = k_center(points, 3, weights)
+    assert sorted(picks // 20) == [0, 1, 2]
+    # Unweighted: the cover radius is within twice the best possible one (the three centres' ~0.3).
+    plain = k_center(points, 3)
+    radius = np.sqrt(((points[:, None] - points[plain][None]) ** 2).sum(-1)).min(1).max()
+    assert radius < 1.0
+
+
+def test_flagged_rows_are_never_suggested_but_ood_ones_are():
+    n = 12
+    flags = [0] * n
+    flags[0], flags[1], flags[2] = Flag.ANOMALOUS_SPECTRUM, Flag.LOW_SNR, Flag.HEAVILY_MASKED | Flag.HIGH_STD
+    flags[3], flags[4] = Flag.OUT_OF_DISTRIBUTION, Flag.EXTRAPOLATED | Flag.HIGH_STD
+    std = np.full((n, 2), 0.05)
+    std[:5] = 1.0  # the flagged rows are the most uncertain
+    table = candidates(np.arange(2 * n, dtype=float).reshape(n, 2), std, flags=flags)
+    assert table.column("spectrum_id").to_pylist()[:2] == ["s0003", "s0004"]
+    pools = CandidatePools(per_partition=n)
+    pools.add(table)
+    ids = select(pools, n - 3, LABELS, WIDTHS).column("spectrum_id").to_pylist()
+    assert not {"s0000", "s0001", "s0002"} & set(ids) and len(ids) == n - 3
+
+
+def test_more_suggestions_than_candidates_is_a_clear_error():
+    pools = CandidatePools(per_partition=10)
+    pools.add(candidates(np.zeros((5, 2)), np.ones((5, 2)), flags=[0, 0, 0, 0, Flag.ANOMALOUS_SPECTRUM]))
+    with pytest.raises(InputError, match="asked for 5 suggestions but only 4 rows qualify"):
+        select(pools, 5, LABELS, WIDTHS)
+    with pytest.raises(InputError, match="per-partition bound"):
+        select(pools, 11, LABELS, WIDTHS)
+
+
+def test_pools_stay_within_their_bound_and_keep_the_right_rows():
+    # 4 partitions x 500 rows, streamed in batches of 100; each partition has one row far more
+    # uncertain than the rest, at its own corner of label space: those four are the answer.
+    rng = np.random.default_rng(2)
+    pools, m = CandidatePools(per_partition=10), 10
+    special = {}
+    for batch in range(20):
+        sky = np.repeat(np.arange(4), 25)
+        labels, std = rng.normal(0, 0.3, (100, 2)), np.full((100, 2), 0.01) * rng.uniform(1, 2, (100, 1))
+        for cell in range(4):
+            if batch == 3 * cell + 1:
+                row = cell * 25
+                labels[row], std[row] = [(-1) ** cell * 5.0, (-1) ** (cell // 2) * 2.0], [0.5, 0.5]
+        table = candidates(labels, std, sky=sky)
+        ids = [f"b{batch:02d}-{i:03d}" for i in range(100)]
+        table = table.set_column(0, "spectrum_id", pa.array(ids))
+        special.update({ids[cell * 25]: cell for cell in range(4) if batch == 3 * cell + 1})
+        pools.add(table)
+        assert pools.rows <= m * 4
+    assert pools.seen == 2000 and pools.peak_rows == m * 4
+    assert {ids for ids in pools.pools} == {0, 1, 2, 3}
+    picks = select(pools, 4, LABELS, WIDTHS)
+    assert sorted(picks.column("spectrum_id").to_pylist()) == sorted(special)
+
+
+@pytest.mark.ray
+def test_cli_end_to_end_on_a_small_catalogue(ray_session, setup, tmp_path, capsys):
+    root = tmp_path / "cat"
+    rows = build_catalogue(root, {"DR1": 600})["DR1"]
+    model, ensemble = saved_model(setup, tmp_path / "model", members=2)
+    excluded = tmp_path / "observed.csv"
+    pyarrow.csv.write_csv(pa.table({"spectrum_id": rows.column("spectrum_id")[:100]}), excluded)
+    out = tmp_path / "targets.csv"
+    argv = ["suggest", "--catalogue", str(root), "--model", model, "--n", "5", "--where", "snr > 8"]
+    argv += ["--exclude", str(excluded), "--max-per-partition", "10", "--out", str(out)]
+    assert main(argv) == 0
+    picks = pyarrow.csv.read_csv(out)
+    assert picks.column("rank").to_pylist() == list(range(1, 6))
+    assert {"spectrum_id", "ra", "dec", "snr", "teff", "score", "score_uncertainty", "score_novelty"} <= set(
+        picks.column_names
+    )
+    # Independently: the eligible rows and their scores, straight from the catalogue's files.
+    table = Catalogue.open(str(root)).arrow_dataset().to_table()
+    flags = table.column("flags").to_numpy()
+    ids = np.array(table.column("spectrum_id").to_pylist())
+    ok = ((flags & int(Flag.ANOMALOUS_SPECTRUM | Flag.LOW_SNR | Flag.HEAVILY_MASKED)) == 0) & (
+        table.column("snr").to_numpy() > 8
+    )
+    ok &= ~np.isin(ids, rows.column("spectrum_id")[:100].to_pylist())
+    names = ensemble.label_names
+    std = np.stack([table.column(f"{n}_std").to_numpy() for n in names], 1) / ensemble.scaler.scale
+    score = np.sqrt((std**2).mean(1))
+    assert set(picks.column("spectrum_id").to_pylist()) <= set(ids[ok])
+    assert picks.column("spectrum_id")[0].as_py() == ids[ok][np.argmax(score[ok])]
+    np.testing.assert_allclose(picks.column("score")[0].as_py(), score[ok].max(), rtol=1e-5)
+    # The bound held on a catalogue larger than it: at most 10 candidates per sky partition.
+    cells = len(set(table.column("sky").to_pylist()))
+    peak = int(re.search(r"at most (\d+) held", capsys.readouterr().out).group(1))
+    assert 5 <= peak <= 10 * cells < table.num_rows
