@@ -210,6 +210,23 @@ def _header(first: str, width: int = 34) -> str:
     return f"{first:<{width}} {'stars':>5} " + " ".join(f"{n:>14}" for n in LABEL_NAMES)
 
 
+def print_comparison(by_variant: dict[str, list[dict]]) -> None:
+    """The variants side by side on the folds that all of them have run (the same held-out stars)."""
+    common = sorted(set.intersection(*({r["fold"] for r in runs} for runs in by_variant.values())))
+    print(f"\nvariants on the same folds {common}: scatter ± bootstrap std; (c)/(b) paired")
+    print(_header("variant: set", 40))
+    for name, runs in by_variant.items():
+        data = pooled(sorted((r for r in runs if r["fold"] in common), key=lambda r: r["fold"]))
+        if not len(data["truth"]):
+            continue
+        print(_row(f"{name}: (a) S/N >= 50", data["observed"][data["snr"] >= 50], 40))
+        print(_row(f"{name}: (b) twins", data["twins"], 40))
+        print(_row(f"{name}: (c) twins + RV + tilt", data["perturbed"], 40))
+        ratio, err = ratio_cell(data["perturbed"], data["twins"])
+        cells = " ".join(f"{f'{r:.2f}±{e:.2f}':>14}" for r, e in zip(ratio, err, strict=True))
+        print(f"{f'{name}: (c) / (b)':<40} {len(data['truth']):>5} {cells}")
+
+
 def print_tables(records: list[dict]) -> None:
     print("regions (cuts on the true labels):")
     for name, (cut, _) in REGIONS.items():
@@ -217,6 +234,8 @@ def print_tables(records: list[dict]) -> None:
     by_variant: dict[str, list[dict]] = {}
     for r in records:
         by_variant.setdefault(r["variant"], []).append(r)
+    if by_variant:
+        print_comparison(by_variant)
     for name, runs in by_variant.items():
         runs = sorted(runs, key=lambda r: r["fold"])
         data = pooled(runs)
