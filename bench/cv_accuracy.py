@@ -22,7 +22,9 @@ S/N >= 50, of (a) at S/N >= 50, (b) and (c) by region of label space (``REGIONS`
 (a) by S/N bin, each cell with its number of stars and a bootstrap uncertainty (stars resampled, all
 draws of a star together), and the robustness ratio (c) / (b) (paired bootstrap). Each fold's
 predictions are appended to ``--out`` as a JSON line as soon as it is done, so that a run cut short
-still tables (``--table-only``), and a rerun skips the folds already there.
+still tables (``--table-only``), and a rerun skips the folds already there. Folds can run in separate
+processes (``--only-folds 1 --out part1.jsonl``, ...): concatenate the files and table them with
+``--table-only --out all.jsonl``.
 """
 
 from __future__ import annotations
