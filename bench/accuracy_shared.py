@@ -74,6 +74,11 @@ VARIANTS: dict[str, tuple[ArchConfig, TrainConfig]] = {
     "three-conv16-tuned": (TWO_CONV.replace(conv_channels=(16, 16, 16)), TUNED),
     "two-conv16-dense128-tuned": (TWO_CONV.replace(dense_units=(128,)), TUNED),
     "paper+default-training": (PAPER, TrainConfig()),
+    # Robustness to reduction residuals (issue 20): velocity shifts and per-arm continuum tilts in training.
+    "default+rv+tilt": (
+        PRESETS["default"],
+        TrainConfig(augment=AugmentConfig(noise=True, rv_shift_kms=3.0, continuum_tilt=0.01)),
+    ),
 }
 
 
@@ -82,22 +87,30 @@ for _name, _arch in PRESETS.items():
     VARIANTS.setdefault(_name, (_arch, TrainConfig()))
 
 
-def twin_test(ensemble, arrays, rows, *, draws=10, snr=(50.0, 150.0), seed=0):
-    """Held-out stars' noise-free twins with fresh noise at S/N log-uniform in ``snr``, keeping each
-    spectrum's own noise pattern (its ivar rescaled), as the training augmentation does."""
-    rng = np.random.default_rng(seed)
-    clean, mask, labels = arrays["flux_clean"][rows], arrays["mask"][rows], arrays["labels"][rows]
+def noisy_twins(arrays, rows, rng, *, snr=(50.0, 150.0), clean=None, mask=None):
+    """One draw of the rows' noise-free twins with fresh noise at S/N log-uniform in ``snr``, keeping
+    each spectrum's own noise pattern (its ivar rescaled), as the training augmentation does:
+    (flux, mask, S/N per row). ``clean``, ``mask``: perturbed copies of the twins to add it to."""
+    clean = arrays["flux_clean"][rows] if clean is None else clean
+    mask = arrays["mask"][rows] if mask is None else mask
     inv_sigma = np.sqrt(arrays["ivar"][rows])
-    own = np.array([np.median(s[m]) for s, m in zip(inv_sigma, mask, strict=True)])[:, None]
+    own = np.array([np.median(s[m]) for s, m in zip(inv_sigma, arrays["mask"][rows], strict=True)])[:, None]
+    level = np.exp(rng.uniform(np.log(snr[0]), np.log(snr[1]), len(clean)))[:, None]
+    sigma = np.where(mask, own / level / np.maximum(inv_sigma, 1e-30), 0.0)
+    flux = np.where(mask, clean + rng.standard_normal(clean.shape) * sigma, 1.0).astype(np.float32)
+    return flux, mask, level[:, 0]
+
+
+def twin_test(ensemble, arrays, rows, *, draws=10, snr=(50.0, 150.0), seed=0):
+    """Held-out stars' noise-free twins, ``draws`` fresh-noise draws each (:func:`noisy_twins`)."""
+    rng = np.random.default_rng(seed)
     predicted, truth, spread = [], [], []
     for _ in range(draws):
-        level = np.exp(rng.uniform(np.log(snr[0]), np.log(snr[1]), len(clean)))[:, None]
-        sigma = np.where(mask, own / level / np.maximum(inv_sigma, 1e-30), 0.0)
-        flux = np.where(mask, clean + rng.standard_normal(clean.shape) * sigma, 1.0).astype(np.float32)
+        flux, mask, _ = noisy_twins(arrays, rows, rng, snr=snr)
         prediction = ensemble.predict(flux, mask)
         predicted.append(prediction.mean)
         spread.append(prediction.std)
-        truth.append(labels)
+        truth.append(arrays["labels"][rows])
     return label_metrics(
         np.concatenate(predicted), np.concatenate(truth), LABEL_NAMES, std=np.concatenate(spread)
     )

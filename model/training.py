@@ -60,11 +60,15 @@ class AugmentConfig:
     spectrum (with ``ivar``) gets extra noise only when the drawn S/N is below its own. A spectrum's
     S/N is the median of sqrt(ivar) over its good pixels.
     ``rv_shift_kms``: each spectrum is shifted by a velocity drawn uniformly in +-rv_shift_kms.
+    ``continuum_tilt``: each arm of each spectrum is multiplied by 1 + t x, x the arm's wavelength
+    mapped to [-1, 1] and t drawn uniformly in +-continuum_tilt (a fractional tilt, e.g. 0.01), as a
+    reduction's continuum normalisation leaves; masked pixels stay as they are.
     """
 
     noise: bool = False
     snr_range: tuple[float, float] = (10.0, 150.0)
     rv_shift_kms: float = 0.0
+    continuum_tilt: float = 0.0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "snr_range", tuple(float(s) for s in self.snr_range))
@@ -73,10 +77,12 @@ class AugmentConfig:
             raise ConfigError(f"augmentation snr_range must satisfy 0 < lo <= hi, got {self.snr_range}")
         if self.rv_shift_kms < 0:
             raise ConfigError(f"rv_shift_kms must be >= 0, got {self.rv_shift_kms}")
+        if not 0 <= self.continuum_tilt < 1:
+            raise ConfigError(f"continuum_tilt must be in [0, 1), got {self.continuum_tilt}")
 
     @property
     def active(self) -> bool:
-        return self.noise or self.rv_shift_kms > 0
+        return self.noise or self.rv_shift_kms > 0 or self.continuum_tilt > 0
 
 
 @dataclass(frozen=True)
@@ -273,6 +279,17 @@ def rv_shift(flux: torch.Tensor, mask: torch.Tensor, setup: Setup, velocity_kms:
     return out_flux, out_mask
 
 
+def continuum_tilt(flux: torch.Tensor, mask: torch.Tensor, setup: Setup, tilt: torch.Tensor) -> torch.Tensor:
+    """Spectra with arm ``a`` multiplied by 1 + tilt[:, a] x, x the arm's wavelength mapped to [-1, 1]
+    (``tilt`` [B, n_arms], fractional); masked pixels keep their flux."""
+    out = flux.clone()
+    for a, (arm, part) in enumerate(zip(setup.arms, setup.arm_slices.values(), strict=True)):
+        x = torch.as_tensor(2 * (arm.wave - arm.wave_start) / (arm.wave_end - arm.wave_start) - 1)[None, :]
+        factor = (1.0 + tilt[:, a : a + 1].to(torch.float64) * x).to(flux.dtype)
+        out[:, part] = torch.where(mask[:, part], flux[:, part] * factor, flux[:, part])
+    return out
+
+
 def augment(
     batch: Mapping[str, torch.Tensor], config: AugmentConfig, setup: Setup, generator: torch.Generator
 ):
@@ -284,6 +301,9 @@ def augment(
     if config.rv_shift_kms > 0:
         velocity = (torch.rand(n, generator=generator, dtype=torch.float64) * 2 - 1) * config.rv_shift_kms
         flux, mask = rv_shift(flux, mask, setup, velocity)
+    if config.continuum_tilt > 0:
+        tilt = torch.rand((n, len(setup.arms)), generator=generator, dtype=torch.float64) * 2 - 1
+        flux = continuum_tilt(flux, mask, setup, tilt * config.continuum_tilt)
     if config.noise:
         lo, hi = config.snr_range
         snr = torch.exp(

@@ -152,6 +152,7 @@ def code_defaults(monkeypatch) -> dict[tuple[str, str], str]:
         ("train", "members"): str(job.ensemble.n_members),
         ("train", "epochs"): str(job.train.epochs),
         ("train", "arch"): job.arch.name,
+        ("train", "continuum_tilt"): str(job.train.augment.continuum_tilt),
         ("label", "high_std"): " ".join(f"{k}={v:g}" for k, v in FlagThresholds().high_std.items()),
         ("serve", "host"): served_host(monkeypatch),
     }

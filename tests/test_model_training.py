@@ -17,6 +17,7 @@ from speclabel.model.training import (
     TrainConfig,
     TrainingState,
     augment,
+    continuum_tilt,
     derived_seed,
     loss_targets,
     masked_mean,
@@ -274,8 +275,61 @@ def test_noise_augmentation_reaches_the_drawn_snr(tiny_setup):
         augment({"flux": clean, "mask": batch["mask"]}, config, tiny_setup, generator)
 
 
+def _arm_x(arm):
+    """The arm's wavelengths mapped linearly onto [-1, 1], from its first and last wavelength."""
+    return np.interp(arm.wave, [arm.wave[0], arm.wave[-1]], [-1.0, 1.0])
+
+
+def test_continuum_tilt_is_linear_per_arm_and_leaves_masked_pixels(tiny_setup):
+    n, p = 3, tiny_setup.n_pixels
+    flux = torch.full((n, p), 0.8, dtype=torch.float64)
+    mask = torch.ones((n, p), dtype=torch.bool)
+    mask[1, 5] = mask[2, 100] = False
+    flux[1, 5] = flux[2, 100] = 7.0
+    tilt = torch.tensor([[0.01, -0.02], [0.0, 0.03], [-0.005, 0.0]], dtype=torch.float64)
+    out = continuum_tilt(flux, mask, tiny_setup, tilt).numpy()
+    for a, (arm, part) in enumerate(zip(tiny_setup.arms, tiny_setup.arm_slices.values(), strict=True)):
+        expected = 0.8 * (1 + tilt[:, a : a + 1].numpy() * _arm_x(arm)[None, :])
+        good = mask[:, part].numpy()
+        assert np.allclose(out[:, part][good], expected[good], atol=1e-12)
+    assert out[1, 5] == 7.0 and out[2, 100] == 7.0
+
+
+def test_continuum_tilt_augmentation_is_per_arm_bounded_and_seeded(tiny_setup):
+    n, p = 200, tiny_setup.n_pixels
+    batch = {"flux": torch.ones((n, p)), "mask": torch.ones((n, p), dtype=torch.bool)}
+    batch["mask"][0, 3] = False
+    config = AugmentConfig(continuum_tilt=0.01)
+    assert config.active
+    tilted, mask = augment(batch, config, tiny_setup, torch.Generator().manual_seed(4))
+    slopes = []
+    for arm, part in zip(tiny_setup.arms, tiny_setup.arm_slices.values(), strict=True):
+        x, y = _arm_x(arm), tilted[:, part].double().numpy() - 1
+        keep = mask[:, part].numpy()
+        fits = [np.polyfit(x[k], row[k], 1) for row, k in zip(y, keep, strict=True)]
+        slope, intercept = np.array(fits).T
+        assert np.allclose(intercept, 0, atol=1e-6)  # a tilt about the arm's centre: no offset
+        assert np.allclose(y[keep], (slope[:, None] * x[None, :])[keep], atol=1e-6)  # linear
+        slopes.append(slope)
+    slopes = np.array(slopes)  # [arm, row]
+    assert np.abs(slopes).max() <= 0.01 and np.abs(slopes).max() > 0.009  # uniform in +-0.01
+    assert abs(np.corrcoef(slopes)[0, 1]) < 0.3  # each arm draws its own tilt
+    assert tilted[0, 3] == 1.0  # masked pixel untouched
+    again, _ = augment(batch, config, tiny_setup, torch.Generator().manual_seed(4))
+    other, _ = augment(batch, config, tiny_setup, torch.Generator().manual_seed(5))
+    assert torch.equal(again, tilted) and not torch.equal(other, tilted)
+    with pytest.raises(ConfigError, match="continuum_tilt"):
+        AugmentConfig(continuum_tilt=-0.01)
+
+
 def test_config_round_trip_and_validation():
     assert TrainConfig.from_dict(CONFIG.to_dict()) == CONFIG
+    tilted = CONFIG.replace(augment=AugmentConfig(noise=True, continuum_tilt=0.01))
+    assert TrainConfig.from_dict(tilted.to_dict()).augment.continuum_tilt == 0.01
+    # A model.json written before continuum_tilt existed reads as no tilt.
+    old = CONFIG.to_dict()
+    del old["augment"]["continuum_tilt"]
+    assert TrainConfig.from_dict(old) == CONFIG
     with pytest.raises(ConfigError, match="unknown training option"):
         TrainConfig.from_dict({"epoch": 3})
     with pytest.raises(ConfigError, match="loss_weighting"):

@@ -34,6 +34,9 @@ def test_config_file_sections_and_command_line_overrides(tmp_path):
     job = _job(["--data", "d", "--out", "m", "--config", str(config), "--epochs", "2", "--members", "5"])
     assert (job.train.epochs, job.ensemble.n_members, job.train.batch_size) == (2, 5, 8)
     assert _job(["--data", "d", "--out", "m", "--arch", "paper"]).arch == PAPER
+    tilted = _job(["--data", "d", "--out", "m", "--config", str(config), "--continuum-tilt", "0.01"]).train
+    assert tilted.augment.continuum_tilt == 0.01 and tilted.epochs == 7  # the file's other settings stay
+    assert tilted.augment.noise == job.train.augment.noise
     (tmp_path / "preset.toml").write_text('arch = "paper"\n[train.augment]\nnoise = true\n')
     settings = read_model_config(tmp_path / "preset.toml")
     assert settings["arch"] == PAPER and settings["train"].augment.noise

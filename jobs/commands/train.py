@@ -42,7 +42,14 @@ from __future__ import annotations
 
 import argparse
 
-from ._types import add_ray_address, non_negative_int, positive_float, positive_int, stated_default
+from ._types import (
+    add_ray_address,
+    non_negative_float,
+    non_negative_int,
+    positive_float,
+    positive_int,
+    stated_default,
+)
 
 HELP = "fit the ensemble members in parallel with Ray (resumable) and write a model directory"
 
@@ -67,6 +74,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             help="maximum epochs per member (default %(code_default)s, or --config's)",
         ),
         "speclabel.model.training:TrainConfig.epochs",
+    )
+    stated_default(
+        parser.add_argument(
+            "--continuum-tilt",
+            type=non_negative_float,
+            metavar="T",
+            help="augmentation: multiply each arm of each training spectrum by 1 + t x (x the arm's "
+            "wavelength mapped to [-1, 1], t uniform in +-T, e.g. 0.01) (default %(code_default)s, or "
+            "--config's)",
+        ),
+        "speclabel.model.training:AugmentConfig.continuum_tilt",
     )
     stated_default(
         parser.add_argument(
@@ -134,6 +152,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def build_job(args: argparse.Namespace):
+    import dataclasses
+
     from speclabel.model.arch import get_arch
 
     from ..train import TrainJob, read_model_config
@@ -141,12 +161,13 @@ def build_job(args: argparse.Namespace):
     settings = read_model_config(args.config) if args.config else {}
     if args.arch:
         settings["arch"] = get_arch(args.arch)
+    train = settings.get("train", TrainJob.__dataclass_fields__["train"].default_factory())
     if args.epochs:
-        settings["train"] = settings.get("train", TrainJob.__dataclass_fields__["train"].default_factory())
-        settings["train"] = settings["train"].replace(epochs=args.epochs)
+        settings["train"] = train = train.replace(epochs=args.epochs)
+    if args.continuum_tilt is not None:
+        augment = dataclasses.replace(train.augment, continuum_tilt=args.continuum_tilt)
+        settings["train"] = train.replace(augment=augment)
     if args.members:
-        import dataclasses
-
         from speclabel.model.fit import EnsembleConfig
 
         ensemble = settings.get("ensemble", EnsembleConfig())

@@ -1,0 +1,333 @@
+"""Grouped k-fold cross-validation over the shared file's training pool: the SELECTION numbers.
+
+    nice -n 15 .venv/bin/python bench/cv_accuracy.py --variants default default+rv+tilt --folds 3 --epochs 40
+
+Model choices (preset, recipe, augmentation) are made on these numbers, never on the common test
+split: the pool is every row outside that split (``model.splits.SplitRule``), and the test rows are
+never read here; ``bench/accuracy_shared.py`` scores them, once, at the end. Pool row ``i`` is in fold
+``floor(k u(cv_salt, spectrum_id_i))`` (``model.splits.hash_uniform``), so a star keeps its fold
+however the file grows. For each fold and variant one member (seed = fold, one torch thread) trains
+on the other folds, with the variant's recipe from ``bench/accuracy_shared.py`` (its validation rows:
+the split rule's ``member_masks`` within those folds; label scaling and input reference from them
+alone), and scores the held-out fold on
+
+* (a) ``observed``: its observed spectra (their own S/N),
+* (b) ``twins``: its noise-free twins with fresh noise at S/N 50-150, ``--draws`` draws per star,
+* (c) ``perturbed``: the same draws (the same noise) of the twins seen through a radial-velocity
+  residual (Gaussian, sigma ``--rv-sigma`` km/s) and a continuum tilt (uniform in +-``--tilt`` per
+  arm), as real reductions leave.
+
+The out-of-fold predictions of all folds are pooled. Per label: the scatter of (a) overall and at
+S/N >= 50, of (a) at S/N >= 50, (b) and (c) by region of label space (``REGIONS``, printed) and of
+(a) by S/N bin, each cell with its number of stars and a bootstrap uncertainty (stars resampled, all
+draws of a star together), and the robustness ratio (c) / (b) (paired bootstrap). Each fold's
+predictions are appended to ``--out`` as a JSON line as soon as it is done, so that a run cut short
+still tables (``--table-only``), and a rerun skips the folds already there. Folds can run in separate
+processes (``--only-folds 1 --out part1.jsonl``, ...): concatenate the files and table them with
+``--table-only --out all.jsonl``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from accuracy_shared import VARIANTS, load_shared, noisy_twins, variant_config
+
+from speclabel.core.labels import LABEL_NAMES
+from speclabel.model.ensemble import Ensemble
+from speclabel.model.fit import EnsembleConfig
+from speclabel.model.metrics import snr_bin_name, snr_bins
+from speclabel.model.scaling import LabelScaler
+from speclabel.model.splits import hash_uniform
+from speclabel.model.training import ArrayData, continuum_tilt, input_reference, rv_shift, train_member
+
+CV_SALT = "speclabel-cv-v1"
+SNR_EDGES = (20.0, 50.0, 100.0)
+TEFF, LOGG, FEH = (LABEL_NAMES.index(n) for n in ("teff", "logg", "feh"))
+
+
+def _clump(lab):
+    return (lab[:, LOGG] >= 2.2) & (lab[:, LOGG] < 2.8) & (lab[:, TEFF] >= 4500) & (lab[:, TEFF] < 5200)
+
+
+# The regions of label space, in one place: name -> (cut as printed, rows of labels [N, L] in it).
+REGIONS = {
+    "cool giants": (
+        "Teff < 5800 K, log g <= 3.5, not red clump",
+        lambda lab: (lab[:, TEFF] < 5800) & (lab[:, LOGG] <= 3.5) & ~_clump(lab),
+    ),
+    "red clump": ("4500 <= Teff < 5200 K, 2.2 <= log g < 2.8", _clump),
+    "cool dwarfs": ("Teff <= 5800 K, log g > 3.5", lambda lab: (lab[:, TEFF] <= 5800) & (lab[:, LOGG] > 3.5)),
+    "hot dwarfs": ("Teff > 5800 K, log g > 3.5", lambda lab: (lab[:, TEFF] > 5800) & (lab[:, LOGG] > 3.5)),
+    "metal-poor": ("[Fe/H] < -1 (any Teff, log g)", lambda lab: lab[:, FEH] < -1),
+    "hot metal-poor dwarfs": (
+        "Teff > 5800 K, log g > 3.5, [Fe/H] < -1",
+        lambda lab: (lab[:, TEFF] > 5800) & (lab[:, LOGG] > 3.5) & (lab[:, FEH] < -1),
+    ),
+}
+
+SETS = {
+    "observed": "(a) observed spectra",
+    "twins": "(b) noise-free twins, fresh noise S/N 50-150",
+    "perturbed": "(c) the same twins + RV residual + continuum tilt",
+}
+
+
+def cv_folds(spectrum_ids, k: int) -> np.ndarray:
+    """The fold (0 .. k-1) of each id, by a hash of the id alone."""
+    return np.minimum((hash_uniform(spectrum_ids, CV_SALT) * k).astype(int), k - 1)
+
+
+def reduction_residuals(arrays, rows, setup, rng, *, rv_sigma, tilt):
+    """The rows' noise-free twins seen at a Gaussian RV residual (sigma ``rv_sigma`` km/s) and tilted
+    by a uniform fraction in +-``tilt`` per arm (``model.training.rv_shift``, ``continuum_tilt``)."""
+    clean = torch.as_tensor(arrays["flux_clean"][rows], dtype=torch.float64)
+    mask = torch.as_tensor(arrays["mask"][rows])
+    velocity = torch.as_tensor(rng.normal(0.0, rv_sigma, len(clean)))
+    clean, mask = rv_shift(clean, mask, setup, velocity)
+    slopes = torch.as_tensor(rng.uniform(-tilt, tilt, (len(clean), len(setup.arms))))
+    # Good where the shifted spectrum and the original are: the noise follows the original's ivar.
+    return continuum_tilt(clean, mask, setup, slopes).numpy(), mask.numpy() & arrays["mask"][rows]
+
+
+def run_fold(name, fold, k, epochs, *, draws, rv_sigma, tilt):
+    """Train the variant on the folds other than ``fold`` and score ``fold`` on (a), (b) and (c)."""
+    arrays, setup = load_shared()
+    arch, config = variant_config(name, epochs)
+    ensemble_config = EnsembleConfig()
+    split = ensemble_config.split
+    ids = arrays["spectrum_id"]
+    folds = np.where(split.is_test(ids), -1, cv_folds(ids, k))  # -1: the common test split, never used
+    held = folds == fold
+    train_rows, val_rows = split.member_masks(ids, fold)
+    train_rows, val_rows = train_rows & (folds != fold), val_rows & (folds != fold)
+    scaler = LabelScaler.fit(arrays["labels"][train_rows | val_rows], ensemble_config.scaling)
+    train, val = ArrayData.from_arrays(arrays, train_rows), ArrayData.from_arrays(arrays, val_rows)
+    reference = input_reference(train, val) if arch.center_input else None
+    began, cpu = time.perf_counter(), time.process_time()
+    result = train_member(arch, setup, scaler, config.replace(seed=fold), train, val, reference=reference)
+    seconds, cpu_seconds = time.perf_counter() - began, time.process_time() - cpu
+    model = Ensemble(setup, arch, scaler, [result.network])
+    twins, perturbed = [], []
+    for draw in range(draws):
+        flux, mask, _ = noisy_twins(arrays, held, np.random.default_rng([fold, draw]))
+        twins.append(model.predict(flux, mask).mean)
+        shifted, shifted_mask = reduction_residuals(
+            arrays, held, setup, np.random.default_rng([fold, draw, 1]), rv_sigma=rv_sigma, tilt=tilt
+        )
+        # The same noise draw as the twin above (same generator seed), on the perturbed spectrum.
+        flux, mask, _ = noisy_twins(
+            arrays, held, np.random.default_rng([fold, draw]), clean=shifted, mask=shifted_mask
+        )
+        perturbed.append(model.predict(flux, mask).mean)
+    observed = model.predict(arrays["flux"][held], arrays["mask"][held]).mean
+    return {
+        "variant": name,
+        "fold": fold,
+        "folds": k,
+        "epochs": config.epochs,
+        "draws": draws,
+        "rv_sigma": rv_sigma,
+        "tilt": tilt,
+        "arch": arch.to_dict(),
+        "train": config.to_dict(),
+        "fingerprint": arrays["fingerprint"],
+        "n_pool": int((folds >= 0).sum()),
+        "n_train": result.n_train,
+        "n_val": result.n_val,
+        "epochs_run": result.epochs_run,
+        "best_epoch": result.best_epoch,
+        "seconds": seconds,
+        "cpu_seconds": cpu_seconds,
+        "spectrum_id": [str(s) for s in ids[held]],
+        "truth": arrays["labels"][held].tolist(),
+        "snr": arrays["snr"][held].tolist(),
+        "observed": observed.tolist(),
+        "twins": np.stack(twins).tolist(),
+        "perturbed": np.stack(perturbed).tolist(),
+        "machine": f"{platform.node()}, torch threads 1",
+        "date": time.strftime("%Y-%m-%d"),
+    }
+
+
+def pooled(records: list[dict]) -> dict[str, np.ndarray]:
+    """One variant's out-of-fold predictions of every fold: residuals [stars, draws, L] per set."""
+    truth = np.concatenate([np.asarray(r["truth"]) for r in records])
+    return {
+        "truth": truth,
+        "snr": np.concatenate([np.asarray(r["snr"]) for r in records]),
+        "observed": np.concatenate([np.asarray(r["observed"]) for r in records])[:, None, :] - truth[:, None],
+        **{
+            key: np.concatenate([np.asarray(r[key]).transpose(1, 0, 2) for r in records]) - truth[:, None]
+            for key in ("twins", "perturbed")
+        },
+    }
+
+
+def bootstrap_picks(n_stars: int, n_boot: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, n_stars, (n_boot, n_stars))
+
+
+def scatter_cell(residual: np.ndarray, n_boot: int = 300) -> tuple[int, np.ndarray, np.ndarray]:
+    """(stars, scatter per label, bootstrap std of it) of residuals [stars, draws, L]: the std over all
+    draws of all stars (ddof 1), the stars resampled with replacement for the uncertainty."""
+    n = residual.shape[0]
+    if n < 2:
+        return n, np.full(residual.shape[-1], np.nan), np.full(residual.shape[-1], np.nan)
+    flat = residual.reshape(-1, residual.shape[-1])
+    picks = bootstrap_picks(n, n_boot)
+    boot = residual[picks].reshape(n_boot, -1, residual.shape[-1])
+    return n, np.nanstd(flat, axis=0, ddof=1), np.nanstd(boot, axis=1, ddof=1).std(axis=0, ddof=1)
+
+
+def ratio_cell(num: np.ndarray, den: np.ndarray, n_boot: int = 300) -> tuple[np.ndarray, np.ndarray]:
+    """scatter(num) / scatter(den) per label over the same stars, with a paired bootstrap std."""
+    picks = bootstrap_picks(num.shape[0], n_boot)
+    ratio = np.nanstd(num.reshape(-1, num.shape[-1]), 0, ddof=1) / np.nanstd(
+        den.reshape(-1, den.shape[-1]), 0, ddof=1
+    )
+    boot_num = np.nanstd(num[picks].reshape(n_boot, -1, num.shape[-1]), axis=1, ddof=1)
+    boot_den = np.nanstd(den[picks].reshape(n_boot, -1, den.shape[-1]), axis=1, ddof=1)
+    return ratio, (boot_num / boot_den).std(axis=0, ddof=1)
+
+
+def _fmt(value: float, err: float, label: str) -> str:
+    digits = 1 if label == "teff" else 3
+    return f"{value:.{digits}f}±{err:.{digits}f}"
+
+
+def _row(title: str, residual: np.ndarray, width: int = 34) -> str:
+    n, scatter, err = scatter_cell(residual)
+    cells = " ".join(f"{_fmt(s, e, name):>14}" for s, e, name in zip(scatter, err, LABEL_NAMES, strict=True))
+    return f"{title:<{width}} {n:>5} {cells}"
+
+
+def _header(first: str, width: int = 34) -> str:
+    return f"{first:<{width}} {'stars':>5} " + " ".join(f"{n:>14}" for n in LABEL_NAMES)
+
+
+def print_comparison(by_variant: dict[str, list[dict]]) -> None:
+    """The variants side by side on the folds that all of them have run (the same held-out stars)."""
+    common = sorted(set.intersection(*({r["fold"] for r in runs} for runs in by_variant.values())))
+    print(f"\nvariants on the same folds {common}: scatter ± bootstrap std; (c)/(b) paired")
+    print(_header("variant: set", 40))
+    for name, runs in by_variant.items():
+        data = pooled(sorted((r for r in runs if r["fold"] in common), key=lambda r: r["fold"]))
+        if not len(data["truth"]):
+            continue
+        print(_row(f"{name}: (a) S/N >= 50", data["observed"][data["snr"] >= 50], 40))
+        print(_row(f"{name}: (b) twins", data["twins"], 40))
+        print(_row(f"{name}: (c) twins + RV + tilt", data["perturbed"], 40))
+        ratio, err = ratio_cell(data["perturbed"], data["twins"])
+        cells = " ".join(f"{f'{r:.2f}±{e:.2f}':>14}" for r, e in zip(ratio, err, strict=True))
+        print(f"{f'{name}: (c) / (b)':<40} {len(data['truth']):>5} {cells}")
+
+
+def print_tables(records: list[dict]) -> None:
+    print("regions (cuts on the true labels):")
+    for name, (cut, _) in REGIONS.items():
+        print(f"  {name:<22} {cut}")
+    by_variant: dict[str, list[dict]] = {}
+    for r in records:
+        by_variant.setdefault(r["variant"], []).append(r)
+    if by_variant:
+        print_comparison(by_variant)
+    for name, runs in by_variant.items():
+        runs = sorted(runs, key=lambda r: r["fold"])
+        data = pooled(runs)
+        high = data["snr"] >= 50
+        first = runs[0]
+        print(
+            f"\n== {name}: folds {[r['fold'] for r in runs]} of {first['folds']}, {first['epochs']} epochs "
+            f"(run {[r['epochs_run'] for r in runs]}, best {[r['best_epoch'] for r in runs]}), "
+            f"{np.mean([r['cpu_seconds'] for r in runs]) / 60:.1f} min CPU per fold, pool {first['n_pool']} "
+            f"stars, {first['draws']} twin draws per star; (c): RV sigma {first['rv_sigma']} km/s, "
+            f"tilt +-{first['tilt']:.0%} per arm"
+        )
+        if len({r["fingerprint"] for r in runs}) > 1:
+            print("   WARNING: these folds were run on different versions of the data file")
+        print("scatter ± bootstrap std, out-of-fold (SELECTION numbers)")
+        print(_header("set"))
+        print(_row("(a) observed, all S/N", data["observed"]))
+        print(_row("(a) observed, S/N >= 50", data["observed"][high]))
+        print(_row("(b) twins S/N 50-150", data["twins"]))
+        print(_row("(c) twins + RV + tilt", data["perturbed"]))
+        for fold in runs:
+            one = pooled([fold])
+            print(_row(f"    (b) fold {fold['fold']} alone", one["twins"]))
+        for key, title in SETS.items():
+            print(f"\nby region: {title}" + (", S/N >= 50" if key == "observed" else ""))
+            print(_header("region"))
+            for region, (_, select) in REGIONS.items():
+                inside = select(data["truth"]) & (high if key == "observed" else True)
+                print(_row(region, data[key][inside]))
+        print("\nby S/N bin: (a) observed spectra")
+        print(_header("S/N"))
+        for lo, hi in snr_bins(SNR_EDGES):
+            inside = (data["snr"] >= lo) & (data["snr"] < hi)
+            print(_row(snr_bin_name(lo, hi), data["observed"][inside]))
+        print("\nrobustness: scatter (c) / scatter (b), paired bootstrap std")
+        print(_header("region"))
+        everyone = np.ones(len(data["truth"]), bool)
+        for region, inside in (("all", everyone), *((k, v[1](data["truth"])) for k, v in REGIONS.items())):
+            if inside.sum() < 2:
+                continue
+            ratio, err = ratio_cell(data["perturbed"][inside], data["twins"][inside])
+            cells = " ".join(f"{f'{r:.2f}±{e:.2f}':>14}" for r, e in zip(ratio, err, strict=True))
+            print(f"{region:<34} {int(inside.sum()):>5} {cells}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--variants", nargs="*", default=["default"], choices=sorted(VARIANTS))
+    parser.add_argument("--folds", type=int, default=3)
+    parser.add_argument("--only-folds", type=int, nargs="*", help="run these folds only (default all)")
+    parser.add_argument("--epochs", type=int, default=None, help="override the variant's epoch limit")
+    parser.add_argument("--draws", type=int, default=5, help="fresh-noise draws per held-out twin")
+    parser.add_argument("--rv-sigma", type=float, default=1.5, help="(c): RV residual sigma, km/s")
+    parser.add_argument("--tilt", type=float, default=0.01, help="(c): continuum tilt per arm, +- fraction")
+    parser.add_argument("--out", default="out/cv_accuracy.jsonl")
+    parser.add_argument("--table-only", action="store_true")
+    args = parser.parse_args()
+    out = Path(args.out)
+    done = [json.loads(line) for line in out.read_text().splitlines()] if out.exists() else []
+    if not args.table_only:
+        torch.set_num_threads(1)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        fingerprint = load_shared()[0]["fingerprint"]
+        for fold in args.only_folds if args.only_folds is not None else range(args.folds):
+            for name in args.variants:  # variants side by side fold by fold: a partial run compares them
+                epochs = variant_config(name, args.epochs)[1].epochs
+                key = (name, fold, args.folds, epochs, args.draws, fingerprint)
+                if any(
+                    (r["variant"], r["fold"], r["folds"], r["epochs"], r["draws"], r["fingerprint"]) == key
+                    for r in done
+                ):
+                    continue
+                record = run_fold(
+                    name,
+                    fold,
+                    args.folds,
+                    args.epochs,
+                    draws=args.draws,
+                    rv_sigma=args.rv_sigma,
+                    tilt=args.tilt,
+                )
+                with out.open("a") as fh:
+                    fh.write(json.dumps(record) + "\n")
+                done.append(record)
+                print(f"{name} fold {fold}: {record['cpu_seconds'] / 60:.1f} min CPU", flush=True)
+    variants = set(args.variants)
+    print_tables([r for r in done if r["variant"] in variants and r["folds"] == args.folds])
+
+
+if __name__ == "__main__":
+    main()
