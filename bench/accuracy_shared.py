@@ -150,6 +150,33 @@ def variant_config(name, epochs):
     return arch, config if epochs is None else config.replace(epochs=epochs)
 
 
+def fit_in_process(arrays, setup, variant, members, epochs, *, test=None, data=None):
+    """An ensemble of ``members`` members (seeds 0 ..) of ``variant`` on ``arrays`` in this process,
+    one after another, each on its own validation split, as the training job draws them;
+    ``test``/``data`` go to ``assemble_ensemble`` (test-split arrays to score, what it trained on)."""
+    arch, config = variant_config(variant, epochs)
+    ensemble_config = EnsembleConfig(n_members=members)
+    split = ensemble_config.split
+    scaler = fit_scaler(arrays, split, "standard")
+    reference = input_reference(*member_data(arrays, split, 0)) if arch.center_input else None
+    results = []
+    for seed in ensemble_config.seeds:
+        train, val = member_data(arrays, split, seed)
+        results.append(
+            train_member(arch, setup, scaler, config.replace(seed=seed), train, val, reference=reference)
+        )
+    return assemble_ensemble(
+        setup,
+        arch,
+        scaler,
+        results,
+        ensemble_config=ensemble_config,
+        train_config=config,
+        test=test,
+        data=data or {"n_rows": len(arrays["labels"])},
+    )
+
+
 def run_variant(name, members, epochs, workers, save=None):
     arrays, setup = load_shared()
     arch, config = variant_config(name, epochs)

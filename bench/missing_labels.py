@@ -21,11 +21,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from accuracy_shared import load_shared, variant_config
+from accuracy_shared import fit_in_process, load_shared
 
 from speclabel.core.labels import LABEL_NAMES
-from speclabel.model.fit import EnsembleConfig, assemble_ensemble, fit_scaler, member_data
-from speclabel.model.training import input_reference, train_member
+from speclabel.model.fit import EnsembleConfig
 
 REMOVED = ("mgfe", "alfe")
 
@@ -42,29 +41,9 @@ def with_missing(arrays: dict, fraction: float, split, seed: int = 7) -> dict:
 
 
 def fit(arrays, setup, variant, members, epochs):
-    arch, config = variant_config(variant, epochs)
-    ensemble_config = EnsembleConfig(n_members=members)
-    split = ensemble_config.split
-    scaler = fit_scaler(arrays, split, "standard")
-    reference = input_reference(*member_data(arrays, split, 0)) if arch.center_input else None
-    results = []
-    for seed in ensemble_config.seeds:
-        train, val = member_data(arrays, split, seed)
-        results.append(
-            train_member(arch, setup, scaler, config.replace(seed=seed), train, val, reference=reference)
-        )
-    test = split.is_test(arrays["spectrum_id"])
-    ensemble = assemble_ensemble(
-        setup,
-        arch,
-        scaler,
-        results,
-        ensemble_config=ensemble_config,
-        train_config=config,
-        test={k: arrays[k][test] for k in ("flux", "mask", "labels", "snr")},
-        data={"n_rows": len(arrays["labels"])},
-    )
-    return ensemble.info["metrics"]["test"]
+    test = EnsembleConfig().split.is_test(arrays["spectrum_id"])
+    test_arrays = {k: arrays[k][test] for k in ("flux", "mask", "labels", "snr")}
+    return fit_in_process(arrays, setup, variant, members, epochs, test=test_arrays).info["metrics"]["test"]
 
 
 def main() -> None:

@@ -33,14 +33,13 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import torch
-from accuracy_shared import load_shared, twin_test, variant_config
+from accuracy_shared import fit_in_process, load_shared, twin_test
 
 from speclabel.core.labels import LABEL_NAMES
 from speclabel.model.calibration import prior_widths
-from speclabel.model.fit import EnsembleConfig, assemble_ensemble, fit_scaler, member_data, test_metrics
+from speclabel.model.fit import EnsembleConfig, test_metrics
 from speclabel.model.ood import OODConfig, fit_embedding_reference
 from speclabel.model.splits import hash_uniform
-from speclabel.model.training import input_reference, train_member
 from speclabel.pipeline.suggest import CandidatePools, score_parts, select
 
 START_SALT = "speclabel-suggest-bench-start"
@@ -56,29 +55,8 @@ def subset(arrays: dict, rows: np.ndarray) -> dict:
 def train(arrays, setup, rows, members, epochs):
     """An ensemble of ``members`` members (seeds 0 ..) on ``rows`` (outside the test split), each
     with its own validation split of them, as the training job draws it."""
-    data = subset(arrays, rows)
-    arch, config = variant_config(VARIANT, epochs)
-    ensemble_config = EnsembleConfig(n_members=members)
-    split = ensemble_config.split
-    scaler = fit_scaler(data, split, "standard")
-    reference = input_reference(*member_data(data, split, 0)) if arch.center_input else None
-    results = []
-    for seed in ensemble_config.seeds:
-        train_rows, val_rows = member_data(data, split, seed)
-        results.append(
-            train_member(
-                arch, setup, scaler, config.replace(seed=seed), train_rows, val_rows, reference=reference
-            )
-        )
-    return assemble_ensemble(
-        setup,
-        arch,
-        scaler,
-        results,
-        ensemble_config=ensemble_config,
-        train_config=config,
-        test=None,
-        data={"n_rows": int(rows.sum())},
+    return fit_in_process(
+        subset(arrays, rows), setup, VARIANT, members, epochs, data={"n_rows": int(rows.sum())}
     )
 
 
