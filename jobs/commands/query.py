@@ -36,11 +36,8 @@ def comma_list(text: str) -> list[str]:
     return items
 
 
-def add_query_arguments(
-    parser: argparse.ArgumentParser, catalogue_help: str = "catalogue folder or URI (s3://, gs://)"
-) -> None:
-    """The catalogue and run-selection options shared by `query`, `sql` and `stats`."""
-    parser.add_argument("catalogue", metavar="CATALOGUE", help=catalogue_help)
+def add_release_argument(parser: argparse.ArgumentParser) -> None:
+    """``--release``, as every command that reads a catalogue selects releases."""
     parser.add_argument(
         "--release",
         type=comma_list,
@@ -49,6 +46,14 @@ def add_query_arguments(
         metavar="NAME[,NAME]",
         help="only these releases (repeatable; default: all)",
     )
+
+
+def add_query_arguments(
+    parser: argparse.ArgumentParser, catalogue_help: str = "catalogue folder or URI (s3://, gs://)"
+) -> None:
+    """The catalogue and run-selection options shared by `query`, `sql` and `stats`."""
+    parser.add_argument("catalogue", metavar="CATALOGUE", help=catalogue_help)
+    add_release_argument(parser)
     parser.add_argument("--model-id", help="rows labelled by this model (default: the live rows)")
 
 

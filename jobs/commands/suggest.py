@@ -22,7 +22,7 @@ from __future__ import annotations
 import argparse
 
 from ._types import add_ray_address, positive_int
-from .query import comma_list
+from .query import add_release_argument
 
 HELP = "suggest which catalogue rows to get reference labels for next (uncertain, novel, diverse)"
 
@@ -32,14 +32,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, metavar="MODEL_DIR", help="the model that labelled it")
     parser.add_argument("--n", type=positive_int, required=True, help="how many rows to suggest")
     parser.add_argument("--where", metavar="EXPR", help="only rows matching this filter (as query --where)")
-    parser.add_argument(
-        "--release",
-        type=comma_list,
-        action="extend",
-        dest="releases",
-        metavar="NAME[,NAME]",
-        help="only these releases (repeatable; default: all)",
-    )
+    add_release_argument(parser)
     parser.add_argument("--exclude", metavar="IDS_FILE", help="never suggest these ids (.parquet/.csv)")
     parser.add_argument(
         "--max-per-partition",
