@@ -26,7 +26,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from speclabel.core.arrays import spectra_arrays
-from speclabel.model.calibration import check_errors, model_calibration, row_errors
+from speclabel.model.calibration import errors_or_std, model_calibration, row_errors
 from speclabel.model.io import load_model
 from speclabel.model.splits import SplitRule
 from speclabel.pipeline.simulate.defects import DEFECTS, inject
@@ -69,7 +69,7 @@ def rates(ensemble, clean, truth, snrs, draws, seed) -> dict:
                     else row_errors(calibration, forward, prediction.mean, prediction.std, ivar, good)
                 )
                 at_labels = forward.chi2(
-                    observed, ivar, good, prediction.mean, check_errors(err, prediction.std)
+                    observed, ivar, good, prediction.mean, errors_or_std(err, prediction.std)
                 )
                 flagged.append(forward.anomalous(at_labels))
                 flagged_true.append(forward.anomalous(forward.chi2(observed, ivar, good, truth)))

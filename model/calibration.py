@@ -169,11 +169,13 @@ def row_errors(
     return calibration.total_error(std, forward.label_bound(mean, ivar, good))
 
 
-def check_errors(err: np.ndarray | None, std: np.ndarray) -> np.ndarray:
-    """The label uncertainties the anomaly check propagates into the pixel variances
-    (``ForwardModel.chi2(..., label_error)``): the calibrated ``err`` where known, else the ensemble
-    ``std`` (too small, but better than none; NaN for one member counts as 0 there)."""
-    return std if err is None else np.where(np.isfinite(err), err, std)
+def errors_or_std(err: np.ndarray | None, std: np.ndarray) -> np.ndarray:
+    """Each label's uncertainty ``[N, L]``: the calibrated ``err`` where known (``err`` None: a model
+    without a calibration), else the ensemble ``std`` (too small, but better than none). What the
+    anomaly check propagates into the pixel variances (``ForwardModel.chi2(..., label_error)``) and
+    what ``speclabel suggest`` scores."""
+    std = np.asarray(std, dtype=np.float64)
+    return std if err is None else np.where(np.isfinite(err), np.asarray(err, dtype=np.float64), std)
 
 
 def calibrate_ensemble(

@@ -186,9 +186,9 @@ class ForwardModel:
         where a row or arm has no good pixel. ``e`` is 0 unless ``label_error`` ``[N, L]`` gives the
         1-sigma uncertainty of ``labels`` (a row's calibrated err): then ``e^2 = sum_k (d flux /
         d label_k * err_k)^2``, how far that uncertainty moves the model flux (non-finite errors count
-        as 0). Labels off by their errors leave
-        residuals that at high S/N outweigh the noise: without ``e`` a clean spectrum's chi^2 at an
-        ensemble's labels grows with S/N, while the thresholds are set at the training labels.
+        as 0). Labels off by their errors leave residuals that at high S/N outweigh the noise:
+        without ``e`` a clean spectrum's chi^2 at an ensemble's labels grows with S/N, while the
+        thresholds are set at the training labels.
         """
         self._check(flux, ivar, good)
         if label_error is not None and np.shape(label_error) != np.shape(labels):

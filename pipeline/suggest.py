@@ -37,6 +37,7 @@ import pyarrow.compute as pc
 
 from speclabel.core.errors import InputError
 from speclabel.core.flags import Flag
+from speclabel.model.calibration import errors_or_std
 
 DISQUALIFYING = Flag.ANOMALOUS_SPECTRUM | Flag.HEAVILY_MASKED | Flag.LOW_SNR
 SCORE_COLUMNS = ("score", "score_uncertainty", "score_novelty")
@@ -49,15 +50,13 @@ def score_parts(
     """``score``, ``score_uncertainty`` and ``score_novelty`` ``[N]`` (float64, see the module
     docstring) from ``std`` and ``err`` ``[N, L]`` (NaN = null; ``err`` None: no calibration) and
     ``ood_score`` ``[N]`` (None or NaN: no reference)."""
-    std = np.asarray(std, dtype=np.float64)
-    used = std if err is None else np.where(np.isfinite(err), np.asarray(err, dtype=np.float64), std)
-    scaled = (used / np.asarray(widths, dtype=np.float64)) ** 2
+    scaled = (errors_or_std(err, std) / np.asarray(widths, dtype=np.float64)) ** 2
     known = np.isfinite(scaled)
     counts = known.sum(axis=1)
     with np.errstate(invalid="ignore", divide="ignore"):
         uncertainty = np.sqrt(np.where(known, scaled, 0.0).sum(axis=1) / counts)
     uncertainty[counts == 0] = np.nan
-    novelty = np.zeros(len(std)) if ood_score is None else np.asarray(ood_score, dtype=np.float64) / 100.0
+    novelty = np.zeros(len(scaled)) if ood_score is None else np.asarray(ood_score, dtype=np.float64) / 100.0
     novelty = np.where(np.isfinite(novelty), novelty, 0.0)
     score = np.where(np.isfinite(uncertainty), uncertainty, 1.0) * (1.0 + novelty)
     return {"score": score, "score_uncertainty": uncertainty, "score_novelty": novelty}

@@ -30,7 +30,7 @@ from speclabel.core.contract import MODEL_ERROR
 from speclabel.core.errors import ConfigError, InputError
 from speclabel.core.faults import Fault, fault_point
 from speclabel.core.setups import Setup
-from speclabel.model.calibration import check_errors, model_calibration, row_errors
+from speclabel.model.calibration import errors_or_std, model_calibration, row_errors
 from speclabel.model.saliency import SaliencyAccumulator
 
 from .batch import (
@@ -190,7 +190,7 @@ class EnsembleLabeller:
         forward = self.ensemble.forward
         if forward is None:
             return None, None
-        label_error = check_errors(err, prediction.std)
+        label_error = errors_or_std(err, prediction.std)
         chi2 = forward_checks(forward, flux, ivar_batch(batch, rows), mask, prediction.mean, label_error)
         return chi2, forward.anomalous(chi2)
 
