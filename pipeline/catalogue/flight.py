@@ -280,9 +280,7 @@ class CatalogueClient:
         limit: int | None = None,
     ) -> pa.Table:
         """Same arguments as :meth:`Catalogue.query`."""
-        query = build_query(where, columns, releases, cone, model_id, limit)
-        ticket = flight.Ticket(json.dumps(query.to_dict()).encode())
-        return self._client.do_get(ticket, options=self._options).read_all()
+        return self._get(build_query(where, columns, releases, cone, model_id, limit))
 
     def aggregate(
         self,
@@ -296,16 +294,12 @@ class CatalogueClient:
         limit: int | None = None,
     ) -> pa.Table:
         """Same arguments as :meth:`Catalogue.aggregate`: the groups, aggregated on the server."""
-        query = aggregate_query(aggregates, group_by, where, releases, cone, model_id, limit)
-        ticket = flight.Ticket(json.dumps(query.to_dict()).encode())
-        return self._client.do_get(ticket, options=self._options).read_all()
+        return self._get(aggregate_query(aggregates, group_by, where, releases, cone, model_id, limit))
 
     def sql(self, text: str, *, releases=None, model_id: str | None = None) -> pa.Table:
         """One SQL ``SELECT`` over the served catalogue's views (``labels``, ``quarantine``,
         ``saliency``), as :meth:`Catalogue.sql`."""
-        request = SqlRequest(text, tuple(releases) if releases is not None else None, model_id)
-        ticket = flight.Ticket(json.dumps(request.to_dict()).encode())
-        return self._client.do_get(ticket, options=self._options).read_all()
+        return self._get(SqlRequest(text, tuple(releases) if releases is not None else None, model_id))
 
     def sql_schema(self, text: str, *, releases=None, model_id: str | None = None) -> pa.Schema:
         """The columns an SQL query would return, without running it."""
@@ -318,6 +312,11 @@ class CatalogueClient:
         command = json.dumps(Query.from_dict(query).to_dict()).encode() if query else b""
         descriptor = flight.FlightDescriptor.for_command(command)
         return self._client.get_schema(descriptor, options=self._options).schema
+
+    def _get(self, request: Query | SqlRequest) -> pa.Table:
+        """The whole result of a query or SQL request, sent as its JSON ticket."""
+        ticket = flight.Ticket(json.dumps(request.to_dict()).encode())
+        return self._client.do_get(ticket, options=self._options).read_all()
 
     def close(self) -> None:
         self._client.close()
