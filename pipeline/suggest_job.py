@@ -161,10 +161,11 @@ def suggest(
     import ray.data
 
     runs = catalogue.runs(options.releases)
-    missing = [n for n in label_names if n not in catalogue.schema_of_runs(runs).names]
+    schema = catalogue.schema_of_runs(runs)
+    missing = [n for n in label_names if n not in schema.names]
     if missing:
         raise InputError(f"the catalogue has no column(s) {missing} for the model's labels")
-    catalogue.filter(Query(where=options.where), catalogue.schema_of_runs(runs))  # a bad --where fails here
+    catalogue.filter(Query(where=options.where), schema)  # a bad --where fails here
     items = [{"release": run.release, "path": path} for run in runs for path in run.files]
     pools = CandidatePools(options.per_partition)
     if items:
