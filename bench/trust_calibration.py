@@ -56,11 +56,12 @@ def cool_giants(true: dict) -> np.ndarray:
 
 
 def predict(ensemble, flux, mask, ivar):
-    """Ensemble mean and std, and the forward model's bound at the predicted labels (None without one)."""
+    """Ensemble mean and std, the forward model's bound at the predicted labels (None without one)
+    and the members' own predicted error (None without a variance head)."""
     prediction = ensemble.predict(flux, mask)
     forward = ensemble.forward
     bound = None if forward is None else forward.label_bound(prediction.mean, ivar, mask)
-    return prediction.mean, prediction.std, bound
+    return prediction.mean, prediction.std, bound, prediction.aleatoric
 
 
 def twin_spectra(arrays, rows, rng, snr_range=(10.0, 150.0)):
@@ -195,53 +196,73 @@ def main() -> None:
         f"{len(ids)} test-split rows, {args.folds} folds, {args.draws} twin draws"
     )
 
-    mean, std, bound = predict(ensemble, arrays["flux"], arrays["mask"], arrays["ivar"])
-    test = {"residual": mean - labels, "std": std, "bound": bound, "snr": arrays["snr"], "fold": fold}
+    def sample(flux, mask, ivar, snr):
+        mean, std, bound, aleatoric = predict(ensemble, flux, mask, ivar)
+        return {
+            "residual": mean - labels,
+            "std": std,
+            "bound": bound,
+            "aleatoric": aleatoric,
+            "snr": snr,
+            "fold": fold,
+        }
+
+    test = sample(arrays["flux"], arrays["mask"], arrays["ivar"], arrays["snr"])
+    std = test["std"]
     rng = np.random.default_rng(args.seed)
-    draws = []
-    for _ in range(args.draws):
-        flux, mask, ivar, snr = twin_spectra(arrays, np.arange(len(ids)), rng)
-        twin_mean, twin_std, twin_bound = predict(ensemble, flux, mask, ivar)
-        draws.append(
-            {"residual": twin_mean - labels, "std": twin_std, "bound": twin_bound, "snr": snr, "fold": fold}
-        )
+    draws = [sample(*twin_spectra(arrays, np.arange(len(ids)), rng)) for _ in range(args.draws)]
     twins = {k: None if draws[0][k] is None else np.concatenate([d[k] for d in draws]) for k in draws[0]}
 
     # One calibration per fold and form, fitted on the other folds' test rows; each row scored by
-    # the calibration of its own fold. Forms: the model's (the forward-model bound where it has
-    # one), and for comparison std + floor and std + b/snr + floor (the issue's example).
-    forms = {"cv": lambda d: (d["bound"], widths), "cv-std": lambda d: (None, widths)}
+    # the calibration of its own fold. Forms, as (bound-like term, its prior widths, aleatoric
+    # term): the model's (the forward-model bound where it has one, the members' own predicted
+    # error where they have a variance head), the same without the members' error, and for
+    # comparison std + floor and std + b/snr + floor (the issue's example).
+    forms = {"cv": lambda d: (d["bound"], widths, d["aleatoric"])}
+    if test["aleatoric"] is not None:
+        forms["cv-no-var-head"] = lambda d: (d["bound"], widths, None)
+    forms["cv-std"] = lambda d: (None, widths, None)
     forms["cv-snr"] = lambda d: (
         np.repeat(1.0 / d["snr"][:, None], len(names), axis=1),
         np.full(len(names), np.inf),
+        None,
     )
+
+    def rows_of(term, rows):
+        return None if term is None else term[rows]
+
     fold_models = {}
     for kind, extra in forms.items():
-        term, w = extra(test)
+        term, w, aleatoric = extra(test)
         fold_models[kind] = [
             fit_error_calibration(
                 test["residual"][fold != f],
                 std[fold != f],
-                None if term is None else term[fold != f],
+                rows_of(term, fold != f),
                 names,
                 w,
+                aleatoric=rows_of(aleatoric, fold != f),
             )
             for f in range(args.folds)
         ]
 
     def cross_fitted(kind, sample):
-        term, _ = forms[kind](sample)
+        term, _, aleatoric = forms[kind](sample)
         err = np.full(sample["std"].shape, np.nan)
         for f, model in enumerate(fold_models[kind]):
             rows = sample["fold"] == f
-            err[rows] = model.total_error(sample["std"][rows], None if term is None else term[rows])
+            err[rows] = model.total_error(sample["std"][rows], rows_of(term, rows), rows_of(aleatoric, rows))
         return err
 
     twin_true = {n: np.tile(true[n], args.draws) for n in names}
     test_err = {kind: cross_fitted(kind, test) for kind in forms}
     twin_err = {kind: cross_fitted(kind, twins) for kind in forms}
     if stored is not None:
-        twin_err["stored"] = stored.total_error(twins["std"], twins["bound"] if stored.uses_bound else None)
+        twin_err["stored"] = stored.total_error(
+            twins["std"],
+            twins["bound"] if stored.uses_bound else None,
+            twins["aleatoric"] if stored.uses_aleatoric else None,
+        )
     samples = {
         "test": sample_report(test["residual"], std, test_err, test["snr"], true, names),
         "twins": sample_report(twins["residual"], twins["std"], twin_err, twins["snr"], twin_true, names),

@@ -66,7 +66,15 @@ def rates(ensemble, clean, truth, snrs, draws, seed) -> dict:
                 err = (
                     None
                     if calibration is None
-                    else row_errors(calibration, forward, prediction.mean, prediction.std, ivar, good)
+                    else row_errors(
+                        calibration,
+                        forward,
+                        prediction.mean,
+                        prediction.std,
+                        ivar,
+                        good,
+                        prediction.aleatoric,
+                    )
                 )
                 at_labels = forward.chi2(
                     observed, ivar, good, prediction.mean, errors_or_std(err, prediction.std)

@@ -10,6 +10,12 @@ convolutions over N members) can be written from the same weights:
       -> head: (Dropout -> Linear -> LeakyReLU) x len(dense_units) -> Dropout -> Linear(n_labels)
     output [B, n_labels]  scaled labels (see scaling.py)
 
+With ``variance_head`` a second output layer reads the same penultimate activations, detached, and
+predicts each label's log-variance (scaled units): the member's own estimate of its error on this
+spectrum (``SpectrumCNN.log_variance_of``), trained with a Gaussian negative log-likelihood on the
+mean's residuals (``training.variance_loss``). The detach keeps the labels exactly what they are
+without it: the head learns how far to trust them, not how to move them.
+
 The network reads ``reference - flux`` with a per-pixel ``reference`` (a buffer saved with the
 weights), and zero at masked pixels. Without centring the reference is 1.0, so the input is the
 absorption depth and the continuum is zero; with "valid" convolutions that is the same family of
@@ -36,6 +42,9 @@ from speclabel.core.labels import LABEL_NAMES
 from speclabel.core.setups import Setup
 
 ARM_LAYOUTS = ("joined", "per_arm")
+# Where a variance head's log-variance (scaled units: the label's training variance is e^0) is taken
+# to lie, in training and in prediction: no real error lies outside.
+LOG_VARIANCE_RANGE = (-12.0, 8.0)
 
 
 @dataclass(frozen=True)
@@ -53,6 +62,7 @@ class ArchConfig:
     mask_channel: bool = False
     center_input: bool = False
     n_outputs: int = len(LABEL_NAMES)
+    variance_head: bool = False
     notes: str = field(default="", compare=False)
 
     def __post_init__(self) -> None:
@@ -234,6 +244,8 @@ class SpectrumCNN(nn.Module):
         self.branches = nn.ModuleList(conv_stack(arch) for _ in self.branch_slices)
         self.head = dense_head(arch, arch.flat_features(setup))
         self.register_buffer("reference", torch.ones(setup.n_pixels))
+        # Built last, so that the other layers' initial weights are those of a network without it.
+        self.variance = nn.Linear(arch.embedding_units(setup), arch.n_outputs) if arch.variance_head else None
 
     def set_reference(self, reference) -> None:
         """The per-pixel spectrum the input is measured from (``center_input``: the training mean)."""
@@ -242,8 +254,21 @@ class SpectrumCNN(nn.Module):
             raise ValueError(f"reference must be {tuple(self.reference.shape)} finite values")
         self.reference.copy_(reference)
 
-    def forward(self, flux: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        return self.head[-1](self.embed(flux, mask))
+    def forward(
+        self, flux: torch.Tensor, mask: torch.Tensor | None = None, *, log_variance: bool = False
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Scaled labels ``[B, n_outputs]``; with ``log_variance`` (a ``variance_head`` network) also
+        their predicted log-variances ``[B, n_outputs]``, in one pass (as data-parallel training needs)."""
+        embedded = self.embed(flux, mask)
+        labels = self.head[-1](embedded)
+        return (labels, self.log_variance_of(embedded)) if log_variance else labels
+
+    def log_variance_of(self, embedded: torch.Tensor) -> torch.Tensor:
+        """The variance head on penultimate activations ``[B, units]`` (from :meth:`embed`), detached
+        from the network below it: log-variance of each scaled label ``[B, n_outputs]``."""
+        if self.variance is None:
+            raise ValueError(f"architecture {self.arch.name!r} has no variance head")
+        return self.variance(embedded.detach())
 
     def embed(self, flux: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """The penultimate-layer activations ``[B, units]``: what the output layer reads (the last
@@ -290,4 +315,6 @@ def forward_flops(arch: ArchConfig, setup: Setup) -> int:
     for units in (*arch.dense_units, arch.n_outputs):
         flops += 2 * n_features * units
         n_features = units
+    if arch.variance_head:
+        flops += 2 * arch.embedding_units(setup) * arch.n_outputs
     return flops

@@ -12,8 +12,14 @@ member predicts the training mean). The total 1-sigma error of label ``k`` of a 
 its lines vanish, growing with the noise); ``w``: the label's spread in the training set. ``p`` is
 the width of the posterior of a Gaussian likelihood of width ``bound`` under a Gaussian prior of
 width ``w``: a label the spectrum says nothing about is as uncertain as the training labels, not
-infinitely so (the network then predicts near the training mean). ``a``, ``b``, ``c`` >= 0 per label
-are fitted by Gaussian maximum likelihood (the residuals of the fitting rows as N(0, err^2)).
+infinitely so (the network then predicts near the training mean). A model whose members have a
+variance head (``ArchConfig.variance_head``) adds their own predicted error ``s``
+(``Prediction.aleatoric``: what each member learnt to expect on such a spectrum):
+
+    err^2 = (a * std)^2 + (b * p)^2 + (d * s)^2 + c^2
+
+``a``, ``b``, ``c``, ``d`` >= 0 per label are fitted by Gaussian maximum likelihood (the residuals
+of the fitting rows as N(0, err^2)); a term the fit finds no use for gets 0.
 
 Where it is fitted (``speclabel train``): on the common test split, the only rows no member trained
 on or selected its weights on (each member's validation split differs, so every other row was seen
@@ -23,7 +29,9 @@ benchmark (``bench/trust_calibration.py``) scores it cross-fitted, never on the 
 
 Stored as ``model.json`` "calibration" (:meth:`ErrorCalibration.to_dict`, versioned), so that the
 model_id covers it; a model without one loads as before and its rows get null ``<label>_err``.
-Without a forward model the fit drops the bound term (``uses_bound`` false).
+Without a forward model the fit drops the bound term (``uses_bound`` false), without a variance
+head the ``s`` term (``uses_aleatoric`` false: then the document is version 1, as before the term
+existed; with it version 2, which adds ``d`` and ``uses_aleatoric``).
 """
 
 from __future__ import annotations
@@ -36,8 +44,10 @@ import numpy as np
 
 from speclabel.core.errors import ConfigError, InputError, IntegrityError
 
-CALIBRATION_VERSION = 1
+CALIBRATION_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 FORM = "err^2 = (a*std)^2 + (b*p)^2 + c^2, p = bound / sqrt(1 + (bound/prior_width)^2)"
+FORM_ALEATORIC = "err^2 = (a*std)^2 + (b*p)^2 + (d*s)^2 + c^2, p = bound / sqrt(1 + (bound/prior_width)^2)"
 # Below this many usable rows a label's three parameters are not worth fitting.
 MIN_ROWS = 20
 # The constant term's smallest variance, as a fraction of the mean squared residual: keeps every
@@ -51,13 +61,18 @@ class LabelErrorModel:
 
     a: float  # multiplies the ensemble std
     b: float  # multiplies the prior-capped forward-model bound
-    c: float  # the floor: error that neither term explains
+    c: float  # the floor: error that no term explains
     prior_width: float  # w: the training labels' standard deviation
+    d: float = 0.0  # multiplies the members' own predicted error (variance head)
 
-    def variance(self, std: np.ndarray, bound: np.ndarray | None) -> np.ndarray:
+    def variance(
+        self, std: np.ndarray, bound: np.ndarray | None, aleatoric: np.ndarray | None = None
+    ) -> np.ndarray:
         out = (self.a * np.asarray(std, dtype=np.float64)) ** 2 + self.c**2
         if bound is not None and self.b > 0:
             out = out + (self.b * capped_bound(bound, self.prior_width)) ** 2
+        if aleatoric is not None and self.d > 0:
+            out = out + (self.d * np.asarray(aleatoric, dtype=np.float64)) ** 2
         return out
 
 
@@ -76,59 +91,86 @@ class ErrorCalibration:
     labels: Mapping[str, LabelErrorModel]
     uses_bound: bool
     fitted_on: dict = field(default_factory=dict)
-    version: int = CALIBRATION_VERSION
+    uses_aleatoric: bool = False
 
     def __post_init__(self) -> None:
         missing = [n for n in self.label_names if n not in self.labels]
         if missing:
             raise ConfigError(f"calibration lacks parameters for {missing}")
 
-    def total_error(self, std: np.ndarray, bound: np.ndarray | None = None) -> np.ndarray:
+    @property
+    def version(self) -> int:
+        return CALIBRATION_VERSION if self.uses_aleatoric else 1
+
+    def total_error(
+        self, std: np.ndarray, bound: np.ndarray | None = None, aleatoric: np.ndarray | None = None
+    ) -> np.ndarray:
         """The calibrated 1-sigma error ``[N, L]`` (float64) of rows with ensemble ``std`` ``[N, L]`` and,
-        when the calibration uses it, the forward-model ``bound`` ``[N, L]``; NaN where an input is."""
+        where the calibration uses them, the forward-model ``bound`` and the members' own predicted
+        error ``aleatoric`` (``[N, L]`` each); NaN where an input is."""
         std = np.asarray(std, dtype=np.float64)
         if std.ndim != 2 or std.shape[1] != len(self.label_names):
             raise InputError(f"std of shape {std.shape} does not fit the calibration's {self.label_names}")
-        if self.uses_bound:
-            if bound is None:
-                raise InputError("this calibration uses the forward-model bound: pass bound")
-            bound = np.asarray(bound, dtype=np.float64)
-            if bound.shape != std.shape:
-                raise InputError(f"bound of shape {bound.shape} does not match std {std.shape}")
+        bound = self._term("bound", "the forward-model bound", bound, std.shape) if self.uses_bound else None
+        aleatoric = (
+            self._term("aleatoric", "the members' predicted error", aleatoric, std.shape)
+            if self.uses_aleatoric
+            else None
+        )
         out = np.empty_like(std)
         for k, name in enumerate(self.label_names):
-            term = bound[:, k] if self.uses_bound else None
-            out[:, k] = np.sqrt(self.labels[name].variance(std[:, k], term))
+            out[:, k] = np.sqrt(
+                self.labels[name].variance(
+                    std[:, k],
+                    None if bound is None else bound[:, k],
+                    None if aleatoric is None else aleatoric[:, k],
+                )
+            )
         return out
 
+    @staticmethod
+    def _term(name: str, what: str, values: np.ndarray | None, shape: tuple[int, ...]) -> np.ndarray:
+        if values is None:
+            raise InputError(f"this calibration uses {what}: pass {name}")
+        values = np.asarray(values, dtype=np.float64)
+        if values.shape != shape:
+            raise InputError(f"{name} of shape {values.shape} does not match std {shape}")
+        return values
+
     def to_dict(self) -> dict:
+        per_label = ("a", "b", "c", "prior_width", *(("d",) if self.uses_aleatoric else ()))
         return {
             "version": self.version,
-            "form": FORM,
+            "form": FORM_ALEATORIC if self.uses_aleatoric else FORM,
             "names": list(self.label_names),
             "uses_bound": self.uses_bound,
-            "labels": {
-                n: {"a": m.a, "b": m.b, "c": m.c, "prior_width": m.prior_width}
-                for n, m in self.labels.items()
-            },
+            **({"uses_aleatoric": True} if self.uses_aleatoric else {}),
+            "labels": {n: {k: getattr(m, k) for k in per_label} for n, m in self.labels.items()},
             "fitted_on": self.fitted_on,
         }
 
     @classmethod
     def from_dict(cls, data: Mapping) -> ErrorCalibration:
         version = data.get("version") if isinstance(data, Mapping) else None
-        if version != CALIBRATION_VERSION:
+        if version not in READABLE_VERSIONS:
             raise IntegrityError(
                 f"check 'calibration version': the model's calibration has version {version!r}, this "
-                f"speclabel reads version {CALIBRATION_VERSION}"
+                f"speclabel reads versions {', '.join(map(str, READABLE_VERSIONS))}"
             )
         try:
             names = tuple(data["names"])
+            uses_aleatoric = version >= 2 and bool(data["uses_aleatoric"])
+            per_label = ("a", "b", "c", "prior_width", *(("d",) if uses_aleatoric else ()))
             labels = {
-                n: LabelErrorModel(**{k: float(data["labels"][n][k]) for k in ("a", "b", "c", "prior_width")})
-                for n in names
+                n: LabelErrorModel(**{k: float(data["labels"][n][k]) for k in per_label}) for n in names
             }
-            return cls(names, labels, bool(data["uses_bound"]), dict(data.get("fitted_on", {})))
+            return cls(
+                names,
+                labels,
+                bool(data["uses_bound"]),
+                dict(data.get("fitted_on", {})),
+                uses_aleatoric=uses_aleatoric,
+            )
         except (KeyError, TypeError, ValueError) as exc:
             raise IntegrityError(f"check 'calibration': invalid calibration in model.json: {exc!r}") from exc
 
@@ -157,16 +199,18 @@ def row_errors(
     std: np.ndarray,
     ivar: np.ndarray | None,
     good: np.ndarray,
+    aleatoric: np.ndarray | None = None,
 ) -> np.ndarray:
-    """The calibrated err ``[N, L]`` of rows labelled ``mean`` with ensemble ``std``: the forward
-    model's bound (``forward.label_bound``) at the predicted labels, from the rows' ``ivar`` and
-    ``good`` pixels, where the calibration uses it; NaN rows where it does and the model has no
+    """The calibrated err ``[N, L]`` of rows labelled ``mean`` with ensemble ``std`` (and, for a
+    variance-head model, the members' predicted error ``aleatoric``, ``Prediction.aleatoric``): the
+    forward model's bound (``forward.label_bound``) at the predicted labels, from the rows' ``ivar``
+    and ``good`` pixels, where the calibration uses it; NaN rows where it does and the model has no
     forward model (None) or the spectra no ivar (None)."""
     if not calibration.uses_bound:
-        return calibration.total_error(std)
+        return calibration.total_error(std, aleatoric=aleatoric)
     if forward is None or ivar is None:
         return np.full(np.shape(std), np.nan)
-    return calibration.total_error(std, forward.label_bound(mean, ivar, good))
+    return calibration.total_error(std, forward.label_bound(mean, ivar, good), aleatoric)
 
 
 def errors_or_std(err: np.ndarray | None, std: np.ndarray) -> np.ndarray:
@@ -186,7 +230,7 @@ def calibrate_ensemble(
     ``TrainingRows.test_batches`` gives the common test split. Each row's ensemble mean and std, and
     the forward model's bound at the predicted labels, are the inputs of :func:`fit_error_calibration`."""
     forward = getattr(ensemble, "forward", None)
-    residual, std, bound = [], [], []
+    residual, std, bound, aleatoric = [], [], [], []
     for batch in batches:
         if not len(batch["labels"]):
             continue
@@ -195,6 +239,8 @@ def calibrate_ensemble(
         std.append(prediction.std)
         if forward is not None:
             bound.append(forward.label_bound(prediction.mean, batch["ivar"], batch["mask"]))
+        if prediction.aleatoric is not None:
+            aleatoric.append(prediction.aleatoric)
     if not residual:
         raise InputError("no rows to calibrate the errors on")
     return fit_error_calibration(
@@ -203,6 +249,7 @@ def calibrate_ensemble(
         np.concatenate(bound) if forward is not None else None,
         ensemble.label_names,
         prior_widths(ensemble),
+        aleatoric=np.concatenate(aleatoric) if aleatoric else None,
         fitted_on={**dict(fitted_on or {}), "n_rows": int(sum(len(r) for r in residual))},
     )
 
@@ -214,13 +261,15 @@ def fit_error_calibration(
     label_names: Sequence[str],
     prior_width: Sequence[float],
     *,
+    aleatoric: np.ndarray | None = None,
     fitted_on: Mapping | None = None,
 ) -> ErrorCalibration:
     """Fit :class:`ErrorCalibration` on ``residual`` = predicted - true ``[N, L]`` of rows no member
-    trained on, with their ensemble ``std`` and forward-model ``bound`` (either may be None: that term
-    is dropped; a one-member ensemble has no std). Rows where any used input is not finite are left
-    out per label; a label with fewer than :data:`MIN_ROWS` usable rows raises :class:`InputError`.
-    ``fitted_on`` (which rows, how many) is stored with the parameters."""
+    trained on, with their ensemble ``std``, forward-model ``bound`` and the members' predicted error
+    ``aleatoric`` (any may be None: that term is dropped; a one-member ensemble has no std). Rows
+    where any used input is not finite are left out per label; a label with fewer than
+    :data:`MIN_ROWS` usable rows raises :class:`InputError`. ``fitted_on`` (which rows, how many) is
+    stored with the parameters."""
     residual = np.asarray(residual, dtype=np.float64)
     names = tuple(label_names)
     if residual.ndim != 2 or residual.shape[1] != len(names):
@@ -231,46 +280,68 @@ def fit_error_calibration(
     terms = {
         "std": None if std is None else np.asarray(std, dtype=np.float64),
         "bound": None if bound is None else np.asarray(bound, dtype=np.float64),
+        "aleatoric": None if aleatoric is None else np.asarray(aleatoric, dtype=np.float64),
     }
     if terms["std"] is not None and not np.isfinite(terms["std"]).any():
         terms["std"] = None  # a one-member ensemble: std is NaN everywhere
+    used = [name for name, values in terms.items() if values is not None]
     labels, per_label = {}, {}
     for k, name in enumerate(names):
         r = residual[:, k]
-        s = np.zeros_like(r) if terms["std"] is None else terms["std"][:, k]
-        p = np.zeros_like(r) if terms["bound"] is None else capped_bound(terms["bound"][:, k], widths[k])
-        ok = np.isfinite(r) & np.isfinite(s) & np.isfinite(p)
+        columns = {
+            "std": None if terms["std"] is None else terms["std"][:, k],
+            "bound": None if terms["bound"] is None else capped_bound(terms["bound"][:, k], widths[k]),
+            "aleatoric": None if terms["aleatoric"] is None else terms["aleatoric"][:, k],
+        }
+        ok = np.isfinite(r)
+        for values in columns.values():
+            ok &= True if values is None else np.isfinite(values)
         if ok.sum() < MIN_ROWS:
             raise InputError(
-                f"only {int(ok.sum())} rows with a finite residual, std and bound for {name}: a calibration "
-                f"needs at least {MIN_ROWS}"
+                f"only {int(ok.sum())} rows with a finite residual and {', '.join(used) or 'no terms'} for "
+                f"{name}: a calibration needs at least {MIN_ROWS}"
             )
-        with_std, with_bound = terms["std"] is not None, terms["bound"] is not None
-        a2, b2, c2, nll = _fit_variance_terms(r[ok], s[ok], p[ok], with_std, with_bound)
-        labels[name] = LabelErrorModel(math.sqrt(a2), math.sqrt(b2), math.sqrt(c2), float(widths[k]))
+        scales, nll = _fit_variance_terms(
+            r[ok], {t: None if v is None else v[ok] for t, v in columns.items()}
+        )
+        labels[name] = LabelErrorModel(
+            a=scales["std"],
+            b=scales["bound"],
+            c=scales["floor"],
+            prior_width=float(widths[k]),
+            d=scales["aleatoric"],
+        )
         per_label[name] = {"n": int(ok.sum()), "mean_nll": nll}
     return ErrorCalibration(
         names,
         labels,
         uses_bound=terms["bound"] is not None,
         fitted_on={**dict(fitted_on or {}), "labels": per_label},
+        uses_aleatoric=terms["aleatoric"] is not None,
     )
 
 
 def _fit_variance_terms(
-    r: np.ndarray, s: np.ndarray, p: np.ndarray, with_std: bool, with_bound: bool
-) -> tuple[float, float, float, float]:
-    """``(a^2, b^2, c^2, mean negative log-likelihood)`` maximising the Gaussian likelihood of ``r``
-    under variances ``a^2 s^2 + b^2 p^2 + c^2`` (non-negative; a dropped term stays 0).
+    r: np.ndarray, columns: Mapping[str, np.ndarray | None]
+) -> tuple[dict[str, float], float]:
+    """The scale of each term (name -> its multiplier, ``"floor"`` -> c, a dropped (None) term 0) and
+    the mean negative log-likelihood maximising the Gaussian likelihood of ``r`` under variances
+    ``sum_t x_t^2 v_t^2 + c^2``.
 
-    The variance is linear in (a^2, b^2, c^2), so L-BFGS-B on those with bounds [0, inf) and the
+    The variance is linear in the squared scales, so L-BFGS-B on those with bounds [0, inf) and the
     exact gradient converges in a few dozen steps. Everything is divided by rms(r) first so that the
     parameters are O(1) whatever the label's unit (Teff in K, abundances in dex)."""
     from scipy.optimize import minimize
 
     unit = math.sqrt(float(np.mean(r**2))) or 1.0
     r2 = (r / unit) ** 2
-    design = np.stack([(s / unit) ** 2, (p / unit) ** 2, np.ones_like(r)], axis=1)  # variance = design @ x
+    names = list(columns)
+    # variance = design @ x, x = (squared term scales..., c^2 / unit^2)
+    design = np.stack(
+        [np.zeros_like(r) if v is None else (v / unit) ** 2 for v in columns.values()] + [np.ones_like(r)],
+        axis=1,
+    )
+    used = np.array([v is not None for v in columns.values()], dtype=float)
 
     def nll(x: np.ndarray) -> tuple[float, np.ndarray]:
         v = design @ x
@@ -278,14 +349,15 @@ def _fit_variance_terms(
         grad = 0.5 * design.T @ ((1.0 / v - r2 / v**2) / len(r))
         return float(value), grad
 
-    bounds = [(0.0, None if with_std else 0.0), (0.0, None if with_bound else 0.0), (MIN_FLOOR, None)]
+    bounds = [(0.0, None if u else 0.0) for u in used] + [(MIN_FLOOR, None)]
     # Starts: all error in the floor, or split between the terms; the best optimum wins.
-    starts = [np.array([0.0, 0.0, 1.0]), np.array([1.0 * with_std, 1.0 * with_bound, 0.3])]
+    starts = [np.append(np.zeros_like(used), 1.0), np.append(used, 0.3)]
     best = None
     for start in starts:
         result = minimize(nll, start, jac=True, method="L-BFGS-B", bounds=bounds)
         if best is None or result.fun < best.fun:
             best = result
-    a2, b2, c2 = (float(v) for v in best.x)
+    scales = {name: math.sqrt(float(x)) for name, x in zip(names, best.x[:-1], strict=True)}
     # Back to the label's units; the log-likelihood gets the log(unit) its normalisation removed.
-    return a2, b2, c2 * unit**2, float(best.fun + math.log(unit))
+    scales["floor"] = math.sqrt(float(best.x[-1])) * unit
+    return scales, float(best.fun + math.log(unit))

@@ -25,7 +25,7 @@ from speclabel.core.flags import Flag
 from speclabel.core.labels import Label, label_set, labels_from_dicts
 from speclabel.core.setups import Setup
 
-from .arch import ArchConfig, build_network
+from .arch import LOG_VARIANCE_RANGE, ArchConfig, build_network
 from .forward import ForwardModel
 from .fused import PRECISIONS, FusedEnsemble, fusable_ensemble
 from .ood import EmbeddingReference
@@ -114,6 +114,11 @@ class Prediction:
     # (0-100) and whether it is beyond the model's threshold [B] bool; None otherwise.
     ood_score: np.ndarray | None = None
     out_of_distribution: np.ndarray | None = None
+    # With a variance-head model (ArchConfig.variance_head): sqrt of the mean of the members' own
+    # predicted variances [B, L] float64, physical units: the error the members expect on this
+    # spectrum, which their disagreement (std) cannot show. Deep ensembles' total predictive
+    # variance is aleatoric**2 + std**2; model/calibration.py fits how much of each to take.
+    aleatoric: np.ndarray | None = None
 
     def model_flags(self) -> np.ndarray:
         """The quality flags ``[B]`` (int32, core.flags) that the model decides alone: labels
@@ -375,7 +380,7 @@ class Ensemble:
             )
         need_maps = saliency is not None or accumulator is not None
         scored = ood and self.ood is not None
-        need_embedding = embedding or scored
+        need_embedding = embedding or scored or self.arch.variance_head
         fused = self.fused_engine(flux, mask) if engine == "fused" else None
 
         def run_batch(rows: slice) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
@@ -410,6 +415,8 @@ class Ensemble:
             if scored:
                 out.ood_score = self.ood.score(out.embedding)
                 out.out_of_distribution = self.ood.beyond_threshold(out.ood_score)
+            if self.arch.variance_head:
+                out.aleatoric = self.aleatoric(out.embedding)
             if not embedding:
                 out.embedding = None
         if need_maps:
@@ -425,6 +432,19 @@ class Ensemble:
             if saliency == "full":
                 out.saliency_maps = maps
         return out
+
+    def aleatoric(self, embedding: np.ndarray) -> np.ndarray:
+        """:attr:`Prediction.aleatoric` from the members' penultimate activations side by side
+        ``[B, M * U]`` (:attr:`Prediction.embedding`): each member's variance head, in physical units,
+        averaged over the members as variances."""
+        units = self.arch.embedding_units(self.setup)
+        x = torch.as_tensor(np.asarray(embedding), dtype=self.dtype)
+        variance = np.zeros((x.shape[0], self.arch.n_outputs))
+        with torch.inference_mode():
+            for m, network in enumerate(self.networks):
+                log_var = network.log_variance_of(x[:, m * units : (m + 1) * units]).double().numpy()
+                variance += np.exp(np.clip(log_var, *LOG_VARIANCE_RANGE))
+        return np.sqrt(variance / self.n_members) * self.scaler.scale
 
     def _run_engine(
         self,

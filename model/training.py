@@ -40,7 +40,7 @@ from speclabel.core.config import dataclass_from_dict
 from speclabel.core.errors import ConfigError, InputError
 from speclabel.core.setups import SPEED_OF_LIGHT_KMS, Setup
 
-from .arch import ArchConfig, build_network
+from .arch import LOG_VARIANCE_RANGE, ArchConfig, build_network
 from .metrics import label_metrics
 from .scaling import LabelScaler
 
@@ -514,6 +514,15 @@ def masked_mean(sq: torch.Tensor, weights: torch.Tensor, totals: torch.Tensor | 
     return ((sq * weights).sum(0)[has] / totals[has]).mean()
 
 
+def variance_loss(log_var: torch.Tensor, sq: torch.Tensor) -> torch.Tensor:
+    """Gaussian negative log-likelihood ``[B, L]`` (constant dropped) of squared residuals ``sq`` under
+    predicted log-variances ``log_var`` (scaled units). Clamped to e^-12 .. e^8 of the label's
+    training variance, where no real error lies, so that one near-zero residual cannot drive the
+    variance to zero and the loss to -inf."""
+    log_var = log_var.clamp(*LOG_VARIANCE_RANGE)
+    return 0.5 * (log_var + sq * torch.exp(-log_var))
+
+
 def per_label_mse(predicted: np.ndarray, target: np.ndarray) -> np.ndarray:
     """Mean squared error per label over the rows whose target is present (NaN for a label none has)."""
     present = np.isfinite(target)
@@ -637,15 +646,25 @@ def train_member(
                     else (batch["flux"], batch["mask"])
                 )
                 target, weights = loss_targets(batch, scaler, config)
-                sq = (trained(flux.to(device), mask.to(device)) - target.to(device)) ** 2
+                out = trained(flux.to(device), mask.to(device), log_variance=arch.variance_head)
+                predicted, log_var = out if arch.variance_head else (out, None)
+                sq = (predicted - target.to(device)) ** 2
                 weights = weights.to(device)
                 if parallel is None:
                     loss = masked_mean(sq, weights)
                     step_rows = flux.shape[0]
                 else:
                     loss, step_rows = parallel.step_loss(sq, weights)
+                total = loss
+                if log_var is not None:
+                    # Its parameters are the variance head's alone (detached input, detached
+                    # residuals): the labels' gradients, and so their weights, are unchanged.
+                    nll, present = variance_loss(log_var, sq.detach()), (weights > 0).to(sq.dtype)
+                    total = total + (
+                        masked_mean(nll, present) if parallel is None else parallel.step_loss(nll, present)[0]
+                    )
                 optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                total.backward()
                 optimizer.step()
                 # Summed over the workers this is the step's mean loss times its rows (one worker: W = 1).
                 loss_sum += float(loss.detach()) * step_rows / (parallel.world_size if parallel else 1)

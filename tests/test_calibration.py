@@ -147,7 +147,7 @@ def test_calibrate_ensemble_feeds_the_bound_at_the_predicted_labels():
     batches, predictions = [], []
     for rows in np.array_split(np.arange(n), 3):
         batches.append({"flux": None, "mask": good[rows], "labels": labels[rows], "ivar": ivar[rows]})
-        predictions.append(SimpleNamespace(mean=predicted[rows], std=std[rows]))
+        predictions.append(SimpleNamespace(mean=predicted[rows], std=std[rows], aleatoric=None))
     calibration = calibrate_ensemble(StubEnsemble(predictions, forward), batches, fitted_on={"rows": "t"})
     assert calibration.uses_bound and calibration.fitted_on["n_rows"] == n
     for name in NAMES:
@@ -157,3 +157,34 @@ def test_calibrate_ensemble_feeds_the_bound_at_the_predicted_labels():
     without = calibrate_ensemble(StubEnsemble(predictions, None), batches)
     assert not without.uses_bound and all(m.b == 0.0 for m in without.labels.values())
     assert [without.labels[n].prior_width for n in NAMES] == list(PRIOR)  # unused without the bound
+
+
+def test_the_members_predicted_error_is_a_fourth_term_recovered_by_the_fit():
+    """Residuals whose error follows a per-row term that neither the std nor the bound carries (a hot
+    metal-poor dwarf's [Al/Fe]): the fit finds its scale d, and err tracks the true error."""
+    residual, std, bound, _, (a, b, c) = synthetic_rows(6)
+    rng = np.random.default_rng(7)
+    aleatoric = np.exp(rng.normal(np.log(0.04), 0.8, std.shape))
+    d = np.array([2.0, 1.0])
+    true_err = np.sqrt((a * std) ** 2 + (b * capped_bound(bound, PRIOR)) ** 2 + (d * aleatoric) ** 2 + c**2)
+    residual = rng.normal(0.0, true_err)
+    calibration = fit_error_calibration(residual, std, bound, NAMES, PRIOR, aleatoric=aleatoric)
+    without = fit_error_calibration(residual, std, bound, NAMES, PRIOR)
+    err = calibration.total_error(std, bound, aleatoric)
+    for k, name in enumerate(NAMES):
+        assert calibration.labels[name].d == pytest.approx(d[k], rel=0.3)
+        assert np.sqrt(np.mean((err[:, k] / true_err[:, k] - 1) ** 2)) < 0.15
+        # Without the term the best fit cannot follow the rows' errors nearly as well.
+        miss = without.total_error(std, bound)[:, k] / true_err[:, k] - 1
+        assert np.sqrt(np.mean(miss**2)) > 2 * np.sqrt(np.mean((err[:, k] / true_err[:, k] - 1) ** 2))
+        assert without.labels[name].d == 0.0
+    assert calibration.uses_aleatoric and not without.uses_aleatoric
+    # model.json: version 2 with d where the term is used; version 1, as before it existed, where not.
+    document = json.loads(json.dumps(calibration.to_dict(), allow_nan=False))
+    assert document["version"] == 2 and document["uses_aleatoric"] is True
+    again = ErrorCalibration.from_dict(document)
+    np.testing.assert_array_equal(again.total_error(std, bound, aleatoric), err)
+    old = without.to_dict()
+    assert old["version"] == 1 and "uses_aleatoric" not in old and "d" not in old["labels"]["feh"]
+    with pytest.raises(InputError, match="pass aleatoric"):
+        calibration.total_error(std, bound)

@@ -197,7 +197,15 @@ def from_model(
             has_ivar = all(arrays.ivar[arm.name] is not None for arm in setup.arms)
             ivar = arrays.concatenated(setup)[1][good] if has_ivar else None
             parts["err"].append(
-                row_errors(calibration, ensemble.forward, prediction.mean, prediction.std, ivar, mask[good])
+                row_errors(
+                    calibration,
+                    ensemble.forward,
+                    prediction.mean,
+                    prediction.std,
+                    ivar,
+                    mask[good],
+                    prediction.aleatoric,
+                )
             )
         parts["true"].append(label_matrix(table, labels))
         parts["snr"].append(_optional_column(table, "snr"))

@@ -201,7 +201,9 @@ class EnsembleLabeller:
             return None
         forward = self.ensemble.forward
         ivar = ivar_batch(batch, rows) if forward is not None else None
-        return row_errors(self.calibration, forward, prediction.mean, prediction.std, ivar, mask)
+        return row_errors(
+            self.calibration, forward, prediction.mean, prediction.std, ivar, mask, prediction.aleatoric
+        )
 
     def _label(
         self, good: pa.Table, prediction, accumulator, checks=(None, None), err=None
