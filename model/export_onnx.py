@@ -3,7 +3,9 @@
 The graph takes ``flux`` (float32 ``[N, P]``, the setup's arms concatenated in setup order, any
 value at a masked pixel) and ``good`` (``[N, P]``, bool, or float32 where a value > 0 marks a usable
 pixel, so an inverse variance can be passed as it is) and returns ``mean`` and ``std`` ``[N, L]``
-in physical units and ``members`` ``[M, N, L]``. Inside it does what labelling does around the
+in physical units and ``members`` ``[M, N, L]``; a model whose members have a variance head
+(``ArchConfig.variance_head``) also returns ``aleatoric`` ``[N, L]``, as ``Prediction.aleatoric``
+(the members' own predicted error, before calibration). Inside it does what labelling does around the
 networks: a pixel is usable where ``good`` says so and its flux is finite (as
 ``core.arrays.model_inputs`` decides), the flux of every other pixel is set to 1.0, each member reads
 ``reference - flux`` (zero at masked pixels, and the mask channel if it has one), its scaled output
@@ -39,6 +41,7 @@ from torch import nn
 
 from speclabel.core.errors import ConfigError, IntegrityError, SpeclabelError
 
+from .arch import LOG_VARIANCE_RANGE
 from .ensemble import STD_DDOF, Ensemble
 
 FORMAT = "speclabel-onnx"
@@ -49,6 +52,7 @@ PROBE_SPECTRA = 16
 GOOD_DTYPES = ("bool", "float32")
 INPUT_NAMES = ("flux", "good")
 OUTPUT_NAMES = ("mean", "std", "members")
+VARIANCE_HEAD_OUTPUT = "aleatoric"
 EXTRA_HINT = "install it with: pip install 'speclabel[export]'"
 
 
@@ -63,7 +67,8 @@ def onnx_modules():
 
 
 class EnsembleGraph(nn.Module):
-    """``forward(flux, good) -> (mean, std, members)``: the ensemble as the ONNX graph computes it."""
+    """``forward(flux, good) -> (mean, std, members[, aleatoric])``: the ensemble as the ONNX graph
+    computes it (``aleatoric`` for a variance-head model)."""
 
     def __init__(self, ensemble: Ensemble, good_dtype: str = "bool"):
         super().__init__()
@@ -76,19 +81,30 @@ class EnsembleGraph(nn.Module):
         )
         self.register_buffer("scale", torch.as_tensor(ensemble.scaler.scale, dtype=torch.float32))
         self.register_buffer("offset", torch.as_tensor(ensemble.scaler.offset, dtype=torch.float32))
+        self.variance_head = ensemble.arch.variance_head
 
     def forward(self, flux: torch.Tensor, good: torch.Tensor):
         good = good > 0 if self.good_dtype == "float32" else good
         usable = good & torch.isfinite(flux)
         flux = torch.where(usable, flux, torch.ones((), dtype=flux.dtype))
-        members = torch.stack([network(flux, usable) for network in self.networks]) * self.scale + self.offset
+        outputs = [network(flux, usable, log_variance=self.variance_head) for network in self.networks]
+        scaled = torch.stack([out[0] for out in outputs] if self.variance_head else outputs)
+        members = scaled * self.scale + self.offset
         mean = members.mean(dim=0)
         n_members = len(self.networks)
         if n_members > STD_DDOF:
             std = ((members - mean).square().sum(dim=0) / (n_members - STD_DDOF)).sqrt()
         else:
             std = torch.full_like(mean, float("nan"))
-        return mean, std, members
+        if not self.variance_head:
+            return mean, std, members
+        log_var = torch.stack([out[1] for out in outputs]).clamp(*LOG_VARIANCE_RANGE)
+        return mean, std, members, log_var.exp().mean(dim=0).sqrt() * self.scale
+
+
+def output_names(ensemble: Ensemble) -> tuple[str, ...]:
+    """The graph's outputs, in order: :data:`OUTPUT_NAMES`, and ``aleatoric`` for a variance-head model."""
+    return (*OUTPUT_NAMES, VARIANCE_HEAD_OUTPUT) if ensemble.arch.variance_head else OUTPUT_NAMES
 
 
 @dataclass
@@ -99,10 +115,12 @@ class ExportCheck:
     std: np.ndarray
     members: np.ndarray
     tolerance: float
+    aleatoric: np.ndarray | None = None  # a variance-head model's
 
     @property
     def worst(self) -> float:
-        return float(max(self.mean.max(), self.std.max(), self.members.max()))
+        parts = (self.mean, self.std, self.members, *(() if self.aleatoric is None else (self.aleatoric,)))
+        return float(max(part.max() for part in parts))
 
     @property
     def passed(self) -> bool:
@@ -138,7 +156,7 @@ def check_graph(
     flux, good, clean = probe_spectra(ensemble)
     session = onnxruntime.InferenceSession(graph, providers=["CPUExecutionProvider"])
     feed = {"flux": flux, "good": good if good_dtype == "bool" else good.astype(np.float32)}
-    mean, std, members = session.run(list(OUTPUT_NAMES), feed)
+    mean, std, members, *aleatoric = session.run(list(output_names(ensemble)), feed)
     want = ensemble.predict(clean, good, members=True, engine="reference")
     span = ensemble.scaler.train_max - ensemble.scaler.train_min
     span = np.where(span > 0, span, ensemble.scaler.scale)
@@ -154,6 +172,7 @@ def check_graph(
         std=error(std, want.std, (0,)),
         members=error(members, want.members, (0, 1)),
         tolerance=tolerance,
+        aleatoric=error(aleatoric[0], want.aleatoric, (0,)) if aleatoric else None,
     )
 
 
@@ -208,13 +227,14 @@ def export_onnx(
             buffer,
             dynamo=False,
             input_names=list(INPUT_NAMES),
-            output_names=list(OUTPUT_NAMES),
+            output_names=list(output_names(ensemble)),
             dynamic_axes={
                 "flux": batch,
                 "good": batch,
                 "mean": batch,
                 "std": batch,
                 "members": {1: "n_spectra"},
+                VARIANCE_HEAD_OUTPUT: batch,
             },
             opset_version=OPSET,
         )
@@ -233,8 +253,13 @@ def export_onnx(
         names = ensemble.label_names
         parts = [
             f"{what} {names[int(err.argmax())]} off by {err.max():.2g}"
-            for what, err in (("mean", check.mean), ("std", check.std), ("member", check.members))
-            if err.max() > tolerance
+            for what, err in (
+                ("mean", check.mean),
+                ("std", check.std),
+                ("member", check.members),
+                ("aleatoric", check.aleatoric),
+            )
+            if err is not None and err.max() > tolerance
         ]
         raise IntegrityError(
             f"check 'ONNX matches PyTorch': onnxruntime's labels are not within {tolerance:g} of each "

@@ -82,9 +82,8 @@ def survey_inputs(table, setup):
 
 def run_graph(path_or_bytes, flux, good):
     session = ort.InferenceSession(path_or_bytes, providers=["CPUExecutionProvider"])
-    return session, dict(
-        zip(("mean", "std", "members"), session.run(None, {"flux": flux, "good": good}), strict=True)
-    )
+    names = [output.name for output in session.get_outputs()]
+    return session, dict(zip(names, session.run(None, {"flux": flux, "good": good}), strict=True))
 
 
 def assert_matches(got: dict, want, scaler: LabelScaler, tolerance: float = MATCH):
@@ -94,6 +93,9 @@ def assert_matches(got: dict, want, scaler: LabelScaler, tolerance: float = MATC
         assert np.abs(got[name] - getattr(want, name)).max(axis=0) / span == pytest.approx(0, abs=tolerance)
     assert got["members"].shape == want.members.shape
     assert (np.abs(got["members"] - want.members).max(axis=(0, 1)) / span).max() <= tolerance
+    assert ("aleatoric" in got) == (want.aleatoric is not None)
+    if want.aleatoric is not None:
+        assert np.abs(got["aleatoric"] - want.aleatoric).max(axis=0) / span == pytest.approx(0, abs=tolerance)
 
 
 def test_cli_export_matches_predict_with_garbage_in_masked_pixels(
@@ -153,6 +155,7 @@ def test_float_good_takes_an_inverse_variance(trained_model, small_survey, setup
             arms="per_arm",
             center_input=True,
         ),
+        ArchConfig(name="variance-head", conv_channels=(3,), kernel_size=7, pool_size=4, variance_head=True),
     ],
     ids=lambda a: a.name,
 )
