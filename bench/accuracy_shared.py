@@ -87,18 +87,26 @@ for _name, _arch in PRESETS.items():
     VARIANTS.setdefault(_name, (_arch, TrainConfig()))
 
 
-def noisy_twins(arrays, rows, rng, *, snr=(50.0, 150.0), clean=None, mask=None):
-    """One draw of the rows' noise-free twins with fresh noise at S/N log-uniform in ``snr``, keeping
-    each spectrum's own noise pattern (its ivar rescaled), as the training augmentation does:
-    (flux, mask, S/N per row). ``clean``, ``mask``: perturbed copies of the twins to add it to."""
-    clean = arrays["flux_clean"][rows] if clean is None else clean
+def twin_ivar(arrays, rows, level, mask=None):
+    """The inverse variance of the rows' twins at continuum S/N ``level`` [N]: each spectrum's own
+    noise pattern (its ivar) rescaled so that its median over good pixels gives that S/N."""
     mask = arrays["mask"][rows] if mask is None else mask
     inv_sigma = np.sqrt(arrays["ivar"][rows])
     own = np.array([np.median(s[m]) for s, m in zip(inv_sigma, arrays["mask"][rows], strict=True)])[:, None]
-    level = np.exp(rng.uniform(np.log(snr[0]), np.log(snr[1]), len(clean)))[:, None]
-    sigma = np.where(mask, own / level / np.maximum(inv_sigma, 1e-30), 0.0)
+    return np.where(mask, (inv_sigma * np.asarray(level)[:, None] / own) ** 2, 0.0)
+
+
+def noisy_twins(arrays, rows, rng, *, snr=(50.0, 150.0), clean=None, mask=None):
+    """One draw of the rows' noise-free twins with fresh noise at S/N log-uniform in ``snr``, keeping
+    each spectrum's own noise pattern (:func:`twin_ivar`), as the training augmentation does:
+    (flux, mask, S/N per row). ``clean``, ``mask``: perturbed copies of the twins to add it to."""
+    clean = arrays["flux_clean"][rows] if clean is None else clean
+    mask = arrays["mask"][rows] if mask is None else mask
+    level = np.exp(rng.uniform(np.log(snr[0]), np.log(snr[1]), len(clean)))
+    ivar = twin_ivar(arrays, rows, level, mask)
+    sigma = np.where(mask, 1.0 / np.sqrt(np.maximum(ivar, 1e-300)), 0.0)
     flux = np.where(mask, clean + rng.standard_normal(clean.shape) * sigma, 1.0).astype(np.float32)
-    return flux, mask, level[:, 0]
+    return flux, mask, level
 
 
 def twin_test(ensemble, arrays, rows, *, draws=10, snr=(50.0, 150.0), seed=0):
@@ -227,35 +235,47 @@ def run_variant(name, members, epochs, workers, save=None):
     }
 
 
-def cannon_baseline(arrays, split):
-    """A quadratic Cannon: per-pixel flux = theta . (1, l, l l^T) fitted by weighted least squares,
-    labels of a spectrum by non-linear least squares. A yardstick, not part of speclabel's model."""
+def fit_cannon(arrays, rows):
+    """A quadratic Cannon fitted on ``rows``: per-pixel flux = theta . (1, l, l l^T) by weighted least
+    squares; returns ``labels(flux [N, P], ivar [N, P]) -> [N, L]``, each spectrum's labels by
+    non-linear least squares. A yardstick, not part of speclabel's model."""
     from scipy.optimize import least_squares
 
-    test = split.is_test(arrays["spectrum_id"])
-    labels = arrays["labels"]
-    offset, scale = labels[~test].mean(0), labels[~test].std(0)
+    labels = arrays["labels"][rows]
+    offset, scale = labels.mean(0), labels.std(0)
 
     def design(z):
         z = np.atleast_2d(z)
         pairs = [z[:, i] * z[:, j] for i in range(z.shape[1]) for j in range(i, z.shape[1])]
         return np.column_stack([np.ones(len(z)), z, *pairs])
 
-    train_z = (labels[~test] - offset) / scale
-    a = design(train_z)
-    flux, ivar = arrays["flux"][~test], arrays["ivar"][~test]
+    a = design((labels - offset) / scale)
+    flux, ivar = arrays["flux"][rows], arrays["ivar"][rows]
     theta = np.empty((a.shape[1], flux.shape[1]))
     for start in range(0, flux.shape[1], 2000):  # weighted normal equations, a block of pixels at a time
         w = ivar[:, start : start + 2000]
         ata = np.einsum("np,ni,nj->pij", w, a, a) + 1e-6 * np.eye(a.shape[1])
         atb = np.einsum("np,ni,np->pi", w, a, flux[:, start : start + 2000])
         theta[:, start : start + 2000] = np.linalg.solve(ata, atb[..., None])[..., 0].T
-    predicted = []
-    for f, w in zip(arrays["flux"][test], arrays["ivar"][test], strict=True):
-        sw = np.sqrt(w)
-        fit = least_squares(lambda z, f=f, sw=sw: (design(z) @ theta - f)[0] * sw, np.zeros(labels.shape[1]))
-        predicted.append(fit.x * scale + offset)
-    predicted = np.array(predicted)
+
+    def label(spectra, weights):
+        out = []
+        for f, w in zip(spectra, weights, strict=True):
+            sw = np.sqrt(w)
+            fit = least_squares(
+                lambda z, f=f, sw=sw: (design(z) @ theta - f)[0] * sw, np.zeros(labels.shape[1])
+            )
+            out.append(fit.x * scale + offset)
+        return np.array(out)
+
+    return label
+
+
+def cannon_baseline(arrays, split):
+    """The Cannon (:func:`fit_cannon`) on every row outside the test split, scored on the test rows."""
+    test = split.is_test(arrays["spectrum_id"])
+    predicted = fit_cannon(arrays, ~test)(arrays["flux"][test], arrays["ivar"][test])
+    labels = arrays["labels"]
     high = arrays["snr"][test] >= 50
     return {
         "variant": "cannon (quadratic)",

@@ -25,6 +25,11 @@ predictions are appended to ``--out`` as a JSON line as soon as it is done, so t
 still tables (``--table-only``), and a rerun skips the folds already there. Folds can run in separate
 processes (``--only-folds 1 --out part1.jsonl``, ...): concatenate the files and table them with
 ``--table-only --out all.jsonl``.
+
+``--model DIR ...`` is the end of the protocol, not a selection step: it scores finished model
+directories (``speclabel train`` on the shared file) on their common test split, with the same
+sets (a), (b), (c) and the same tables, each labelled as test-split numbers. Run it once per landed
+model; nothing is chosen on it.
 """
 
 from __future__ import annotations
@@ -37,17 +42,19 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from accuracy_shared import VARIANTS, load_shared, noisy_twins, variant_config
+from accuracy_shared import VARIANTS, fit_cannon, load_shared, noisy_twins, twin_ivar, variant_config
 
 from speclabel.core.labels import LABEL_NAMES
 from speclabel.model.ensemble import Ensemble
 from speclabel.model.fit import EnsembleConfig
+from speclabel.model.io import load_model
 from speclabel.model.metrics import snr_bin_name, snr_bins
 from speclabel.model.scaling import LabelScaler
-from speclabel.model.splits import hash_uniform
+from speclabel.model.splits import SplitRule, hash_uniform
 from speclabel.model.training import ArrayData, continuum_tilt, input_reference, rv_shift, train_member
 
 CV_SALT = "speclabel-cv-v1"
+TEST_SEED = 1_000_003  # the noise draws of --model (folds use their own number)
 SNR_EDGES = (20.0, 50.0, 100.0)
 TEFF, LOGG, FEH = (LABEL_NAMES.index(n) for n in ("teff", "logg", "feh"))
 
@@ -156,6 +163,96 @@ def run_fold(name, fold, k, epochs, *, draws, rv_sigma, tilt):
     }
 
 
+def test_split_sets(arrays, setup, held, label, *, draws, rv_sigma, tilt) -> dict:
+    """Sets (a), (b), (c) of the ``held`` rows labelled by ``label(flux, mask, ivar) -> [N, L]``: the
+    same noise draws (seeded by :data:`TEST_SEED`) for every method scored this way."""
+    twins, perturbed = [], []
+    for draw in range(draws):
+        flux, mask, level = noisy_twins(arrays, held, np.random.default_rng([TEST_SEED, draw]))
+        twins.append(label(flux, mask, twin_ivar(arrays, held, level, mask)))
+        shifted, shifted_mask = reduction_residuals(
+            arrays, held, setup, np.random.default_rng([TEST_SEED, draw, 1]), rv_sigma=rv_sigma, tilt=tilt
+        )
+        flux, mask, level = noisy_twins(
+            arrays, held, np.random.default_rng([TEST_SEED, draw]), clean=shifted, mask=shifted_mask
+        )
+        perturbed.append(label(flux, mask, twin_ivar(arrays, held, level, mask)))
+    return {
+        "spectrum_id": [str(s) for s in arrays["spectrum_id"][held]],
+        "truth": arrays["labels"][held].tolist(),
+        "snr": arrays["snr"][held].tolist(),
+        "observed": label(arrays["flux"][held], arrays["mask"][held], arrays["ivar"][held]).tolist(),
+        "twins": np.stack(twins).tolist(),
+        "perturbed": np.stack(perturbed).tolist(),
+    }
+
+
+def score_model(location: str, *, draws, rv_sigma, tilt, cannon: bool = False) -> list[dict]:
+    """A finished model directory on its common test split: the record :func:`run_fold` gives for a
+    fold, with ``fold`` -1 and the sets (a), (b), (c) of the test stars (``--model``); with
+    ``cannon``, also a quadratic Cannon fitted on the same model's training pool, scored the same way."""
+    arrays, setup = load_shared()
+    model = load_model(location, setup=setup)
+    split = SplitRule.from_dict(model.info["training"]["split"])
+    held = split.is_test(arrays["spectrum_id"])
+    training = model.info["training"]
+    common = {
+        "fold": -1,
+        "folds": 0,
+        "draws": draws,
+        "rv_sigma": rv_sigma,
+        "tilt": tilt,
+        "fingerprint": arrays["fingerprint"],
+        "n_pool": int((~held).sum()),
+        "cpu_seconds": float("nan"),
+        "machine": platform.node(),
+        "date": time.strftime("%Y-%m-%d"),
+    }
+    records = [
+        {
+            **common,
+            "variant": f"model {Path(location).name} ({model.model_id})",
+            "epochs": training["train"]["epochs"],
+            "arch": model.arch.to_dict(),
+            "train": training["train"],
+            "n_members": model.n_members,
+            "epochs_run": [m["epochs_run"] for m in model.member_info],
+            "best_epoch": [m["best_epoch"] for m in model.member_info],
+            **test_split_sets(
+                arrays,
+                setup,
+                held,
+                lambda flux, mask, _: model.predict(flux, mask).mean,
+                draws=draws,
+                rv_sigma=rv_sigma,
+                tilt=tilt,
+            ),
+        }
+    ]
+    if cannon:
+        label = fit_cannon(arrays, ~held)
+        records.append(
+            {
+                **common,
+                "variant": f"cannon (quadratic), pool of {Path(location).name}",
+                "epochs": 0,
+                "n_members": 0,
+                "epochs_run": [],
+                "best_epoch": [],
+                **test_split_sets(
+                    arrays,
+                    setup,
+                    held,
+                    lambda flux, _, ivar: label(flux, ivar),
+                    draws=draws,
+                    rv_sigma=rv_sigma,
+                    tilt=tilt,
+                ),
+            }
+        )
+    return records
+
+
 def pooled(records: list[dict]) -> dict[str, np.ndarray]:
     """One variant's out-of-fold predictions of every fold: residuals [stars, draws, L] per set."""
     truth = np.concatenate([np.asarray(r["truth"]) for r in records])
@@ -243,22 +340,38 @@ def print_tables(records: list[dict]) -> None:
         data = pooled(runs)
         high = data["snr"] >= 50
         first = runs[0]
-        print(
-            f"\n== {name}: folds {[r['fold'] for r in runs]} of {first['folds']}, {first['epochs']} epochs "
-            f"(run {[r['epochs_run'] for r in runs]}, best {[r['best_epoch'] for r in runs]}), "
-            f"{np.mean([r['cpu_seconds'] for r in runs]) / 60:.1f} min CPU per fold, pool {first['n_pool']} "
-            f"stars, {first['draws']} twin draws per star; (c): RV sigma {first['rv_sigma']} km/s, "
-            f"tilt +-{first['tilt']:.0%} per arm"
-        )
+        test_split = first["fold"] == -1
+        if test_split:
+            print(
+                f"\n== {name}: {first['n_members']} members (epochs run {first['epochs_run']}, best "
+                f"{first['best_epoch']}), trained on {first['n_pool']} pool rows; its common test split, "
+                f"{first['draws']} twin draws per star; (c): RV sigma {first['rv_sigma']} km/s, tilt "
+                f"+-{first['tilt']:.0%} per arm"
+            )
+        else:
+            print(
+                f"\n== {name}: folds {[r['fold'] for r in runs]} of {first['folds']}, "
+                f"{first['epochs']} epochs (run {[r['epochs_run'] for r in runs]}, "
+                f"best {[r['best_epoch'] for r in runs]}), "
+                f"{np.mean([r['cpu_seconds'] for r in runs]) / 60:.1f} min CPU per fold, pool "
+                f"{first['n_pool']} stars, {first['draws']} twin draws per star; (c): RV sigma "
+                f"{first['rv_sigma']} km/s, tilt +-{first['tilt']:.0%} per arm"
+            )
         if len({r["fingerprint"] for r in runs}) > 1:
             print("   WARNING: these folds were run on different versions of the data file")
-        print("scatter ± bootstrap std, out-of-fold (SELECTION numbers)")
+        if test_split:
+            print(
+                "scatter ± bootstrap std, the common test split scored once, at the end "
+                "(NOT selection numbers)"
+            )
+        else:
+            print("scatter ± bootstrap std, out-of-fold (SELECTION numbers)")
         print(_header("set"))
         print(_row("(a) observed, all S/N", data["observed"]))
         print(_row("(a) observed, S/N >= 50", data["observed"][high]))
         print(_row("(b) twins S/N 50-150", data["twins"]))
         print(_row("(c) twins + RV + tilt", data["perturbed"]))
-        for fold in runs:
+        for fold in runs if not test_split else ():
             one = pooled([fold])
             print(_row(f"    (b) fold {fold['fold']} alone", one["twins"]))
         for key, title in SETS.items():
@@ -296,9 +409,40 @@ def main() -> None:
     parser.add_argument("--tilt", type=float, default=0.01, help="(c): continuum tilt per arm, +- fraction")
     parser.add_argument("--out", default="out/cv_accuracy.jsonl")
     parser.add_argument("--table-only", action="store_true")
+    parser.add_argument(
+        "--model",
+        nargs="*",
+        default=[],
+        metavar="DIR",
+        help="score these finished model directories on their common test split (once, at the end) "
+        "instead of cross-validating",
+    )
+    parser.add_argument(
+        "--cannon",
+        action="store_true",
+        help="with --model: also a quadratic Cannon fitted on the first model's training pool",
+    )
     args = parser.parse_args()
     out = Path(args.out)
     done = [json.loads(line) for line in out.read_text().splitlines()] if out.exists() else []
+    if args.model:
+        torch.set_num_threads(1)
+        records = [
+            record
+            for i, location in enumerate(args.model)
+            for record in score_model(
+                location,
+                draws=args.draws,
+                rv_sigma=args.rv_sigma,
+                tilt=args.tilt,
+                cannon=args.cannon and i == 0,
+            )
+        ]
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with out.open("a") as fh:
+            fh.writelines(json.dumps(record) + "\n" for record in records)
+        print_tables(records)
+        return
     if not args.table_only:
         torch.set_num_threads(1)
         out.parent.mkdir(parents=True, exist_ok=True)
