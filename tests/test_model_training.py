@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from tiny import TINY_ARCH
+from tiny import TINY_ARCH, uniform_labels
 
 from speclabel.core.errors import ConfigError, InputError
 from speclabel.core.setups import SPEED_OF_LIGHT_KMS
@@ -31,15 +31,7 @@ ARCH = TINY_ARCH.replace(conv_channels=(4, 2), dropout=0.2)
 def _data(setup, n, seed):
     """Spectra whose line depths follow the labels, so that there is something to learn."""
     rng = np.random.default_rng(seed)
-    labels = np.column_stack(
-        [
-            rng.uniform(4000, 6500, n),
-            rng.uniform(1, 5, n),
-            rng.uniform(-2, 0.4, n),
-            rng.uniform(-0.2, 0.4, n),
-            rng.uniform(-0.3, 0.4, n),
-        ]
-    )
+    labels = uniform_labels(rng, n)
     z = (labels - labels.mean(0)) / labels.std(0)
     x = np.arange(setup.n_pixels)
     lines = np.stack([np.exp(-0.5 * ((x - c) / 2.0) ** 2) for c in (20, 50, 70, 110, 140)])

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from tiny import TINY_ARCH
+from tiny import LABEL_RANGES, TINY_ARCH, uniform_labels
 
 from speclabel.model.arch import LOG_VARIANCE_RANGE, ArchConfig
 from speclabel.model.ensemble import Ensemble
@@ -25,15 +25,7 @@ def _stars(setup, n, seed, *, label_noise=True):
     """Spectra whose line depths follow the labels (Teff drives the first line, so the network can see
     which rows are hot); the hot rows' [Al/Fe] labels carry noise that no spectrum explains."""
     rng = np.random.default_rng(seed)
-    labels = np.column_stack(
-        [
-            rng.uniform(4500, 6000, n),
-            rng.uniform(1, 5, n),
-            rng.uniform(-2, 0.4, n),
-            rng.uniform(-0.2, 0.4, n),
-            rng.uniform(-0.3, 0.4, n),
-        ]
-    )
+    labels = uniform_labels(rng, n, ((4500.0, 6000.0), *LABEL_RANGES[1:]))
     z = (labels - [5250, 3, -0.8, 0.1, 0.05]) / [430, 1.15, 0.7, 0.17, 0.2]
     x = np.arange(setup.n_pixels)
     lines = np.stack([np.exp(-0.5 * ((x - c) / 2.0) ** 2) for c in (20, 50, 70, 110, 140)])

@@ -19,3 +19,11 @@ TINY_ARCH = ArchConfig(
 LABELS = np.array(
     [[4500.0, 2.5, -0.3, 0.2, 0.1], [5800.0, 4.4, 0.1, 0.0, -0.05], [5100.0, 3.1, -1.2, 0.35, 0.3]]
 )
+
+# Where random test stars' labels are drawn from: (low, high) per label (teff, logg, feh, mgfe, alfe).
+LABEL_RANGES = ((4000.0, 6500.0), (1.0, 5.0), (-2.0, 0.4), (-0.2, 0.4), (-0.3, 0.4))
+
+
+def uniform_labels(rng: np.random.Generator, n: int, ranges=LABEL_RANGES) -> np.ndarray:
+    """``n`` stars' labels ``[n, 5]``, each uniform in its ``(low, high)`` of ``ranges``."""
+    return np.column_stack([rng.uniform(low, high, n) for low, high in ranges])
