@@ -212,9 +212,9 @@ def score_model(location: str, *, draws, rv_sigma, tilt, cannon: bool = False) -
         {
             **common,
             "variant": f"model {Path(location).name} ({model.model_id})",
-            "epochs": training["train"]["epochs"],
+            "epochs": training["config"]["epochs"],
             "arch": model.arch.to_dict(),
-            "train": training["train"],
+            "train": training["config"],
             "n_members": model.n_members,
             "epochs_run": [m["epochs_run"] for m in model.member_info],
             "best_epoch": [m["best_epoch"] for m in model.member_info],

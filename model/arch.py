@@ -148,7 +148,8 @@ PAPER = ArchConfig(
 
 # The default measured best on the shared GIRAFFE file (BENCHMARKS.md): wider and shallower than the
 # paper's network (16 + 16 filters, pooling 4, so the dense layer still sees 993 positions per arm),
-# one conv stack per arm, centred input and no dropout (dropout noise swamps 0.02-dex signals).
+# one conv stack per arm, centred input and no dropout (dropout noise swamps 0.02-dex signals). The
+# variance head changes no label and lets the calibrated error see the stars whose lines vanish.
 DEFAULT = ArchConfig(
     name="default",
     conv_channels=(16, 16),
@@ -160,6 +161,7 @@ DEFAULT = ArchConfig(
     arms="per_arm",
     mask_channel=False,
     center_input=True,
+    variance_head=True,
     notes="speclabel default: measured best on the shared GIRAFFE file (BENCHMARKS.md)",
 )
 

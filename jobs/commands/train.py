@@ -84,7 +84,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             "wavelength mapped to [-1, 1], t uniform in +-T, e.g. 0.01) (default %(code_default)s, or "
             "--config's)",
         ),
-        "speclabel.model.training:AugmentConfig.continuum_tilt",
+        "speclabel.model.training:TrainConfig.augment.continuum_tilt",
     )
     stated_default(
         parser.add_argument(

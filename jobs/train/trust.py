@@ -89,8 +89,18 @@ def fit_calibration(ensemble: Ensemble, rows, split: SplitRule, reporter: Report
         reporter.line(f"train: no error calibration ({exc}): its catalogue rows get null <label>_err")
         return
     ensemble.info[CALIBRATION_KEY] = calibration.to_dict()
-    terms = "std, forward-model bound, floor" if calibration.uses_bound else "std, floor"
-    fitted = "; ".join(f"{n} a {m.a:.2g} b {m.b:.2g} c {m.c:.2g}" for n, m in calibration.labels.items())
+    terms = ", ".join(
+        ["std"]
+        + (["forward-model bound"] if calibration.uses_bound else [])
+        + (["variance head"] if calibration.uses_aleatoric else [])
+        + ["floor"]
+    )
+    fitted = "; ".join(
+        f"{n} a {m.a:.2g} b {m.b:.2g}"
+        + (f" d {m.d:.2g}" if calibration.uses_aleatoric else "")
+        + f" c {m.c:.2g}"
+        for n, m in calibration.labels.items()
+    )
     reporter.line(
         f"train: error calibration ({terms}) on {calibration.fitted_on['n_rows']} test rows: {fitted} "
         f"({time.perf_counter() - began:.0f} s)"
