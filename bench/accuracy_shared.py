@@ -80,6 +80,10 @@ VARIANTS: dict[str, tuple[ArchConfig, TrainConfig]] = {
         TrainConfig(augment=AugmentConfig(noise=True, rv_shift_kms=3.0, continuum_tilt=0.01)),
     ),
 }
+# Sparse regions of label space (issue 20): rows weighted by density^-beta (TrainConfig.density_weighting).
+for _beta in (0.5, 1.0):
+    _arch, _config = VARIANTS["default+rv+tilt"]
+    VARIANTS[f"default+rv+tilt+density{_beta:g}"] = (_arch, _config.replace(density_weighting=_beta))
 
 
 # Every architecture preset (the default included) also runs with the default training configuration.

@@ -41,7 +41,7 @@ from accuracy_shared import VARIANTS, load_shared, noisy_twins, variant_config
 
 from speclabel.core.labels import LABEL_NAMES
 from speclabel.model.ensemble import Ensemble
-from speclabel.model.fit import EnsembleConfig
+from speclabel.model.fit import EnsembleConfig, sample_weights
 from speclabel.model.metrics import snr_bin_name, snr_bins
 from speclabel.model.scaling import LabelScaler
 from speclabel.model.splits import hash_uniform
@@ -108,6 +108,10 @@ def run_fold(name, fold, k, epochs, *, draws, rv_sigma, tilt):
     train_rows, val_rows = split.member_masks(ids, fold)
     train_rows, val_rows = train_rows & (folds != fold), val_rows & (folds != fold)
     scaler = LabelScaler.fit(arrays["labels"][train_rows | val_rows], ensemble_config.scaling)
+    # Density weights (if the recipe has them) from the fold's training pool alone, as fit_ensemble does.
+    weights = sample_weights(arrays, train_rows | val_rows, config, LABEL_NAMES)
+    if weights is not None:
+        arrays = {**arrays, "sample_weight": weights}
     train, val = ArrayData.from_arrays(arrays, train_rows), ArrayData.from_arrays(arrays, val_rows)
     reference = input_reference(train, val) if arch.center_input else None
     began, cpu = time.perf_counter(), time.process_time()
