@@ -190,15 +190,18 @@ def scatter_cell(residual: np.ndarray, n_boot: int = 300) -> tuple[int, np.ndarr
     return n, np.nanstd(flat, axis=0, ddof=1), np.nanstd(boot, axis=1, ddof=1).std(axis=0, ddof=1)
 
 
-def ratio_cell(num: np.ndarray, den: np.ndarray, n_boot: int = 300) -> tuple[np.ndarray, np.ndarray]:
-    """scatter(num) / scatter(den) per label over the same stars, with a paired bootstrap std."""
-    picks = bootstrap_picks(num.shape[0], n_boot)
-    ratio = np.nanstd(num.reshape(-1, num.shape[-1]), 0, ddof=1) / np.nanstd(
-        den.reshape(-1, den.shape[-1]), 0, ddof=1
+def paired_cell(
+    a: np.ndarray, b: np.ndarray, op=np.divide, n_boot: int = 300
+) -> tuple[np.ndarray, np.ndarray]:
+    """op(scatter(a), scatter(b)) per label over the same stars (residuals [stars, draws, L] each),
+    with a paired bootstrap std: both resampled with the same picks of stars."""
+    picks = bootstrap_picks(a.shape[0], n_boot)
+    value = op(
+        np.nanstd(a.reshape(-1, a.shape[-1]), 0, ddof=1), np.nanstd(b.reshape(-1, b.shape[-1]), 0, ddof=1)
     )
-    boot_num = np.nanstd(num[picks].reshape(n_boot, -1, num.shape[-1]), axis=1, ddof=1)
-    boot_den = np.nanstd(den[picks].reshape(n_boot, -1, den.shape[-1]), axis=1, ddof=1)
-    return ratio, (boot_num / boot_den).std(axis=0, ddof=1)
+    boot_a = np.nanstd(a[picks].reshape(n_boot, -1, a.shape[-1]), axis=1, ddof=1)
+    boot_b = np.nanstd(b[picks].reshape(n_boot, -1, b.shape[-1]), axis=1, ddof=1)
+    return value, op(boot_a, boot_b).std(axis=0, ddof=1)
 
 
 def _fmt(value: float, err: float, label: str) -> str:
@@ -228,9 +231,41 @@ def print_comparison(by_variant: dict[str, list[dict]]) -> None:
         print(_row(f"{name}: (a) S/N >= 50", data["observed"][data["snr"] >= 50], 40))
         print(_row(f"{name}: (b) twins", data["twins"], 40))
         print(_row(f"{name}: (c) twins + RV + tilt", data["perturbed"], 40))
-        ratio, err = ratio_cell(data["perturbed"], data["twins"])
+        ratio, err = paired_cell(data["perturbed"], data["twins"])
         cells = " ".join(f"{f'{r:.2f}±{e:.2f}':>14}" for r, e in zip(ratio, err, strict=True))
         print(f"{f'{name}: (c) / (b)':<40} {len(data['truth']):>5} {cells}")
+
+
+def print_differences(by_variant: dict[str, list[dict]]) -> None:
+    """Each variant's scatter minus the first variant's on the same stars (the folds all have run),
+    overall and by region, with a paired bootstrap std: what a change of recipe did, star for star."""
+    common = sorted(set.intersection(*({r["fold"] for r in runs} for runs in by_variant.values())))
+    data = {
+        name: pooled(sorted((r for r in runs if r["fold"] in common), key=lambda r: r["fold"]))
+        for name, runs in by_variant.items()
+    }
+    (base, first), *others = data.items()
+    if not others or not len(first["truth"]):
+        return
+    everyone = np.ones(len(first["truth"]), bool)
+    regions = (("all", everyone), *((k, v[1](first["truth"])) for k, v in REGIONS.items()))
+    for name, other in others:
+        assert np.array_equal(other["truth"], first["truth"]), "the variants' folds hold other stars"
+        print(f"\n{name} minus {base}, folds {common}: scatter difference ± paired bootstrap std")
+        print(_header("set: region"))
+        for key, title, high in (
+            ("observed", "(a) S/N >= 50", first["snr"] >= 50),
+            ("twins", "(b)", everyone),
+        ):
+            for region, inside in regions:
+                rows = inside & high
+                if rows.sum() < 2:
+                    continue
+                diff, err = paired_cell(other[key][rows], first[key][rows], np.subtract)
+                cells = " ".join(
+                    f"{_fmt(d, e, n):>14}" for d, e, n in zip(diff, err, LABEL_NAMES, strict=True)
+                )
+                print(f"{f'{title}: {region}':<34} {int(rows.sum()):>5} {cells}")
 
 
 def print_tables(records: list[dict]) -> None:
@@ -242,6 +277,7 @@ def print_tables(records: list[dict]) -> None:
         by_variant.setdefault(r["variant"], []).append(r)
     if by_variant:
         print_comparison(by_variant)
+        print_differences(by_variant)
     for name, runs in by_variant.items():
         runs = sorted(runs, key=lambda r: r["fold"])
         data = pooled(runs)
@@ -282,7 +318,7 @@ def print_tables(records: list[dict]) -> None:
         for region, inside in (("all", everyone), *((k, v[1](data["truth"])) for k, v in REGIONS.items())):
             if inside.sum() < 2:
                 continue
-            ratio, err = ratio_cell(data["perturbed"][inside], data["twins"][inside])
+            ratio, err = paired_cell(data["perturbed"][inside], data["twins"][inside])
             cells = " ".join(f"{f'{r:.2f}±{e:.2f}':>14}" for r, e in zip(ratio, err, strict=True))
             print(f"{region:<34} {int(inside.sum()):>5} {cells}")
 
