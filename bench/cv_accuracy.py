@@ -6,7 +6,8 @@ Model choices (preset, recipe, augmentation) are made on these numbers, never on
 split: the pool is every row outside that split (``model.splits.SplitRule``), and the test rows are
 never read here; ``bench/accuracy_shared.py`` scores them, once, at the end. Pool row ``i`` is in fold
 ``floor(k u(cv_salt, spectrum_id_i))`` (``model.splits.hash_uniform``), so a star keeps its fold
-however the file grows. For each fold and variant one member (seed = fold, one torch thread) trains
+however the file grows. For each fold and variant one member (seed = fold + ``--seed-offset``, one
+torch thread; a nonzero offset is a replicate, tabled as ``<variant>@seed+<offset>``) trains
 on the other folds, with the variant's recipe from ``bench/accuracy_shared.py`` (its validation rows:
 the split rule's ``member_masks`` within those folds; label scaling and input reference from them
 alone), and scores the held-out fold on
@@ -96,7 +97,12 @@ def reduction_residuals(arrays, rows, setup, rng, *, rv_sigma, tilt):
     return continuum_tilt(clean, mask, setup, slopes).numpy(), mask.numpy() & arrays["mask"][rows]
 
 
-def run_fold(name, fold, k, epochs, *, draws, rv_sigma, tilt):
+def variant_label(name: str, seed_offset: int) -> str:
+    """The variant's name in the records and tables: a replicate with other seeds is told apart."""
+    return f"{name}@seed+{seed_offset}" if seed_offset else name
+
+
+def run_fold(name, fold, k, epochs, *, draws, rv_sigma, tilt, seed_offset=0):
     """Train the variant on the folds other than ``fold`` and score ``fold`` on (a), (b) and (c)."""
     arrays, setup = load_shared()
     arch, config = variant_config(name, epochs)
@@ -115,7 +121,9 @@ def run_fold(name, fold, k, epochs, *, draws, rv_sigma, tilt):
     train, val = ArrayData.from_arrays(arrays, train_rows), ArrayData.from_arrays(arrays, val_rows)
     reference = input_reference(train, val) if arch.center_input else None
     began, cpu = time.perf_counter(), time.process_time()
-    result = train_member(arch, setup, scaler, config.replace(seed=fold), train, val, reference=reference)
+    result = train_member(
+        arch, setup, scaler, config.replace(seed=fold + seed_offset), train, val, reference=reference
+    )
     seconds, cpu_seconds = time.perf_counter() - began, time.process_time() - cpu
     model = Ensemble(setup, arch, scaler, [result.network])
     twins, perturbed = [], []
@@ -132,8 +140,9 @@ def run_fold(name, fold, k, epochs, *, draws, rv_sigma, tilt):
         perturbed.append(model.predict(flux, mask).mean)
     observed = model.predict(arrays["flux"][held], arrays["mask"][held]).mean
     return {
-        "variant": name,
+        "variant": variant_label(name, seed_offset),
         "fold": fold,
+        "seed": fold + seed_offset,
         "folds": k,
         "epochs": config.epochs,
         "draws": draws,
@@ -335,6 +344,9 @@ def main() -> None:
     parser.add_argument("--rv-sigma", type=float, default=1.5, help="(c): RV residual sigma, km/s")
     parser.add_argument("--tilt", type=float, default=0.01, help="(c): continuum tilt per arm, +- fraction")
     parser.add_argument("--out", default="out/cv_accuracy.jsonl")
+    parser.add_argument(
+        "--seed-offset", type=int, default=0, help="member seed = fold + this: a replicate of the variants"
+    )
     parser.add_argument("--table-only", action="store_true")
     args = parser.parse_args()
     out = Path(args.out)
@@ -346,7 +358,14 @@ def main() -> None:
         for fold in args.only_folds if args.only_folds is not None else range(args.folds):
             for name in args.variants:  # variants side by side fold by fold: a partial run compares them
                 epochs = variant_config(name, args.epochs)[1].epochs
-                key = (name, fold, args.folds, epochs, args.draws, fingerprint)
+                key = (
+                    variant_label(name, args.seed_offset),
+                    fold,
+                    args.folds,
+                    epochs,
+                    args.draws,
+                    fingerprint,
+                )
                 if any(
                     (r["variant"], r["fold"], r["folds"], r["epochs"], r["draws"], r["fingerprint"]) == key
                     for r in done
@@ -360,13 +379,18 @@ def main() -> None:
                     draws=args.draws,
                     rv_sigma=args.rv_sigma,
                     tilt=args.tilt,
+                    seed_offset=args.seed_offset,
                 )
                 with out.open("a") as fh:
                     fh.write(json.dumps(record) + "\n")
                 done.append(record)
-                print(f"{name} fold {fold}: {record['cpu_seconds'] / 60:.1f} min CPU", flush=True)
-    variants = set(args.variants)
-    print_tables([r for r in done if r["variant"] in variants and r["folds"] == args.folds])
+                print(
+                    f"{record['variant']} fold {fold}: {record['cpu_seconds'] / 60:.1f} min CPU", flush=True
+                )
+    # The variants asked for with their seed replicates, in --variants order: the first is the baseline.
+    order = {name: i for i, name in enumerate(args.variants)}
+    chosen = [r for r in done if r["variant"].split("@")[0] in order and r["folds"] == args.folds]
+    print_tables(sorted(chosen, key=lambda r: (order[r["variant"].split("@")[0]], r["variant"])))
 
 
 if __name__ == "__main__":
