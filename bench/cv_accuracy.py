@@ -21,7 +21,9 @@ alone), and scores the held-out fold on
 The out-of-fold predictions of all folds are pooled. Per label: the scatter of (a) overall and at
 S/N >= 50, of (a) at S/N >= 50, (b) and (c) by region of label space (``REGIONS``, printed) and of
 (a) by S/N bin, each cell with its number of stars and a bootstrap uncertainty (stars resampled, all
-draws of a star together), and the robustness ratio (c) / (b) (paired bootstrap). Each fold's
+draws of a star together), the robustness ratio (c) / (b) (paired bootstrap), and each variant's
+scatter minus the first variant's on the same stars, overall and by region (paired bootstrap: the
+stars' sampling only, not the training seed's; ``--seed-offset`` replicates measure that). Each fold's
 predictions are appended to ``--out`` as a JSON line as soon as it is done, so that a run cut short
 still tables (``--table-only``), and a rerun skips the folds already there. Folds can run in separate
 processes (``--only-folds 1 --out part1.jsonl``, ...): concatenate the files and table them with
