@@ -74,12 +74,21 @@ VARIANTS: dict[str, tuple[ArchConfig, TrainConfig]] = {
     "three-conv16-tuned": (TWO_CONV.replace(conv_channels=(16, 16, 16)), TUNED),
     "two-conv16-dense128-tuned": (TWO_CONV.replace(dense_units=(128,)), TUNED),
     "paper+default-training": (PAPER, TrainConfig()),
+    # The default until 2026-12-04 (fresh-noise augmentation only), the baseline of the CV tables.
+    "default-2026-12-03": (
+        PRESETS["default"].replace(variance_head=False),
+        TrainConfig(augment=AugmentConfig(noise=True, snr_range=(10.0, 150.0))),
+    ),
     # Robustness to reduction residuals (issue 20): velocity shifts and per-arm continuum tilts in training.
     "default+rv+tilt": (
         PRESETS["default"],
         TrainConfig(augment=AugmentConfig(noise=True, rv_shift_kms=3.0, continuum_tilt=0.01)),
     ),
 }
+# Sparse regions of label space (issue 20): rows weighted by density^-beta (TrainConfig.density_weighting).
+for _beta in (0.5, 1.0):
+    _arch, _config = VARIANTS["default+rv+tilt"]
+    VARIANTS[f"default+rv+tilt+density{_beta:g}"] = (_arch, _config.replace(density_weighting=_beta))
 
 
 # Every architecture preset (the default included) also runs with the default training configuration.

@@ -6,7 +6,8 @@ Model choices (preset, recipe, augmentation) are made on these numbers, never on
 split: the pool is every row outside that split (``model.splits.SplitRule``), and the test rows are
 never read here; ``bench/accuracy_shared.py`` scores them, once, at the end. Pool row ``i`` is in fold
 ``floor(k u(cv_salt, spectrum_id_i))`` (``model.splits.hash_uniform``), so a star keeps its fold
-however the file grows. For each fold and variant one member (seed = fold, one torch thread) trains
+however the file grows. For each fold and variant one member (seed = fold + ``--seed-offset``, one
+torch thread; a nonzero offset is a replicate, tabled as ``<variant>@seed+<offset>``) trains
 on the other folds, with the variant's recipe from ``bench/accuracy_shared.py`` (its validation rows:
 the split rule's ``member_masks`` within those folds; label scaling and input reference from them
 alone), and scores the held-out fold on
@@ -20,7 +21,9 @@ alone), and scores the held-out fold on
 The out-of-fold predictions of all folds are pooled. Per label: the scatter of (a) overall and at
 S/N >= 50, of (a) at S/N >= 50, (b) and (c) by region of label space (``REGIONS``, printed) and of
 (a) by S/N bin, each cell with its number of stars and a bootstrap uncertainty (stars resampled, all
-draws of a star together), and the robustness ratio (c) / (b) (paired bootstrap). Each fold's
+draws of a star together), the robustness ratio (c) / (b) (paired bootstrap), and each variant's
+scatter minus the first variant's on the same stars, overall and by region (paired bootstrap: the
+stars' sampling only, not the training seed's; ``--seed-offset`` replicates measure that). Each fold's
 predictions are appended to ``--out`` as a JSON line as soon as it is done, so that a run cut short
 still tables (``--table-only``), and a rerun skips the folds already there. Folds can run in separate
 processes (``--only-folds 1 --out part1.jsonl``, ...): concatenate the files and table them with
@@ -46,7 +49,7 @@ from accuracy_shared import VARIANTS, fit_cannon, load_shared, noisy_twins, twin
 
 from speclabel.core.labels import LABEL_NAMES
 from speclabel.model.ensemble import Ensemble
-from speclabel.model.fit import EnsembleConfig
+from speclabel.model.fit import EnsembleConfig, sample_weights
 from speclabel.model.io import load_model
 from speclabel.model.metrics import snr_bin_name, snr_bins
 from speclabel.model.scaling import LabelScaler
@@ -103,7 +106,12 @@ def reduction_residuals(arrays, rows, setup, rng, *, rv_sigma, tilt):
     return continuum_tilt(clean, mask, setup, slopes).numpy(), mask.numpy() & arrays["mask"][rows]
 
 
-def run_fold(name, fold, k, epochs, *, draws, rv_sigma, tilt):
+def variant_label(name: str, seed_offset: int) -> str:
+    """The variant's name in the records and tables: a replicate with other seeds is told apart."""
+    return f"{name}@seed+{seed_offset}" if seed_offset else name
+
+
+def run_fold(name, fold, k, epochs, *, draws, rv_sigma, tilt, seed_offset=0):
     """Train the variant on the folds other than ``fold`` and score ``fold`` on (a), (b) and (c)."""
     arrays, setup = load_shared()
     arch, config = variant_config(name, epochs)
@@ -115,10 +123,16 @@ def run_fold(name, fold, k, epochs, *, draws, rv_sigma, tilt):
     train_rows, val_rows = split.member_masks(ids, fold)
     train_rows, val_rows = train_rows & (folds != fold), val_rows & (folds != fold)
     scaler = LabelScaler.fit(arrays["labels"][train_rows | val_rows], ensemble_config.scaling)
+    # Density weights (if the recipe has them) from the fold's training pool alone, as fit_ensemble does.
+    weights = sample_weights(arrays, train_rows | val_rows, config, LABEL_NAMES)
+    if weights is not None:
+        arrays = {**arrays, "sample_weight": weights}
     train, val = ArrayData.from_arrays(arrays, train_rows), ArrayData.from_arrays(arrays, val_rows)
     reference = input_reference(train, val) if arch.center_input else None
     began, cpu = time.perf_counter(), time.process_time()
-    result = train_member(arch, setup, scaler, config.replace(seed=fold), train, val, reference=reference)
+    result = train_member(
+        arch, setup, scaler, config.replace(seed=fold + seed_offset), train, val, reference=reference
+    )
     seconds, cpu_seconds = time.perf_counter() - began, time.process_time() - cpu
     model = Ensemble(setup, arch, scaler, [result.network])
     twins, perturbed = [], []
@@ -135,8 +149,9 @@ def run_fold(name, fold, k, epochs, *, draws, rv_sigma, tilt):
         perturbed.append(model.predict(flux, mask).mean)
     observed = model.predict(arrays["flux"][held], arrays["mask"][held]).mean
     return {
-        "variant": name,
+        "variant": variant_label(name, seed_offset),
         "fold": fold,
+        "seed": fold + seed_offset,
         "folds": k,
         "epochs": config.epochs,
         "draws": draws,
@@ -283,15 +298,18 @@ def scatter_cell(residual: np.ndarray, n_boot: int = 300) -> tuple[int, np.ndarr
     return n, np.nanstd(flat, axis=0, ddof=1), np.nanstd(boot, axis=1, ddof=1).std(axis=0, ddof=1)
 
 
-def ratio_cell(num: np.ndarray, den: np.ndarray, n_boot: int = 300) -> tuple[np.ndarray, np.ndarray]:
-    """scatter(num) / scatter(den) per label over the same stars, with a paired bootstrap std."""
-    picks = bootstrap_picks(num.shape[0], n_boot)
-    ratio = np.nanstd(num.reshape(-1, num.shape[-1]), 0, ddof=1) / np.nanstd(
-        den.reshape(-1, den.shape[-1]), 0, ddof=1
+def paired_cell(
+    a: np.ndarray, b: np.ndarray, op=np.divide, n_boot: int = 300
+) -> tuple[np.ndarray, np.ndarray]:
+    """op(scatter(a), scatter(b)) per label over the same stars (residuals [stars, draws, L] each),
+    with a paired bootstrap std: both resampled with the same picks of stars."""
+    picks = bootstrap_picks(a.shape[0], n_boot)
+    value = op(
+        np.nanstd(a.reshape(-1, a.shape[-1]), 0, ddof=1), np.nanstd(b.reshape(-1, b.shape[-1]), 0, ddof=1)
     )
-    boot_num = np.nanstd(num[picks].reshape(n_boot, -1, num.shape[-1]), axis=1, ddof=1)
-    boot_den = np.nanstd(den[picks].reshape(n_boot, -1, den.shape[-1]), axis=1, ddof=1)
-    return ratio, (boot_num / boot_den).std(axis=0, ddof=1)
+    boot_a = np.nanstd(a[picks].reshape(n_boot, -1, a.shape[-1]), axis=1, ddof=1)
+    boot_b = np.nanstd(b[picks].reshape(n_boot, -1, b.shape[-1]), axis=1, ddof=1)
+    return value, op(boot_a, boot_b).std(axis=0, ddof=1)
 
 
 def _fmt(value: float, err: float, label: str) -> str:
@@ -321,9 +339,41 @@ def print_comparison(by_variant: dict[str, list[dict]]) -> None:
         print(_row(f"{name}: (a) S/N >= 50", data["observed"][data["snr"] >= 50], 40))
         print(_row(f"{name}: (b) twins", data["twins"], 40))
         print(_row(f"{name}: (c) twins + RV + tilt", data["perturbed"], 40))
-        ratio, err = ratio_cell(data["perturbed"], data["twins"])
+        ratio, err = paired_cell(data["perturbed"], data["twins"])
         cells = " ".join(f"{f'{r:.2f}±{e:.2f}':>14}" for r, e in zip(ratio, err, strict=True))
         print(f"{f'{name}: (c) / (b)':<40} {len(data['truth']):>5} {cells}")
+
+
+def print_differences(by_variant: dict[str, list[dict]]) -> None:
+    """Each variant's scatter minus the first variant's on the same stars (the folds all have run),
+    overall and by region, with a paired bootstrap std: what a change of recipe did, star for star."""
+    common = sorted(set.intersection(*({r["fold"] for r in runs} for runs in by_variant.values())))
+    data = {
+        name: pooled(sorted((r for r in runs if r["fold"] in common), key=lambda r: r["fold"]))
+        for name, runs in by_variant.items()
+    }
+    (base, first), *others = data.items()
+    if not others or not len(first["truth"]):
+        return
+    everyone = np.ones(len(first["truth"]), bool)
+    regions = (("all", everyone), *((k, v[1](first["truth"])) for k, v in REGIONS.items()))
+    for name, other in others:
+        assert np.array_equal(other["truth"], first["truth"]), "the variants' folds hold other stars"
+        print(f"\n{name} minus {base}, folds {common}: scatter difference ± paired bootstrap std")
+        print(_header("set: region"))
+        for key, title, high in (
+            ("observed", "(a) S/N >= 50", first["snr"] >= 50),
+            ("twins", "(b)", everyone),
+        ):
+            for region, inside in regions:
+                rows = inside & high
+                if rows.sum() < 2:
+                    continue
+                diff, err = paired_cell(other[key][rows], first[key][rows], np.subtract)
+                cells = " ".join(
+                    f"{_fmt(d, e, n):>14}" for d, e, n in zip(diff, err, LABEL_NAMES, strict=True)
+                )
+                print(f"{f'{title}: {region}':<34} {int(rows.sum()):>5} {cells}")
 
 
 def print_tables(records: list[dict]) -> None:
@@ -335,6 +385,7 @@ def print_tables(records: list[dict]) -> None:
         by_variant.setdefault(r["variant"], []).append(r)
     if by_variant:
         print_comparison(by_variant)
+        print_differences(by_variant)
     for name, runs in by_variant.items():
         runs = sorted(runs, key=lambda r: r["fold"])
         data = pooled(runs)
@@ -391,7 +442,7 @@ def print_tables(records: list[dict]) -> None:
         for region, inside in (("all", everyone), *((k, v[1](data["truth"])) for k, v in REGIONS.items())):
             if inside.sum() < 2:
                 continue
-            ratio, err = ratio_cell(data["perturbed"][inside], data["twins"][inside])
+            ratio, err = paired_cell(data["perturbed"][inside], data["twins"][inside])
             cells = " ".join(f"{f'{r:.2f}±{e:.2f}':>14}" for r, e in zip(ratio, err, strict=True))
             print(f"{region:<34} {int(inside.sum()):>5} {cells}")
 
@@ -408,6 +459,9 @@ def main() -> None:
     parser.add_argument("--rv-sigma", type=float, default=1.5, help="(c): RV residual sigma, km/s")
     parser.add_argument("--tilt", type=float, default=0.01, help="(c): continuum tilt per arm, +- fraction")
     parser.add_argument("--out", default="out/cv_accuracy.jsonl")
+    parser.add_argument(
+        "--seed-offset", type=int, default=0, help="member seed = fold + this: a replicate of the variants"
+    )
     parser.add_argument("--table-only", action="store_true")
     parser.add_argument(
         "--model",
@@ -450,7 +504,14 @@ def main() -> None:
         for fold in args.only_folds if args.only_folds is not None else range(args.folds):
             for name in args.variants:  # variants side by side fold by fold: a partial run compares them
                 epochs = variant_config(name, args.epochs)[1].epochs
-                key = (name, fold, args.folds, epochs, args.draws, fingerprint)
+                key = (
+                    variant_label(name, args.seed_offset),
+                    fold,
+                    args.folds,
+                    epochs,
+                    args.draws,
+                    fingerprint,
+                )
                 if any(
                     (r["variant"], r["fold"], r["folds"], r["epochs"], r["draws"], r["fingerprint"]) == key
                     for r in done
@@ -464,13 +525,18 @@ def main() -> None:
                     draws=args.draws,
                     rv_sigma=args.rv_sigma,
                     tilt=args.tilt,
+                    seed_offset=args.seed_offset,
                 )
                 with out.open("a") as fh:
                     fh.write(json.dumps(record) + "\n")
                 done.append(record)
-                print(f"{name} fold {fold}: {record['cpu_seconds'] / 60:.1f} min CPU", flush=True)
-    variants = set(args.variants)
-    print_tables([r for r in done if r["variant"] in variants and r["folds"] == args.folds])
+                print(
+                    f"{record['variant']} fold {fold}: {record['cpu_seconds'] / 60:.1f} min CPU", flush=True
+                )
+    # The variants asked for with their seed replicates, in --variants order: the first is the baseline.
+    order = {name: i for i, name in enumerate(args.variants)}
+    chosen = [r for r in done if r["variant"].split("@")[0] in order and r["folds"] == args.folds]
+    print_tables(sorted(chosen, key=lambda r: (order[r["variant"].split("@")[0]], r["variant"])))
 
 
 if __name__ == "__main__":

@@ -33,6 +33,7 @@ from .training import (
     MemberResult,
     TrainConfig,
     TrainingState,
+    density_weights,
     input_reference,
     train_member,
 )
@@ -81,6 +82,22 @@ def fit_scaler(
     if rows.sum() < 2:
         raise InputError(f"only {int(rows.sum())} training rows outside the test split")
     return LabelScaler.fit(arrays["labels"][rows], method, tuple(names))
+
+
+def sample_weights(
+    arrays: Mapping[str, np.ndarray],
+    rows: np.ndarray,
+    config: TrainConfig,
+    names: Sequence[str] = LABEL_NAMES,
+) -> np.ndarray | None:
+    """Every row's ``sample_weight`` (``training.density_weights``) measured over the labels of
+    ``rows`` (a boolean mask: the training pool), 1 outside them; None when ``config`` does not
+    weight by density. Computed once, before the members start: every member weighs a row alike."""
+    if config.density_weighting == 0:
+        return None
+    out = np.ones(len(arrays["labels"]))
+    out[rows] = density_weights(arrays["labels"][rows], names, config)
+    return out
 
 
 def member_data(arrays: Mapping[str, np.ndarray], split: SplitRule, seed: int) -> tuple[ArrayData, ArrayData]:
@@ -193,7 +210,11 @@ def fit_ensemble(
 ) -> Ensemble:
     """Train every candidate member in turn (``on_epoch(seed, metrics, state)`` after each epoch)."""
     split = ensemble_config.split
-    scaler = fit_scaler(arrays, split, ensemble_config.scaling, arrays.get("label_names", LABEL_NAMES))
+    names = arrays.get("label_names", LABEL_NAMES)
+    scaler = fit_scaler(arrays, split, ensemble_config.scaling, names)
+    weights = sample_weights(arrays, ~split.is_test(arrays["spectrum_id"]), train_config, names)
+    if weights is not None:
+        arrays = {**arrays, "sample_weight": weights}
     reference = (
         input_reference(*member_data(arrays, split, ensemble_config.seeds[0])) if arch.center_input else None
     )

@@ -7,7 +7,8 @@ shuffle_seed)`` yields dicts of arrays (numpy or torch) with the keys
 * ``mask`` [B, P] bool (True = good pixel), ``labels`` [B, L] physical units, NaN where a row
   lacks a label (the loss then ignores that entry: :func:`masked_mean`),
 * optional ``label_err`` [B, L] (for inverse-variance weighting), ``ivar`` [B, P] (to add noise down
-  to a lower S/N) and ``flux_clean`` [B, P] (a noise-free twin: fresh noise at a drawn S/N).
+  to a lower S/N), ``flux_clean`` [B, P] (a noise-free twin: fresh noise at a drawn S/N) and
+  ``sample_weight`` [B] (a factor on the row's loss weights, e.g. :func:`density_weights`).
 
 :class:`ArrayData` holds numpy arrays in memory; :class:`BatchStream` wraps any factory
 ``epoch -> iterable of batches``, e.g. a Ray Data shard's ``iter_torch_batches``.
@@ -26,7 +27,7 @@ import dataclasses
 import json
 import math
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -34,6 +35,7 @@ from typing import Protocol
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
+from scipy.spatial import cKDTree
 from torch import nn
 
 from speclabel.core.config import dataclass_from_dict
@@ -48,6 +50,9 @@ STATE_FORMAT = "speclabel-train-state"
 STATE_VERSION = 1
 LOSS_WEIGHTINGS = ("none", "inverse_variance")
 LR_SCHEDULES = ("constant", "cosine", "plateau")
+BATCH_KEYS = ("flux", "mask", "labels", "label_err", "ivar", "flux_clean", "sample_weight")
+# The labels whose joint density density_weights measures (standardised), in this order.
+DENSITY_LABELS = ("teff", "logg", "feh")
 
 
 @dataclass(frozen=True)
@@ -107,6 +112,11 @@ class TrainConfig:
     plateau_factor: float = 0.5  # epochs without a better validation loss
     loss_weighting: str = "none"  # or "inverse_variance" (needs label_err)
     error_floor: float = 0.02  # smallest label error in scaled units, so no row gets unbounded weight
+    # > 0: each training row weighs density^-density_weighting, its local density in label space from
+    # its density_neighbours nearest rows, at most density_cap times the mean (density_weights).
+    density_weighting: float = 0.0
+    density_neighbours: int = 10
+    density_cap: float = 5.0
     seed: int = 0
     augment: AugmentConfig = field(
         default_factory=lambda: AugmentConfig(
@@ -126,6 +136,8 @@ class TrainConfig:
             problems.append(f"loss_weighting must be one of {LOSS_WEIGHTINGS}, got {self.loss_weighting!r}")
         if not self.error_floor > 0:
             problems.append("error_floor must be > 0")
+        if self.density_weighting < 0 or self.density_neighbours < 1 or not self.density_cap >= 1:
+            problems.append("density_weighting must be >= 0, density_neighbours >= 1 and density_cap >= 1")
         if self.lr_schedule not in LR_SCHEDULES:
             problems.append(f"lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}")
         if self.plateau_patience < 1 or not 0 < self.plateau_factor < 1 or not 0 < self.lr_floor <= 1:
@@ -163,10 +175,11 @@ class ArrayData:
     label_err: np.ndarray | None = None
     ivar: np.ndarray | None = None
     flux_clean: np.ndarray | None = None
+    sample_weight: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         n = self.flux.shape[0]
-        for name in ("mask", "labels", "label_err", "ivar", "flux_clean"):
+        for name in BATCH_KEYS[1:]:
             value = getattr(self, name)
             if value is not None and value.shape[0] != n:
                 raise InputError(f"training array {name} has {value.shape[0]} rows, flux has {n}")
@@ -177,9 +190,8 @@ class ArrayData:
     @classmethod
     def from_arrays(cls, arrays: Mapping[str, np.ndarray], rows: np.ndarray | None = None) -> ArrayData:
         """The rows (a boolean mask or indices) of a :func:`training_arrays` dict."""
-        keys = ("flux", "mask", "labels", "label_err", "ivar", "flux_clean")
         pick = (lambda a: a) if rows is None else (lambda a: a[rows])
-        return cls(**{k: pick(arrays[k]) if arrays.get(k) is not None else None for k in keys})
+        return cls(**{k: pick(arrays[k]) if arrays.get(k) is not None else None for k in BATCH_KEYS})
 
     def batches(
         self, epoch: int, batch_size: int, shuffle_seed: int | None
@@ -191,11 +203,7 @@ class ArrayData:
         )
         for start in range(0, len(self), batch_size):
             rows = np.sort(order[start : start + batch_size])  # sorted: contiguous reads, same batch
-            yield {
-                name: value[rows]
-                for name in ("flux", "mask", "labels", "label_err", "ivar", "flux_clean")
-                if (value := getattr(self, name)) is not None
-            }
+            yield {name: value[rows] for name in BATCH_KEYS if (value := getattr(self, name)) is not None}
 
 
 @dataclass
@@ -466,7 +474,7 @@ def _cpu_copy(state):
 
 def _tensors(batch: Mapping) -> dict[str, torch.Tensor]:
     out = {}
-    for key in ("flux", "mask", "labels", "label_err", "ivar", "flux_clean"):
+    for key in BATCH_KEYS:
         value = batch.get(key)
         if value is None:
             continue
@@ -500,7 +508,7 @@ def loss_targets(
     labels = batch["labels"]
     present = torch.isfinite(labels)
     target = _scaled(torch.where(present, labels, torch.as_tensor(scaler.offset, dtype=labels.dtype)), scaler)
-    weights = present.to(torch.float32)
+    weights = present.to(torch.float32) * _sample_weight(batch, config)
     if config.loss_weighting == "none":
         return target, weights
     err = batch.get("label_err")
@@ -511,6 +519,59 @@ def loss_targets(
     scaled_err = (err / torch.as_tensor(scaler.scale)).to(torch.float32)
     scaled_err = torch.nan_to_num(scaled_err, nan=config.error_floor).clamp(min=config.error_floor)
     return target, weights / scaled_err**2
+
+
+def _sample_weight(batch: Mapping[str, torch.Tensor], config: TrainConfig) -> torch.Tensor | float:
+    """The batch's per-row factor on the loss weights, ``[B, 1]`` (1.0 without a ``sample_weight``)."""
+    weight = batch.get("sample_weight")
+    if weight is None:
+        if config.density_weighting > 0:
+            raise InputError(
+                "density_weighting > 0 needs a sample_weight per training row (model.fit.sample_weights)"
+            )
+        return 1.0
+    return weight.to(torch.float32)[:, None]
+
+
+def density_weights(labels: np.ndarray, names: Sequence[str], config: TrainConfig) -> np.ndarray:
+    """Per row of ``labels`` [N, L] (columns ``names``): the inverse of its local density in label
+    space to the power ``config.density_weighting``, normalised to mean 1 and capped.
+
+    The density is that of the rows in (Teff, log g, [Fe/H]) (:data:`DENSITY_LABELS`), each label
+    standardised over these rows: with ``d`` the distance to a row's ``density_neighbours``-th
+    nearest other row, density ~ d^-3, so the raw weight is d^(3 beta). The weights are
+    min(c raw, ``density_cap``), c such that their mean is 1: a lone star weighs at most
+    ``density_cap`` times the average row. A row lacking one of the labels weighs 1 and is nobody's
+    neighbour.
+    """
+    missing = [n for n in DENSITY_LABELS if n not in names]
+    if missing:
+        raise ConfigError(f"density_weighting needs the labels {missing}, which the model does not have")
+    points = labels[:, [list(names).index(n) for n in DENSITY_LABELS]]
+    complete = np.isfinite(points).all(axis=1)
+    out = np.ones(len(labels))
+    n = int(complete.sum())
+    if n < 2 or config.density_weighting == 0:
+        return out
+    points = points[complete]
+    points = (points - points.mean(0)) / np.where(points.std(0) > 0, points.std(0), 1.0)
+    k = min(config.density_neighbours, n - 1)
+    distance = cKDTree(points).query(points, k=k + 1)[0][:, k]  # [:, 0] is the row itself
+    raw = np.maximum(distance, 1e-6) ** (points.shape[1] * config.density_weighting)
+    out[complete] = _capped_mean_one(raw, config.density_cap)
+    return out
+
+
+def _capped_mean_one(raw: np.ndarray, cap: float) -> np.ndarray:
+    """min(c raw, cap) with c > 0 such that the mean is 1 (cap >= 1); the m largest are capped, m the
+    fewest for which the rest, scaled to fill the mean, stay at or below the cap."""
+    order = np.sort(raw)[::-1]
+    n = len(raw)
+    capped = np.arange(n)
+    rest = np.cumsum(order[::-1])[::-1]  # rest[m]: the sum of all but the m largest
+    scale = (n - capped * cap) / rest
+    m = int(np.argmax(scale * order <= cap * (1 + 1e-12)))
+    return np.minimum(scale[m] * raw, cap)
 
 
 def masked_mean(sq: torch.Tensor, weights: torch.Tensor, totals: torch.Tensor | None = None) -> torch.Tensor:

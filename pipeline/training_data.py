@@ -34,6 +34,7 @@ driver. Both give the same accounting, scaler and fingerprint for the same input
 from __future__ import annotations
 
 import collections
+import dataclasses
 import logging
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -61,7 +62,7 @@ PARQUET_EXTENSIONS = (".parquet", ".parq", ".pq")
 # Bytes per pixel of one spectrum as training arrays: float32 flux + float32 ivar + bool mask.
 BYTES_PER_PIXEL = 9
 STREAM_PARTS = ("train", "val", "test")
-ARRAY_KEYS = ("flux", "mask", "labels", "label_err", "ivar", "snr")
+ARRAY_KEYS = ("flux", "mask", "labels", "label_err", "ivar", "snr", "sample_weight")
 # The reason code of a row left out because its id is on the --exclude list.
 EXCLUDED = "excluded"
 ID_LIST_EXTENSIONS = (*PARQUET_EXTENSIONS, ".csv")
@@ -438,6 +439,11 @@ class InMemoryRows:
 
     mode = "memory"
 
+    def weighted(self, weights: Mapping[str, float]) -> InMemoryRows:
+        """These rows with each row's ``sample_weight``: ``weights`` by spectrum_id."""
+        column = np.array([weights[sid] for sid in self.arrays["spectrum_id"]], dtype=np.float64)
+        return InMemoryRows({**self.arrays, "sample_weight": column})
+
     def member(self, split: SplitRule, seed: int) -> tuple[ArrayData, ArrayData]:
         return member_data(self.arrays, split, seed)
 
@@ -457,8 +463,10 @@ def member_rows(
     part: str,
     excluded_ids: frozenset[str],
     label_names: tuple[str, ...] = LABEL_NAMES,
+    sample_weights: Mapping[str, float] | None = None,
 ) -> dict[str, np.ndarray]:
-    """The rows of ``table`` in ``part`` of member ``seed``, as training arrays (a Ray Data UDF)."""
+    """The rows of ``table`` in ``part`` of member ``seed``, as training arrays (a Ray Data UDF), with
+    their ``sample_weight`` from ``sample_weights`` (by spectrum_id) where given."""
     ids = table.column("spectrum_id").to_pylist()
     usable = np.array([bool(sid) and sid not in excluded_ids for sid in ids], dtype=bool)
     if part == "test":
@@ -466,7 +474,11 @@ def member_rows(
     else:
         train, val = split.member_masks(ids, seed)
         keep = train if part == "train" else val
-    arrays = training_arrays(table.filter(pa.array(usable & keep)), setup, label_names=label_names)
+    kept = table.filter(pa.array(usable & keep))
+    arrays = training_arrays(kept, setup, label_names=label_names)
+    if sample_weights is not None:
+        ids = kept.column("spectrum_id").to_pylist()
+        arrays["sample_weight"] = np.array([sample_weights[sid] for sid in ids], dtype=np.float64)
     return {k: arrays[k] for k in ARRAY_KEYS if arrays.get(k) is not None}
 
 
@@ -487,6 +499,7 @@ class StreamedRows:
     excluded_ids: frozenset[str] = field(repr=False)
     num_cpus: float = 0.0  # Ray Data tasks share the CPUs of the trial that iterates them
     shuffle_buffer_rows: int = 1024
+    sample_weights: Mapping[str, float] | None = field(default=None, repr=False)  # by spectrum_id
 
     def __post_init__(self) -> None:
         if self.part not in STREAM_PARTS:
@@ -502,6 +515,7 @@ class StreamedRows:
                 "part": self.part,
                 "excluded_ids": self.excluded_ids,
                 "label_names": self.input.label_names,
+                "sample_weights": self.sample_weights,
             },
             num_cpus=self.num_cpus,
             shuffle_seed=shuffle_seed,
@@ -530,11 +544,25 @@ class StreamingRows:
     setup: Setup
     excluded_ids: frozenset[str] = field(repr=False)
     num_cpus: float = 0.0
+    sample_weights: Mapping[str, float] | None = field(default=None, repr=False)  # by spectrum_id
 
     mode = "streaming"
 
+    def weighted(self, weights: Mapping[str, float]) -> StreamingRows:
+        """These rows with each row's ``sample_weight``: ``weights`` by spectrum_id."""
+        return dataclasses.replace(self, sample_weights=dict(weights))
+
     def part(self, split: SplitRule, seed: int, part: str) -> StreamedRows:
-        return StreamedRows(self.input, self.setup, split, seed, part, self.excluded_ids, self.num_cpus)
+        return StreamedRows(
+            self.input,
+            self.setup,
+            split,
+            seed,
+            part,
+            self.excluded_ids,
+            self.num_cpus,
+            sample_weights=self.sample_weights,
+        )
 
     def member(self, split: SplitRule, seed: int) -> tuple[StreamedRows, StreamedRows]:
         return self.part(split, seed, "train"), self.part(split, seed, "val")

@@ -37,6 +37,11 @@ def test_config_file_sections_and_command_line_overrides(tmp_path):
     tilted = _job(["--data", "d", "--out", "m", "--config", str(config), "--continuum-tilt", "0.01"]).train
     assert tilted.augment.continuum_tilt == 0.01 and tilted.epochs == 7  # the file's other settings stay
     assert tilted.augment.noise == job.train.augment.noise
+    weighted = _job(
+        ["--data", "d", "--out", "m", "--config", str(config), "--density-weighting", "0.5"]
+    ).train
+    assert weighted.density_weighting == 0.5 and weighted.epochs == 7
+    assert weighted.augment == job.train.augment and job.train.density_weighting == 0.0
     (tmp_path / "preset.toml").write_text('arch = "paper"\n[train.augment]\nnoise = true\n')
     settings = read_model_config(tmp_path / "preset.toml")
     assert settings["arch"] == PAPER and settings["train"].augment.noise

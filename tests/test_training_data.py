@@ -8,7 +8,7 @@ from train_inputs import BAD_ROWS, faulty_survey, write_in_two_files
 from speclabel.core.arrays import row_digests
 from speclabel.core.errors import InputError
 from speclabel.core.fingerprints import DataFingerprint
-from speclabel.model.fit import member_data
+from speclabel.model.fit import member_data, sample_weights
 from speclabel.model.splits import SplitRule
 from speclabel.pipeline.training_data import StreamingRows, resolve_input, scan_in_memory, scan_streaming
 
@@ -96,3 +96,37 @@ def test_streamed_rows_are_the_in_memory_rows_in_a_seeded_order(ray_session, in_
     test_memory = _rows_by_id(rows.test_batches(SPLIT, 8))
     assert _rows_by_id(streaming.test_batches(SPLIT, 8)) == pytest.approx(test_memory)
     assert len(test_memory) == SPLIT.is_test(rows.arrays["spectrum_id"]).sum() > 0
+
+
+def test_sample_weights_reach_the_in_memory_and_the_streamed_rows_by_id(in_memory, setup):
+    """The job's density weights, by spectrum_id, in every member's batches in both modes."""
+    from speclabel.model.training import TrainConfig
+    from speclabel.pipeline.training_data import member_rows
+
+    training_input, training_set, rows = in_memory
+    label_arrays = training_set.label_arrays()
+    ids = label_arrays["spectrum_id"]
+    config = TrainConfig(density_weighting=1.0, density_neighbours=3)
+    weights = sample_weights(label_arrays, ~SPLIT.is_test(ids), config)
+    by_id = dict(zip(ids, weights.tolist(), strict=True))
+    train_mem, _ = member_data(rows.weighted(by_id).arrays, SPLIT, 1)
+    train_ids, _ = SPLIT.member_masks(rows.arrays["spectrum_id"], 1)
+    expected = [by_id[sid] for sid in rows.arrays["spectrum_id"][train_ids]]
+    assert train_mem.sample_weight.tolist() == expected and len(set(expected)) > 1
+    streaming = StreamingRows(training_input, setup, training_set.excluded_ids).weighted(by_id)
+    assert streaming.part(SPLIT, 1, "train").sample_weights == by_id
+    # What a streamed train part's Ray Data task decodes from the input's rows:
+    streamed = member_rows(
+        training_input.read_table(),
+        setup=setup,
+        split=SPLIT,
+        seed=1,
+        part="train",
+        excluded_ids=training_set.excluded_ids,
+        sample_weights=by_id,
+    )
+
+    def by_labels(labels, weights):
+        return {tuple(np.round(lab, 6)): w for lab, w in zip(labels, weights, strict=True)}
+
+    assert by_labels(streamed["labels"], streamed["sample_weight"]) == by_labels(train_mem.labels, expected)

@@ -88,6 +88,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     stated_default(
         parser.add_argument(
+            "--density-weighting",
+            type=non_negative_float,
+            metavar="BETA",
+            help="weigh each training row by its local density in (Teff, log g, [Fe/H])^-BETA, at most "
+            "density_cap times the mean, so sparse regions of label space count more; 0: off "
+            "(default %(code_default)s, or --config's)",
+        ),
+        "speclabel.model.training:TrainConfig.density_weighting",
+    )
+    stated_default(
+        parser.add_argument(
             "--arch",
             help="architecture preset name or .toml file (default %(code_default)s, or --config's)",
         ),
@@ -166,7 +177,9 @@ def build_job(args: argparse.Namespace):
         settings["train"] = train = train.replace(epochs=args.epochs)
     if args.continuum_tilt is not None:
         augment = dataclasses.replace(train.augment, continuum_tilt=args.continuum_tilt)
-        settings["train"] = train.replace(augment=augment)
+        settings["train"] = train = train.replace(augment=augment)
+    if args.density_weighting is not None:
+        settings["train"] = train.replace(density_weighting=args.density_weighting)
     if args.members:
         from speclabel.model.fit import EnsembleConfig
 

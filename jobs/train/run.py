@@ -46,7 +46,7 @@ from speclabel.core.storage import (
 )
 from speclabel.model.arch import build_network
 from speclabel.model.ensemble import Ensemble
-from speclabel.model.fit import assemble_ensemble, fit_scaler
+from speclabel.model.fit import assemble_ensemble, fit_scaler, sample_weights
 from speclabel.model.fit import test_metrics as ensemble_test_metrics
 from speclabel.model.io import MODEL_JSON, read_model_document, save_model
 from speclabel.model.splits import SplitRule
@@ -165,9 +165,13 @@ def run_training(job: TrainJob, *, echo: Echo = to_stdout, reporter: Reporter | 
         split = job.ensemble.split
         label_rows = training_set.label_counts(split)
         reporter.line(label_rows_table(label_rows))
-        scaler = fit_scaler(
-            training_set.label_arrays(), split, job.ensemble.scaling, training_set.label_names
-        )
+        label_arrays = training_set.label_arrays()
+        scaler = fit_scaler(label_arrays, split, job.ensemble.scaling, training_set.label_names)
+        # Density weights from the training pool's labels, once, before any member starts.
+        ids = label_arrays["spectrum_id"]
+        weights = sample_weights(label_arrays, ~split.is_test(ids), job.train, training_set.label_names)
+        if weights is not None:
+            rows = rows.weighted(dict(zip(ids, weights.tolist(), strict=True)))
         spec = MemberSpec(
             setup=setup,
             arch=job.arch,
