@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import torch
-from accuracy_shared import fit_in_process, load_shared, twin_test
+from accuracy_shared import VARIANTS, fit_in_process, load_shared, twin_test
 
 from speclabel.core.labels import LABEL_NAMES
 from speclabel.model.calibration import prior_widths
@@ -44,7 +44,6 @@ from speclabel.pipeline.suggest import CandidatePools, score_parts, select
 
 START_SALT = "speclabel-suggest-bench-start"
 PARTITIONS = 4
-VARIANT = "default"
 
 
 def subset(arrays: dict, rows: np.ndarray) -> dict:
@@ -52,11 +51,11 @@ def subset(arrays: dict, rows: np.ndarray) -> dict:
     return {k: v[rows] if isinstance(v, np.ndarray) and len(v) == n else v for k, v in arrays.items()}
 
 
-def train(arrays, setup, rows, members, epochs):
-    """An ensemble of ``members`` members (seeds 0 ..) on ``rows`` (outside the test split), each
-    with its own validation split of them, as the training job draws it."""
+def train(arrays, setup, rows, variant, members, epochs):
+    """An ensemble of ``members`` members (seeds 0 ..) of ``variant`` on ``rows`` (outside the test
+    split), each with its own validation split of them, as the training job draws it."""
     return fit_in_process(
-        subset(arrays, rows), setup, VARIANT, members, epochs, data={"n_rows": int(rows.sum())}
+        subset(arrays, rows), setup, variant, members, epochs, data={"n_rows": int(rows.sum())}
     )
 
 
@@ -109,6 +108,9 @@ def main() -> None:
     parser.add_argument("--draws", type=int, default=3)
     parser.add_argument("--start-members", type=int, default=3)
     parser.add_argument("--epochs", type=int, default=None, help="override the default 120 epochs")
+    parser.add_argument(
+        "--variant", default="default", choices=sorted(VARIANTS), help="the recipe of every run"
+    )
     parser.add_argument("--per-partition", type=int, default=1000)
     parser.add_argument("--out", default="out/suggest.jsonl")
     parser.add_argument(
@@ -128,7 +130,12 @@ def main() -> None:
     print(f"{len(ids)} rows: {test_rows.sum()} test, {len(start)} start, {len(pool)} pool")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    common = {"epochs": args.epochs, "machine": platform.node(), "date": time.strftime("%Y-%m-%d")}
+    common = {
+        "variant": args.variant,
+        "epochs": args.epochs,
+        "machine": platform.node(),
+        "date": time.strftime("%Y-%m-%d"),
+    }
 
     rng = np.random.default_rng(2026)
     runs = [("start+suggested", None)] + [
@@ -138,7 +145,7 @@ def main() -> None:
     if runs and runs[0][0] == "start+suggested":
         began = time.perf_counter()
         start_mask = np.isin(np.arange(len(ids)), start)
-        ensemble = train(arrays, setup, start_mask, args.start_members, args.epochs)
+        ensemble = train(arrays, setup, start_mask, args.variant, args.start_members, args.epochs)
         embedding = ensemble.predict(arrays["flux"][start], arrays["mask"][start], embedding=True).embedding
         ensemble.ood = fit_embedding_reference([(ids[start].tolist(), embedding)], OODConfig(rows=len(start)))
         runs[0] = ("start+suggested", suggested(ensemble, arrays, pool, args.add, args.per_partition))
@@ -146,9 +153,8 @@ def main() -> None:
         print(f"start ensemble ({args.start_members} members) and suggestions: {seconds:.0f} s")
     for name, added in runs:
         began, cpu = time.perf_counter(), time.process_time()
-        model = train(
-            arrays, setup, np.isin(np.arange(len(ids)), np.concatenate([start, added])), 1, args.epochs
-        )
+        rows = np.isin(np.arange(len(ids)), np.concatenate([start, added]))
+        model = train(arrays, setup, rows, args.variant, 1, args.epochs)
         record = {
             "bench": "suggest",
             "name": name,

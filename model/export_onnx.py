@@ -229,12 +229,8 @@ def export_onnx(
             input_names=list(INPUT_NAMES),
             output_names=list(output_names(ensemble)),
             dynamic_axes={
-                "flux": batch,
-                "good": batch,
-                "mean": batch,
-                "std": batch,
-                "members": {1: "n_spectra"},
-                VARIANCE_HEAD_OUTPUT: batch,
+                name: {1: "n_spectra"} if name == "members" else batch
+                for name in (*INPUT_NAMES, *output_names(ensemble))
             },
             opset_version=OPSET,
         )
