@@ -135,19 +135,16 @@ def run_fold(name, fold, k, epochs, *, draws, rv_sigma, tilt, seed_offset=0):
     )
     seconds, cpu_seconds = time.perf_counter() - began, time.process_time() - cpu
     model = Ensemble(setup, arch, scaler, [result.network])
-    twins, perturbed = [], []
-    for draw in range(draws):
-        flux, mask, _ = noisy_twins(arrays, held, np.random.default_rng([fold, draw]))
-        twins.append(model.predict(flux, mask).mean)
-        shifted, shifted_mask = reduction_residuals(
-            arrays, held, setup, np.random.default_rng([fold, draw, 1]), rv_sigma=rv_sigma, tilt=tilt
-        )
-        # The same noise draw as the twin above (same generator seed), on the perturbed spectrum.
-        flux, mask, _ = noisy_twins(
-            arrays, held, np.random.default_rng([fold, draw]), clean=shifted, mask=shifted_mask
-        )
-        perturbed.append(model.predict(flux, mask).mean)
-    observed = model.predict(arrays["flux"][held], arrays["mask"][held]).mean
+    sets = held_out_sets(
+        arrays,
+        setup,
+        held,
+        lambda flux, mask, _: model.predict(flux, mask).mean,
+        seed=fold,
+        draws=draws,
+        rv_sigma=rv_sigma,
+        tilt=tilt,
+    )
     return {
         "variant": variant_label(name, seed_offset),
         "fold": fold,
@@ -167,29 +164,26 @@ def run_fold(name, fold, k, epochs, *, draws, rv_sigma, tilt, seed_offset=0):
         "best_epoch": result.best_epoch,
         "seconds": seconds,
         "cpu_seconds": cpu_seconds,
-        "spectrum_id": [str(s) for s in ids[held]],
-        "truth": arrays["labels"][held].tolist(),
-        "snr": arrays["snr"][held].tolist(),
-        "observed": observed.tolist(),
-        "twins": np.stack(twins).tolist(),
-        "perturbed": np.stack(perturbed).tolist(),
+        **sets,
         "machine": f"{platform.node()}, torch threads 1",
         "date": time.strftime("%Y-%m-%d"),
     }
 
 
-def test_split_sets(arrays, setup, held, label, *, draws, rv_sigma, tilt) -> dict:
-    """Sets (a), (b), (c) of the ``held`` rows labelled by ``label(flux, mask, ivar) -> [N, L]``: the
-    same noise draws (seeded by :data:`TEST_SEED`) for every method scored this way."""
+def held_out_sets(arrays, setup, held, label, *, seed, draws, rv_sigma, tilt) -> dict:
+    """Sets (a), (b), (c) of the ``held`` rows labelled by ``label(flux, mask, ivar) -> [N, L]``, the
+    noise and perturbation draws seeded by ``seed`` (a fold's number; :data:`TEST_SEED` for the test
+    split): every method scored with the same seed sees the same spectra."""
     twins, perturbed = [], []
     for draw in range(draws):
-        flux, mask, level = noisy_twins(arrays, held, np.random.default_rng([TEST_SEED, draw]))
+        flux, mask, level = noisy_twins(arrays, held, np.random.default_rng([seed, draw]))
         twins.append(label(flux, mask, twin_ivar(arrays, held, level, mask)))
         shifted, shifted_mask = reduction_residuals(
-            arrays, held, setup, np.random.default_rng([TEST_SEED, draw, 1]), rv_sigma=rv_sigma, tilt=tilt
+            arrays, held, setup, np.random.default_rng([seed, draw, 1]), rv_sigma=rv_sigma, tilt=tilt
         )
+        # The same noise draw as the twin above (same generator seed), on the perturbed spectrum.
         flux, mask, level = noisy_twins(
-            arrays, held, np.random.default_rng([TEST_SEED, draw]), clean=shifted, mask=shifted_mask
+            arrays, held, np.random.default_rng([seed, draw]), clean=shifted, mask=shifted_mask
         )
         perturbed.append(label(flux, mask, twin_ivar(arrays, held, level, mask)))
     return {
@@ -233,11 +227,12 @@ def score_model(location: str, *, draws, rv_sigma, tilt, cannon: bool = False) -
             "n_members": model.n_members,
             "epochs_run": [m["epochs_run"] for m in model.member_info],
             "best_epoch": [m["best_epoch"] for m in model.member_info],
-            **test_split_sets(
+            **held_out_sets(
                 arrays,
                 setup,
                 held,
                 lambda flux, mask, _: model.predict(flux, mask).mean,
+                seed=TEST_SEED,
                 draws=draws,
                 rv_sigma=rv_sigma,
                 tilt=tilt,
@@ -254,11 +249,12 @@ def score_model(location: str, *, draws, rv_sigma, tilt, cannon: bool = False) -
                 "n_members": 0,
                 "epochs_run": [],
                 "best_epoch": [],
-                **test_split_sets(
+                **held_out_sets(
                     arrays,
                     setup,
                     held,
                     lambda flux, _, ivar: label(flux, ivar),
+                    seed=TEST_SEED,
                     draws=draws,
                     rv_sigma=rv_sigma,
                     tilt=tilt,

@@ -138,7 +138,7 @@ class ErrorCalibration:
         return values
 
     def to_dict(self) -> dict:
-        per_label = ("a", "b", "c", "prior_width", *(("d",) if self.uses_aleatoric else ()))
+        per_label = _label_keys(self.uses_aleatoric)
         return {
             "version": self.version,
             "form": FORM_ALEATORIC if self.uses_aleatoric else FORM,
@@ -160,7 +160,7 @@ class ErrorCalibration:
         try:
             names = tuple(data["names"])
             uses_aleatoric = version >= 2 and bool(data["uses_aleatoric"])
-            per_label = ("a", "b", "c", "prior_width", *(("d",) if uses_aleatoric else ()))
+            per_label = _label_keys(uses_aleatoric)
             labels = {
                 n: LabelErrorModel(**{k: float(data["labels"][n][k]) for k in per_label}) for n in names
             }
@@ -173,6 +173,11 @@ class ErrorCalibration:
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise IntegrityError(f"check 'calibration': invalid calibration in model.json: {exc!r}") from exc
+
+
+def _label_keys(uses_aleatoric: bool) -> tuple[str, ...]:
+    """The per-label parameters a calibration document holds (``d`` only in version 2)."""
+    return ("a", "b", "c", "prior_width", *(("d",) if uses_aleatoric else ()))
 
 
 CALIBRATION_KEY = "calibration"  # the model.json section (Ensemble.info key)
