@@ -169,6 +169,24 @@ def test_streamed_training_leaves_bad_rows_out_and_accounts_for_them(
     assert "was started with other" in error and "train" in error and "--name" in error
 
 
+def test_a_run_recorded_before_a_training_field_existed_is_the_same_run():
+    """job.json of a run trained before density weighting existed (no density_* keys): read back
+    through TrainConfig it equals today's identity of the same settings, so rerunning the command
+    refits the post-training fits instead of refusing; a setting that differs still differs."""
+    from speclabel.jobs.train.run import recorded_identity
+    from speclabel.model.arch import PRESETS
+    from speclabel.model.training import TrainConfig
+
+    today = {"train": TrainConfig().to_dict(), "arch": PRESETS["default"].to_dict(), "n_used": 5}
+    old_train = {k: v for k, v in today["train"].items() if not k.startswith("density_")}
+    recorded = recorded_identity(json.loads(json.dumps({**today, "train": old_train})))
+    assert recorded == json.loads(json.dumps(today))
+    other = recorded_identity({**today, "train": {**old_train, "epochs": 7}})
+    assert other["train"] != today["train"] and other["train"]["epochs"] == 7
+    broken = {**today, "train": {"no_such_setting": 1}}
+    assert recorded_identity(broken)["train"] == {"no_such_setting": 1}  # kept as it is: it differs
+
+
 def test_the_documented_example_configuration_is_valid():
     from pathlib import Path
 

@@ -44,13 +44,13 @@ from speclabel.core.storage import (
     read_json,
     write_json_atomic,
 )
-from speclabel.model.arch import build_network
+from speclabel.model.arch import ArchConfig, build_network
 from speclabel.model.ensemble import Ensemble
 from speclabel.model.fit import assemble_ensemble, fit_scaler, sample_weights
 from speclabel.model.fit import test_metrics as ensemble_test_metrics
 from speclabel.model.io import MODEL_JSON, read_model_document, save_model
 from speclabel.model.splits import SplitRule
-from speclabel.model.training import MemberResult, TrainingState, input_reference
+from speclabel.model.training import MemberResult, TrainConfig, TrainingState, input_reference
 from speclabel.pipeline.ray_session import ray_session
 from speclabel.pipeline.training_data import (
     IdList,
@@ -340,13 +340,27 @@ def job_identity(spec: MemberSpec, job: TrainJob, training_set: TrainingSet) -> 
     }
 
 
+def recorded_identity(recorded: dict) -> dict:
+    """A run's job.json as this speclabel writes it: its architecture and training sections read
+    back through their dataclasses, so that a field added since (at a default that changes
+    nothing: e.g. ``density_weighting`` 0) does not make a finished run look like another one."""
+    out = dict(recorded)
+    for key, config in (("arch", ArchConfig), ("train", TrainConfig)):
+        if isinstance(out.get(key), dict):
+            try:
+                out[key] = json.loads(json.dumps(config.from_dict(out[key]).to_dict()))
+            except ConfigError:
+                pass  # not readable as one: compared as recorded, so it differs
+    return out
+
+
 def prepare_run_folder(job: TrainJob, spec: MemberSpec, training_set: TrainingSet) -> None:
     """Write (or, on resume, check) job.json and write the quarantine table of this input."""
     fs, root = filesystem_and_path(job.run_path)
     identity = json.loads(json.dumps(job_identity(spec, job, training_set)))
     job_file = join(root, JOB_FILE)
     if exists(fs, job_file):
-        recorded = read_json(fs, job_file)
+        recorded = recorded_identity(read_json(fs, job_file))
         differs = sorted(k for k in identity.keys() | recorded.keys() if identity.get(k) != recorded.get(k))
         if differs:
             raise ConfigError(
