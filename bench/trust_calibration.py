@@ -20,8 +20,9 @@ labels): mean err against that of cool giants (Teff < 5000 K, log g < 3.5; targe
 rms(err)/rms(error) (target 0.6-1.6). By region of label space (issue 20's regions): each region's
 rms error against the sample's, and rms(sigma)/rms(error) there (issue 20: no region with an error
 more than 3x the overall scatter without ``_err`` saying so). Forms compared, each cross-fitted: the
-model's own (``cv``), the same without a variance head's term (``cv-no-var-head``, for a model with
-one), std + floor (``cv-std``) and std + b/snr + floor (``cv-snr``). Prints the tables and
+model's own (``cv``), the same without the distance from the training set (``cv-no-distance``, for
+a model with an embedding reference) and without it and a variance head's term (``cv-no-var-head``,
+for a model with one), std + floor (``cv-std``) and std + b/snr + floor (``cv-snr``). Prints the tables and
 PASS/FAIL per target; ``--json FILE`` writes every number.
 """
 
@@ -62,12 +63,13 @@ def cool_giants(true: dict) -> np.ndarray:
 
 
 def predict(ensemble, flux, mask, ivar):
-    """Ensemble mean and std, the forward model's bound at the predicted labels (None without one)
-    and the members' own predicted error (None without a variance head)."""
-    prediction = ensemble.predict(flux, mask)
+    """Ensemble mean and std, the forward model's bound at the predicted labels (None without one),
+    the members' own predicted error (None without a variance head) and the relative distance from
+    the training set (None without an embedding reference)."""
+    prediction = ensemble.predict(flux, mask, ood=True)
     forward = ensemble.forward
     bound = None if forward is None else forward.label_bound(prediction.mean, ivar, mask)
-    return prediction.mean, prediction.std, bound, prediction.aleatoric
+    return prediction.mean, prediction.std, bound, prediction.aleatoric, prediction.ood_distance
 
 
 def twin_spectra(arrays, rows, rng, snr_range=(10.0, 150.0)):
@@ -83,6 +85,17 @@ def twin_spectra(arrays, rows, rng, snr_range=(10.0, 150.0)):
         sigma = np.where(mask, 1.0 / new_inv_sigma, 0.0)
     flux = np.where(mask, clean + rng.standard_normal(clean.shape) * sigma, 1.0).astype(np.float32)
     return flux, mask, (new_inv_sigma**2).astype(np.float32), level[:, 0]
+
+
+def mean_nll(residual, sigma) -> list[float]:
+    """Per label, the mean Gaussian negative log-likelihood of the residuals under N(0, sigma^2):
+    the proper score of an error model (lower is better), which rewards both a right size and a
+    right row-to-row variation; rows with a non-finite residual or sigma are left out."""
+    out = []
+    for r, s in zip(residual.T, sigma.T, strict=True):
+        ok = np.isfinite(r) & np.isfinite(s) & (s > 0)
+        out.append(float(np.mean(0.5 * np.log(2 * np.pi * s[ok] ** 2) + 0.5 * (r[ok] / s[ok]) ** 2)))
+    return out
 
 
 def scores(residual, sigma, names, key) -> dict:
@@ -108,9 +121,10 @@ def sample_report(residual, std, err_by_kind, snr, true, names) -> dict:
     and the [Al/Fe] groups."""
     out = {"n": len(residual), "selections": {}}
     for selection, rows in [("all", np.ones(len(residual), bool)), *thirds(snr)]:
-        entry = {"n": int(rows.sum()), "before": scores(residual[rows], std[rows], names, "std")}
+        entry = {"n": int(rows.sum()), "before": scores(residual[rows], std[rows], names, "std"), "nll": {}}
         for kind, err in err_by_kind.items():
             entry[kind] = scores(residual[rows], err[rows], names, "err")
+            entry["nll"][kind] = mean_nll(residual[rows], err[rows])
         out["selections"][selection] = entry
     overall = np.sqrt(np.nanmean(residual**2, axis=0))
     out["regions"] = {}
@@ -219,12 +233,13 @@ def main() -> None:
     )
 
     def sample(flux, mask, ivar, snr):
-        mean, std, bound, aleatoric = predict(ensemble, flux, mask, ivar)
+        mean, std, bound, aleatoric, distance = predict(ensemble, flux, mask, ivar)
         return {
             "residual": mean - labels,
             "std": std,
             "bound": bound,
             "aleatoric": aleatoric,
+            "distance": distance,
             "snr": snr,
             "fold": fold,
         }
@@ -237,16 +252,20 @@ def main() -> None:
 
     # One calibration per fold and form, fitted on the other folds' test rows; each row scored by
     # the calibration of its own fold. Forms, as (bound-like term, its prior widths, aleatoric
-    # term): the model's (the forward-model bound where it has one, the members' own predicted
-    # error where they have a variance head), the same without the members' error, and for
-    # comparison std + floor and std + b/snr + floor (the issue's example).
-    forms = {"cv": lambda d: (d["bound"], widths, d["aleatoric"])}
+    # term, distance): the model's (the forward-model bound where it has one, the members' own
+    # predicted error where they have a variance head, the distance from the training set where
+    # it has an embedding reference), the same without the distance and without the members'
+    # error, and for comparison std + floor and std + b/snr + floor (the issue's example).
+    forms = {"cv": lambda d: (d["bound"], widths, d["aleatoric"], d["distance"])}
+    if test["distance"] is not None:
+        forms["cv-no-distance"] = lambda d: (d["bound"], widths, d["aleatoric"], None)
     if test["aleatoric"] is not None:
-        forms["cv-no-var-head"] = lambda d: (d["bound"], widths, None)
-    forms["cv-std"] = lambda d: (None, widths, None)
+        forms["cv-no-var-head"] = lambda d: (d["bound"], widths, None, None)
+    forms["cv-std"] = lambda d: (None, widths, None, None)
     forms["cv-snr"] = lambda d: (
         np.repeat(1.0 / d["snr"][:, None], len(names), axis=1),
         np.full(len(names), np.inf),
+        None,
         None,
     )
 
@@ -255,7 +274,7 @@ def main() -> None:
 
     fold_models = {}
     for kind, extra in forms.items():
-        term, w, aleatoric = extra(test)
+        term, w, aleatoric, distance = extra(test)
         fold_models[kind] = [
             fit_error_calibration(
                 test["residual"][fold != f],
@@ -264,16 +283,19 @@ def main() -> None:
                 names,
                 w,
                 aleatoric=rows_of(aleatoric, fold != f),
+                distance=rows_of(distance, fold != f),
             )
             for f in range(args.folds)
         ]
 
     def cross_fitted(kind, sample):
-        term, _, aleatoric = forms[kind](sample)
+        term, _, aleatoric, distance = forms[kind](sample)
         err = np.full(sample["std"].shape, np.nan)
         for f, model in enumerate(fold_models[kind]):
             rows = sample["fold"] == f
-            err[rows] = model.total_error(sample["std"][rows], rows_of(term, rows), rows_of(aleatoric, rows))
+            err[rows] = model.total_error(
+                sample["std"][rows], rows_of(term, rows), rows_of(aleatoric, rows), rows_of(distance, rows)
+            )
         return err
 
     twin_true = {n: np.tile(true[n], args.draws) for n in names}
@@ -284,6 +306,7 @@ def main() -> None:
             twins["std"],
             twins["bound"] if stored.uses_bound else None,
             twins["aleatoric"] if stored.uses_aleatoric else None,
+            twins["distance"] if stored.uses_distance else None,
         )
     samples = {
         "test": sample_report(test["residual"], std, test_err, test["snr"], true, names),
@@ -334,6 +357,11 @@ def print_tables(report, names, kinds) -> None:
                     values = (m[f"{key}_ratio"], m[f"frac_within_{key}"], m[f"frac_within_2{key}"])
                     cells.append(" ".join(f"{v:>6.2f}" for v in values))
                 print(f"{selection:<22} {name:<6} {entry['n']:>5} " + " ".join(f"{c:>20}" for c in cells))
+        print(f"\n{sample}: mean negative log-likelihood of the residuals under each err (lower is better)")
+        print(f"{'selection':<22} {'form':<15} " + " ".join(f"{n:>8}" for n in names))
+        for selection, entry in data["selections"].items():
+            for kind in kinds[sample]:
+                print(f"{selection:<22} {kind:<15} " + " ".join(f"{v:>8.3f}" for v in entry["nll"][kind]))
         print(
             f"\n{sample} by region (cuts on the true labels, bench/cv_accuracy.REGIONS): rms(error) / "
             "overall rms(error) | rms(sigma)/rms(error)"

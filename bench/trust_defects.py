@@ -8,7 +8,8 @@ by ``pipeline/simulate/defects.py`` (``inject``: SB2 at 20-60 km/s, Ca II triple
 rays, one arm's continuum off by 2-5 %, one arm from another held-out star) or left clean, then
 observed with fresh photon noise at each S/N (``--draws`` noise draws per star). Each spectrum is
 labelled by the model's ensemble and checked as the label job checks it: the forward model's chi^2
-at the ensemble's labels, their calibrated errors propagated into the pixel variances, against the
+at the ensemble's labels, their calibrated errors propagated into the pixel variances (the distance
+term at a typical training spectrum's, ``model.calibration.RowErrors.screening``), against the
 thresholds stored in the model (flag ``anomalous_spectrum``).
 The chi^2 at the true labels is given beside it (what a perfect network would get). Results go to
 ``--out`` as JSON; the printed table goes into BENCHMARKS.md.
@@ -26,7 +27,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from speclabel.core.arrays import spectra_arrays
-from speclabel.model.calibration import errors_or_std, model_calibration, row_errors
+from speclabel.model.calibration import errors_or_std, model_calibration, prediction_errors
 from speclabel.model.io import load_model
 from speclabel.model.splits import SplitRule
 from speclabel.pipeline.simulate.defects import DEFECTS, inject
@@ -61,20 +62,12 @@ def rates(ensemble, clean, truth, snrs, draws, seed) -> dict:
                 flux = clean if kind == "clean" else inject(kind, clean, other, ensemble.setup, rng)
                 observed, ivar = photon_noise(flux, np.full(len(flux), float(snr)), rng)
                 good = np.ones(observed.shape, dtype=bool)
-                prediction = ensemble.predict(observed, good)
+                prediction = ensemble.predict(observed, good, ood=True)
                 # As the label job checks a row: its calibrated err propagated into the variances.
                 err = (
                     None
                     if calibration is None
-                    else row_errors(
-                        calibration,
-                        forward,
-                        prediction.mean,
-                        prediction.std,
-                        ivar,
-                        good,
-                        prediction.aleatoric,
-                    )
+                    else prediction_errors(calibration, forward, prediction, ivar, good).screening
                 )
                 at_labels = forward.chi2(
                     observed, ivar, good, prediction.mean, errors_or_std(err, prediction.std)

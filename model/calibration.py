@@ -18,7 +18,16 @@ variance head (``ArchConfig.variance_head``) adds their own predicted error ``s`
 
     err^2 = (a * std)^2 + (b * p)^2 + (d * s)^2 + c^2
 
-``a``, ``b``, ``c``, ``d`` >= 0 per label are fitted by Gaussian maximum likelihood (the residuals
+A model with an embedding reference (``model/ood.py``) also lets the std's weight grow with the
+spectrum's distance from the training set in the members' own representation, ``x``
+(``Prediction.ood_distance``: the kNN distance over the training spectra's median, ~1 for a spectrum
+like them): the members disagree little even where none of them learnt from anything alike, so the
+further a spectrum lies from the training set the more their disagreement understates the error
+(measured, BENCHMARKS.md: hot metal-poor dwarfs lie at x ~ 1.6, the rest at ~1.0):
+
+    err^2 = (a * std)^2 + (e * x * std)^2 + (b * p)^2 + (d * s)^2 + c^2
+
+``a``, ``b``, ``c``, ``d``, ``e`` >= 0 per label are fitted by Gaussian maximum likelihood (the residuals
 of the fitting rows as N(0, err^2)); a term the fit finds no use for gets 0.
 
 Where it is fitted (``speclabel train``): on the common test split, the only rows no member trained
@@ -30,8 +39,11 @@ benchmark (``bench/trust_calibration.py``) scores it cross-fitted, never on the 
 Stored as ``model.json`` "calibration" (:meth:`ErrorCalibration.to_dict`, versioned), so that the
 model_id covers it; a model without one loads as before and its rows get null ``<label>_err``.
 Without a forward model the fit drops the bound term (``uses_bound`` false), without a variance
-head the ``s`` term (``uses_aleatoric`` false: then the document is version 1, as before the term
-existed; with it version 2, which adds ``d`` and ``uses_aleatoric``).
+head the ``s`` term (``uses_aleatoric`` false), without an embedding reference the ``x`` term
+(``uses_distance`` false). The document has the lowest version that holds its terms, so a model
+written before a term existed keeps its bytes and its model_id: version 1 (a, b, c), 2 (adds ``d``
+and ``uses_aleatoric``), 3 (adds ``e`` and ``uses_distance``; ``d`` and ``uses_aleatoric`` always
+present).
 """
 
 from __future__ import annotations
@@ -44,10 +56,12 @@ import numpy as np
 
 from speclabel.core.errors import ConfigError, InputError, IntegrityError
 
-CALIBRATION_VERSION = 2
-READABLE_VERSIONS = (1, 2)
-FORM = "err^2 = (a*std)^2 + (b*p)^2 + c^2, p = bound / sqrt(1 + (bound/prior_width)^2)"
-FORM_ALEATORIC = "err^2 = (a*std)^2 + (b*p)^2 + (d*s)^2 + c^2, p = bound / sqrt(1 + (bound/prior_width)^2)"
+CALIBRATION_VERSION = 3
+READABLE_VERSIONS = (1, 2, 3)
+_CAPPED = "p = bound / sqrt(1 + (bound/prior_width)^2)"
+FORM = f"err^2 = (a*std)^2 + (b*p)^2 + c^2, {_CAPPED}"
+FORM_ALEATORIC = f"err^2 = (a*std)^2 + (b*p)^2 + (d*s)^2 + c^2, {_CAPPED}"
+FORM_DISTANCE = f"err^2 = (a*std)^2 + (e*x*std)^2 + (b*p)^2 + (d*s)^2 + c^2, {_CAPPED}"
 # Below this many usable rows a label's three parameters are not worth fitting.
 MIN_ROWS = 20
 # The constant term's smallest variance, as a fraction of the mean squared residual: keeps every
@@ -64,15 +78,23 @@ class LabelErrorModel:
     c: float  # the floor: error that no term explains
     prior_width: float  # w: the training labels' standard deviation
     d: float = 0.0  # multiplies the members' own predicted error (variance head)
+    e: float = 0.0  # multiplies the std times the distance from the training set
 
     def variance(
-        self, std: np.ndarray, bound: np.ndarray | None, aleatoric: np.ndarray | None = None
+        self,
+        std: np.ndarray,
+        bound: np.ndarray | None,
+        aleatoric: np.ndarray | None = None,
+        distance: np.ndarray | None = None,
     ) -> np.ndarray:
-        out = (self.a * np.asarray(std, dtype=np.float64)) ** 2 + self.c**2
+        std = np.asarray(std, dtype=np.float64)
+        out = (self.a * std) ** 2 + self.c**2
         if bound is not None and self.b > 0:
             out = out + (self.b * capped_bound(bound, self.prior_width)) ** 2
         if aleatoric is not None and self.d > 0:
             out = out + (self.d * np.asarray(aleatoric, dtype=np.float64)) ** 2
+        if distance is not None and self.e > 0:
+            out = out + (self.e * np.asarray(distance, dtype=np.float64) * std) ** 2
         return out
 
 
@@ -92,6 +114,7 @@ class ErrorCalibration:
     uses_bound: bool
     fitted_on: dict = field(default_factory=dict)
     uses_aleatoric: bool = False
+    uses_distance: bool = False
 
     def __post_init__(self) -> None:
         missing = [n for n in self.label_names if n not in self.labels]
@@ -100,14 +123,21 @@ class ErrorCalibration:
 
     @property
     def version(self) -> int:
-        return CALIBRATION_VERSION if self.uses_aleatoric else 1
+        if self.uses_distance:
+            return CALIBRATION_VERSION
+        return 2 if self.uses_aleatoric else 1
 
     def total_error(
-        self, std: np.ndarray, bound: np.ndarray | None = None, aleatoric: np.ndarray | None = None
+        self,
+        std: np.ndarray,
+        bound: np.ndarray | None = None,
+        aleatoric: np.ndarray | None = None,
+        distance: np.ndarray | None = None,
     ) -> np.ndarray:
         """The calibrated 1-sigma error ``[N, L]`` (float64) of rows with ensemble ``std`` ``[N, L]`` and,
         where the calibration uses them, the forward-model ``bound`` and the members' own predicted
-        error ``aleatoric`` (``[N, L]`` each); NaN where an input is."""
+        error ``aleatoric`` (``[N, L]`` each) and the rows' relative distance from the training set
+        ``distance`` (``[N]``, ``Prediction.ood_distance``); NaN where an input is."""
         std = np.asarray(std, dtype=np.float64)
         if std.ndim != 2 or std.shape[1] != len(self.label_names):
             raise InputError(f"std of shape {std.shape} does not fit the calibration's {self.label_names}")
@@ -117,6 +147,11 @@ class ErrorCalibration:
             if self.uses_aleatoric
             else None
         )
+        distance = (
+            self._term("distance", "the distance from the training set", distance, std.shape[:1])
+            if self.uses_distance
+            else None
+        )
         out = np.empty_like(std)
         for k, name in enumerate(self.label_names):
             out[:, k] = np.sqrt(
@@ -124,6 +159,7 @@ class ErrorCalibration:
                     std[:, k],
                     None if bound is None else bound[:, k],
                     None if aleatoric is None else aleatoric[:, k],
+                    distance,
                 )
             )
         return out
@@ -138,13 +174,15 @@ class ErrorCalibration:
         return values
 
     def to_dict(self) -> dict:
-        per_label = _label_keys(self.uses_aleatoric)
+        version = self.version
+        per_label = _label_keys(version)
         return {
-            "version": self.version,
-            "form": FORM_ALEATORIC if self.uses_aleatoric else FORM,
+            "version": version,
+            "form": {1: FORM, 2: FORM_ALEATORIC, 3: FORM_DISTANCE}[version],
             "names": list(self.label_names),
             "uses_bound": self.uses_bound,
-            **({"uses_aleatoric": True} if self.uses_aleatoric else {}),
+            **({"uses_aleatoric": self.uses_aleatoric} if version >= 2 else {}),
+            **({"uses_distance": True} if version >= 3 else {}),
             "labels": {n: {k: getattr(m, k) for k in per_label} for n, m in self.labels.items()},
             "fitted_on": self.fitted_on,
         }
@@ -160,7 +198,8 @@ class ErrorCalibration:
         try:
             names = tuple(data["names"])
             uses_aleatoric = version >= 2 and bool(data["uses_aleatoric"])
-            per_label = _label_keys(uses_aleatoric)
+            uses_distance = version >= 3 and bool(data["uses_distance"])
+            per_label = _label_keys(version)
             labels = {
                 n: LabelErrorModel(**{k: float(data["labels"][n][k]) for k in per_label}) for n in names
             }
@@ -170,14 +209,17 @@ class ErrorCalibration:
                 bool(data["uses_bound"]),
                 dict(data.get("fitted_on", {})),
                 uses_aleatoric=uses_aleatoric,
+                uses_distance=uses_distance,
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise IntegrityError(f"check 'calibration': invalid calibration in model.json: {exc!r}") from exc
 
 
-def _label_keys(uses_aleatoric: bool) -> tuple[str, ...]:
-    """The per-label parameters a calibration document holds (``d`` only in version 2)."""
-    return ("a", "b", "c", "prior_width", *(("d",) if uses_aleatoric else ()))
+def _label_keys(version: int) -> tuple[str, ...]:
+    """The per-label parameters a calibration document of ``version`` holds (``d`` from version 2 on,
+    ``e`` from version 3 on)."""
+    base = ("a", "b", "c", "prior_width")
+    return {1: base, 2: (*base, "d"), 3: (*base, "d", "e")}[version]
 
 
 CALIBRATION_KEY = "calibration"  # the model.json section (Ensemble.info key)
@@ -197,6 +239,18 @@ def prior_widths(ensemble) -> np.ndarray:
     return np.asarray(forward.label_scale if forward is not None else ensemble.scaler.scale, dtype=np.float64)
 
 
+@dataclass(frozen=True, eq=False)  # numpy fields
+class RowErrors:
+    """The calibrated errors ``[N, L]`` of a batch of rows, in the two uses they have."""
+
+    err: np.ndarray  # the catalogue's <label>_err
+    # The same with each row's distance from the training set at most a typical training
+    # spectrum's (1): what the anomaly check propagates into the pixel variances. A spectrum unlike
+    # the training set is what the check looks for; its distance must not widen the tolerance of
+    # its own model spectrum (measured: emission at S/N 30 is found half as often otherwise).
+    screening: np.ndarray
+
+
 def row_errors(
     calibration: ErrorCalibration,
     forward,
@@ -205,17 +259,41 @@ def row_errors(
     ivar: np.ndarray | None,
     good: np.ndarray,
     aleatoric: np.ndarray | None = None,
-) -> np.ndarray:
-    """The calibrated err ``[N, L]`` of rows labelled ``mean`` with ensemble ``std`` (and, for a
-    variance-head model, the members' predicted error ``aleatoric``, ``Prediction.aleatoric``): the
-    forward model's bound (``forward.label_bound``) at the predicted labels, from the rows' ``ivar``
-    and ``good`` pixels, where the calibration uses it; NaN rows where it does and the model has no
-    forward model (None) or the spectra no ivar (None)."""
-    if not calibration.uses_bound:
-        return calibration.total_error(std, aleatoric=aleatoric)
-    if forward is None or ivar is None:
-        return np.full(np.shape(std), np.nan)
-    return calibration.total_error(std, forward.label_bound(mean, ivar, good), aleatoric)
+    distance: np.ndarray | None = None,
+) -> RowErrors:
+    """The calibrated errors of rows labelled ``mean`` with ensemble ``std`` (and, for a
+    variance-head model, the members' predicted error ``aleatoric``, ``Prediction.aleatoric``; for a
+    model with an embedding reference, the rows' ``distance`` from the training set,
+    ``Prediction.ood_distance``): the forward model's bound (``forward.label_bound``, computed once
+    for both) at the predicted labels, from the rows' ``ivar`` and ``good`` pixels, where the
+    calibration uses it; NaN rows where it does and the model has no forward model (None) or the
+    spectra no ivar (None)."""
+    if calibration.uses_bound and (forward is None or ivar is None):
+        unknown = np.full(np.shape(std), np.nan)
+        return RowErrors(unknown, unknown)
+    bound = forward.label_bound(mean, ivar, good) if calibration.uses_bound else None
+    err = calibration.total_error(std, bound, aleatoric, distance)
+    if not calibration.uses_distance:
+        return RowErrors(err, err)
+    typical = np.minimum(np.asarray(distance, dtype=np.float64), 1.0)
+    return RowErrors(err, calibration.total_error(std, bound, aleatoric, typical))
+
+
+def prediction_errors(
+    calibration: ErrorCalibration, forward, prediction, ivar: np.ndarray | None, good
+) -> RowErrors:
+    """:func:`row_errors` of an ``Ensemble.predict`` result (asked with ``ood=True``, so that it
+    carries the distance from the training set where the model has an embedding reference)."""
+    return row_errors(
+        calibration,
+        forward,
+        prediction.mean,
+        prediction.std,
+        ivar,
+        good,
+        prediction.aleatoric,
+        prediction.ood_distance,
+    )
 
 
 def errors_or_std(err: np.ndarray | None, std: np.ndarray) -> np.ndarray:
@@ -232,20 +310,24 @@ def calibrate_ensemble(
 ) -> ErrorCalibration:
     """Fit the calibration of ``ensemble`` (with its ``forward`` model, if any) on ``batches`` of
     rows no member trained on: dicts with ``flux``, ``mask``, ``labels`` and ``ivar``, as
-    ``TrainingRows.test_batches`` gives the common test split. Each row's ensemble mean and std, and
-    the forward model's bound at the predicted labels, are the inputs of :func:`fit_error_calibration`."""
+    ``TrainingRows.test_batches`` gives the common test split. Each row's ensemble mean and std, the
+    forward model's bound at the predicted labels, the members' predicted error (variance head) and
+    the distance from the training set (embedding reference ``ensemble.ood``), where the model has
+    them, are the inputs of :func:`fit_error_calibration`."""
     forward = getattr(ensemble, "forward", None)
-    residual, std, bound, aleatoric = [], [], [], []
+    residual, std, bound, aleatoric, distance = [], [], [], [], []
     for batch in batches:
         if not len(batch["labels"]):
             continue
-        prediction = ensemble.predict(batch["flux"], batch["mask"])
+        prediction = ensemble.predict(batch["flux"], batch["mask"], ood=True)
         residual.append(prediction.mean - np.asarray(batch["labels"], dtype=np.float64))
         std.append(prediction.std)
         if forward is not None:
             bound.append(forward.label_bound(prediction.mean, batch["ivar"], batch["mask"]))
         if prediction.aleatoric is not None:
             aleatoric.append(prediction.aleatoric)
+        if prediction.ood_distance is not None:
+            distance.append(prediction.ood_distance)
     if not residual:
         raise InputError("no rows to calibrate the errors on")
     return fit_error_calibration(
@@ -255,6 +337,7 @@ def calibrate_ensemble(
         ensemble.label_names,
         prior_widths(ensemble),
         aleatoric=np.concatenate(aleatoric) if aleatoric else None,
+        distance=np.concatenate(distance) if distance else None,
         fitted_on={**dict(fitted_on or {}), "n_rows": int(sum(len(r) for r in residual))},
     )
 
@@ -267,12 +350,15 @@ def fit_error_calibration(
     prior_width: Sequence[float],
     *,
     aleatoric: np.ndarray | None = None,
+    distance: np.ndarray | None = None,
     fitted_on: Mapping | None = None,
 ) -> ErrorCalibration:
     """Fit :class:`ErrorCalibration` on ``residual`` = predicted - true ``[N, L]`` of rows no member
-    trained on, with their ensemble ``std``, forward-model ``bound`` and the members' predicted error
-    ``aleatoric`` (any may be None: that term is dropped; a one-member ensemble has no std). Rows
-    where any used input is not finite are left out per label; a label with fewer than
+    trained on, with their ensemble ``std``, forward-model ``bound``, the members' predicted error
+    ``aleatoric`` (``[N, L]`` each) and relative distance from the training set ``distance``
+    (``[N]``; it scales the std, so it is dropped with it) (any may be None: that term is dropped; a
+    one-member ensemble has no std). Rows where any used input is not finite are left out per
+    label; a label with fewer than
     :data:`MIN_ROWS` usable rows raises :class:`InputError`. ``fitted_on`` (which rows, how many) is
     stored with the parameters."""
     residual = np.asarray(residual, dtype=np.float64)
@@ -289,6 +375,11 @@ def fit_error_calibration(
     }
     if terms["std"] is not None and not np.isfinite(terms["std"]).any():
         terms["std"] = None  # a one-member ensemble: std is NaN everywhere
+    if distance is not None and terms["std"] is not None:
+        distance = np.asarray(distance, dtype=np.float64)
+        if distance.shape != residual.shape[:1]:
+            raise InputError(f"distance of shape {distance.shape} does not match {residual.shape[0]} rows")
+        terms["distance"] = distance[:, None] * terms["std"]
     used = [name for name, values in terms.items() if values is not None]
     labels, per_label = {}, {}
     for k, name in enumerate(names):
@@ -297,6 +388,7 @@ def fit_error_calibration(
             "std": None if terms["std"] is None else terms["std"][:, k],
             "bound": None if terms["bound"] is None else capped_bound(terms["bound"][:, k], widths[k]),
             "aleatoric": None if terms["aleatoric"] is None else terms["aleatoric"][:, k],
+            "distance": None if terms.get("distance") is None else terms["distance"][:, k],
         }
         ok = np.isfinite(r)
         for values in columns.values():
@@ -315,6 +407,7 @@ def fit_error_calibration(
             c=scales["floor"],
             prior_width=float(widths[k]),
             d=scales["aleatoric"],
+            e=scales["distance"],
         )
         per_label[name] = {"n": int(ok.sum()), "mean_nll": nll}
     return ErrorCalibration(
@@ -323,6 +416,7 @@ def fit_error_calibration(
         uses_bound=terms["bound"] is not None,
         fitted_on={**dict(fitted_on or {}), "labels": per_label},
         uses_aleatoric=terms["aleatoric"] is not None,
+        uses_distance=terms.get("distance") is not None,
     )
 
 

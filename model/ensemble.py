@@ -114,6 +114,9 @@ class Prediction:
     # (0-100) and whether it is beyond the model's threshold [B] bool; None otherwise.
     ood_score: np.ndarray | None = None
     out_of_distribution: np.ndarray | None = None
+    # With the score: the same kNN distance relative to the training spectra's median [B] float64
+    # (EmbeddingReference.relative_distance: ~1 like the training set, unbounded), a term of <label>_err.
+    ood_distance: np.ndarray | None = None
     # With a variance-head model (ArchConfig.variance_head): sqrt of the mean of the members' own
     # predicted variances [B, L] float64, physical units: the error the members expect on this
     # spectrum, which their disagreement (std) cannot show. Deep ensembles' total predictive
@@ -413,7 +416,9 @@ class Ensemble:
                 np.concatenate([p[2] for p in parts]) if parts else np.zeros((0, width), np.float32)
             )
             if scored:
-                out.ood_score = self.ood.score(out.embedding)
+                distance = self.ood.distances(out.embedding)
+                out.ood_score = self.ood.score_of_distance(distance)
+                out.ood_distance = self.ood.relative_distance(distance)
                 out.out_of_distribution = self.ood.beyond_threshold(out.ood_score)
             if self.arch.variance_head:
                 out.aleatoric = self.aleatoric(out.embedding)

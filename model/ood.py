@@ -124,9 +124,27 @@ class EmbeddingReference:
     def score(self, embeddings: np.ndarray) -> np.ndarray:
         """Percentile ``[B]`` (0-100, float64) of each embedding's kNN distance among the reference
         spectra's leave-one-out kNN distances; NaN for a non-finite embedding."""
-        distance = self.distances(embeddings)
+        return self.score_of_distance(self.distances(embeddings))
+
+    def score_of_distance(self, distance: np.ndarray) -> np.ndarray:
+        """:meth:`score` of kNN distances ``[B]`` (:meth:`distances`) already computed."""
+        distance = np.asarray(distance, dtype=np.float64)
         score = 100.0 * np.searchsorted(self.loo, distance, side="left") / self.loo.shape[0]
         return np.where(np.isfinite(distance), score, np.nan)
+
+    @property
+    def typical_distance(self) -> float:
+        """The median of the reference spectra's own leave-one-out kNN distances: the unit of
+        :meth:`relative_distance`."""
+        return float(np.median(self.loo))
+
+    def relative_distance(self, distance: np.ndarray) -> np.ndarray:
+        """kNN distances ``[B]`` (:meth:`distances`) in units of :attr:`typical_distance`: ~1 for a
+        spectrum like the training spectra, growing without bound for one unlike any of them (the
+        percentile :meth:`score` stops at 100). What the error calibration scales the ensemble
+        std by (``model/calibration.py``): the members' disagreement understates the error more
+        the further a spectrum lies from what they learnt from."""
+        return np.asarray(distance, dtype=np.float64) / self.typical_distance
 
     def beyond_threshold(self, score: np.ndarray) -> np.ndarray:
         """Boolean ``[B]``: the OUT_OF_DISTRIBUTION flag (False for a NaN score)."""

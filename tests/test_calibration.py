@@ -15,6 +15,7 @@ from speclabel.model.calibration import (
     capped_bound,
     fit_error_calibration,
     model_calibration,
+    row_errors,
 )
 from speclabel.model.forward import ForwardModel
 from speclabel.model.metrics import GAUSSIAN_WITHIN_1_SIGMA
@@ -121,7 +122,8 @@ class StubEnsemble:
         self.predictions = iter(predictions)
         self.forward = forward
 
-    def predict(self, flux, mask):
+    def predict(self, flux, mask, ood=False):
+        assert ood  # the distance from the training set is asked for
         return next(self.predictions)
 
 
@@ -147,9 +149,12 @@ def test_calibrate_ensemble_feeds_the_bound_at_the_predicted_labels():
     batches, predictions = [], []
     for rows in np.array_split(np.arange(n), 3):
         batches.append({"flux": None, "mask": good[rows], "labels": labels[rows], "ivar": ivar[rows]})
-        predictions.append(SimpleNamespace(mean=predicted[rows], std=std[rows], aleatoric=None))
+        predictions.append(
+            SimpleNamespace(mean=predicted[rows], std=std[rows], aleatoric=None, ood_distance=None)
+        )
     calibration = calibrate_ensemble(StubEnsemble(predictions, forward), batches, fitted_on={"rows": "t"})
     assert calibration.uses_bound and calibration.fitted_on["n_rows"] == n
+    assert not calibration.uses_distance  # a model without an embedding reference
     for name in NAMES:
         model = calibration.labels[name]
         assert model.a == pytest.approx(2.0, rel=0.3) and model.b == pytest.approx(1.0, rel=0.3)
@@ -188,3 +193,66 @@ def test_the_members_predicted_error_is_a_fourth_term_recovered_by_the_fit():
     assert old["version"] == 1 and "uses_aleatoric" not in old and "d" not in old["labels"]["feh"]
     with pytest.raises(InputError, match="pass aleatoric"):
         calibration.total_error(std, bound)
+
+
+def test_the_distance_from_the_training_set_scales_the_std_and_is_recovered_by_the_fit():
+    """Residuals whose error grows with the std times the row's distance from the training set (the
+    members agree on a star unlike any they learnt from): the fit finds e, err tracks the truth,
+    and without the term it cannot."""
+    residual, std, bound, _, (a, b, c) = synthetic_rows(8)
+    rng = np.random.default_rng(9)
+    distance = np.exp(rng.normal(0.0, 0.4, len(std)))  # ~1 like the training set, a tail beyond
+    e = np.array([4.0, 2.0])
+    true_err = np.sqrt(
+        (a * std) ** 2 + (e * distance[:, None] * std) ** 2 + (b * capped_bound(bound, PRIOR)) ** 2 + c**2
+    )
+    residual = rng.normal(0.0, true_err)
+    calibration = fit_error_calibration(residual, std, bound, NAMES, PRIOR, distance=distance)
+    without = fit_error_calibration(residual, std, bound, NAMES, PRIOR)
+    err = calibration.total_error(std, bound, distance=distance)
+    for k, name in enumerate(NAMES):
+        # a and e share the std: the total std weight at the typical distance is what must be right.
+        model = calibration.labels[name]
+        assert np.hypot(model.a, model.e) == pytest.approx(np.hypot(a[k], e[k]), rel=0.2)
+        assert model.e == pytest.approx(e[k], rel=0.4)
+        assert np.sqrt(np.mean((err[:, k] / true_err[:, k] - 1) ** 2)) < 0.15
+        miss = without.total_error(std, bound)[:, k] / true_err[:, k] - 1
+        assert np.sqrt(np.mean(miss**2)) > 1.5 * np.sqrt(np.mean((err[:, k] / true_err[:, k] - 1) ** 2))
+    assert calibration.uses_distance and not without.uses_distance and not calibration.uses_aleatoric
+    # model.json: version 3 holds e (and d, 0 here); versions 1 and 2 are written where it is unused.
+    document = json.loads(json.dumps(calibration.to_dict(), allow_nan=False))
+    assert document["version"] == 3 and document["uses_distance"] is True
+    assert document["uses_aleatoric"] is False and document["labels"]["feh"]["d"] == 0.0
+    again = ErrorCalibration.from_dict(document)
+    np.testing.assert_array_equal(again.total_error(std, bound, distance=distance), err)
+    assert without.to_dict()["version"] == 1
+    with pytest.raises(InputError, match="pass distance"):
+        calibration.total_error(std, bound)
+    with pytest.raises(InputError, match="does not match"):
+        fit_error_calibration(residual, std, bound, NAMES, PRIOR, distance=distance[:-1])
+    # A one-member ensemble has no std, so nothing for the distance to scale: the term is dropped.
+    no_std = fit_error_calibration(residual, None, bound, NAMES, PRIOR, distance=distance)
+    assert not no_std.uses_distance and no_std.version == 1
+
+
+def test_the_anomaly_check_gets_the_errors_at_a_typical_distance():
+    """RowErrors.screening: the distance term at most a typical training spectrum's (1), so a
+    spectrum far from the training set (what the anomaly check looks for) does not widen its own
+    tolerance; rows at most that far get the catalogue's err itself."""
+    residual, std, _, _, _ = synthetic_rows(10, n=300)
+    distance = np.random.default_rng(11).uniform(0.5, 4.0, len(std))
+    residual = residual * np.sqrt(1 + distance[:, None] ** 2)  # error growing with the distance
+    calibration = fit_error_calibration(residual, std, None, NAMES, PRIOR, distance=distance)
+    assert all(m.e > 0 for m in calibration.labels.values())
+    mean = np.zeros_like(std)
+    errors = row_errors(calibration, None, mean, std, None, None, distance=distance)
+    np.testing.assert_array_equal(errors.err, calibration.total_error(std, distance=distance))
+    near, far = distance <= 1, distance > 1
+    np.testing.assert_array_equal(errors.screening[near], errors.err[near])
+    at_one = calibration.total_error(std, distance=np.ones(len(std)))
+    np.testing.assert_array_equal(errors.screening[far], at_one[far])
+    assert (errors.screening[far] < errors.err[far]).all()
+    # Without the distance term both are the same array.
+    plain = fit_error_calibration(residual, std, None, NAMES, PRIOR)
+    same = row_errors(plain, None, mean, std, None, None)
+    assert same.screening is same.err

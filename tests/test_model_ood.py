@@ -75,6 +75,9 @@ def test_foreign_rows_score_100_and_are_flagged(reference):
     scores = reference.score(np.concatenate([shifted, noise]))
     assert np.all(scores >= 99.9), scores
     assert reference.beyond_threshold(scores).all()
+    # The percentile stops at 100; the relative distance keeps saying how far (the like rows ~1).
+    far = reference.relative_distance(reference.distances(shifted))
+    assert np.all(far > 5) and np.median(reference.relative_distance(reference.distances(like))) < 2
     nan = reference.score(np.full((1, WIDTH), np.nan))
     assert np.isnan(nan).all() and not reference.beyond_threshold(nan).any()
 
@@ -142,12 +145,16 @@ def test_the_reference_round_trips_through_the_model_directory(tiny_setup, tmp_p
     want = ensemble.ood.score(ensemble.predict(test_flux, test_mask, embedding=True).embedding)
     assert np.array_equal(got.ood_score, want) and got.embedding is None
     assert np.array_equal(got.out_of_distribution, want > 99.0)
+    # The same distance relative to the reference's median leave-one-out one (a term of <label>_err).
+    embedding = ensemble.predict(test_flux, test_mask, embedding=True).embedding
+    median_own = np.median(ensemble.ood.loo)
+    np.testing.assert_allclose(got.ood_distance, ensemble.ood.distances(embedding) / median_own, rtol=1e-12)
 
     # A model without a reference still loads and labels; its rows get no score and no flag.
     plain = load_model(str(tmp_path / "without"))
     assert plain.ood is None
     result = plain.predict(test_flux, test_mask, ood=True)
-    assert result.ood_score is None and result.out_of_distribution is None
+    assert result.ood_score is None and result.out_of_distribution is None and result.ood_distance is None
 
 
 def test_a_changed_reference_file_is_refused(tiny_setup, tmp_path):

@@ -92,21 +92,28 @@ def test_error_calibration_is_fitted_on_the_test_rows_with_the_bound():
     fit_trust(ensemble, InMemoryRows(arrays), split, Reporter(lines.append))
     # Independent reference: the test rows picked by hand, predicted and bounded here.
     test = split.is_test(arrays["spectrum_id"])
-    prediction = ensemble.predict(arrays["flux"][test], arrays["mask"][test])
+    prediction = ensemble.predict(arrays["flux"][test], arrays["mask"][test], embedding=True)
     bound = ensemble.forward.label_bound(prediction.mean, arrays["ivar"][test], arrays["mask"][test])
+    # The embedding reference is fitted first (on the training rows) and scales the std.
+    assert ensemble.ood is not None and ensemble.ood.n_fitted == (~test).sum()
+    distance = ensemble.ood.distances(prediction.embedding) / np.median(ensemble.ood.loo)
     reference = fit_error_calibration(
         prediction.mean - arrays["labels"][test],
         prediction.std,
         bound,
         ensemble.label_names,
         ensemble.forward.label_scale,
+        distance=distance,
     )
     stored = model_calibration(ensemble.info)
-    assert stored.uses_bound and stored.fitted_on["n_rows"] == test.sum()
+    assert stored.uses_bound and stored.uses_distance and stored.fitted_on["n_rows"] == test.sum()
     assert stored.fitted_on["rows"] == "common test split"
     for name in ensemble.label_names:
         assert stored.labels[name] == reference.labels[name]
-    assert "error calibration (std, forward-model bound, floor) on" in lines[-1]
+    assert (
+        "error calibration (std, forward-model bound, std x distance from the training set, floor) on"
+        in lines[-1]
+    )
     # Too few test rows: no calibration, said so, and a stale one does not survive a refit.
     few = {k: (v[:80] if v is not None else None) for k, v in arrays.items()}
     fit_calibration(ensemble, InMemoryRows(few), SplitRule(test_fraction=0.1), Reporter(lines.append))

@@ -72,7 +72,6 @@ from speclabel.pipeline.training_labels import (
 
 from .config import JOB_FILE, QUARANTINE_FILE, TrainingFailed, TrainJob
 from .member import FINISHED, MemberSpec, error_text, member_name, member_trainer
-from .ood import fit_ood
 from .progress import MemberProgress
 from .tables import label_rows_table, label_table, member_table
 from .trust import fit_trust
@@ -218,8 +217,7 @@ def run_training(job: TrainJob, *, echo: Echo = to_stdout, reporter: Reporter | 
         test = test_metrics(ensemble, rows, split)
         if test is not None:
             ensemble.info["metrics"]["test"] = test
-        fit_trust(ensemble, rows, split, reporter)
-        fit_ood(ensemble, rows, split, job.ood, reporter)
+        fit_trust(ensemble, rows, split, reporter, job.ood)
         model_id = save_model(ensemble, job.out, overwrite=replace_model)
         kept_seeds = {m["seed"] for m in ensemble.member_info}
         for summary in summaries:

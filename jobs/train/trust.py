@@ -3,9 +3,13 @@ how far to trust it: one function per fit, called in order by :func:`fit_trust`.
 
 * :func:`fit_forward`: the data-driven forward model (``model/forward.py``) on the training rows,
   the used rows outside the common test split (the rows the members learnt from).
+* :func:`fit_ood` (``jobs/train/ood.py``): the out-of-distribution reference of the training rows'
+  embeddings;
 * :func:`fit_calibration`: the error model of ``<label>_err`` (``model/calibration.py``) on the
-  common test split, the only rows no member trained on: the ensemble's mean and std of each row
-  and the forward model's bound at its predicted labels; stored as model.json ``calibration``.
+  common test split, the only rows no member trained on: the ensemble's mean and std of each row,
+  the forward model's bound at its predicted labels, the members' predicted error and the row's
+  distance from the training set (the reference fitted before it); stored as model.json
+  ``calibration``.
 
 These fits read the rows the members were trained on (in memory or streamed again) but none of their
 settings enter the run's identity (``job.json``): rerunning the same command on a finished run keeps
@@ -24,8 +28,11 @@ from speclabel.core.reporting import Reporter
 from speclabel.model.calibration import CALIBRATION_KEY, calibrate_ensemble
 from speclabel.model.ensemble import Ensemble
 from speclabel.model.forward import Batch, TooFewRows, array_batches, fit_forward_model_batches
+from speclabel.model.ood import OODConfig
 from speclabel.model.splits import SplitRule
 from speclabel.pipeline.training_data import InMemoryRows, StreamingRows
+
+from .ood import fit_ood
 
 BATCH_ROWS = 256
 
@@ -77,8 +84,9 @@ def fit_forward(ensemble: Ensemble, rows, split: SplitRule, reporter: Reporter) 
 
 
 def fit_calibration(ensemble: Ensemble, rows, split: SplitRule, reporter: Reporter) -> None:
-    """Fit the error calibration on the common test split (after :func:`fit_forward`, whose bound
-    it uses) into ``ensemble.info``; a split too small for it leaves the model without one."""
+    """Fit the error calibration on the common test split (after :func:`fit_forward` and
+    :func:`fit_ood`, whose bound and distance it uses) into ``ensemble.info``; a split too small
+    for it leaves the model without one."""
     began = time.perf_counter()
     ensemble.info.pop(CALIBRATION_KEY, None)
     try:
@@ -93,11 +101,13 @@ def fit_calibration(ensemble: Ensemble, rows, split: SplitRule, reporter: Report
         ["std"]
         + (["forward-model bound"] if calibration.uses_bound else [])
         + (["variance head"] if calibration.uses_aleatoric else [])
+        + (["std x distance from the training set"] if calibration.uses_distance else [])
         + ["floor"]
     )
     fitted = "; ".join(
         f"{n} a {m.a:.2g} b {m.b:.2g}"
         + (f" d {m.d:.2g}" if calibration.uses_aleatoric else "")
+        + (f" e {m.e:.2g}" if calibration.uses_distance else "")
         + f" c {m.c:.2g}"
         for n, m in calibration.labels.items()
     )
@@ -107,7 +117,11 @@ def fit_calibration(ensemble: Ensemble, rows, split: SplitRule, reporter: Report
     )
 
 
-def fit_trust(ensemble: Ensemble, rows, split: SplitRule, reporter: Reporter) -> None:
-    """Every post-training fit, in order (later ones may use earlier ones)."""
+def fit_trust(
+    ensemble: Ensemble, rows, split: SplitRule, reporter: Reporter, ood: OODConfig | None = None
+) -> None:
+    """Every post-training fit, in order (later ones use earlier ones); ``ood``: the settings of
+    the embedding reference (``[ood]`` in model.toml)."""
     fit_forward(ensemble, rows, split, reporter)
+    fit_ood(ensemble, rows, split, ood or OODConfig(), reporter)
     fit_calibration(ensemble, rows, split, reporter)

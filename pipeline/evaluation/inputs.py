@@ -115,7 +115,7 @@ def from_model(
     saliency: bool = True,
 ) -> Evaluation:
     """The model's common test split of ``data`` (default: its training data), labelled by the model."""
-    from speclabel.model.calibration import model_calibration, row_errors
+    from speclabel.model.calibration import model_calibration, prediction_errors
     from speclabel.model.io import load_model
     from speclabel.model.splits import SplitRule
 
@@ -197,15 +197,7 @@ def from_model(
             has_ivar = all(arrays.ivar[arm.name] is not None for arm in setup.arms)
             ivar = arrays.concatenated(setup)[1][good] if has_ivar else None
             parts["err"].append(
-                row_errors(
-                    calibration,
-                    ensemble.forward,
-                    prediction.mean,
-                    prediction.std,
-                    ivar,
-                    mask[good],
-                    prediction.aleatoric,
-                )
+                prediction_errors(calibration, ensemble.forward, prediction, ivar, mask[good]).err
             )
         parts["true"].append(label_matrix(table, labels))
         parts["snr"].append(_optional_column(table, "snr"))

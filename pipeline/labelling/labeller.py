@@ -30,7 +30,7 @@ from speclabel.core.contract import MODEL_ERROR
 from speclabel.core.errors import ConfigError, InputError
 from speclabel.core.faults import Fault, fault_point
 from speclabel.core.setups import Setup
-from speclabel.model.calibration import errors_or_std, model_calibration, row_errors
+from speclabel.model.calibration import RowErrors, errors_or_std, model_calibration, prediction_errors
 from speclabel.model.saliency import SaliencyAccumulator
 
 from .batch import (
@@ -136,8 +136,9 @@ class EnsembleLabeller:
             except InputError as exc:  # the data, not the job: these rows go to quarantine
                 parts.append(quarantine_rows(good, [f"{MODEL_ERROR}: {exc}"] * good.num_rows))
             else:
-                err = self._errors(batch, rows, mask, prediction)
-                checks = self._forward_checks(batch, rows, flux, mask, prediction, err)
+                errors = self._errors(batch, rows, mask, prediction)
+                checks = self._forward_checks(batch, rows, flux, mask, prediction, errors)
+                err = None if errors is None else errors.err
                 parts += self._label(good, prediction, accumulator, checks, err)
         engine = self.ensemble.fused_engine() if self.batches_predicted else None
         actor = {
@@ -183,27 +184,26 @@ class EnsembleLabeller:
         view[...] = array
         return view
 
-    def _forward_checks(self, batch: pa.Table, rows, flux, mask, prediction, err):
+    def _forward_checks(self, batch: pa.Table, rows, flux, mask, prediction, errors: RowErrors | None):
         """(chi^2 per arm and total, anomalous rows) at the ensemble's labels, with their calibrated
-        ``err`` (where known, else the ensemble std) in the pixel variances; (None, None) for a
-        model without a forward model."""
+        errors (``errors.screening`` where known, else the ensemble std) in the pixel variances;
+        (None, None) for a model without a forward model."""
         forward = self.ensemble.forward
         if forward is None:
             return None, None
-        label_error = errors_or_std(err, prediction.std)
+        label_error = errors_or_std(None if errors is None else errors.screening, prediction.std)
         chi2 = forward_checks(forward, flux, ivar_batch(batch, rows), mask, prediction.mean, label_error)
         return chi2, forward.anomalous(chi2)
 
-    def _errors(self, batch: pa.Table, rows, mask, prediction) -> np.ndarray | None:
-        """The calibrated ``<label>_err`` of the rows (NaN where unknown); None for a model without
-        a calibration or a run without the columns."""
+    def _errors(self, batch: pa.Table, rows, mask, prediction) -> RowErrors | None:
+        """The calibrated errors of the rows (``model.calibration.RowErrors``: ``<label>_err`` and
+        what the anomaly check propagates; NaN where unknown); None for a model without a
+        calibration or a run without the columns."""
         if self.calibration is None or not self.settings.spec.error_columns:
             return None
         forward = self.ensemble.forward
         ivar = ivar_batch(batch, rows) if forward is not None else None
-        return row_errors(
-            self.calibration, forward, prediction.mean, prediction.std, ivar, mask, prediction.aleatoric
-        )
+        return prediction_errors(self.calibration, forward, prediction, ivar, mask)
 
     def _label(
         self, good: pa.Table, prediction, accumulator, checks=(None, None), err=None
