@@ -167,15 +167,16 @@ def variant_config(name, epochs):
     return arch, config if epochs is None else config.replace(epochs=epochs)
 
 
-def fit_in_process(arrays, setup, variant, members, epochs, *, test=None, data=None):
-    """An ensemble of ``members`` members (seeds 0 ..) of ``variant`` on ``arrays`` in this process,
-    one after another, each on its own validation split, as the training job draws them;
-    ``test``/``data`` go to ``assemble_ensemble`` (test-split arrays to score, what it trained on)."""
+def fit_in_process(arrays, setup, variant, members, epochs, *, test=None, data=None, base_seed=0):
+    """An ensemble of ``members`` members (seeds ``base_seed`` ..) of ``variant`` on ``arrays`` in
+    this process, one after another, each on its own validation split, as the training job draws
+    them; ``test``/``data`` go to ``assemble_ensemble`` (test-split arrays to score, what it trained on)."""
     arch, config = variant_config(variant, epochs)
-    ensemble_config = EnsembleConfig(n_members=members)
+    ensemble_config = EnsembleConfig(n_members=members, base_seed=base_seed)
     split = ensemble_config.split
     scaler = fit_scaler(arrays, split, "standard")
-    reference = input_reference(*member_data(arrays, split, 0)) if arch.center_input else None
+    first = ensemble_config.seeds[0]
+    reference = input_reference(*member_data(arrays, split, first)) if arch.center_input else None
     results = []
     for seed in ensemble_config.seeds:
         train, val = member_data(arrays, split, seed)

@@ -9,17 +9,19 @@
    does; it labels the pool (mean, std, ood_score: the catalogue's columns; no calibration, so
    ``err`` is null and the std stands in).
 3. ``--add`` (100) stars chosen from the pool by ``pipeline.suggest`` (the score, four hash
-   partitions of at most ``--per-partition`` rows, k-center in each, then the merge k-center: the
-   same functions as the command) and ``--draws`` (3) random draws of as many.
-4. One member (seed 0, the ``default`` architecture with the default training, ``--epochs``, one
-   torch thread) trained on start + suggested and on start + each random draw, same settings; each
-   scored on the common test split (all S/N) and on the held-out stars' noise-free twins at S/N
-   50-150 (``accuracy_shared.twin_test``).
+   partitions of at most ``--per-partition`` rows, the ``--diversity`` selection in each, then the
+   merge: the same functions as the command; ``start+suggested`` is k-center, the default, and
+   ``start+suggested-k-median`` k-median) and ``--draws`` (3) random draws of as many.
+4. One member per ``--seeds`` seed (default 0; the ``default`` architecture with the default
+   training, ``--epochs``, one torch thread) trained on start + suggested and on start + each
+   random draw, same settings; each scored on the common test split (all S/N) and on the held-out
+   stars' noise-free twins at S/N 50-150 (``accuracy_shared.twin_test``).
 
-Prints per label the scatter of each, the random draws' mean, and suggested / random - 1. Appends
-one JSON line per trained model to ``--out``, so a run stopped part way keeps what it measured;
-``--runs`` trains only the named ones (the random draws do not depend on it), so two processes can
-share the work and the table.
+Prints per label the scatter of each, the random draws' mean, and suggested / random - 1, per seed
+and over the seeds (the seed alone moves a scatter by ~15 %). Appends one JSON line per trained
+model to ``--out``, so a run stopped part way keeps what it measured; ``--runs`` trains only the
+named ones (the random draws do not depend on it), so two processes can share the work and the table;
+a rerun into the same ``--out`` skips the (training set, seed) pairs already there.
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ from speclabel.model.calibration import prior_widths
 from speclabel.model.fit import EnsembleConfig, test_metrics
 from speclabel.model.ood import OODConfig, fit_embedding_reference
 from speclabel.model.splits import hash_uniform
-from speclabel.pipeline.suggest import CandidatePools, score_parts, select
+from speclabel.pipeline.suggest import DEFAULT_DIVERSITY, DIVERSITY, CandidatePools, score_parts, select
 
 START_SALT = "speclabel-suggest-bench-start"
 PARTITIONS = 4
@@ -51,16 +53,27 @@ def subset(arrays: dict, rows: np.ndarray) -> dict:
     return {k: v[rows] if isinstance(v, np.ndarray) and len(v) == n else v for k, v in arrays.items()}
 
 
-def train(arrays, setup, rows, variant, members, epochs):
-    """An ensemble of ``members`` members (seeds 0 ..) of ``variant`` on ``rows`` (outside the test
-    split), each with its own validation split of them, as the training job draws it."""
+def train(arrays, setup, rows, variant, members, epochs, base_seed=0):
+    """An ensemble of ``members`` members (seeds ``base_seed`` ..) of ``variant`` on ``rows``
+    (outside the test split), each with its own validation split of them, as the training job draws it."""
     return fit_in_process(
-        subset(arrays, rows), setup, variant, members, epochs, data={"n_rows": int(rows.sum())}
+        subset(arrays, rows),
+        setup,
+        variant,
+        members,
+        epochs,
+        data={"n_rows": int(rows.sum())},
+        base_seed=base_seed,
     )
 
 
-def suggested(ensemble, arrays, pool: np.ndarray, n: int, per_partition: int) -> np.ndarray:
-    """Row indices of the ``n`` stars ``pipeline.suggest`` picks from ``pool`` (indices)."""
+def suggested_name(diversity: str) -> str:
+    return "start+suggested" if diversity == DEFAULT_DIVERSITY else f"start+suggested-{diversity}"
+
+
+def suggested(ensemble, arrays, pool: np.ndarray, n: int, per_partition: int, diversities) -> dict:
+    """Row indices of the ``n`` stars ``pipeline.suggest`` picks from ``pool`` (indices), per
+    selection of ``diversities``."""
     prediction = ensemble.predict(arrays["flux"][pool], arrays["mask"][pool], ood=True)
     ids = arrays["spectrum_id"][pool]
     columns = {"spectrum_id": pa.array(ids.tolist()), "row": pa.array(pool)}
@@ -72,8 +85,10 @@ def suggested(ensemble, arrays, pool: np.ndarray, n: int, per_partition: int) ->
         columns[key] = pa.array(values)
     pools = CandidatePools(per_partition)
     pools.add(pa.table(columns))
-    picks = select(pools, n, ensemble.label_names, widths)
-    return picks.column("row").to_numpy()
+    return {
+        d: select(pools, n, ensemble.label_names, widths, diversity=d).column("row").to_numpy()
+        for d in diversities
+    }
 
 
 def scores(ensemble, arrays, test_rows) -> dict:
@@ -87,18 +102,38 @@ def scores(ensemble, arrays, test_rows) -> dict:
 
 
 def print_table(records: list[dict]) -> None:
+    """Per seed: each training set's scatter, the random draws' mean and each suggested set against
+    it; then over the seeds that have every run: the mean change and its spread over the seeds."""
+    seeds = sorted({r.get("seed", 0) for r in records})
     for key, title in (("test_all", "common test split, all S/N"), ("twins", "twins, S/N 50-150")):
         print(f"\nscatter on the {title}")
-        print(f"{'training set':<24} " + " ".join(f"{n:>9}" for n in LABEL_NAMES))
-        for r in records:
-            print(f"{r['name']:<24} " + " ".join(f"{r[key][n]:>9.4g}" for n in LABEL_NAMES))
-        chosen = [r for r in records if r["name"] == "start+suggested"]
-        random = [r for r in records if r["name"].startswith("start+random")]
-        if chosen and random:
+        print(f"{'training set':<36} " + " ".join(f"{n:>9}" for n in LABEL_NAMES))
+        changes: dict[str, list[list[float]]] = {}
+        for seed in seeds:
+            mine = [r for r in records if r.get("seed", 0) == seed]
+            for r in mine:
+                print(
+                    f"{r['name'] + f' @seed {seed}':<36} "
+                    + " ".join(f"{r[key][n]:>9.4g}" for n in LABEL_NAMES)
+                )
+            random = [r for r in mine if r["name"].startswith("start+random")]
+            if not random:
+                continue
             mean = {n: float(np.mean([r[key][n] for r in random])) for n in LABEL_NAMES}
-            print(f"{'random mean':<24} " + " ".join(f"{mean[n]:>9.4g}" for n in LABEL_NAMES))
-            change = " ".join(f"{100 * (chosen[0][key][n] / mean[n] - 1):>+8.1f}%" for n in LABEL_NAMES)
-            print(f"{'suggested vs random':<24} {change}")
+            print(f"{f'random mean @seed {seed}':<36} " + " ".join(f"{mean[n]:>9.4g}" for n in LABEL_NAMES))
+            for chosen in (r for r in mine if r["name"].startswith("start+suggested")):
+                change = [100 * (chosen[key][n] / mean[n] - 1) for n in LABEL_NAMES]
+                changes.setdefault(chosen["name"], []).append(change)
+                label = f"{chosen['name'][6:]} vs random @seed {seed}"
+                print(f"{label:<36} " + " ".join(f"{c:>+8.1f}%" for c in change))
+        for name, per_seed in changes.items():
+            if len(per_seed) > 1:
+                values = np.array(per_seed)
+                cells = " ".join(
+                    f"{m:>+5.1f}±{s:<4.1f}"
+                    for m, s in zip(values.mean(0), values.std(0, ddof=1), strict=True)
+                )
+                print(f"{name[6:] + f' vs random, {len(per_seed)} seeds':<36} {cells}")
 
 
 def main() -> None:
@@ -112,6 +147,10 @@ def main() -> None:
         "--variant", default="default", choices=sorted(VARIANTS), help="the recipe of every run"
     )
     parser.add_argument("--per-partition", type=int, default=1000)
+    parser.add_argument(
+        "--diversity", nargs="*", default=[DEFAULT_DIVERSITY], choices=sorted(DIVERSITY), help="selections"
+    )
+    parser.add_argument("--seeds", type=int, nargs="*", default=[0], help="member seeds of the retrainings")
     parser.add_argument("--out", default="out/suggest.jsonl")
     parser.add_argument(
         "--runs",
@@ -138,26 +177,41 @@ def main() -> None:
     }
 
     rng = np.random.default_rng(2026)
-    runs = [("start+suggested", None)] + [
-        (f"start+random{d + 1}", rng.choice(pool, args.add, replace=False)) for d in range(args.draws)
-    ]
-    runs = [(name, added) for name, added in runs if not args.runs or name in args.runs]
-    if runs and runs[0][0] == "start+suggested":
+    chosen = {suggested_name(d): d for d in args.diversity}
+    runs = {name: None for name in chosen}
+    runs.update(
+        {f"start+random{d + 1}": rng.choice(pool, args.add, replace=False) for d in range(args.draws)}
+    )
+    runs = {name: added for name, added in runs.items() if not args.runs or name in args.runs}
+    wanted = [d for name, d in chosen.items() if name in runs]
+    if wanted:
         began = time.perf_counter()
         start_mask = np.isin(np.arange(len(ids)), start)
         ensemble = train(arrays, setup, start_mask, args.variant, args.start_members, args.epochs)
         embedding = ensemble.predict(arrays["flux"][start], arrays["mask"][start], embedding=True).embedding
         ensemble.ood = fit_embedding_reference([(ids[start].tolist(), embedding)], OODConfig(rows=len(start)))
-        runs[0] = ("start+suggested", suggested(ensemble, arrays, pool, args.add, args.per_partition))
+        picks = suggested(ensemble, arrays, pool, args.add, args.per_partition, wanted)
+        runs.update({suggested_name(d): rows for d, rows in picks.items()})
         seconds = time.perf_counter() - began
         print(f"start ensemble ({args.start_members} members) and suggestions: {seconds:.0f} s")
-    for name, added in runs:
+    # A rerun into the same --out skips the (training set, seed) pairs it already holds.
+    done = set()
+    if out.exists():
+        for line in out.read_text().splitlines():
+            r = json.loads(line)
+            if (r["variant"], r["epochs"]) == (args.variant, args.epochs):
+                done.add((r["name"], r.get("seed", 0)))
+    for (name, added), seed in ((run, seed) for seed in args.seeds for run in runs.items()):
+        if (name, seed) in done:
+            print(f"{name} @seed {seed}: already in {out}")
+            continue
         began, cpu = time.perf_counter(), time.process_time()
         rows = np.isin(np.arange(len(ids)), np.concatenate([start, added]))
-        model = train(arrays, setup, rows, args.variant, 1, args.epochs)
+        model = train(arrays, setup, rows, args.variant, 1, args.epochs, base_seed=seed)
         record = {
             "bench": "suggest",
             "name": name,
+            "seed": seed,
             "added_labels_mean": dict(
                 zip(LABEL_NAMES, arrays["labels"][added].mean(0).tolist(), strict=True)
             ),
@@ -170,7 +224,7 @@ def main() -> None:
         }
         with out.open("a") as fh:
             fh.write(json.dumps(record) + "\n")
-        print(f"{name}: {record['seconds']:.0f} s, {record['epochs_run']} epochs")
+        print(f"{name} @seed {seed}: {record['seconds']:.0f} s, {record['epochs_run']} epochs")
     # Every record in --out: runs made by separate processes (--runs) table together.
     print_table([json.loads(line) for line in out.read_text().splitlines()])
 

@@ -19,12 +19,15 @@ bad continuum is a bad reference star; so is a spectrum too noisy or too masked 
 out-of-distribution, extrapolation and high-std flags are what the score looks for and do not
 disqualify.
 
-Diversity: greedy k-center (farthest-point) selection in standardised predicted-label space
-(``labels / w``), each step taking the row with the largest ``score * distance to the rows taken``
-(:func:`k_center`), so N picks are not N twins of one odd star. In bounded memory
+Diversity, in standardised predicted-label space (``labels / w``), so N picks are not N twins of
+one odd star (:data:`DIVERSITY`): greedy k-center (farthest-point; the default), each step taking
+the row with the largest ``score * distance to the rows taken`` (:func:`k_center`: covers the
+edges of the candidates first), or greedy weighted k-median, each step taking the row that most
+lowers the score-weighted sum of the candidates' distances to their nearest pick
+(:func:`k_median`: picks where the uncertain rows are, an outlier at most once). In bounded memory
 (:class:`CandidatePools`): at most ``per_partition`` best-scored rows are held per sky partition,
-k-center picks up to N within each partition, then a merge k-center over the partitions' winners
-picks the N (:func:`select`); ``rank`` is the merge's pick order.
+the selection picks up to N within each partition, then once more over the partitions' winners
+(:func:`select`); ``rank`` is the merge's pick order.
 """
 
 from __future__ import annotations
@@ -41,6 +44,8 @@ from speclabel.model.calibration import errors_or_std
 
 DISQUALIFYING = Flag.ANOMALOUS_SPECTRUM | Flag.HEAVILY_MASKED | Flag.LOW_SNR
 SCORE_COLUMNS = ("score", "score_uncertainty", "score_novelty")
+# k_median measures its distance sum on at most this many candidate rows ([N, 2000] float32).
+MEDIAN_CLIENTS = 2000
 PARTITION = "sky"  # the catalogue's sky partition (pipeline.catalogue.layout.SKY)
 
 
@@ -81,6 +86,46 @@ def k_center(points: np.ndarray, n: int, weights: np.ndarray | None = None) -> n
     return picks
 
 
+def k_median(points: np.ndarray, n: int, weights: np.ndarray | None = None) -> np.ndarray:
+    """Indices of ``n`` rows of ``points [N, D]`` in pick order by greedy weighted k-median (facility
+    location): each time the row whose taking most lowers ``sum_i w_i * d_i``, ``d_i`` the distance
+    of row ``i`` to its nearest row taken (before the first pick: the largest distance of any row
+    to the weighted centre). Where k-center covers the edges of the candidates, this places picks
+    where the weight lies: many uncertain rows in one region get several picks, a lone outlier at
+    most one. The rows ``i`` measured are at most :data:`MEDIAN_CLIENTS` of them, spread evenly over
+    the candidates' weight order, so memory is ``N x MEDIAN_CLIENTS`` floats whatever ``N``."""
+    points = np.asarray(points, dtype=np.float64)
+    if n > len(points):
+        raise InputError(f"cannot pick {n} of {len(points)} rows")
+    weights = np.ones(len(points)) if weights is None else np.asarray(weights, dtype=np.float64)
+    clients = np.arange(len(points))
+    if len(points) > MEDIAN_CLIENTS:
+        clients = np.argsort(-weights, kind="stable")[
+            np.linspace(0, len(points) - 1, MEDIAN_CLIENTS).astype(int)
+        ]
+    # [N, C] distances of every candidate to the measured rows, in float32 to halve the memory.
+    sq = (points**2).sum(axis=1)
+    distance = sq[:, None] + sq[clients][None, :] - 2.0 * points @ points[clients].T
+    distance = np.sqrt(np.maximum(distance, 0.0)).astype(np.float32)
+    centre = np.average(points, axis=0, weights=weights if weights.sum() > 0 else None)
+    current = np.full(len(clients), float(np.sqrt(((points - centre) ** 2).sum(axis=1)).max()), np.float32)
+    client_weight = weights[clients].astype(np.float32)
+    taken = np.zeros(len(points), dtype=bool)
+    picks = np.empty(n, dtype=np.int64)
+    for i in range(n):
+        gain = (np.maximum(current[None, :] - distance, 0.0) * client_weight[None, :]).sum(axis=1)
+        # A tie (e.g. no gain left: every measured row at distance 0) goes to the larger weight.
+        gain = np.where(taken, -np.inf, gain + 1e-12 * weights)
+        pick = int(np.argmax(gain))
+        picks[i], taken[pick] = pick, True
+        current = np.minimum(current, distance[pick])
+    return picks
+
+
+DIVERSITY = {"k-center": k_center, "k-median": k_median}
+DEFAULT_DIVERSITY = "k-center"
+
+
 def label_points(table: pa.Table, label_names: Sequence[str], widths: np.ndarray) -> np.ndarray:
     """The predicted labels of ``table`` divided by the training spreads ``[N, L]`` (a null label
     sits at 0 in its axis: it neither attracts nor repels picks)."""
@@ -90,12 +135,21 @@ def label_points(table: pa.Table, label_names: Sequence[str], widths: np.ndarray
 
 
 def diverse(
-    table: pa.Table, n: int, label_names: Sequence[str], widths: np.ndarray, weighted: bool
+    table: pa.Table,
+    n: int,
+    label_names: Sequence[str],
+    widths: np.ndarray,
+    weighted: bool,
+    diversity: str = DEFAULT_DIVERSITY,
 ) -> pa.Table:
-    """The ``min(n, rows)`` rows of ``table`` that :func:`k_center` picks, in pick order."""
+    """The ``min(n, rows)`` rows of ``table`` that ``diversity`` (:data:`DIVERSITY`: :func:`k_center`
+    or :func:`k_median`) picks, in pick order."""
+    if diversity not in DIVERSITY:
+        raise InputError(f"diversity must be one of {sorted(DIVERSITY)}, got {diversity!r}")
     n = min(n, table.num_rows)
     weights = table.column("score").to_numpy() if weighted else None
-    return table.take(pa.array(k_center(label_points(table, label_names, widths), n, weights)))
+    picks = DIVERSITY[diversity](label_points(table, label_names, widths), n, weights)
+    return table.take(pa.array(picks))
 
 
 class CandidatePools:
@@ -137,10 +191,17 @@ def top_rows(table: pa.Table, n: int) -> pa.Table:
 
 
 def select(
-    pools: CandidatePools, n: int, label_names: Sequence[str], widths: np.ndarray, *, weighted: bool = True
+    pools: CandidatePools,
+    n: int,
+    label_names: Sequence[str],
+    widths: np.ndarray,
+    *,
+    weighted: bool = True,
+    diversity: str = DEFAULT_DIVERSITY,
 ) -> pa.Table:
-    """The ``n`` picks over every partition with a ``rank`` column (1 = first pick): k-center within
-    each partition, then over the partitions' winners. InputError when fewer than ``n`` rows qualify."""
+    """The ``n`` picks over every partition with a ``rank`` column (1 = first pick): ``diversity``
+    (k-center or k-median) within each partition, then over the partitions' winners. InputError
+    when fewer than ``n`` rows qualify."""
     if pools.per_partition < n:
         raise InputError(f"the per-partition bound ({pools.per_partition}) must be at least n ({n})")
     held = pools.rows  # below n (<= the bound) only when no partition was cut: every eligible row
@@ -150,6 +211,6 @@ def select(
             f"({', '.join(f.name.lower() for f in Flag if f & DISQUALIFYING)}), excluded ids and rows "
             "outside --where are never suggested"
         )
-    winners = [diverse(t, n, label_names, widths, weighted) for t in pools.tables() if t.num_rows]
-    merged = diverse(pa.concat_tables(winners), n, label_names, widths, weighted)
+    winners = [diverse(t, n, label_names, widths, weighted, diversity) for t in pools.tables() if t.num_rows]
+    merged = diverse(pa.concat_tables(winners), n, label_names, widths, weighted, diversity)
     return merged.append_column("rank", pa.array(np.arange(1, n + 1, dtype=np.int32)))

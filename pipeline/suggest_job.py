@@ -6,7 +6,7 @@ query's ``--where`` filter (``Catalogue.filter``), drops the rows that may not b
 disqualifying flag, an ``--exclude`` id), scores the rest (``pipeline.suggest.score_parts``) and
 returns only each file's ``per_partition`` best-scored rows (a file lies in one sky partition). The
 driver keeps at most ``per_partition`` rows per sky partition as the tasks' results arrive
-(``CandidatePools``), then picks the N with k-center within partitions and a merge k-center
+(``CandidatePools``), then picks the N with k-center (or k-median) within partitions and a merge
 (``pipeline.suggest.select``).
 Rows held anywhere: ``per_partition`` per task and per partition, whatever the catalogue's size.
 """
@@ -26,7 +26,16 @@ from speclabel.core.errors import InputError
 from .catalogue import Catalogue, Query
 from .catalogue.layout import RELEASE, SKY
 from .catalogue.reader import RunFiles
-from .suggest import DISQUALIFYING, SCORE_COLUMNS, CandidatePools, score_parts, select, top_rows
+from .suggest import (
+    DEFAULT_DIVERSITY,
+    DISQUALIFYING,
+    DIVERSITY,
+    SCORE_COLUMNS,
+    CandidatePools,
+    score_parts,
+    select,
+    top_rows,
+)
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +49,8 @@ class SuggestOptions:
     releases: tuple[str, ...] | None = None
     exclude: frozenset[str] = field(default_factory=frozenset)
     per_partition: int = 10_000  # candidate rows held per sky partition (and per scoring task)
-    weighted: bool = True  # k-center gains weighted by the score
+    weighted: bool = True  # selection gains weighted by the score
+    diversity: str = DEFAULT_DIVERSITY  # "k-center" or "k-median" (pipeline.suggest.DIVERSITY)
     batch_rows: int = 16_384  # rows read at a time in a scoring task
     files_per_task: int = 4  # catalogue files one scoring task reads, one after the other
     num_cpus: float = 0.5  # per scoring task (below 1: leaves room on small machines, stack notes)
@@ -48,6 +58,8 @@ class SuggestOptions:
     def __post_init__(self) -> None:
         if min(self.n, self.per_partition, self.batch_rows, self.files_per_task) < 1:
             raise InputError("n, per_partition, batch_rows and files_per_task must be >= 1")
+        if self.diversity not in DIVERSITY:
+            raise InputError(f"diversity must be one of {sorted(DIVERSITY)}, got {self.diversity!r}")
 
 
 @dataclass(frozen=True)
@@ -188,6 +200,8 @@ def suggest(
         dataset.context.enable_progress_bars = False
         for block in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
             pools.add(block.cast(output_schema(label_names)))
-    picks = select(pools, options.n, label_names, widths, weighted=options.weighted)
+    picks = select(
+        pools, options.n, label_names, widths, weighted=options.weighted, diversity=options.diversity
+    )
     other = {run.release: str(run.model_id) for run in runs if model_id and run.model_id != model_id}
     return Suggestions(picks.drop_columns([SKY]), len(items), pools.seen, pools.peak_rows, other)

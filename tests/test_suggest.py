@@ -15,7 +15,7 @@ from speclabel.core.errors import InputError
 from speclabel.core.flags import Flag
 from speclabel.jobs.cli import main
 from speclabel.pipeline.catalogue import Catalogue
-from speclabel.pipeline.suggest import CandidatePools, k_center, score_parts, select
+from speclabel.pipeline.suggest import MEDIAN_CLIENTS, CandidatePools, k_center, k_median, score_parts, select
 from speclabel.pipeline.suggest_job import scored_candidates
 
 LABELS = ("a", "b")
@@ -79,6 +79,46 @@ def test_k_center_covers_clusters_instead_of_twins():
     plain = k_center(points, 3)
     radius = np.sqrt(((points[:, None] - points[plain][None]) ** 2).sum(-1)).min(1).max()
     assert radius < 1.0
+
+
+def test_k_median_follows_the_weight_and_gives_an_outlier_one_pick():
+    """A dense cluster of 300 uncertain rows, a sparse one of 20, a lone outlier: k-center spends
+    its picks on covering (half of them outside the dense cluster); k-median places them where
+    the weight is, still one on each other group, never two on the outlier."""
+    rng = np.random.default_rng(2)
+    dense, sparse = rng.normal(0.0, 0.3, (300, 2)), rng.normal(5.0, 0.3, (20, 2))
+    points = np.concatenate([dense, sparse, [[20.0, 20.0]]])
+    weights = np.ones(len(points))
+    groups = {"dense": slice(0, 300), "sparse": slice(300, 320), "outlier": slice(320, 321)}
+
+    def counts(picks):
+        return {g: int(((picks >= r.start) & (picks < r.stop)).sum()) for g, r in groups.items()}
+
+    assert counts(k_center(points, 10, weights))["dense"] <= 5
+    median = k_median(points, 10, weights)
+    assert counts(median) == {"dense": 8, "sparse": 1, "outlier": 1}
+    assert len(set(median.tolist())) == 10
+    # Independent check of the first pick: the weighted medoid, the row of least sum of distances.
+    distance_sums = np.sqrt(((points[:, None] - points[None]) ** 2).sum(-1)).sum(1)
+    assert median[0] == np.argmin(distance_sums)
+    # Beyond MEDIAN_CLIENTS rows the sum is measured on a spread sample: still valid, distinct picks.
+    many = rng.normal(0.0, 1.0, (MEDIAN_CLIENTS + 500, 3))
+    picks = k_median(many, 20, rng.uniform(0.1, 1.0, len(many)))
+    assert len(set(picks.tolist())) == 20
+    with pytest.raises(InputError, match="cannot pick"):
+        k_median(points, len(points) + 1)
+
+
+def test_select_runs_either_diversity_and_refuses_an_unknown_one():
+    rng = np.random.default_rng(3)
+    table = candidates(rng.normal(0.0, 1.0, (60, 2)), np.full((60, 2), 0.1))
+    pools = CandidatePools(per_partition=60)
+    pools.add(table)
+    for diversity in ("k-center", "k-median"):
+        picks = select(pools, 5, LABELS, WIDTHS, diversity=diversity)
+        assert picks.num_rows == 5 and picks.column("rank").to_pylist() == [1, 2, 3, 4, 5]
+    with pytest.raises(InputError, match="diversity must be one of"):
+        select(pools, 5, LABELS, WIDTHS, diversity="random")
 
 
 def test_flagged_rows_are_never_suggested_but_ood_ones_are():
@@ -164,3 +204,10 @@ def test_cli_end_to_end_on_a_small_catalogue(ray_session, setup, tmp_path, capsy
     cells = len(set(table.column("sky").to_pylist()))
     peak = int(re.search(r"at most (\d+) held", capsys.readouterr().out).group(1))
     assert 5 <= peak <= 10 * cells < table.num_rows
+    # --diversity k-median: as many eligible picks from the same candidates; an unknown one is refused.
+    assert main([*argv, "--diversity", "k-median", "--overwrite"]) == 0
+    median = pyarrow.csv.read_csv(out)
+    assert median.num_rows == 5 and set(median.column("spectrum_id").to_pylist()) <= set(ids[ok])
+    capsys.readouterr()
+    assert main([*argv, "--diversity", "nearest", "--overwrite"]) != 0
+    assert "diversity must be one of ['k-center', 'k-median']" in capsys.readouterr().err

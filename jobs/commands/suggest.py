@@ -9,12 +9,13 @@ Ranks the rows by how much a reference label for them would teach the model:
   score_uncertainty = rms over labels of (<label>_err, or <label>_std where err is null) / the
                       training labels' standard deviation (labels in comparable units)
   score_novelty     = ood_score / 100 (distance to the training set in the members' embedding space)
-and picks --n diverse rows (greedy k-center in predicted-label space, weighted by the score), so the
-picks are not N twins of one odd star. Rows flagged anomalous_spectrum, heavily_masked or low_snr,
-rows of --exclude (a .parquet or .csv with a spectrum_id column) and rows outside --where are never
-suggested. Runs on Ray: one streaming scoring task per catalogue file; at most --max-per-partition
-candidates are held per sky partition. --out (.parquet, .csv, .fits) gets spectrum_id, ra, dec,
-snr, release, the predicted labels, score, score_uncertainty, score_novelty and rank (1 = first).
+and picks --n diverse rows (greedy k-center, or with --diversity k-median greedy k-median, in
+predicted-label space, weighted by the score), so the picks are not N twins of one odd star. Rows
+flagged anomalous_spectrum, heavily_masked or low_snr, rows of --exclude (a .parquet or .csv with a
+spectrum_id column) and rows outside --where are never suggested. Runs on Ray: one streaming
+scoring task per catalogue file; at most --max-per-partition candidates are held per sky
+partition. --out (.parquet, .csv, .fits) gets spectrum_id, ra, dec, snr, release, the predicted
+labels, score, score_uncertainty, score_novelty and rank (1 = first).
 """
 
 from __future__ import annotations
@@ -43,7 +44,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "(default: the larger of 10000 and --n)",
     )
     parser.add_argument(
-        "--unweighted", action="store_true", help="plain k-center: the score only orders the candidates"
+        "--unweighted", action="store_true", help="unweighted selection: the score only orders the candidates"
+    )
+    parser.add_argument(
+        "--diversity",
+        metavar="METHOD",
+        help="how the picks are spread: k-center (the default) covers the candidates' label space, "
+        "edges first; k-median places picks where the score-weighted candidates lie",
     )
     parser.add_argument("--out", required=True, metavar="FILE", help="FILE.parquet, .csv or .fits")
     parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
@@ -68,6 +75,7 @@ def run(args: argparse.Namespace) -> int:
         exclude=IdList.read(args.exclude).ids if args.exclude else frozenset(),
         per_partition=args.max_per_partition or max(10_000, args.n),
         weighted=not args.unweighted,
+        **({"diversity": args.diversity} if args.diversity else {}),
     )
     catalogue = Catalogue.open(args.catalogue)
     with ray_session(args.address, quiet=True):
