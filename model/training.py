@@ -268,9 +268,24 @@ class DataParallel:
         :func:`masked_mean` over every row of the step, however the rows were split (unequal parts
         included).
         """
-        totals = self.all_sum([float(sq.shape[0]), *weights.sum(0).tolist()])
-        part = masked_mean(sq, weights, torch.as_tensor(totals[1:], dtype=sq.dtype, device=sq.device))
-        return part * self.world_size, totals[0]
+        (part,), rows = self.step_losses((sq, weights))
+        return part, rows
+
+    def step_losses(self, *terms: tuple[torch.Tensor, torch.Tensor]) -> tuple[list[torch.Tensor], float]:
+        """:meth:`step_loss` of several ``(values, weights)`` terms of one step (the labels' loss
+        and a variance head's), their totals summed over the workers in one all-reduce."""
+        counts = [weights.shape[1] for _, weights in terms]
+        totals = self.all_sum(
+            [float(terms[0][0].shape[0]), *(t for _, weights in terms for t in weights.sum(0).tolist())]
+        )
+        parts, start = [], 1
+        for (values, weights), count in zip(terms, counts, strict=True):
+            denominator = torch.as_tensor(
+                totals[start : start + count], dtype=values.dtype, device=values.device
+            )
+            parts.append(masked_mean(values, weights, denominator) * self.world_size)
+            start += count
+        return parts, totals[0]
 
 
 # -- augmentation ----------------------------------------------------------------------------------
@@ -719,19 +734,17 @@ def train_member(
                 predicted, log_var = out if arch.variance_head else (out, None)
                 sq = (predicted - target.to(device)) ** 2
                 weights = weights.to(device)
-                if parallel is None:
-                    loss = masked_mean(sq, weights)
-                    step_rows = flux.shape[0]
-                else:
-                    loss, step_rows = parallel.step_loss(sq, weights)
-                total = loss
+                terms = [(sq, weights)]
                 if log_var is not None:
                     # Its parameters are the variance head's alone (detached input, detached
                     # residuals): the labels' gradients, and so their weights, are unchanged.
-                    nll, present = variance_loss(log_var, sq.detach()), (weights > 0).to(sq.dtype)
-                    total = total + (
-                        masked_mean(nll, present) if parallel is None else parallel.step_loss(nll, present)[0]
-                    )
+                    terms.append((variance_loss(log_var, sq.detach()), (weights > 0).to(sq.dtype)))
+                if parallel is None:
+                    losses, step_rows = [masked_mean(v, w) for v, w in terms], flux.shape[0]
+                else:
+                    losses, step_rows = parallel.step_losses(*terms)  # one all-reduce for both
+                loss = losses[0]
+                total = loss if len(losses) == 1 else loss + losses[1]
                 optimizer.zero_grad(set_to_none=True)
                 total.backward()
                 optimizer.step()

@@ -11,7 +11,8 @@ from speclabel.model import io
 from speclabel.model.fit import prepare_arrays
 
 # No dropout and no augmentation: then the only randomness is the batch order, which both runs share
-# (each of the two workers takes every other row of the batch one worker would train on).
+# (each of the two workers takes every other row of the batch one worker would train on). With a
+# variance head, so that both of a step's loss terms go through the one all-reduce.
 EXACT_MODEL_TOML = """
 [arch]
 conv_channels = [2, 2]
@@ -19,6 +20,7 @@ kernel_size = 5
 pool_size = 8
 dense_units = [8]
 dropout = 0.0
+variance_head = true
 
 [train]
 epochs = 3
@@ -75,8 +77,11 @@ def test_two_ddp_workers_train_the_member_one_worker_trains(ray_session, small_s
     )
     prepared = prepare_arrays(small_survey, setup)
     flux, mask = prepared["flux"], prepared["mask"]
-    difference = np.abs(one.predict(flux, mask).mean - two.predict(flux, mask).mean) / one.scaler.scale
+    got_one, got_two = one.predict(flux, mask), two.predict(flux, mask)
+    difference = np.abs(got_one.mean - got_two.mean) / one.scaler.scale
     assert difference.max() < 1e-4  # in units of each label's spread
+    # The variance head trains data-parallel to the same weights too (its own term of the step).
+    np.testing.assert_allclose(got_two.aleatoric, got_one.aleatoric, rtol=1e-3)
 
 
 def _history(run_folder):
