@@ -407,8 +407,9 @@ def _error_calibration_lines(doc: dict, selections: list[str]) -> list[str]:
     reference = doc["calibration_reference"]
     out = [
         "err = the calibrated total 1-sigma error (`<label>_err`: ensemble std, the forward model's "
-        "bound, the members' own predicted error where they have a variance head, and a floor, fitted "
-        "on the model's test split). Before = the ensemble std, after = err. "
+        "bound, the members' own predicted error where they have a variance head, the std scaled by "
+        "the spectrum's distance from the training set where the model has an embedding reference, "
+        "and a floor, fitted on the model's test split). Before = the ensemble std, after = err. "
         "Ratio = rms(uncertainty) / rms(predicted - true), 1 when it is the actual error; within 1 (2) = "
         "the fraction of spectra with |predicted - true| below 1 (2) x the uncertainty "
         f"({_n(reference['frac_within_std_gaussian'])} ({_n(reference['frac_within_2std_gaussian'])}) "
