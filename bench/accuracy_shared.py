@@ -85,6 +85,9 @@ VARIANTS: dict[str, tuple[ArchConfig, TrainConfig]] = {
         TrainConfig(augment=AugmentConfig(noise=True, rv_shift_kms=3.0, continuum_tilt=0.01)),
     ),
 }
+# Wider dense layers for the weak-line labels (issue 20): more units, or a second layer.
+VARIANTS["default+dense128"] = (PRESETS["default"].replace(dense_units=(128,)), TrainConfig())
+VARIANTS["default+dense64x2"] = (PRESETS["default"].replace(dense_units=(64, 64)), TrainConfig())
 # Sparse regions of label space (issue 20): rows weighted by density^-beta (TrainConfig.density_weighting).
 for _beta in (0.5, 1.0):
     _arch, _config = VARIANTS["default+rv+tilt"]
