@@ -302,11 +302,9 @@ def main() -> None:
     test_err = {kind: cross_fitted(kind, test) for kind in forms}
     twin_err = {kind: cross_fitted(kind, twins) for kind in forms}
     if stored is not None:
+        # total_error reads only the terms the stored calibration uses.
         twin_err["stored"] = stored.total_error(
-            twins["std"],
-            twins["bound"] if stored.uses_bound else None,
-            twins["aleatoric"] if stored.uses_aleatoric else None,
-            twins["distance"] if stored.uses_distance else None,
+            twins["std"], twins["bound"], twins["aleatoric"], twins["distance"]
         )
     samples = {
         "test": sample_report(test["residual"], std, test_err, test["snr"], true, names),

@@ -274,17 +274,15 @@ class DataParallel:
     def step_losses(self, *terms: tuple[torch.Tensor, torch.Tensor]) -> tuple[list[torch.Tensor], float]:
         """:meth:`step_loss` of several ``(values, weights)`` terms of one step (the labels' loss
         and a variance head's), their totals summed over the workers in one all-reduce."""
-        counts = [weights.shape[1] for _, weights in terms]
         totals = self.all_sum(
             [float(terms[0][0].shape[0]), *(t for _, weights in terms for t in weights.sum(0).tolist())]
         )
         parts, start = [], 1
-        for (values, weights), count in zip(terms, counts, strict=True):
-            denominator = torch.as_tensor(
-                totals[start : start + count], dtype=values.dtype, device=values.device
-            )
+        for values, weights in terms:
+            end = start + weights.shape[1]
+            denominator = torch.as_tensor(totals[start:end], dtype=values.dtype, device=values.device)
             parts.append(masked_mean(values, weights, denominator) * self.world_size)
-            start += count
+            start = end
         return parts, totals[0]
 
 

@@ -126,6 +126,13 @@ DIVERSITY = {"k-center": k_center, "k-median": k_median}
 DEFAULT_DIVERSITY = "k-center"
 
 
+def diversity_method(name: str):
+    """The selection function :data:`DIVERSITY` names ``name``; InputError for any other name."""
+    if name not in DIVERSITY:
+        raise InputError(f"diversity must be one of {sorted(DIVERSITY)}, got {name!r}")
+    return DIVERSITY[name]
+
+
 def label_points(table: pa.Table, label_names: Sequence[str], widths: np.ndarray) -> np.ndarray:
     """The predicted labels of ``table`` divided by the training spreads ``[N, L]`` (a null label
     sits at 0 in its axis: it neither attracts nor repels picks)."""
@@ -144,11 +151,10 @@ def diverse(
 ) -> pa.Table:
     """The ``min(n, rows)`` rows of ``table`` that ``diversity`` (:data:`DIVERSITY`: :func:`k_center`
     or :func:`k_median`) picks, in pick order."""
-    if diversity not in DIVERSITY:
-        raise InputError(f"diversity must be one of {sorted(DIVERSITY)}, got {diversity!r}")
+    method = diversity_method(diversity)
     n = min(n, table.num_rows)
     weights = table.column("score").to_numpy() if weighted else None
-    picks = DIVERSITY[diversity](label_points(table, label_names, widths), n, weights)
+    picks = method(label_points(table, label_names, widths), n, weights)
     return table.take(pa.array(picks))
 
 

@@ -29,9 +29,9 @@ from .catalogue.reader import RunFiles
 from .suggest import (
     DEFAULT_DIVERSITY,
     DISQUALIFYING,
-    DIVERSITY,
     SCORE_COLUMNS,
     CandidatePools,
+    diversity_method,
     score_parts,
     select,
     top_rows,
@@ -58,8 +58,7 @@ class SuggestOptions:
     def __post_init__(self) -> None:
         if min(self.n, self.per_partition, self.batch_rows, self.files_per_task) < 1:
             raise InputError("n, per_partition, batch_rows and files_per_task must be >= 1")
-        if self.diversity not in DIVERSITY:
-            raise InputError(f"diversity must be one of {sorted(DIVERSITY)}, got {self.diversity!r}")
+        diversity_method(self.diversity)  # an unknown name fails here, before the scoring pass
 
 
 @dataclass(frozen=True)
