@@ -92,6 +92,11 @@ VARIANTS["default+dense64x2"] = (PRESETS["default"].replace(dense_units=(64, 64)
 for _beta in (0.5, 1.0):
     _arch, _config = VARIANTS["default+rv+tilt"]
     VARIANTS[f"default+rv+tilt+density{_beta:g}"] = (_arch, _config.replace(density_weighting=_beta))
+# A loss per label (issue 20): label l weighs (its validation MSE)^-alpha (TrainConfig.label_balance).
+for _alpha in (0.25, 0.5, 1.0):
+    VARIANTS[f"default+balance{_alpha:g}"] = (PRESETS["default"], TrainConfig(label_balance=_alpha))
+# ... and with the wider dense layer, so that balancing need not take capacity from [Al/Fe].
+VARIANTS["default+dense128+balance0.5"] = (VARIANTS["default+dense128"][0], TrainConfig(label_balance=0.5))
 
 
 # Every architecture preset (the default included) also runs with the default training configuration.

@@ -342,7 +342,9 @@ def print_comparison(by_variant: dict[str, list[dict]]) -> None:
 
 def print_differences(by_variant: dict[str, list[dict]]) -> None:
     """Each variant's scatter minus the first variant's on the same stars (the folds all have run),
-    overall and by region, with a paired bootstrap std: what a change of recipe did, star for star."""
+    overall and by region, with a paired bootstrap std: what a change of recipe did, star for star.
+    A seed replicate (``<variant>@seed+<k>``) is paired with the first variant's same replicate when
+    that has run, so that the difference is the recipe's and not the seeds'."""
     common = sorted(set.intersection(*({r["fold"] for r in runs} for runs in by_variant.values())))
     data = {
         name: pooled(sorted((r for r in runs if r["fold"] in common), key=lambda r: r["fold"]))
@@ -354,18 +356,22 @@ def print_differences(by_variant: dict[str, list[dict]]) -> None:
     everyone = np.ones(len(first["truth"]), bool)
     regions = (("all", everyone), *((k, v[1](first["truth"])) for k, v in REGIONS.items()))
     for name, other in others:
-        assert np.array_equal(other["truth"], first["truth"]), "the variants' folds hold other stars"
-        print(f"\n{name} minus {base}, folds {common}: scatter difference ± paired bootstrap std")
+        # The baseline's own replicate is paired with the baseline: the seeds' effect alone.
+        replicate = f"{base}@{name.partition('@')[2]}"
+        reference = replicate if replicate in data and replicate != name else base
+        paired = data[reference]
+        assert np.array_equal(other["truth"], paired["truth"]), "the variants' folds hold other stars"
+        print(f"\n{name} minus {reference}, folds {common}: scatter difference ± paired bootstrap std")
         print(_header("set: region"))
         for key, title, high in (
-            ("observed", "(a) S/N >= 50", first["snr"] >= 50),
+            ("observed", "(a) S/N >= 50", paired["snr"] >= 50),
             ("twins", "(b)", everyone),
         ):
             for region, inside in regions:
                 rows = inside & high
                 if rows.sum() < 2:
                     continue
-                diff, err = paired_cell(other[key][rows], first[key][rows], np.subtract)
+                diff, err = paired_cell(other[key][rows], paired[key][rows], np.subtract)
                 cells = " ".join(
                     f"{_fmt(d, e, n):>14}" for d, e, n in zip(diff, err, LABEL_NAMES, strict=True)
                 )

@@ -117,6 +117,10 @@ class TrainConfig:
     density_weighting: float = 0.0
     density_neighbours: int = 10
     density_cap: float = 5.0
+    # > 0: each label's loss weighs (its validation MSE of the epoch before)^-label_balance, normalised
+    # to mean 1 over the labels (label_balance_weights): the label with the largest scaled error
+    # ([Al/Fe], mostly noise where its lines vanish) no longer sets the shared layers' gradient alone.
+    label_balance: float = 0.0
     seed: int = 0
     augment: AugmentConfig = field(
         default_factory=lambda: AugmentConfig(
@@ -138,6 +142,8 @@ class TrainConfig:
             problems.append("error_floor must be > 0")
         if self.density_weighting < 0 or self.density_neighbours < 1 or not self.density_cap >= 1:
             problems.append("density_weighting must be >= 0, density_neighbours >= 1 and density_cap >= 1")
+        if not 0 <= self.label_balance <= 2:
+            problems.append(f"label_balance must be in [0, 2], got {self.label_balance}")
         if self.lr_schedule not in LR_SCHEDULES:
             problems.append(f"lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}")
         if self.plateau_patience < 1 or not 0 < self.plateau_factor < 1 or not 0 < self.lr_floor <= 1:
@@ -271,9 +277,12 @@ class DataParallel:
         (part,), rows = self.step_losses((sq, weights))
         return part, rows
 
-    def step_losses(self, *terms: tuple[torch.Tensor, torch.Tensor]) -> tuple[list[torch.Tensor], float]:
+    def step_losses(
+        self, *terms: tuple[torch.Tensor, torch.Tensor], label_weights: torch.Tensor | None = None
+    ) -> tuple[list[torch.Tensor], float]:
         """:meth:`step_loss` of several ``(values, weights)`` terms of one step (the labels' loss
-        and a variance head's), their totals summed over the workers in one all-reduce."""
+        and a variance head's), their totals summed over the workers in one all-reduce;
+        ``label_weights`` (:func:`label_balance_weights`) weigh the first term's labels."""
         totals = self.all_sum(
             [float(terms[0][0].shape[0]), *(t for _, weights in terms for t in weights.sum(0).tolist())]
         )
@@ -281,7 +290,8 @@ class DataParallel:
         for values, weights in terms:
             end = start + weights.shape[1]
             denominator = torch.as_tensor(totals[start:end], dtype=values.dtype, device=values.device)
-            parts.append(masked_mean(values, weights, denominator) * self.world_size)
+            weighting = label_weights if not parts else None
+            parts.append(masked_mean(values, weights, denominator, weighting) * self.world_size)
             start = end
         return parts, totals[0]
 
@@ -587,13 +597,47 @@ def _capped_mean_one(raw: np.ndarray, cap: float) -> np.ndarray:
     return np.minimum(scale[m] * raw, cap)
 
 
-def masked_mean(sq: torch.Tensor, weights: torch.Tensor, totals: torch.Tensor | None = None) -> torch.Tensor:
+def masked_mean(
+    sq: torch.Tensor,
+    weights: torch.Tensor,
+    totals: torch.Tensor | None = None,
+    label_weights: torch.Tensor | None = None,
+) -> torch.Tensor:
     """The training loss: per label, the weighted mean of ``sq`` over the rows that have the label,
-    then the mean over the labels that some row has. ``totals``: the weight sums per label, when the
-    rows of the step are spread over several workers (default: ``weights.sum(0)``)."""
+    then the mean over the labels that some row has, each times its ``label_weights`` entry
+    (default 1). ``totals``: the weight sums per label, when the rows of the step are spread over
+    several workers (default: ``weights.sum(0)``)."""
     totals = weights.sum(0) if totals is None else totals
     has = totals > 0
-    return ((sq * weights).sum(0)[has] / totals[has]).mean()
+    per_label = (sq * weights).sum(0)[has] / totals[has]
+    if label_weights is not None:
+        per_label = per_label * label_weights.to(per_label)[has]
+    return per_label.mean()
+
+
+def label_balance_weights(
+    history: Sequence[Mapping], scaler: LabelScaler, config: TrainConfig
+) -> torch.Tensor | None:
+    """The per-label loss weights ``[L]`` of the next epoch under ``config.label_balance`` (None when 0).
+
+    Each label's validation MSE of the last epoch in ``history`` (scaled units, at least
+    ``error_floor``^2, so that no label gets unbounded weight) to the power ``-label_balance``,
+    normalised to mean 1 over the labels that have one; a label without a validation error, and
+    every label in the first epoch, weighs 1. Because it is read from the recorded history, a resumed
+    run and every data-parallel worker (each validates on all the rows) compute the same weights.
+    """
+    if config.label_balance == 0:
+        return None
+    if not history:
+        return torch.ones(len(scaler.names))
+    rmse = np.array([history[-1]["val_rmse"][name] for name in scaler.names], dtype=np.float64) / scaler.scale
+    known = np.isfinite(rmse)
+    if not known.any():
+        return torch.ones(len(scaler.names))
+    raw = np.maximum(rmse[known], config.error_floor) ** (-2.0 * config.label_balance)
+    weights = np.ones(len(scaler.names))
+    weights[known] = raw / raw.mean()
+    return torch.as_tensor(weights, dtype=torch.float32)
 
 
 def variance_loss(log_var: torch.Tensor, sq: torch.Tensor) -> torch.Tensor:
@@ -718,6 +762,7 @@ def train_member(
         generator = torch.Generator().manual_seed(derived_seed(seed, _AUGMENT, epoch))
         network.train()
         loss_sum, n_train = 0.0, 0
+        label_weights = label_balance_weights(history, scaler, config)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(derived_seed(seed, _DROPOUT, epoch))
             for raw in train.batches(epoch, config.batch_size, derived_seed(seed, _SHUFFLE, epoch)):
@@ -738,9 +783,13 @@ def train_member(
                     # residuals): the labels' gradients, and so their weights, are unchanged.
                     terms.append((variance_loss(log_var, sq.detach()), (weights > 0).to(sq.dtype)))
                 if parallel is None:
-                    losses, step_rows = [masked_mean(v, w) for v, w in terms], flux.shape[0]
-                else:
-                    losses, step_rows = parallel.step_losses(*terms)  # one all-reduce for both
+                    losses = [
+                        masked_mean(v, w, label_weights=label_weights if i == 0 else None)
+                        for i, (v, w) in enumerate(terms)
+                    ]
+                    step_rows = flux.shape[0]
+                else:  # one all-reduce for both terms
+                    losses, step_rows = parallel.step_losses(*terms, label_weights=label_weights)
                 loss = losses[0]
                 total = loss if len(losses) == 1 else loss + losses[1]
                 optimizer.zero_grad(set_to_none=True)

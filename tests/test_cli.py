@@ -154,6 +154,7 @@ def code_defaults(monkeypatch) -> dict[tuple[str, str], str]:
         ("train", "arch"): job.arch.name,
         ("train", "continuum_tilt"): str(job.train.augment.continuum_tilt),
         ("train", "density_weighting"): str(job.train.density_weighting),
+        ("train", "label_balance"): str(job.train.label_balance),
         ("label", "high_std"): " ".join(f"{k}={v:g}" for k, v in FlagThresholds().high_std.items()),
         ("serve", "host"): served_host(monkeypatch),
     }

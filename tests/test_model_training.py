@@ -19,6 +19,7 @@ from speclabel.model.training import (
     augment,
     continuum_tilt,
     derived_seed,
+    label_balance_weights,
     loss_targets,
     masked_mean,
     rv_shift,
@@ -369,3 +370,56 @@ def test_centred_input_uses_the_training_mean_and_survives_resume(tiny_setup, da
         arch, tiny_setup, scaler, config, train, val, resume=TrainingState.load(tmp_path / "s")
     )
     assert _same(_weights(result.network), _weights(resumed.network))
+
+
+def test_label_balance_weights_follow_the_last_validation_errors():
+    scaler = LabelScaler.fit(np.array([[4000.0, 1.0, -2.0, -0.3, -0.4], [6000.0, 5.0, 0.5, 0.5, 0.4]]))
+    config = TrainConfig(label_balance=0.5)
+    assert label_balance_weights([], scaler, TrainConfig()) is None  # off by default
+    assert torch.equal(label_balance_weights([], scaler, config), torch.ones(5))  # the first epoch
+    rmse = np.array([40.0, 0.08, 0.01, np.nan, 0.08])
+    history = [{"val_rmse": {}}, {"val_rmse": dict(zip(scaler.names, rmse, strict=True))}]
+    got = label_balance_weights(history, scaler, config).numpy()
+    # Independently: alpha 0.5 weighs each label by 1 / (its scaled rmse), floored at error_floor;
+    # [Mg/Fe] has no validation error and weighs 1; the others average 1.
+    scaled = np.maximum(rmse / scaler.scale, config.error_floor)
+    known = [0, 1, 2, 4]
+    expected = (1 / scaled[known]) / (1 / scaled[known]).mean()
+    np.testing.assert_allclose(got[known], expected, rtol=1e-6)
+    assert got[3] == 1.0
+    assert scaled[2] == config.error_floor  # the floor was used, so it is tested
+    # alpha 1 equalises the labels' weighted losses: weight x MSE is the same for every known label.
+    full = label_balance_weights(history, scaler, config.replace(label_balance=1.0)).numpy()
+    np.testing.assert_allclose(full[known] * scaled[known] ** 2, (full[0] * scaled[0] ** 2), rtol=1e-6)
+    with pytest.raises(ConfigError, match="label_balance"):
+        TrainConfig(label_balance=-1)
+    old = TrainConfig().to_dict()  # a model.json written before label balancing existed
+    del old["label_balance"]
+    assert TrainConfig.from_dict(old).label_balance == 0
+
+
+def test_masked_mean_weighs_each_label_after_its_own_mean():
+    sq = torch.tensor([[1.0, 4.0], [3.0, 8.0], [5.0, 0.0]])
+    weights = torch.tensor([[1.0, 1.0], [1.0, 1.0], [0.0, 1.0]])
+    # Per label: (1 + 3) / 2 = 2 and (4 + 8 + 0) / 3 = 4; weighted 0.5 and 1.5, the mean is 3.5.
+    assert float(masked_mean(sq, weights, label_weights=torch.tensor([0.5, 1.5]))) == pytest.approx(3.5)
+    assert float(masked_mean(sq, weights)) == pytest.approx(3.0)
+
+
+def test_label_balance_trains_differently_and_resumes_exactly(tiny_setup, data, tmp_path):
+    train, val, scaler = data
+    config = CONFIG.replace(epochs=4, label_balance=1.0)
+    states = {}
+    balanced = train_member(
+        ARCH, tiny_setup, scaler, config, train, val, on_epoch=lambda m, s: states.setdefault(m.epoch, s)
+    )
+    plain = train_member(ARCH, tiny_setup, scaler, config.replace(label_balance=0.0), train, val)
+    # The first epoch weighs every label 1, the later ones do not.
+    assert balanced.history[0]["train_loss"] == plain.history[0]["train_loss"]
+    assert not _same(_weights(balanced.network), _weights(plain.network))
+    # The weights are read from the recorded history, so a resumed run trains with the same ones.
+    states[2].save(tmp_path / "epoch-2")
+    resumed = train_member(
+        ARCH, tiny_setup, scaler, config, train, val, resume=TrainingState.load(tmp_path / "epoch-2")
+    )
+    assert _same(_weights(balanced.network), _weights(resumed.network))

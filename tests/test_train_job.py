@@ -42,6 +42,22 @@ def test_config_file_sections_and_command_line_overrides(tmp_path):
     ).train
     assert weighted.density_weighting == 0.5 and weighted.epochs == 7
     assert weighted.augment == job.train.augment and job.train.density_weighting == 0.0
+    balanced = _job(
+        [
+            "--data",
+            "d",
+            "--out",
+            "m",
+            "--config",
+            str(config),
+            "--density-weighting",
+            "0.5",
+            "--label-balance",
+            "0.5",
+        ]
+    ).train
+    assert (balanced.label_balance, balanced.density_weighting, balanced.epochs) == (0.5, 0.5, 7)
+    assert job.train.label_balance == 0.0
     (tmp_path / "preset.toml").write_text('arch = "paper"\n[train.augment]\nnoise = true\n')
     settings = read_model_config(tmp_path / "preset.toml")
     assert settings["arch"] == PAPER and settings["train"].augment.noise

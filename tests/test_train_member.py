@@ -26,6 +26,7 @@ variance_head = true
 epochs = 3
 batch_size = 5
 learning_rate = 0.003
+label_balance = 1.0  # epochs 2 and 3 weigh the labels: the workers must agree
 
 [train.augment]
 noise = false

@@ -99,6 +99,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     stated_default(
         parser.add_argument(
+            "--label-balance",
+            type=non_negative_float,
+            metavar="ALPHA",
+            help="weigh each label's loss by its validation MSE of the epoch before^-ALPHA (mean 1), so "
+            "the label with the largest scaled error does not set the shared layers alone: 0.5 trades "
+            "[Al/Fe] for Teff, log g and [Fe/H] (docs/model.md); 0: off (default %(code_default)s, or "
+            "--config's)",
+        ),
+        "speclabel.model.training:TrainConfig.label_balance",
+    )
+    stated_default(
+        parser.add_argument(
             "--arch",
             help="architecture preset name or .toml file (default %(code_default)s, or --config's)",
         ),
@@ -179,7 +191,9 @@ def build_job(args: argparse.Namespace):
         augment = dataclasses.replace(train.augment, continuum_tilt=args.continuum_tilt)
         settings["train"] = train = train.replace(augment=augment)
     if args.density_weighting is not None:
-        settings["train"] = train.replace(density_weighting=args.density_weighting)
+        settings["train"] = train = train.replace(density_weighting=args.density_weighting)
+    if args.label_balance is not None:
+        settings["train"] = train.replace(label_balance=args.label_balance)
     if args.members:
         from speclabel.model.fit import EnsembleConfig
 
