@@ -23,7 +23,9 @@ S/N >= 50, of (a) at S/N >= 50, (b) and (c) by region of label space (``REGIONS`
 (a) by S/N bin, each cell with its number of stars and a bootstrap uncertainty (stars resampled, all
 draws of a star together), the robustness ratio (c) / (b) (paired bootstrap), and each variant's
 scatter minus the first variant's on the same stars, overall and by region (paired bootstrap: the
-stars' sampling only, not the training seed's; ``--seed-offset`` replicates measure that). Each fold's
+stars' sampling only, not the training seed's; ``--seed-offset`` replicates measure that).
+``--ensembles`` adds each variant's replicates averaged star by star (``<variant>@mean-of-<n>``), paired
+with the first variant's: a recipe's gain for one member can vanish in an ensemble. Each fold's
 predictions are appended to ``--out`` as a JSON line as soon as it is done, so that a run cut short
 still tables (``--table-only``), and a rerun skips the folds already there. Folds can run in separate
 processes (``--only-folds 1 --out part1.jsonl``, ...): concatenate the files and table them with
@@ -278,6 +280,42 @@ def pooled(records: list[dict]) -> dict[str, np.ndarray]:
     }
 
 
+def replicate_ensembles(records: list[dict]) -> list[dict]:
+    """Per variant with seed replicates, the out-of-fold mean of its replicates' predictions, fold by
+    fold, as a record of its own (``<variant>@mean-of-<n>``): a small ensemble scored like a member.
+    Eight members average away part of what a recipe gives one member, so a choice is checked on
+    these too. A fold enters only when every replicate of the variant has run it."""
+    by_base: dict[str, dict[int, list[dict]]] = {}
+    for r in records:
+        by_base.setdefault(r["variant"].split("@")[0], {}).setdefault(r["fold"], []).append(r)
+    ensembles = []
+    for base, by_fold in by_base.items():
+        n = max(len(runs) for runs in by_fold.values())
+        for fold, runs in sorted(by_fold.items()):
+            if n < 2 or len(runs) < n:
+                continue
+            first = runs[0]
+            for r in runs[1:]:
+                same = ("spectrum_id", "draws", "rv_sigma", "tilt", "fingerprint")
+                assert all(r[key] == first[key] for key in same), f"{base} fold {fold}: replicates differ"
+            ensembles.append(
+                {
+                    **first,
+                    "variant": f"{base}@mean-of-{n}",
+                    "seed": [r["seed"] for r in runs],
+                    "epochs_run": [r["epochs_run"] for r in runs],
+                    "best_epoch": [r["best_epoch"] for r in runs],
+                    "seconds": sum(r["seconds"] for r in runs),
+                    "cpu_seconds": sum(r["cpu_seconds"] for r in runs),
+                    **{
+                        key: np.mean([r[key] for r in runs], axis=0).tolist()
+                        for key in ("observed", "twins", "perturbed")
+                    },
+                }
+            )
+    return ensembles
+
+
 def bootstrap_picks(n_stars: int, n_boot: int, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, n_stars, (n_boot, n_stars))
 
@@ -466,6 +504,12 @@ def main() -> None:
     )
     parser.add_argument("--table-only", action="store_true")
     parser.add_argument(
+        "--ensembles",
+        action="store_true",
+        help="also table each variant's seed replicates averaged, as <variant>@mean-of-<n>, paired "
+        "with the first variant's",
+    )
+    parser.add_argument(
         "--model",
         nargs="*",
         default=[],
@@ -538,6 +582,8 @@ def main() -> None:
     # The variants asked for with their seed replicates, in --variants order: the first is the baseline.
     order = {name: i for i, name in enumerate(args.variants)}
     chosen = [r for r in done if r["variant"].split("@")[0] in order and r["folds"] == args.folds]
+    if args.ensembles:
+        chosen += replicate_ensembles(chosen)
     print_tables(sorted(chosen, key=lambda r: (order[r["variant"].split("@")[0]], r["variant"])))
 
 

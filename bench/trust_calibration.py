@@ -23,7 +23,9 @@ more than 3x the overall scatter without ``_err`` saying so). Forms compared, ea
 model's own (``cv``), the same without the distance from the training set (``cv-no-distance``, for
 a model with an embedding reference) and without it and a variance head's term (``cv-no-var-head``,
 for a model with one), std + floor (``cv-std``) and std + b/snr + floor (``cv-snr``). Prints the tables and
-PASS/FAIL per target; ``--json FILE`` writes every number.
+PASS/FAIL per target, then the sampling limit (``sampling_limit``): how often each cell would meet
+the targets if the cross-fitted err were exactly right, on the same rows; ``--json FILE`` writes
+every number.
 """
 
 from __future__ import annotations
@@ -156,6 +158,70 @@ def sample_report(residual, std, err_by_kind, snr, true, names) -> dict:
                 }
         out["alfe_groups"] = groups
     return out
+
+
+def meets_targets(residual: np.ndarray, sigma: np.ndarray) -> bool:
+    """One label's cell: rms(sigma)/rms(error) and 1-sigma coverage both within the issue's targets."""
+    m = calibration(residual, sigma, "err")
+    ratio, within = m["err_ratio"], m["frac_within_err"]
+    return RATIO_TARGET[0] <= ratio <= RATIO_TARGET[1] and COVERAGE_TARGET[0] <= within <= COVERAGE_TARGET[1]
+
+
+def star_correlation(normalised: np.ndarray, star: np.ndarray) -> np.ndarray:
+    """Per label, the intraclass correlation of the normalised residuals (residual / err) between the
+    draws of one star (one-way ANOVA, equal draws per star, clipped to [0, 1]): how much of a twin's
+    error its star fixes, whatever noise it is drawn with. 0 for one row per star."""
+    _, index, counts = np.unique(star, return_inverse=True, return_counts=True)
+    k = counts[0]
+    if k < 2:
+        return np.zeros(normalised.shape[1])
+    assert (counts == k).all(), "every star needs the same number of draws"
+    grouped = np.stack([normalised[index == s] for s in range(len(counts))])  # [stars, k, L]
+    between = k * np.nanvar(np.nanmean(grouped, axis=1), axis=0, ddof=1)
+    within = np.nanmean(np.nanvar(grouped, axis=1, ddof=1), axis=0)
+    return np.clip((between - within) / (between + (k - 1) * within), 0.0, 1.0)
+
+
+def sampling_limit(residual, err, snr, star, names, n_sim: int = 300, seed: int = 0) -> dict:
+    """What an err exactly right would score on this sample, by Monte Carlo: residuals redrawn as
+    err x z, z ~ N(0, 1) with the measured correlation between the draws of one star
+    (:func:`star_correlation`), on the same rows, err and S/N thirds. Per cell (selection, label)
+    the probability that it meets both targets, and the distribution of how many of the S/N-third
+    cells do: with ~40 stars per third, the coverage target's width is about one binomial sigma, so
+    even a perfect calibration misses some cells, and the measured count is read against this."""
+    rng = np.random.default_rng(seed)
+    rho = star_correlation(residual / err, star)
+    _, index = np.unique(star, return_inverse=True)
+    selections = [("all", np.ones(len(residual), bool)), *thirds(snr)]
+    passed = np.zeros((n_sim, len(selections), len(names)), bool)
+    for i in range(n_sim):
+        shared = rng.standard_normal((index.max() + 1, len(names)))[index]
+        z = np.sqrt(rho) * shared + np.sqrt(1 - rho) * rng.standard_normal(residual.shape)
+        simulated = err * z
+        for j, (_, rows) in enumerate(selections):
+            for k in range(len(names)):
+                passed[i, j, k] = meets_targets(simulated[rows, k], err[rows, k])
+    thirds_met = passed[:, 1:].sum(axis=(1, 2))
+    measured = np.array(
+        [
+            [meets_targets(residual[rows, k], err[rows, k]) for k in range(len(names))]
+            for _, rows in selections
+        ]
+    )
+    return {
+        "n_sim": n_sim,
+        "star_correlation": rho.tolist(),
+        "p_cell": {
+            selection: dict(zip(names, passed[:, j].mean(axis=0).tolist(), strict=True))
+            for j, (selection, _) in enumerate(selections)
+        },
+        "thirds_cells": int(passed[0, 1:].size),
+        "thirds_met_mean": float(thirds_met.mean()),
+        "thirds_met_q05_q95": np.quantile(thirds_met, [0.05, 0.95]).tolist(),
+        "thirds_met_measured": int(measured[1:].sum()),
+        "all_met_measured": int(measured[0].sum()),
+        "p_thirds_at_most_measured": float((thirds_met <= measured[1:].sum()).mean()),
+    }
 
 
 def check_targets(report: dict, names, kinds) -> list[tuple[str, bool, str]]:
@@ -311,6 +377,13 @@ def main() -> None:
         "twins": sample_report(twins["residual"], twins["std"], twin_err, twins["snr"], twin_true, names),
     }
     kinds = {"test": list(test_err), "twins": list(twin_err)}
+    stars = np.arange(len(ids))
+    limits = {
+        "test": sampling_limit(test["residual"], test_err["cv"], test["snr"], stars, names, seed=args.seed),
+        "twins": sampling_limit(
+            twins["residual"], twin_err["cv"], twins["snr"], np.tile(stars, args.draws), names, seed=args.seed
+        ),
+    }
     # The issue's targets are checked on the model's form (cross-fitted) and the stored calibration.
     target_kinds = {"test": ["cv"], "twins": ["cv", "stored"] if stored is not None else ["cv"]}
 
@@ -326,6 +399,7 @@ def main() -> None:
         "fold_calibrations": {k: [m.to_dict() for m in models] for k, models in fold_models.items()},
         "stored_calibration": None if stored is None else stored.to_dict(),
         "samples": samples,
+        "sampling_limit": limits,
         "seconds": time.perf_counter() - began,
     }
     print_tables(report, names, kinds)
@@ -334,9 +408,29 @@ def main() -> None:
     for what, ok, value in checks:
         print(f"  {'PASS' if ok else 'FAIL'}  {what}: {value}")
     print(f"{sum(ok for _, ok, _ in checks)} of {len(checks)} targets met ({report['seconds']:.0f} s)")
+    print_sampling_limit(limits, names)
     report["targets"] = [{"what": w, "passed": ok, "value": v} for w, ok, v in checks]
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=1, allow_nan=True) + "\n")
+
+
+def print_sampling_limit(limits: dict, names) -> None:
+    print(
+        "\nsampling limit of the cross-fitted err (cv): the chance that each cell meets both targets if "
+        "err were exactly right, on these rows (Monte Carlo)"
+    )
+    for sample, limit in limits.items():
+        rho = " ".join(f"{n} {r:.2f}" for n, r in zip(names, limit["star_correlation"], strict=True))
+        print(f"{sample}: correlation of a star's draws: {rho}")
+        print(f"  {'selection':<22} " + " ".join(f"{n:>6}" for n in names))
+        for selection, p in limit["p_cell"].items():
+            print(f"  {selection:<22} " + " ".join(f"{p[n]:>6.2f}" for n in names))
+        lo, hi = limit["thirds_met_q05_q95"]
+        print(
+            f"  S/N-third cells met: {limit['thirds_met_measured']} of {limit['thirds_cells']} measured; "
+            f"exactly right err: {limit['thirds_met_mean']:.1f} on average (5-95 %: {lo:.0f}-{hi:.0f}), "
+            f"{limit['p_thirds_at_most_measured']:.2f} of draws meet no more than measured"
+        )
 
 
 def print_tables(report, names, kinds) -> None:
