@@ -82,6 +82,16 @@ REGIONS = {
         "Teff > 5800 K, log g > 3.5, [Fe/H] < -1",
         lambda lab: (lab[:, TEFF] > 5800) & (lab[:, LOGG] > 3.5) & (lab[:, FEH] < -1),
     ),
+    # Issue 20's [Al/Fe] target holds "where its lines are measurable"; it still includes the cool
+    # metal-poor stars, whose Al I lines are weak too, so both are tabled.
+    "Al measurable": (
+        "Teff < 5800 K or [Fe/H] > -1 (issue 20's [Al/Fe] target)",
+        lambda lab: (lab[:, TEFF] < 5800) | (lab[:, FEH] > -1),
+    ),
+    "cool metal-poor": (
+        "Teff < 5800 K, [Fe/H] < -1",
+        lambda lab: (lab[:, TEFF] < 5800) & (lab[:, FEH] < -1),
+    ),
 }
 
 SETS = {
