@@ -88,6 +88,9 @@ VARIANTS: dict[str, tuple[ArchConfig, TrainConfig]] = {
 # Wider dense layers for the weak-line labels (issue 20): more units, or a second layer.
 VARIANTS["default+dense128"] = (PRESETS["default"].replace(dense_units=(128,)), TrainConfig())
 VARIANTS["default+dense64x2"] = (PRESETS["default"].replace(dense_units=(64, 64)), TrainConfig())
+# A third conv layer per arm (issue 20): a 4x wider receptive field (broad wings of the Paschen and Ca
+# II lines) and a 4x smaller dense layer (fewer weights for ~800 training stars).
+VARIANTS["default+conv3"] = (PRESETS["default"].replace(conv_channels=(16, 16, 16)), TrainConfig())
 # Sparse regions of label space (issue 20): rows weighted by density^-beta (TrainConfig.density_weighting).
 for _beta in (0.5, 1.0):
     _arch, _config = VARIANTS["default+rv+tilt"]
