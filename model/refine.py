@@ -1,0 +1,153 @@
+"""Labels refined by a local fit of the spectrum against noise-free reference spectra.
+
+The network reads Teff, log g and [Fe/H] to 3-5x their Cramér-Rao bound (BENCHMARKS.md,
+``bench/information_bound.py``). A fit to the spectrum itself, started from the network's labels
+and regularised by them, gets much of that back (``bench/cv_refine.py``): for each spectrum,
+
+1. take the ``neighbours`` reference stars nearest to the current labels (labels standardised by
+   the library's spread);
+2. fit their noise-free spectra by a quadratic in the labels centred on the current labels, with
+   tricube weights by distance: its constant term is the model spectrum there, its linear terms
+   the flux's slopes, its weighted residual the variance the labels do not explain;
+3. one weighted least-squares step in the labels (weights ``1 / (1/ivar + variance)``) with the
+   start as a Gaussian prior, together with nuisance terms a reduction leaves behind: a continuum
+   tilt per arm, a velocity shift, and a change of the line-spread variance per arm (the flux's
+   second derivative), each with its own Gaussian prior;
+4. repeat from the new labels.
+
+The reference spectra must be noise-free (a synthetic grid at known labels, on the setup's
+wavelengths): built from observed training spectra the local model fits their noise.
+Plain numpy on arrays; nothing here knows about catalogues or Ray.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from speclabel.core.labels import LABEL_NAMES
+from speclabel.core.setups import Setup
+
+SPEED_OF_LIGHT_KMS = 299_792.458
+
+
+@dataclass(frozen=True)
+class RefineConfig:
+    """How the fit runs. Widths are the 1-sigma of Gaussian priors; a nuisance width of None leaves
+    that term out of the fit."""
+
+    prior_width: tuple[float, ...]  # per label of the library: how far the start may be off
+    neighbours: int = 80
+    iterations: int = 3
+    fitted: tuple[str, ...] | None = None  # the labels fitted (None: all); the others keep the start
+    tilt_width: float | None = 0.02  # continuum tilt per arm, fraction of the flux at the arm's ends
+    velocity_width_kms: float | None = 5.0
+    broadening_width_px2: float | None = 1.0  # extra line-spread variance per arm, pixels^2
+
+
+class ReferenceLibrary:
+    """Noise-free reference spectra ``flux`` [N, P] with their ``labels`` [N, L] (columns in
+    ``label_names`` order) and good-pixel ``mask`` [N, P], on ``setup``'s wavelengths."""
+
+    def __init__(self, labels, flux, mask, setup: Setup, label_names=LABEL_NAMES):
+        labels = np.asarray(labels, dtype=np.float64)
+        if labels.ndim != 2 or labels.shape[1] != len(label_names):
+            raise ValueError(f"labels must be [N, {len(label_names)}] ({', '.join(label_names)})")
+        if not np.isfinite(labels).all():
+            raise ValueError("reference labels must all be finite")
+        if flux.shape != (len(labels), setup.n_pixels) or mask.shape != flux.shape:
+            raise ValueError(
+                f"flux and mask must be [{len(labels)}, {setup.n_pixels}] for setup {setup.name}"
+            )
+        self.labels, self.flux, self.mask = labels, np.asarray(flux, dtype=np.float64), np.asarray(mask, bool)
+        self.setup, self.label_names = setup, tuple(label_names)
+        self.scale = labels.std(0)
+        self.scale[self.scale == 0] = 1.0
+
+    def local_model(self, centre: np.ndarray, neighbours: int):
+        """At labels ``centre`` [L]: the model flux [P], its slopes [L, P], the variance the labels do
+        not explain [P] and the pixels good in every neighbour [P]."""
+        z = (self.labels - centre) / self.scale
+        distance = np.sqrt((z**2).sum(1))
+        nearest = np.argsort(distance)[:neighbours]
+        u = distance[nearest] / (distance[nearest].max() * 1.0001)
+        weight = np.sqrt((1 - u**3) ** 3)[:, None]  # tricube, as the square root of a LS weight
+        zn = z[nearest]
+        quadratic = [zn[:, j] * zn[:, k] for j in range(zn.shape[1]) for k in range(j, zn.shape[1])]
+        design = np.column_stack([np.ones(len(zn)), self.labels[nearest] - centre, *quadratic])
+        flux = self.flux[nearest]
+        coefficients, *_ = np.linalg.lstsq(design * weight, flux * weight, rcond=None)
+        residual = (flux - design @ coefficients) * weight
+        dof = max(1.0, (weight**2).sum() - design.shape[1])
+        variance = (residual**2).sum(0) / dof
+        return coefficients[0], coefficients[1 : 1 + len(centre)], variance, self.mask[nearest].all(0)
+
+
+def nuisance_columns(model: np.ndarray, setup: Setup, config: RefineConfig) -> tuple[np.ndarray, np.ndarray]:
+    """The flux's derivatives [K, P] by each nuisance term of ``config`` at ``model`` [P], and their
+    prior widths [K]: tilt per arm, velocity, broadening per arm."""
+    columns, widths = [], []
+    parts = list(zip(setup.arms, setup.arm_slices.values(), strict=True))
+    if config.tilt_width is not None:
+        for arm, part in parts:
+            column = np.zeros_like(model)
+            column[part] = model[part] * (
+                2 * (arm.wave - arm.wave_start) / (arm.wave_end - arm.wave_start) - 1
+            )
+            columns.append(column)
+            widths.append(config.tilt_width)
+    if config.velocity_width_kms is not None:
+        column = np.zeros_like(model)
+        for arm, part in parts:
+            column[part] = -np.gradient(model[part], np.log(arm.wave)) / SPEED_OF_LIGHT_KMS
+        columns.append(column)
+        widths.append(config.velocity_width_kms)
+    if config.broadening_width_px2 is not None:
+        # A line-spread function wider by s^2 pixels^2 changes the flux by s^2/2 times its second
+        # derivative: the fit would otherwise read a resolution change, or resampling, as labels.
+        for _, part in parts:
+            column = np.zeros_like(model)
+            column[part] = 0.5 * np.gradient(np.gradient(model[part]))
+            columns.append(column)
+            widths.append(config.broadening_width_px2)
+    return np.array(columns).reshape(len(columns), len(model)), np.asarray(widths, dtype=np.float64)
+
+
+def refine_labels(library: ReferenceLibrary, config: RefineConfig, flux, ivar, mask, start):
+    """Refined labels [N, L] of spectra ``flux``/``ivar``/``mask`` [N, P] from ``start`` [N, L]
+    (the network's labels, in the library's label order), and their posterior standard deviations
+    [N, L] from the fit's and the prior's information (NaN for labels not fitted). The posterior
+    std counts the noise and the local model's unexplained variance, not how far the local
+    quadratic is off, so it is a lower bound of the error (measured 0.35-0.42 of it)."""
+    start = np.asarray(start, dtype=np.float64)
+    n_labels = len(library.label_names)
+    if start.shape != (len(flux), n_labels) or len(config.prior_width) != n_labels:
+        raise ValueError(f"start must be [N, {n_labels}] and prior_width have {n_labels} widths")
+    fitted = np.array(
+        [library.label_names.index(n) for n in (config.fitted or library.label_names)], dtype=int
+    )
+    label_precision = 1.0 / np.asarray(config.prior_width, dtype=np.float64)[fitted] ** 2
+    out = start.copy()
+    posterior_std = np.full_like(out, np.nan)
+    for i in range(len(flux)):
+        if not np.isfinite(start[i]).all():
+            continue  # no start, no fit: the row keeps what it has
+        current = start[i].copy()
+        for _ in range(config.iterations):
+            model, slopes, variance, good = library.local_model(current, config.neighbours)
+            nuisance, nuisance_width = nuisance_columns(model, library.setup, config)
+            design = np.concatenate([slopes[fitted], nuisance])
+            precision = np.diag(np.concatenate([label_precision, 1.0 / nuisance_width**2]))
+            use = good & mask[i] & (ivar[i] > 0)
+            weight = np.where(use, 1.0 / (1.0 / np.where(use, ivar[i], 1.0) + variance), 0.0)
+            residual = np.where(use, flux[i] - model, 0.0)
+            # The prior pulls the labels to the start; the nuisance terms to zero.
+            prior_mean = np.zeros(len(design))
+            prior_mean[: len(fitted)] = (start[i] - current)[fitted]
+            normal = (design * weight) @ design.T + precision
+            step = np.linalg.solve(normal, (design * weight) @ residual + precision @ prior_mean)
+            current[fitted] += step[: len(fitted)]
+        out[i] = current
+        posterior_std[i, fitted] = np.sqrt(np.diag(np.linalg.inv(normal))[: len(fitted)])
+    return out, posterior_std
