@@ -39,6 +39,11 @@ class Arm:
         return self.wave_start + self.wave_step * np.arange(self.n_pixels, dtype=np.float64)
 
     @property
+    def wave_unit(self) -> np.ndarray:
+        """The wavelengths mapped linearly onto [-1, 1] over the arm: the coordinate of a continuum tilt."""
+        return 2 * (self.wave - self.wave_start) / (self.wave_end - self.wave_start) - 1
+
+    @property
     def flux_column(self) -> str:
         return f"flux_{self.name}"
 

@@ -27,9 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from speclabel.core.labels import LABEL_NAMES
-from speclabel.core.setups import Setup
-
-SPEED_OF_LIGHT_KMS = 299_792.458
+from speclabel.core.setups import SPEED_OF_LIGHT_KMS, Setup
 
 
 @dataclass(frozen=True)
@@ -92,9 +90,7 @@ def nuisance_columns(model: np.ndarray, setup: Setup, config: RefineConfig) -> t
     if config.tilt_width is not None:
         for arm, part in parts:
             column = np.zeros_like(model)
-            column[part] = model[part] * (
-                2 * (arm.wave - arm.wave_start) / (arm.wave_end - arm.wave_start) - 1
-            )
+            column[part] = model[part] * arm.wave_unit
             columns.append(column)
             widths.append(config.tilt_width)
     if config.velocity_width_kms is not None:

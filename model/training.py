@@ -323,7 +323,7 @@ def continuum_tilt(flux: torch.Tensor, mask: torch.Tensor, setup: Setup, tilt: t
     (``tilt`` [B, n_arms], fractional); masked pixels keep their flux."""
     out = flux.clone()
     for a, (arm, part) in enumerate(zip(setup.arms, setup.arm_slices.values(), strict=True)):
-        x = torch.as_tensor(2 * (arm.wave - arm.wave_start) / (arm.wave_end - arm.wave_start) - 1)[None, :]
+        x = torch.as_tensor(arm.wave_unit)[None, :]
         factor = (1.0 + tilt[:, a : a + 1].to(torch.float64) * x).to(flux.dtype)
         out[:, part] = torch.where(mask[:, part], flux[:, part] * factor, flux[:, part])
     return out
