@@ -306,20 +306,28 @@ def errors_or_std(err: np.ndarray | None, std: np.ndarray) -> np.ndarray:
 
 
 def calibrate_ensemble(
-    ensemble, batches: Iterable[Mapping[str, np.ndarray]], *, fitted_on: Mapping | None = None
+    ensemble,
+    batches: Iterable[Mapping[str, np.ndarray]],
+    *,
+    fitted_on: Mapping | None = None,
+    refinement=None,
 ) -> ErrorCalibration:
     """Fit the calibration of ``ensemble`` (with its ``forward`` model, if any) on ``batches`` of
     rows no member trained on: dicts with ``flux``, ``mask``, ``labels`` and ``ivar``, as
     ``TrainingRows.test_batches`` gives the common test split. Each row's ensemble mean and std, the
     forward model's bound at the predicted labels, the members' predicted error (variance head) and
     the distance from the training set (embedding reference ``ensemble.ood``), where the model has
-    them, are the inputs of :func:`fit_error_calibration`."""
+    them, are the inputs of :func:`fit_error_calibration`. With a ``refinement``
+    (``model.refine.Refinement``) the errors are those of the refined labels: the same terms, at
+    the refined labels."""
     forward = getattr(ensemble, "forward", None)
     residual, std, bound, aleatoric, distance = [], [], [], [], []
     for batch in batches:
         if not len(batch["labels"]):
             continue
         prediction = ensemble.predict(batch["flux"], batch["mask"], ood=True)
+        if refinement is not None:
+            prediction = refinement.apply(prediction, batch["flux"], batch["ivar"], batch["mask"])
         residual.append(prediction.mean - np.asarray(batch["labels"], dtype=np.float64))
         std.append(prediction.std)
         if forward is not None:

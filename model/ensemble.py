@@ -29,6 +29,7 @@ from .arch import LOG_VARIANCE_RANGE, ArchConfig, build_network
 from .forward import ForwardModel
 from .fused import PRECISIONS, FusedEnsemble, fusable_ensemble
 from .ood import EmbeddingReference
+from .refine import Refinement
 from .saliency import SaliencyAccumulator, SaliencySummary, member_gradients, summarise
 from .scaling import LabelScaler
 
@@ -122,6 +123,10 @@ class Prediction:
     # spectrum, which their disagreement (std) cannot show. Deep ensembles' total predictive
     # variance is aleatoric**2 + std**2; model/calibration.py fits how much of each to take.
     aleatoric: np.ndarray | None = None
+    # After Refinement.apply (model/refine.py): the network's own labels [B, L] (``mean`` then holds
+    # the refined ones) and the fit's posterior std [B, L] (NaN for labels it did not change).
+    network_mean: np.ndarray | None = None
+    refined_std: np.ndarray | None = None
 
     def model_flags(self) -> np.ndarray:
         """The quality flags ``[B]`` (int32, core.flags) that the model decides alone: labels
@@ -167,6 +172,9 @@ class Ensemble:
         # The training set in the penultimate layer, for out-of-distribution scores (model/ood.py);
         # None for a model without one (fitted by `speclabel train`, stored by model/io.py).
         self.ood: EmbeddingReference | None = None
+        # Noise-free reference spectra and the fit that refines Teff, log g and [Fe/H] after the
+        # network (model/refine.py); None: the network's labels are the model's.
+        self.refinement: Refinement | None = None
         self.inference = inference or InferenceOptions()
         # Fused engines by (options, device, autocast, weight versions): a job that switches between
         # float32 and a bf16 autocast keeps both. None: the reference is used for that key.

@@ -171,20 +171,25 @@ def assemble_ensemble(
     return ensemble
 
 
-def test_metrics(ensemble: Ensemble, batches: Iterable[Mapping[str, np.ndarray]]) -> dict | None:
+def test_metrics(
+    ensemble: Ensemble, batches: Iterable[Mapping[str, np.ndarray]], *, refinement=None
+) -> dict | None:
     """The ensemble on the common test split (``metrics.metrics_by_snr``), over batches of its rows.
 
     The one computation of ``metrics.test`` in model.json, for this in-process fit and the Ray job
     alike. ``batches``: dicts with ``flux``, ``mask``, ``labels`` and optionally ``snr`` (one batch of
     all test rows, or the job's streamed batches); None when there are no test rows. A one-member
     ensemble has no spread (its std is NaN), so its metrics have no calibration keys (``std_ratio``, ...)
-    rather than NaN in model.json.
+    rather than NaN in model.json. With a ``refinement`` (``model.refine.Refinement``; the batches
+    then need ``ivar``) they are the refined labels' metrics (model.json ``metrics.test_refined``).
     """
     mean, std, labels, snr = [], [], [], []
     for batch in batches:
         if not len(batch["labels"]):
             continue
         prediction = ensemble.predict(batch["flux"], batch["mask"])
+        if refinement is not None:
+            prediction = refinement.apply(prediction, batch["flux"], batch["ivar"], batch["mask"])
         mean.append(prediction.mean)
         std.append(prediction.std)
         labels.append(np.asarray(batch["labels"], dtype=np.float64))

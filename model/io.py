@@ -1,6 +1,8 @@
 """The model directory: ``model.json`` plus ``members/member-<i>.safetensors`` and, when the model
-has them, its forward model ``forward/forward.safetensors`` (model/forward.py) and ``ood.safetensors``
-(the embedding reference of the out-of-distribution score, ``model/ood.py``), nothing else.
+has them, its forward model ``forward/forward.safetensors`` (model/forward.py), ``ood.safetensors``
+(the embedding reference of the out-of-distribution score, ``model/ood.py``) and
+``refine/reference.safetensors`` (the noise-free reference spectra of the label refinement,
+``model/refine.py``), nothing else.
 
 ``model.json`` holds everything needed to use and to trust the weights: the setup (grids), the
 architecture, the label scaling with training ranges, each member's weight file with its sha256,
@@ -12,7 +14,8 @@ Loading checks, in order, and fails with :class:`IntegrityError` naming the chec
 ``model_id`` against the content (an edited model.json), the set of files in ``members/`` (a stray
 or missing weight file), each file's sha256 (a tampered or truncated file), each file's tensors
 against the architecture, the forward model's sha256, labels and arms, the embedding reference
-(listed under ``ood`` with its sha256; a model without one loads with ``Ensemble.ood = None``) and,
+(listed under ``ood`` with its sha256; a model without one loads with ``Ensemble.ood = None``), the
+reference spectra (under ``refine``, likewise, against the labels and the grid) and,
 when the caller names the setup of its input, the wavelength grid.
 Weights are safetensors only: nothing here can execute code from a model directory.
 
@@ -44,12 +47,14 @@ from .arch import ArchConfig, build_network
 from .ensemble import STD_DDOF, Ensemble
 from .forward import ForwardModel
 from .ood import EmbeddingReference
+from .refine import Refinement
 from .scaling import LabelScaler
 
 MODEL_JSON = "model.json"
 MEMBERS_DIR = "members"
 FORWARD_FILE = "forward/forward.safetensors"  # the data-driven forward model (model/forward.py)
 OOD_FILE = "ood.safetensors"
+REFINE_FILE = "refine/reference.safetensors"  # the refinement's reference spectra (model/refine.py)
 FORMAT = "speclabel-model"
 FORMAT_VERSION = 1
 # Sections of model.json written from the ensemble itself; Ensemble.info adds the others.
@@ -67,6 +72,7 @@ RESERVED = (
     "members",
     "forward",
     "ood",
+    "refine",
 )
 
 
@@ -143,6 +149,12 @@ def model_document(ensemble: Ensemble, weight_files: dict[str, bytes]) -> dict:
             "file": OOD_FILE,
             "sha256": hashlib.sha256(weight_files[OOD_FILE]).hexdigest(),
         }
+    if ensemble.refinement is not None:
+        document["refine"] = {
+            **json_numbers(ensemble.refinement.describe()),
+            "file": REFINE_FILE,
+            "sha256": hashlib.sha256(weight_files[REFINE_FILE]).hexdigest(),
+        }
     document["model_id"] = compute_model_id(document)
     return document
 
@@ -154,6 +166,10 @@ def save_model(ensemble: Ensemble, location: str, *, overwrite: bool = False) ->
         weight_files[FORWARD_FILE] = ensemble.forward.to_bytes()
     if ensemble.ood is not None:
         weight_files[OOD_FILE] = save_numpy_safetensors(ensemble.ood.tensors(), metadata={"format": "np"})
+    if ensemble.refinement is not None:
+        weight_files[REFINE_FILE] = save_numpy_safetensors(
+            ensemble.refinement.tensors(), metadata={"format": "np"}
+        )
     document = model_document(ensemble, weight_files)
     text = (json.dumps(document, indent=2, sort_keys=True, allow_nan=False) + "\n").encode()
     fs, root = filesystem_and_path(location)
@@ -251,6 +267,8 @@ def load_model(location: str, *, setup: Setup | None = None, dtype: torch.dtype 
     ensemble.forward = _load_forward(fs, root, location, document, ensemble)
     if "ood" in document:
         ensemble.ood = _load_ood(fs, root, location, document["ood"], ensemble)
+    if "refine" in document:
+        ensemble.refinement = _load_refinement(fs, root, location, document["refine"], ensemble)
     ensemble.model_id = document["model_id"]
     return ensemble
 
@@ -305,6 +323,23 @@ def _load_ood(fs, root: str, location: str, section: dict, ensemble: Ensemble) -
             f"features, the members give {width}"
         )
     return reference
+
+
+def _load_refinement(fs, root: str, location: str, section: dict, ensemble: Ensemble) -> Refinement:
+    """The reference spectra model.json lists, checked by their sha256 and against the labels."""
+    data = _listed_file(fs, root, location, section, "reference spectra")
+    try:
+        tensors = load_numpy_safetensors(data)
+    except SafetensorError as exc:
+        raise IntegrityError(
+            f"check 'reference spectra': {location}/{section['file']} is unreadable: {exc}"
+        ) from exc
+    if tuple(section.get("labels", ())) != ensemble.label_names:
+        raise IntegrityError(
+            f"check 'reference spectra': {location}/{section['file']} has labels {section.get('labels')}, "
+            f"the ensemble {ensemble.label_names}"
+        )
+    return Refinement.from_stored(tensors, section, ensemble.setup)
 
 
 def _member_files(fs, folder: str) -> list[str]:

@@ -10,10 +10,13 @@ from tiny import LABELS, TINY_ARCH
 
 from speclabel.core import storage
 from speclabel.core.errors import IntegrityError, SpeclabelError
+from speclabel.core.labels import LABEL_NAMES
 from speclabel.core.setups import Setup
 from speclabel.model import io
 from speclabel.model.arch import build_network
+from speclabel.model.calibration import ErrorCalibration, LabelErrorModel
 from speclabel.model.ensemble import Ensemble
+from speclabel.model.refine import ReferenceLibrary, RefineConfig, Refinement
 from speclabel.model.scaling import LabelScaler
 
 ARCH = TINY_ARCH.replace(dropout=0.1)
@@ -150,3 +153,38 @@ def test_a_crash_while_saving_leaves_no_model(ensemble, tmp_path, monkeypatch):
     with pytest.raises(OSError, match="disk full"):
         io.save_model(ensemble, str(tmp_path / "model"))
     assert os.listdir(tmp_path) == []
+
+
+def test_reference_spectra_round_trip_and_are_checked(ensemble, tiny_setup, tmp_path):
+    rng = np.random.default_rng(2)
+    labels = LABELS[rng.integers(0, len(LABELS), 30)] + rng.normal(0, 0.01, (30, 5))
+    flux = rng.random((30, tiny_setup.n_pixels)).astype(np.float32)
+    mask = rng.random(flux.shape) > 0.1
+    calibration = ErrorCalibration(
+        LABEL_NAMES, {n: LabelErrorModel(a=1.5, b=0.0, c=0.1, prior_width=1.0) for n in LABEL_NAMES}, False
+    )
+    config = RefineConfig(prior_width=(50.0, 0.1, 0.05, 0.03, 0.06), neighbours=25, kept=("teff", "feh"))
+    ensemble.refinement = Refinement(
+        ReferenceLibrary(labels, flux, mask, tiny_setup), config, {"rows_read": 30}, calibration
+    )
+    path = tmp_path / "refined"
+    model_id = io.save_model(ensemble, str(path))
+    document = json.loads((path / "model.json").read_text())
+    assert document["refine"]["file"] == "refine/reference.safetensors"
+    assert (
+        document["refine"]["config"]["kept"] == ["teff", "feh"] and document["refine"]["reference_rows"] == 30
+    )
+    loaded = io.load_model(str(path))
+    assert loaded.model_id == model_id
+    stored = loaded.refinement
+    assert np.array_equal(stored.library.labels, labels) and np.array_equal(stored.library.flux, flux)
+    assert np.array_equal(stored.library.mask, mask)
+    assert stored.config == config and stored.source == {"rows_read": 30}
+    assert stored.calibration.to_dict() == calibration.to_dict()
+    # A changed library is caught by its sha256, like a member's weights.
+    reference = path / "refine" / "reference.safetensors"
+    data = bytearray(reference.read_bytes())
+    data[-5] ^= 0x01
+    reference.write_bytes(bytes(data))
+    with pytest.raises(IntegrityError, match=r"check 'reference spectra sha256'"):
+        io.load_model(str(path))

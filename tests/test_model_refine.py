@@ -4,9 +4,11 @@ absorb what a reduction leaves behind."""
 import numpy as np
 import pytest
 
+from speclabel.core.errors import ConfigError
 from speclabel.core.labels import LABEL_NAMES
 from speclabel.core.setups import Setup
-from speclabel.model.refine import ReferenceLibrary, RefineConfig, refine_labels
+from speclabel.model.ensemble import Prediction
+from speclabel.model.refine import ReferenceLibrary, RefineConfig, Refinement, refine_labels
 from speclabel.pipeline.simulate.labels import draw_labels
 from speclabel.pipeline.simulate.spectra import synthesize
 
@@ -136,3 +138,26 @@ def test_bad_shapes_are_refused(library, cut_setup):
     flux = np.ones((2, cut_setup.n_pixels))
     with pytest.raises(ValueError, match="start must be"):
         refine_labels(library, RefineConfig(prior_width=tuple(WIDTH)), flux, flux, flux > 0, np.zeros((2, 4)))
+
+
+def test_a_refinement_replaces_only_the_kept_labels(library, cut_setup):
+    truth, clean = simulated(cut_setup, 4, seed=9)
+    start = truth + WIDTH
+    network = Prediction(mean=start.copy(), std=np.full(start.shape, 0.1))
+    config = RefineConfig(prior_width=tuple(WIDTH))
+    refinement = Refinement(library, config)
+    ivar, mask = np.full(clean.shape, 1e4), np.ones(clean.shape, bool)
+    refined = refinement.apply(network, clean, ivar, mask)
+    # The fit is of all five labels; Teff, log g and [Fe/H] are taken, the abundances stay the network's.
+    fitted, posterior = refine_labels(library, config, clean, ivar, mask, start)
+    assert np.array_equal(refined.mean[:, :3], fitted[:, :3])
+    assert np.array_equal(refined.mean[:, 3:], start[:, 3:]) and np.array_equal(refined.network_mean, start)
+    assert (
+        np.array_equal(refined.refined_std[:, :3], posterior[:, :3])
+        and np.isnan(refined.refined_std[:, 3:]).all()
+    )
+    assert refined.std is network.std and network.network_mean is None
+    with pytest.raises(ConfigError, match="unknown labels"):
+        Refinement(library, RefineConfig(prior_width=tuple(WIDTH), kept=("teff", "vmic")))
+    with pytest.raises(ConfigError, match="prior widths must be positive"):
+        RefineConfig(prior_width=(1.0, 0.0, 1.0, 1.0, 1.0))
