@@ -64,3 +64,10 @@ def window_forward_model() -> ForwardModel:
     return fit_forward_model(
         arrays["flux"], arrays["ivar"], arrays["mask"], arrays["labels"], LABEL_NAMES, ARM_NAMES, ARM_PIXELS
     )
+
+
+@cache
+def noise_free_survey(n: int, seed: int):
+    """The stars of :func:`survey` ``(n, seed)`` as noise-free reference spectra (no ivar columns)."""
+    config = SurveyConfig(n=n, seed=seed, chunk_size=n, snr_range=(30.0, 150.0), noise_free=True)
+    return simulate_chunk(WINDOW_SETUP, config, 0)

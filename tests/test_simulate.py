@@ -81,6 +81,25 @@ def test_ivar_matches_the_noise_actually_added(setup):
     assert np.allclose(table.column("snr").to_numpy(), 40.0)
 
 
+def test_noise_free_stars_are_the_same_stars_without_noise(setup, tmp_path, capsys):
+    noisy, clean = (tmp_path / "noisy.parquet", tmp_path / "clean.parquet")
+    argv = ["simulate", "--n", "12", "--seed", "4", "--workers", "1"]
+    assert main([*argv, "--out", str(noisy)]) == 0
+    assert main([*argv, "--out", str(clean), "--noise-free"]) == 0
+    observed, reference = pq.read_table(noisy), pq.read_table(clean)
+    assert not any(name.startswith("ivar_") for name in reference.column_names)
+    for name in ("spectrum_id", "ra", "dec", "snr", *LABEL_NAMES):
+        assert reference.column(name).equals(observed.column(name)), name
+    # The flux is the synthesis at the stars' labels, at rest, with nothing added.
+    rng = np.random.default_rng([4, 0])
+    labels = draw_labels(rng, 12)
+    labels["rv"] = np.zeros(12)
+    flux, _ = spectra_arrays(reference, setup).concatenated(setup)
+    assert np.array_equal(flux, synthesize(setup, labels).astype(np.float32))
+    assert main([*argv, "--out", str(tmp_path / "x"), "--noise-free", "--format", "fits"]) == 2
+    assert "--noise-free writes reference spectra" in capsys.readouterr().err
+
+
 def test_mg_and_al_lines_deepen_with_their_abundance_and_only_there(setup):
     base = synthesize(setup, _star())[0]
     more_mg = synthesize(setup, _star(mgfe=0.4))[0]

@@ -4,6 +4,8 @@ The spectra have absorption lines at laboratory wavelengths whose depths follow 
 [Fe/H], [Mg/Fe] and [Al/Fe] through excitation, ionisation and a curve of growth, broadened to the
 arm's resolving power, with photon noise at a drawn S/N, matching ivar, small radial-velocity
 residuals and a few masked pixels. The same --seed gives the same rows in the same order.
+--noise-free writes the same stars without any of that (and without ivar): the noise-free
+reference spectra `speclabel train --reference-spectra` refines the labels with.
 
 --format parquet (default) writes one Parquet file with spectra and labels. --format fits writes the
 Gaia-ESO-like layout that `speclabel ingest` reads: --out is a folder that receives
@@ -77,6 +79,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "cosmic rays, a bad continuum, an arm from another star; its kind in a 'defect' column of the "
         "true labels): a release to check the anomaly screening on (default 0)",
     )
+    parser.add_argument(
+        "--noise-free",
+        action="store_true",
+        help="write the same stars (same --seed: same ids, labels and positions) without noise, velocity "
+        "residual, continuum error or masked pixels, and without ivar columns: reference spectra for "
+        "`speclabel train --reference-spectra` (--format parquet only)",
+    )
     parser.add_argument("--workers", type=positive_int, default=None, help="processes (default: all CPUs)")
     parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
 
@@ -102,9 +111,14 @@ def check_output(out: str, fmt: str, *, overwrite: bool, label_catalogue: str | 
 
 
 def run(args: argparse.Namespace) -> int:
+    from speclabel.core.errors import UsageError
     from speclabel.core.setups import get_setup
     from speclabel.pipeline.simulate import SurveyConfig, write_fits, write_parquet
 
+    if args.noise_free and (args.format != "parquet" or args.defects or args.label_catalogue):
+        raise UsageError(
+            "--noise-free writes reference spectra: --format parquet, no --defects or --label-catalogue"
+        )
     check_output(args.out, args.format, overwrite=args.overwrite, label_catalogue=args.label_catalogue)
     setup = get_setup(args.setup)
     config = SurveyConfig(
@@ -115,6 +129,7 @@ def run(args: argparse.Namespace) -> int:
         chunk_size=args.chunk_size,
         label_prior=args.label_prior,
         defect_fraction=args.defects,
+        noise_free=args.noise_free,
     )
     start = time.perf_counter()
     writer = write_fits if args.format == "fits" else write_parquet

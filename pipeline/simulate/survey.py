@@ -44,6 +44,11 @@ class SurveyConfig:
     # the anomaly screening on. Its draws have their own random stream, so the other spectra are
     # the same as without defects.
     defect_fraction: float = 0.0
+    # The same stars (same labels, ids and positions as without it) as noise-free reference spectra:
+    # no photon noise, velocity residual, continuum error or masked pixels, and no ivar columns.
+    # What a synthetic grid at the training labels is for the label refinement (model/refine.py),
+    # as ../shared/data's noise-free twins are for the shared file.
+    noise_free: bool = False
 
     def __post_init__(self) -> None:
         if self.n < 0 or self.chunk_size < 1:
@@ -86,6 +91,8 @@ def simulate_chunk(setup: Setup, config: SurveyConfig, chunk: int, prior: dict |
     rng = np.random.default_rng([config.seed, chunk])
     labels = resample_labels(rng, n, prior) if prior is not None else draw_labels(rng, n)
     labels["rv"] = rng.normal(0.0, config.rv_residual_kms, n)
+    if config.noise_free:
+        labels["rv"][:] = 0.0
     flux = synthesize(setup, labels)
     defect = None
     if config.defect_fraction > 0:
@@ -100,8 +107,12 @@ def simulate_chunk(setup: Setup, config: SurveyConfig, chunk: int, prior: dict |
         x = np.linspace(-1.0, 1.0, arm.n_pixels)
         tilt = rng.normal(0, config.continuum_error, (n, 3))
         continuum = 1.0 + tilt[:, :1] + tilt[:, 1:2] * x + tilt[:, 2:3] * (x**2 - 1 / 3)
+        # Drawn in noise-free mode too: the positions below come from the same random stream.
         observed, ivar = photon_noise(flux[:, part] * continuum, arm_snr, rng)
         ivar[rng.random(ivar.shape) < config.masked_fraction] = 0.0
+        if config.noise_free:
+            columns[arm.flux_column] = fixed_size_list(flux[:, part].astype(np.float32))
+            continue
         columns[arm.flux_column] = fixed_size_list(observed)
         columns[arm.ivar_column] = fixed_size_list(ivar)
 
@@ -156,6 +167,9 @@ def photon_noise(
 def survey_schema(setup: Setup, config: SurveyConfig | None = None) -> pa.Schema:
     """The survey's columns: the labelled spectra contract, plus ``defect`` where the config injects them."""
     schema = spectra_schema(setup, labelled=True)
+    if config is not None and config.noise_free:
+        for arm in setup.arms:
+            schema = schema.remove(schema.get_field_index(arm.ivar_column))
     if config is not None and config.defect_fraction > 0:
         schema = schema.append(pa.field(DEFECT_COLUMN, pa.string()))
     return schema
