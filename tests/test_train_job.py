@@ -141,10 +141,20 @@ def test_killed_member_resumes_and_the_model_matches_the_in_process_fit(
     assert model.forward is None and "no forward model" in printed
     # The same command again: every member kept, the model written again (how an existing model
     # gains the post-training fits); another run's model at --out is never overwritten.
-    assert main(argv) == 0
-    assert _epochs_trained(capsys.readouterr().out) == []
+    # With reference spectra (the survey's noise-free twins) the rerun adds the label refinement.
+    reference = tmp_path / "reference.parquet"
+    assert main(["simulate", "--n", "40", "--seed", "11", "--out", str(reference), "--noise-free"]) == 0
+    assert main([*argv, "--reference-spectra", str(reference)]) == 0
+    printed = capsys.readouterr().out
+    assert _epochs_trained(printed) == []
     again = io.load_model(str(out), setup=setup)
     assert np.array_equal(again.predict(flux, mask, members=True).members, ours)
+    test = settings["ensemble"].split.is_test(arrays["spectrum_id"])
+    assert len(again.refinement.library.labels) == (~test).sum()
+    assert np.array_equal(again.refinement.library.labels, arrays["labels"][~test].astype(np.float32))
+    # Eight test rows are too few for a calibration of the refined labels: the model says so.
+    assert again.refinement.calibration is None and "no calibration of the refined labels" in printed
+    assert "label refinement of teff, logg, feh against reference spectra" in printed
     assert main([*argv, "--name", "another-run"]) == 1
     assert "a model already exists" in capsys.readouterr().err
 
@@ -231,6 +241,14 @@ def test_ood_settings_are_read_but_stay_out_of_the_run_identity(tmp_path):
     plain = _job(["--data", "d", "--out", "m"])
     refitted = dataclasses.replace(plain, ood=OODConfig(k=4, threshold=99.5))
     assert job_identity(spec, plain, data) == job_identity(spec, refitted, data)
+    # [refine] and --reference-spectra likewise.
+    (tmp_path / "refine.toml").write_text('[refine]\nneighbours = 60\nkept = ["teff"]\n')
+    refine = read_model_config(tmp_path / "refine.toml")["refine"]
+    assert (refine.neighbours, refine.kept, refine.prior_width) == (60, ("teff",), ())
+    refined = _job(["--data", "d", "--out", "m", "--reference-spectra", "ref.parquet"])
+    assert refined.reference_spectra == "ref.parquet"
+    refined = dataclasses.replace(refined, refine=refine)
+    assert job_identity(spec, plain, data) == job_identity(spec, refined, data)
 
 
 def test_test_split_metrics_in_batches_equal_the_one_shot_reference(small_survey, setup):

@@ -31,6 +31,9 @@ Configuration file (--config model.toml; command-line options override it):
   mgfe = { expr = "MG1 - FEH - 7.53" }   # arithmetic on columns, the --where language of query
   [selection]
   where = "E_TEFF < 150 and SNR > 30"     # cuts before training; each cut's removed rows are printed
+  [refine]                       # model.refine.RefineConfig, with --reference-spectra
+  neighbours = 80                # reference stars in each local fit
+  kept = ["teff", "logg", "feh"] # refined labels the catalogue takes (the others stay the network's)
 
 Labels from a separate catalogue: --label-catalogue FILE.{fits,parquet,csv} --id-column CNAME joins
 its rows to the spectra by spectrum_id; a spectrum without a row (or whose row a cut removed) is
@@ -140,6 +143,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "rows out, counted as excluded",
     )
     parser.add_argument(
+        "--reference-spectra",
+        metavar="PARQUET",
+        help="noise-free reference spectra (a synthetic grid at known labels, same setup and label "
+        "columns; e.g. `speclabel simulate --noise-free`) to store in the model: `speclabel label` then "
+        "refines Teff, log g and [Fe/H] by a local fit of each spectrum against them ([refine] in "
+        "--config sets the fit); rows of the common test split are left out",
+    )
+    parser.add_argument(
         "--gpus-per-member",
         choices=("auto", "0", "1"),
         default="auto",
@@ -212,6 +223,7 @@ def build_job(args: argparse.Namespace):
         data=args.data,
         out=args.out,
         exclude=args.exclude,
+        reference_spectra=args.reference_spectra,
         gpus_per_member=args.gpus_per_member,
         cpus_per_member=args.cpus_per_member,
         workers_per_member=args.workers_per_member,

@@ -14,6 +14,7 @@ from speclabel.core.storage import join
 from speclabel.model.arch import DEFAULT_ARCH, ArchConfig, arch_from_toml, get_arch
 from speclabel.model.fit import EnsembleConfig
 from speclabel.model.ood import OODConfig
+from speclabel.model.refine import RefineConfig
 from speclabel.model.splits import SplitRule
 from speclabel.model.training import TrainConfig
 from speclabel.pipeline.training_labels import SPECTRUM_ID, LabelMapping, label_mapping_from_toml
@@ -39,6 +40,9 @@ class TrainJob:
     train: TrainConfig = field(default_factory=TrainConfig)
     ensemble: EnsembleConfig = field(default_factory=EnsembleConfig)
     ood: OODConfig = field(default_factory=OODConfig)  # post-training: not in the run's identity
+    # Noise-free reference spectra for the label refinement, and its settings; post-training too.
+    reference_spectra: str | None = None
+    refine: RefineConfig = field(default_factory=RefineConfig)
     setup: str | None = None  # a setup name or TOML file; None: the input's declared setup
     exclude: str | None = None  # a Parquet/CSV with spectrum_id: rows left out (speclabel screen's output)
     gpus_per_member: str = "auto"  # per worker: a member of N workers holds N x this
@@ -102,7 +106,7 @@ def read_model_config(path: str | os.PathLike) -> dict:
         raise ConfigError(f"cannot read the configuration file {path}: {exc}") from exc
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"configuration file {path} is not valid TOML: {exc}") from exc
-    known = ("arch", "train", "ensemble", "setup", "labels", "selection", "ood")
+    known = ("arch", "train", "ensemble", "setup", "labels", "selection", "ood", "refine")
     unknown = sorted(set(document) - set(known))
     if unknown:
         raise ConfigError(f"{path}: unknown section(s) {unknown}; known: {', '.join(known)}")
@@ -120,6 +124,8 @@ def read_model_config(path: str | os.PathLike) -> dict:
         out["labels"] = label_mapping_from_toml(document, source=str(path))
     if "ood" in document:
         out["ood"] = OODConfig.from_dict(document["ood"])
+    if "refine" in document:
+        out["refine"] = RefineConfig.from_dict(document["refine"])
     return out
 
 

@@ -52,6 +52,7 @@ from speclabel.model.io import MODEL_JSON, read_model_document, save_model
 from speclabel.model.splits import SplitRule
 from speclabel.model.training import MemberResult, TrainConfig, TrainingState, input_reference
 from speclabel.pipeline.ray_session import ray_session
+from speclabel.pipeline.reference_spectra import check_reference_spectra
 from speclabel.pipeline.training_data import (
     IdList,
     StreamingRows,
@@ -145,6 +146,8 @@ def run_training(job: TrainJob, *, echo: Echo = to_stdout, reporter: Reporter | 
             f"setup {setup.name}; data {mode} (~{gib:.2f} GiB as arrays)"
         )
         exclude = IdList.read(job.exclude) if job.exclude else None
+        if job.reference_spectra is not None:  # checked now, read after the members have trained
+            check_reference_spectra(job.reference_spectra, setup, job.labels.names)
         if mode == "memory":
             training_set, rows = scan_in_memory(training_input, setup, exclude)
         else:
@@ -217,7 +220,7 @@ def run_training(job: TrainJob, *, echo: Echo = to_stdout, reporter: Reporter | 
         test = test_metrics(ensemble, rows, split)
         if test is not None:
             ensemble.info["metrics"]["test"] = test
-        fit_trust(ensemble, rows, split, reporter, job.ood)
+        fit_trust(ensemble, rows, split, reporter, job.ood, job.reference_spectra, job.refine)
         model_id = save_model(ensemble, job.out, overwrite=replace_model)
         kept_seeds = {m["seed"] for m in ensemble.member_info}
         for summary in summaries:

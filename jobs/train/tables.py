@@ -29,10 +29,11 @@ def member_table(summaries: list) -> str:
 def label_table(ensemble: Ensemble) -> str:
     """Per label: bias and scatter on the validation split (mean over kept members) and on the test split."""
     test = ensemble.info.get("metrics", {}).get("test", {}).get("all", {})
+    refined = ensemble.info.get("metrics", {}).get("test_refined", {}).get("all")
     lines = [
         "",
         f"{'label':<6} {'val bias':>10} {'val scatter':>11} {'test n':>6} {'test bias':>10} "
-        f"{'test scatter':>12} {'std ratio':>9}",
+        f"{'test scatter':>12} {'std ratio':>9}" + (f" {'refined scatter':>15}" if refined else ""),
     ]
     for name in ensemble.label_names:
         val = [m["validation"][name] for m in ensemble.member_info]
@@ -43,10 +44,12 @@ def label_table(ensemble: Ensemble) -> str:
             f"{name:<6} {bias:>10.4g} {scatter:>11.4g} "
             f"{t.get('n', 0):>6} {_number(t.get('bias')):>10.4g} {_number(t.get('scatter')):>12.4g} "
             f"{_number(t.get('std_ratio')):>9.3g}"
+            + (f" {_number(refined[name].get('scatter')):>15.4g}" if refined else "")
         )
     lines.append(
         "validation: each kept member on its own validation rows, averaged; test: the ensemble mean on the "
         "common test split (std ratio = rms ensemble std / rms error)"
+        + ("; refined: the labels after the refinement, the same rows" if refined else "")
     )
     return "\n".join(lines)
 

@@ -9,7 +9,9 @@ how far to trust it: one function per fit, called in order by :func:`fit_trust`.
   common test split, the only rows no member trained on: the ensemble's mean and std of each row,
   the forward model's bound at its predicted labels, the members' predicted error and the row's
   distance from the training set (the reference fitted before it); stored as model.json
-  ``calibration``.
+  ``calibration``;
+* :func:`fit_refinement` (``jobs/train/refine.py``): with ``--reference-spectra``, the label
+  refinement's reference spectra, settings and its own calibration of the refined labels.
 
 These fits read the rows the members were trained on (in memory or streamed again) but none of their
 settings enter the run's identity (``job.json``): rerunning the same command on a finished run keeps
@@ -29,10 +31,12 @@ from speclabel.model.calibration import CALIBRATION_KEY, calibrate_ensemble
 from speclabel.model.ensemble import Ensemble
 from speclabel.model.forward import Batch, TooFewRows, array_batches, fit_forward_model_batches
 from speclabel.model.ood import OODConfig
+from speclabel.model.refine import RefineConfig
 from speclabel.model.splits import SplitRule
 from speclabel.pipeline.training_data import InMemoryRows, StreamingRows
 
 from .ood import fit_ood
+from .refine import fit_refinement
 
 BATCH_ROWS = 256
 
@@ -118,10 +122,18 @@ def fit_calibration(ensemble: Ensemble, rows, split: SplitRule, reporter: Report
 
 
 def fit_trust(
-    ensemble: Ensemble, rows, split: SplitRule, reporter: Reporter, ood: OODConfig | None = None
+    ensemble: Ensemble,
+    rows,
+    split: SplitRule,
+    reporter: Reporter,
+    ood: OODConfig | None = None,
+    reference_spectra: str | None = None,
+    refine: RefineConfig | None = None,
 ) -> None:
     """Every post-training fit, in order (later ones use earlier ones); ``ood``: the settings of
-    the embedding reference (``[ood]`` in model.toml)."""
+    the embedding reference (``[ood]`` in model.toml); ``reference_spectra`` and ``refine``: the
+    label refinement's (``--reference-spectra``, ``[refine]``; none without reference spectra)."""
     fit_forward(ensemble, rows, split, reporter)
     fit_ood(ensemble, rows, split, ood or OODConfig(), reporter)
     fit_calibration(ensemble, rows, split, reporter)
+    fit_refinement(ensemble, rows, split, reference_spectra, refine or RefineConfig(), reporter)
