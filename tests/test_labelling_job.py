@@ -22,7 +22,8 @@ from speclabel.core.fingerprints import spectrum_sha256
 from speclabel.core.reporting import Reporter
 from speclabel.core.setups import Setup
 from speclabel.jobs.cli import main
-from speclabel.model.io import load_model
+from speclabel.model.io import load_model, save_model
+from speclabel.model.refine import ReferenceLibrary, RefineConfig, Refinement, refine_labels
 from speclabel.model.splits import hash_uniform
 from speclabel.pipeline.catalogue import Catalogue
 from speclabel.pipeline.catalogue.layout import saliency_column
@@ -384,3 +385,39 @@ def test_quiet_cli_prints_the_summary_and_no_ray_chatter(labelled, tiny_setup, t
     assert sorted(_live(catalogue).column("spectrum_id").to_pylist()) == sorted(
         table.column("spectrum_id").to_pylist()
     )
+
+
+def test_a_model_with_reference_spectra_is_refined_by_the_job_unless_told_not_to(
+    labelled, tiny_setup, tmp_path, capsys
+):
+    ensemble = load_model(labelled["model"])
+    reference = simulate_chunk(tiny_setup, SurveyConfig(n=80, seed=11, chunk_size=80, noise_free=True), 0)
+    flux, _ = spectra_arrays(reference, tiny_setup).concatenated(tiny_setup)
+    labels = np.stack([reference.column(n).to_numpy() for n in LABELS], 1)
+    library = ReferenceLibrary(labels, flux, np.ones(flux.shape, bool), tiny_setup)
+    config = RefineConfig(prior_width=(300.0, 0.6, 0.3, 0.1, 0.15), neighbours=40, kept=("teff", "logg"))
+    ensemble.refinement = Refinement(library, config)
+    save_model(ensemble, str(tmp_path / "model"))
+    spectra = str(tmp_path / "a.parquet")
+    pq.write_table(labelled["good"], spectra)
+    args = ["label", "--spectra", spectra, "--model", str(tmp_path / "model"), "--saliency", "none"]
+    args += ["--batch-size", "8", "--quiet"]
+    assert main([*args, "--out", str(tmp_path / "refined")]) == 0
+    assert main([*args, "--out", str(tmp_path / "network"), "--no-refine"]) == 0
+    assert "labelled 40" in capsys.readouterr().out
+    refined, network = (_live(str(tmp_path / name)).sort_by("spectrum_id") for name in ("refined", "network"))
+    assert "teff_cnn" not in network.column_names and "feh_cnn" not in refined.column_names
+    # The network's labels are kept beside the refined ones, and are what --no-refine writes.
+    for name in ("teff", "logg"):
+        assert refined.column(f"{name}_cnn").equals(network.column(name))
+        assert not refined.column(name).equals(network.column(name))
+    for name in ("feh", "mgfe", "alfe"):
+        assert refined.column(name).equals(network.column(name))
+    # The refined labels are those of the fit in process.
+    table = labelled["good"].sort_by("spectrum_id")
+    arrays = spectra_arrays(table, tiny_setup)
+    inputs, good = model_inputs(arrays, tiny_setup)
+    _, ivar = arrays.concatenated(tiny_setup)
+    start = np.stack([network.column(n).to_numpy() for n in LABELS], 1).astype(np.float64)
+    fitted, _ = refine_labels(library, config, inputs, np.where(good, ivar, 0), good, start)
+    np.testing.assert_allclose(refined.column("teff").to_numpy(), fitted[:, 0], rtol=1e-5)

@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pyarrow as pa
 import pytest
-from forward_data import WINDOW_SETUP, survey, window_forward_model
+from forward_data import WINDOW_SETUP, noise_free_survey, survey, window_forward_model
 from label_data import tiny_ensemble
 from labeller_batches import labeller, prepared_batch
 
@@ -14,8 +14,10 @@ from speclabel.core.arrays import spectra_arrays
 from speclabel.core.errors import ConfigError
 from speclabel.core.faults import Fault, InjectedFault
 from speclabel.core.flags import Flag
+from speclabel.core.labels import LABEL_NAMES as LABELS
 from speclabel.model.calibration import ErrorCalibration, LabelErrorModel
 from speclabel.model.io import save_model
+from speclabel.model.refine import ReferenceLibrary, RefineConfig, Refinement, refine_labels
 from speclabel.pipeline.labelling import batch as B
 from speclabel.pipeline.labelling.labeller import EnsembleLabeller, LabellerSettings
 
@@ -166,3 +168,87 @@ def test_rows_carry_the_calibrated_err(tmp_path):
 
 def _model_id(folder) -> str:
     return json.loads((folder / "model.json").read_text())["model_id"]
+
+
+def test_a_model_with_reference_spectra_refines_and_keeps_the_network_labels(tmp_path):
+    table, arrays = survey(200, 202)
+    table = table.slice(0, 12).append_column(B.SOURCE, pa.array(["in.parquet"] * 12))
+    ensemble = tiny_ensemble(WINDOW_SETUP)
+    plain = ErrorCalibration(
+        ensemble.label_names,
+        {n: LabelErrorModel(a=2.0, b=0.0, c=1.0, prior_width=1.0) for n in LABELS},
+        False,
+    )
+    refined_errors = ErrorCalibration(
+        ensemble.label_names,
+        {n: LabelErrorModel(a=0.5, b=0.0, c=0.1, prior_width=1.0) for n in LABELS},
+        False,
+    )
+    ensemble.info["calibration"] = plain.to_dict()
+    reference = noise_free_survey(120, 7)
+    library = ReferenceLibrary(
+        np.stack([reference.column(n).to_numpy() for n in LABELS], 1),
+        np.concatenate([spectra_arrays(reference, WINDOW_SETUP).flux[a.name] for a in WINDOW_SETUP.arms], 1),
+        np.ones((120, WINDOW_SETUP.n_pixels), bool),
+        WINDOW_SETUP,
+    )
+    config = RefineConfig(prior_width=(300.0, 0.6, 0.3, 0.1, 0.15), neighbours=40)
+    ensemble.refinement = Refinement(library, config, calibration=refined_errors)
+    save_model(ensemble, str(tmp_path / "model"))
+
+    def label(refine):
+        spec = B.OutputSpec(
+            ensemble.label_names,
+            (),
+            None,
+            False,
+            WINDOW_SETUP.n_pixels,
+            error_columns=True,
+            refined_labels=config.kept if refine else (),
+        )
+        settings = LabellerSettings(
+            model_location=str(tmp_path / "model"),
+            setup=WINDOW_SETUP,
+            spec=spec,
+            thresholds=B.FlagThresholds(low_snr=0),
+            run_id="run-1",
+            model_id=_model_id(tmp_path / "model"),
+            with_ivar=True,
+            refine=refine,
+        )
+        prepared = B.prepare(table, WINDOW_SETUP, with_ivar=True)
+        return prepared, B.split_output(EnsembleLabeller(settings)(prepared), spec)[0]
+
+    prepared, refined = label(True)
+    _, network = label(False)
+    _, flux, mask = B.model_batch(prepared)
+    prediction = ensemble.predict(flux, mask)
+    _, ivar = spectra_arrays(table, WINDOW_SETUP).concatenated(WINDOW_SETUP)
+    fitted, _ = refine_labels(library, config, flux, np.where(mask, ivar, 0), mask, prediction.mean)
+    assert "teff_cnn" not in network.column_names
+    for k, name in enumerate(LABELS):
+        column = refined.column(name).to_numpy()
+        std = prediction.std[:, k]
+        if name in config.kept:
+            np.testing.assert_allclose(column, fitted[:, k], rtol=1e-6)
+            np.testing.assert_allclose(
+                refined.column(f"{name}_cnn").to_numpy(), prediction.mean[:, k], rtol=1e-6
+            )
+            np.testing.assert_array_equal(
+                network.column(name).to_numpy(), refined.column(f"{name}_cnn").to_numpy()
+            )
+        else:
+            np.testing.assert_array_equal(column, network.column(name).to_numpy())
+        # Each run's errors come from its own calibration.
+        np.testing.assert_allclose(
+            refined.column(f"{name}_err").to_numpy(), np.hypot(0.5 * std, 0.1), rtol=1e-5
+        )
+        np.testing.assert_allclose(
+            network.column(f"{name}_err").to_numpy(), np.hypot(2.0 * std, 1.0), rtol=1e-5
+        )
+    # The fit moved Teff towards the truth (untrained networks start far off).
+    truth = arrays["labels"][:12, 0]
+    assert (
+        np.abs(refined.column("teff").to_numpy() - truth).mean()
+        < 0.5 * np.abs(prediction.mean[:, 0] - truth).mean()
+    )

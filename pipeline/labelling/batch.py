@@ -205,10 +205,16 @@ class OutputSpec:
     arm_names: tuple[str, ...] = ()
     # The calibrated total errors (<label>_err), null for a model without a calibration.
     error_columns: bool = False
+    # The labels the run refines (model/refine.py): their network values as <label>_cnn.
+    refined_labels: tuple[str, ...] = ()
 
     @property
     def err_columns(self) -> list[str]:
         return [f"{label}_err" for label in self.label_names] if self.error_columns else []
+
+    @property
+    def cnn_columns(self) -> list[str]:
+        return [f"{label}_cnn" for label in self.refined_labels]
 
     @property
     def chi2_columns(self) -> list[str]:
@@ -238,6 +244,7 @@ def catalogue_fields(spec: OutputSpec) -> list[pa.Field]:
     names += spec.err_columns
     names += spec.chi2_columns
     names += ["ood_score", "extrapolated_labels"]
+    names += spec.cnn_columns
     return [pa.field(name, column_type(name)) for name in names]
 
 
@@ -348,6 +355,13 @@ def label_rows(
     columns["extrapolated_labels"] = pa.array(
         extrapolated_labels(prediction.outside_training_range, spec.label_names, n), pa.string()
     )
+    for label, name in zip(spec.refined_labels, spec.cnn_columns, strict=True):
+        network = prediction.network_mean  # None: the rows were not refined
+        columns[name] = (
+            pa.nulls(n, pa.float32())
+            if network is None
+            else pa.array(network[:, spec.label_names.index(label)].astype(np.float32))
+        )
     columns[SOURCE] = good.column(SOURCE)
     if spec.saliency == "full":
         keep = np.zeros(n, dtype=bool) if map_rows is None else np.asarray(map_rows, dtype=bool)

@@ -103,6 +103,7 @@ def label_spectra(
     # work: a tampered model fails here with the check's name, not later inside an actor.
     ensemble = load_model(model)
     setup, model_id = ensemble.setup, ensemble.model_id
+    refining = options.refine and ensemble.refinement is not None
     spec = OutputSpec(
         label_names=tuple(ensemble.label_names),
         saliency_groups=tuple(setup.line_windows),
@@ -111,6 +112,7 @@ def label_spectra(
         n_pixels=setup.n_pixels,
         arm_names=tuple(arm.name for arm in setup.arms),
         error_columns=True,
+        refined_labels=tuple(ensemble.refinement.config.kept) if refining else (),
     )
     source = source or ParquetInput.open(
         spectra, setup, read_releases=options.release is None, release=options.release
@@ -165,7 +167,8 @@ def label_spectra(
                 use_gpu=resources.gpus_per_actor > 0,
                 precision=options.precision,
                 fault=options.fault,
-                with_ivar=ensemble.forward is not None,
+                with_ivar=ensemble.forward is not None or refining,
+                refine=refining,
             )
             started = time.perf_counter()
             progress = f"label {release}"

@@ -3,7 +3,8 @@
 :class:`EnsembleLabeller` loads the model once (``model.io.load_model``: integrity and setup checks)
 and turns prepared batches (:func:`.batch.prepare`) into output rows (:func:`.batch.output_table`).
 All model work goes through ``Ensemble.predict``, so a faster implementation behind it is picked up
-without changes here.
+without changes here; a model with reference spectra then refines the labels
+(``Refinement.apply``, model/refine.py) unless the run was asked not to.
 
 GPU path: the actor computes on its GPU through ``Ensemble.inference`` (``InferenceOptions(device=
 "cuda", precision=...)``); batches wait in page-locked host memory reused between calls, so the
@@ -71,6 +72,7 @@ class LabellerSettings:
     predict_batch_size: int = 256
     fault: Fault | None = None  # core.faults: read by the driver, carried to the actors
     with_ivar: bool = False  # the model has a forward model: prepared rows carry _ivar for chi^2
+    refine: bool = False  # refine the labels with the model's reference spectra (needs with_ivar)
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
@@ -105,7 +107,11 @@ class EnsembleLabeller:
         self.precision_check = {"requested": settings.precision}
         if precision != settings.precision:
             self.precision_check["why"] = "reduced precision is used on GPUs only"
-        self.calibration = model_calibration(self.ensemble.info)
+        # A refined row's errors are those of the refined labels, calibrated on their own.
+        self.refinement = self.ensemble.refinement if settings.refine else None
+        self.calibration = (
+            model_calibration(self.ensemble.info) if self.refinement is None else self.refinement.calibration
+        )
         self.schema = output_schema(settings.spec)
         self._pinned: dict[str, np.ndarray] = {}
         self.batches = 0
@@ -136,6 +142,8 @@ class EnsembleLabeller:
             except InputError as exc:  # the data, not the job: these rows go to quarantine
                 parts.append(quarantine_rows(good, [f"{MODEL_ERROR}: {exc}"] * good.num_rows))
             else:
+                if self.refinement is not None:
+                    prediction = self.refinement.apply(prediction, flux, ivar_batch(batch, rows), mask)
                 errors = self._errors(batch, rows, mask, prediction)
                 checks = self._forward_checks(batch, rows, flux, mask, prediction, errors)
                 err = None if errors is None else errors.err

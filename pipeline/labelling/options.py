@@ -37,6 +37,9 @@ class LabelOptions:
     # Keep the live rows of spectra whose content (input_sha256) is unchanged when the release's live
     # run used the same model and options: a changed release costs only its changed spectra.
     reuse_unchanged: bool = False
+    # Refine Teff, log g and [Fe/H] with the model's reference spectra, where it has them
+    # (model/refine.py): ~2x the labelling time; False labels with the network alone.
+    refine: bool = True
     fault: Fault | None = None  # testing hook (core.faults): where the job fails on purpose
     lock_timeout_s: float = DEFAULT_LOCK_TIMEOUT_S  # the catalogue's lock is taken over after this
     progress: bool = True

@@ -98,6 +98,8 @@ def options_record(options: LabelOptions, map_ids: frozenset[str] | None = None)
         "members": options.members,
         "precision": options.precision,
         "thresholds": options.thresholds.to_dict(),
+        # Only when off: the fingerprints of runs made before the option existed stay the same.
+        **({"refine": False} if not options.refine else {}),
     }
 
 
