@@ -546,3 +546,61 @@ def test_the_screening_section_counts_flagged_rows_per_injected_defect(setup, tm
     assert len(section["examples"]) == 5 and set(section["examples"]) <= set(ids[:14])
     text = render_markdown(document)
     assert "| emission | 10 | 2 | 4 | 0.4 |" in text and section["examples"][0] in text
+
+
+def test_refined_catalogue_rows_are_compared_with_their_network_labels(setup, catalogue, tmp_path):
+    location, rows, _ = catalogue
+    pq.write_table(_truth(rows, 0, 0), tmp_path / "truth.parquet")
+    rng = np.random.default_rng(8)
+    network = {"teff": rows.column("teff").to_numpy() + rng.normal(0, 50.0, rows.num_rows)}
+    refined = rows.append_column("teff_cnn", pa.array(network["teff"].astype(np.float32)))
+    write_release(str(tmp_path / "refined"), "DR1", [refined], model_id="m2")
+    ev = from_catalogue(str(tmp_path / "refined"), str(tmp_path / "truth.parquet"), setup=setup)
+    assert np.isnan(ev.network[:, 1:]).all() and np.isfinite(ev.network[:, 0]).all()
+    document = write_report(ev, str(tmp_path / "report"))
+    section = document["refinement"]
+    assert section["labels"] == ["teff"] and set(section["refined"]) == {"all", "snr>=50"}
+    truth = ev.true[:, 0]
+    high = ev.snr >= 50
+    assert section["network"]["all"]["teff"]["scatter"] == pytest.approx(
+        np.std(ev.network[:, 0] - truth, ddof=1)
+    )
+    assert section["refined"]["snr>=50"]["teff"]["scatter"] == pytest.approx(
+        np.std((ev.predicted[:, 0] - truth)[high], ddof=1)
+    )
+    markdown = (tmp_path / "report" / "report.md").read_text()
+    assert "### Refined labels against the network's" in markdown
+    assert f"| teff | K | all | {ev.n} |" in markdown
+    plain = write_report(
+        from_catalogue(location, str(tmp_path / "truth.parquet"), setup=setup), str(tmp_path / "r2")
+    )
+    assert plain["refinement"] is None and "Refined labels" not in (tmp_path / "r2" / "report.md").read_text()
+
+
+def test_a_model_with_reference_spectra_is_evaluated_refined(
+    setup, small_survey, model_dir, model_evaluation, tmp_path
+):
+    from speclabel.model.io import load_model
+    from speclabel.model.refine import ReferenceLibrary, RefineConfig, Refinement, refine_labels
+    from speclabel.pipeline.simulate import SurveyConfig, simulate_chunk
+
+    ensemble = load_model(str(model_dir))
+    reference = simulate_chunk(setup, SurveyConfig(n=60, seed=21, chunk_size=60, noise_free=True), 0)
+    flux, _ = spectra_arrays(reference, setup).concatenated(setup)
+    labels = np.stack([reference.column(n).to_numpy() for n in LABEL_NAMES], 1)
+    config = RefineConfig(prior_width=(300.0, 0.6, 0.3, 0.1, 0.15), neighbours=40, iterations=1)
+    ensemble.refinement = Refinement(ReferenceLibrary(labels, flux, np.ones(flux.shape, bool), setup), config)
+    save_model(ensemble, str(tmp_path / "refined"))
+    ev = from_model(str(tmp_path / "refined"))
+    assert ev.source["refined"] == ["teff", "logg", "feh"] and ev.err is None  # no refined calibration
+    np.testing.assert_array_equal(ev.network[:, :3], model_evaluation.predicted[:, :3])
+    assert np.isnan(ev.network[:, 3:]).all()
+    np.testing.assert_array_equal(ev.predicted[:, 3:], model_evaluation.predicted[:, 3:])
+    test = small_survey.filter(pa.array(SPLIT.is_test(small_survey.column("spectrum_id"))))
+    arrays = spectra_arrays(test, setup)
+    inputs, good = model_inputs(arrays, setup)
+    ivar = np.where(good, arrays.concatenated(setup)[1], 0.0)
+    fitted, _ = refine_labels(
+        ensemble.refinement.library, config, inputs, ivar, good, model_evaluation.predicted
+    )
+    np.testing.assert_allclose(ev.predicted[:, :3], fitted[:, :3], rtol=1e-6)

@@ -83,10 +83,13 @@ class Evaluation:
     # [n] object: the kind of defect the truth says a spectrum was given (None: clean); absent
     # unless the truth table has a ``defect`` column (``speclabel simulate --defects``).
     defect: np.ndarray | None = None
+    # [n, n_labels] float64: the network's labels where ``predicted`` holds refined ones
+    # (model/refine.py), NaN for labels the refinement left as they were; None: nothing refined.
+    network: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         n = len(self.spectrum_id)
-        for name in ("predicted", "true", "std", "err"):
+        for name in ("predicted", "true", "std", "err", "network"):
             value = getattr(self, name)
             if value is not None and value.shape != (n, len(self.labels)):
                 raise ValueError(f"{name} has shape {value.shape}, expected {(n, len(self.labels))}")
@@ -120,7 +123,10 @@ def from_model(
     from speclabel.model.splits import SplitRule
 
     ensemble = load_model(model_location)
-    calibration = model_calibration(ensemble.info)
+    # A model with reference spectra is evaluated as the label job labels: refined, with the
+    # refined labels' calibration.
+    refinement = ensemble.refinement
+    calibration = model_calibration(ensemble.info) if refinement is None else refinement.calibration
     training = ensemble.info.get("training", {})
     if "split" not in training:
         raise IntegrityError(
@@ -149,6 +155,7 @@ def from_model(
         "snr": [],
         "flags": [],
         "ood": [],
+        "network": [],
     }
     sample = ReferenceSample(MAP_ROWS)
     refused_ids, refused_reasons, refused_sources = [], [], []
@@ -180,6 +187,18 @@ def from_model(
         prediction = ensemble.predict(
             flux[good], mask[good], accumulator=accumulator, embedding=True, ood=True
         )
+        has_ivar = all(arrays.ivar[arm.name] is not None for arm in setup.arms)
+        ivar = np.where(mask, arrays.concatenated(setup)[1], 0.0)[good] if has_ivar else None
+        if refinement is not None:
+            if ivar is None:
+                raise InputError(
+                    f"model {ensemble.model_id} refines its labels by a fit to the spectra, which needs "
+                    f"their ivar; {path} has none"
+                )
+            prediction = refinement.apply(prediction, flux[good], ivar, mask[good])
+            network = np.full_like(prediction.mean, np.nan)
+            network[:, refinement.kept] = prediction.network_mean[:, refinement.kept]
+            parts["network"].append(network)
         table = table.filter(pa.array(good))
         kept_ids = [ids[i] for i in np.flatnonzero(good)]
         sample.add(
@@ -194,8 +213,6 @@ def from_model(
         parts["mean"].append(prediction.mean)
         parts["std"].append(prediction.std)
         if calibration is not None:
-            has_ivar = all(arrays.ivar[arm.name] is not None for arm in setup.arms)
-            ivar = arrays.concatenated(setup)[1][good] if has_ivar else None
             parts["err"].append(
                 prediction_errors(calibration, ensemble.forward, prediction, ivar, mask[good]).err
             )
@@ -230,6 +247,7 @@ def from_model(
             # The calibration was fitted on the test split of the training data: on those rows
             # its numbers are in-sample (bench/trust_calibration.py scores it cross-fitted).
             "calibration": None if calibration is None else calibration.fitted_on.get("rows"),
+            "refined": None if refinement is None else list(refinement.config.kept),
         },
         rows={
             "read": read,
@@ -244,6 +262,7 @@ def from_model(
         ood_score=np.concatenate(parts["ood"]) if parts["ood"] else np.zeros(0),
         embedding_rows=embedding_rows,
         embedding=embedding,
+        network=_stack(parts["network"], n_labels) if refinement is not None else None,
     )
 
 
@@ -353,6 +372,8 @@ def from_catalogue(
     columns += [f"{n}_err" for n in labels] if with_err else []
     columns += ["snr"] if "snr" in schema.names else []
     columns += [c for c in ("flags", "ood_score") if c in schema.names]
+    refined = [n for n in labels if f"{n}_cnn" in schema.names]  # a model with reference spectra
+    columns += [f"{n}_cnn" for n in refined]
     rows = cat.query(where, columns=columns + sal_columns, releases=releases, model_id=model_id)
     _check_unique(
         rows.column("spectrum_id"),
@@ -412,6 +433,8 @@ def from_catalogue(
         defect=np.array(truth_rows.column(DEFECT_COLUMN).to_pylist(), dtype=object)
         if DEFECT_COLUMN in truth_rows.column_names
         else None,
+        # _optional_column gives NaN for a label without a _cnn column: one the model did not refine.
+        network=np.stack([_optional_column(joined, f"{n}_cnn") for n in labels], axis=1) if refined else None,
     )
 
 

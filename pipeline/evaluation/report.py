@@ -20,7 +20,12 @@ from speclabel.core.errors import InputError
 from speclabel.core.flags import Flag
 from speclabel.core.labels import LABELS
 from speclabel.core.storage import exists, filesystem_and_path, join, read_json, write_folder_atomic
-from speclabel.model.metrics import GAUSSIAN_WITHIN_1_SIGMA, GAUSSIAN_WITHIN_2_SIGMA, metrics_by_snr
+from speclabel.model.metrics import (
+    GAUSSIAN_WITHIN_1_SIGMA,
+    GAUSSIAN_WITHIN_2_SIGMA,
+    label_metrics,
+    metrics_by_snr,
+)
 
 from . import embedding_map, plots
 from .inputs import Evaluation
@@ -80,6 +85,7 @@ def evaluation_document(ev: Evaluation, options: ReportOptions = ReportOptions()
         "saliency": saliency_section(ev),
         "ood": ood_section(ev),
         "screening": screening_section(ev),
+        "refinement": refinement_section(ev, snr, options),
         "embedding_map": embedding_map.map_section(ev),
         "figures": {},
     }
@@ -104,6 +110,29 @@ def ood_section(ev: Evaluation) -> dict | None:
         "percentiles": {str(p): float(np.percentile(scores, p)) for p in (10, 50, 90, 99)},
         "flagged_out_of_distribution": flagged,
         "flagged_fraction": flagged / scores.size if flagged is not None else None,
+    }
+
+
+def refinement_section(ev: Evaluation, snr: np.ndarray | None, options: ReportOptions) -> dict | None:
+    """The refined labels against the network's on the same spectra (model/refine.py): per refined
+    label the metrics of both, over all rows and at each S/N cut. None where nothing was refined."""
+    if ev.network is None:
+        return None
+    refined = [k for k, _ in enumerate(ev.labels) if np.isfinite(ev.network[:, k]).any()]
+    names = [ev.labels[k] for k in refined]
+    selections = {"all": np.ones(ev.n, dtype=bool)}
+    if snr is not None:
+        selections |= {f"snr>={cut:g}": snr >= cut for cut in options.snr_cuts}
+    return {
+        "labels": names,
+        "refined": {
+            key: label_metrics(ev.predicted[rows][:, refined], ev.true[rows][:, refined], names)
+            for key, rows in selections.items()
+        },
+        "network": {
+            key: label_metrics(ev.network[rows][:, refined], ev.true[rows][:, refined], names)
+            for key, rows in selections.items()
+        },
     }
 
 
@@ -326,6 +355,7 @@ def render_markdown(doc: dict) -> str:
             f"{_n(m['robust_scatter'])} | {_n(m['rmse'])} |"
         )
     lines += ["", *_figure(figures, "one_to_one", "Predicted against true labels, residuals below")]
+    lines += _refinement_lines(doc.get("refinement"), units)
     selections = doc["snr"]["selections"]
     if selections:
         lines += ["", "### By S/N", "", "Scatter (robust scatter) [bias] and n per S/N selection.", ""]
@@ -511,6 +541,31 @@ def _saliency_lines(saliency: dict | None, figures: dict) -> list[str]:
     out += [""]
     out += _figure(figures, "saliency_shares", "Share of |gradient| per line-window group")
     return out
+
+
+def _refinement_lines(section: dict | None, units: dict) -> list[str]:
+    if not section:
+        return []
+    lines = [
+        "",
+        "### Refined labels against the network's",
+        "",
+        f"{', '.join(section['labels'])} are refined after the network by a fit of each spectrum "
+        "against the model's noise-free reference spectra; the table above is of the refined labels. "
+        "Scatter [bias] of both on the same spectra:",
+        "",
+        "| label | unit | selection | n | refined | network |",
+        "|---|---|---|---:|---:|---:|",
+    ]
+    for key, per_label in section["refined"].items():
+        for name, m in per_label.items():
+            net = section["network"][key][name]
+            selection = _snr_text(key) if key != "all" else "all"
+            lines.append(
+                f"| {name} | {units.get(name, '')} | {selection} | {m['n']} | "
+                f"{_n(m['scatter'])} [{_n(m['bias'])}] | {_n(net['scatter'])} [{_n(net['bias'])}] |"
+            )
+    return lines
 
 
 def _ood_lines(ood: dict | None, mapped: dict | None, figures: dict) -> list[str]:
