@@ -5,14 +5,16 @@ printed before it runs, so a reader can repeat any of them), on one local Ray in
 steps share instead of starting their own:
 
 1. ``simulate`` a training survey (Parquet) with a Gaia-ESO-style label catalogue beside it (FITS:
-   CNAME, TEFF, E_TEFF, ..., absolute MG1 and AL1, nulls, PECULI) and a delivered release of FITS
+   CNAME, TEFF, E_TEFF, ..., absolute MG1 and AL1, nulls, PECULI), the same stars' noise-free
+   spectra (``--noise-free``: the reference spectra of the label refinement) and a delivered release of FITS
    files, a tenth of them with a defect (``--defects``) and one then corrupted on purpose: the run
    must account for it;
 2. ``ingest`` the FITS release into a spectra store;
 3. ``train`` an ensemble on the training spectra with the labels of the label catalogue, joined by
    CNAME through a ``[labels]`` mapping and ``[selection]`` cuts (members in parallel, one Ray Train
-   run each);
-4. ``label`` the stored release into the catalogue (Ray Data, ensemble + saliency);
+   run each), with the reference spectra stored in the model;
+4. ``label`` the stored release into the catalogue (Ray Data, ensemble + saliency, then the
+   refinement of Teff, log g and [Fe/H]);
 5. ``query`` the catalogue with a filter, and ``show`` a spectrum the screening flagged;
 6. ``evaluate`` the catalogue against the release's true labels (report.md, metrics.json, figures).
 """
@@ -46,7 +48,7 @@ def run_demo(out: str, *, n: int, seed: int, members: int = 8, epochs: int = 15)
     from .cli import main
 
     out_dir = _fresh_output(Path(out))
-    training = out_dir / "train.parquet"
+    training, reference = out_dir / "train.parquet", out_dir / "reference.parquet"
     survey_labels, config = out_dir / "ges_labels.fits", out_dir / "model.toml"
     delivered = out_dir / "delivered" / "DEMO"
     store, model, catalogue = out_dir / "store", out_dir / "model", out_dir / "catalogue"
@@ -67,6 +69,13 @@ def run_demo(out: str, *, n: int, seed: int, members: int = 8, epochs: int = 15)
         *("--n", str(n), "--seed", str(seed), "--release", "TRAIN", "--out", str(training)),
         *("--label-catalogue", str(survey_labels)),
     )
+    # The training stars' noise-free spectra (same --seed): the reference spectra the label step
+    # refines Teff, log g and [Fe/H] with, as a synthetic grid at the training labels would be.
+    step(
+        "simulate",
+        *("--n", str(n), "--seed", str(seed), "--release", "TRAIN", "--out", str(reference)),
+        "--noise-free",
+    )
     config.write_text(label_mapping_toml())
     print(f"(demo: {config.name} maps the catalogue's columns to the labels)\n{config.read_text()}")
     step(
@@ -86,6 +95,7 @@ def run_demo(out: str, *, n: int, seed: int, members: int = 8, epochs: int = 15)
             "train",
             *("--data", str(training), "--out", str(model), "--config", str(config)),
             *("--label-catalogue", str(survey_labels), "--id-column", "CNAME"),
+            *("--reference-spectra", str(reference)),
             *("--members", str(members), "--epochs", str(epochs), "--storage", str(out_dir / "runs")),
         )
         step("label", "--spectra", str(store), "--model", str(model), "--out", str(catalogue), "--quiet")
@@ -93,7 +103,7 @@ def run_demo(out: str, *, n: int, seed: int, members: int = 8, epochs: int = 15)
         "query",
         str(catalogue),
         *("--where", "logg < 3.5 and feh < -0.5", "--limit", "5"),
-        *("--columns", "spectrum_id,teff,logg,feh,mgfe,alfe,teff_std,snr"),
+        *("--columns", "spectrum_id,teff,teff_cnn,teff_err,logg,feh,mgfe,alfe,snr"),
     )
     flagged = _flagged_example(catalogue)
     if flagged is not None:

@@ -27,6 +27,15 @@ def test_demo_runs_every_stage_and_accounts_for_the_corrupt_file(tmp_path):
     assert metrics["rows"]["evaluated"] == 14
     assert "14 spectra in = 14 labelled + 0 quarantined" in done.stdout
     assert (out / "model" / "model.json").exists() and (out / "example_spectra.png").stat().st_size > 10_000
+    # The model holds the training stars' noise-free spectra: the label step refined Teff, log g, [Fe/H].
+    assert json.loads((out / "model" / "model.json").read_text())["refine"]["config"]["kept"] == [
+        "teff",
+        "logg",
+        "feh",
+    ]
+    rows = Catalogue.open(str(out / "catalogue")).query(None, columns=["teff", "teff_cnn"])
+    assert rows.column("teff_cnn").null_count == 0 and not rows.column("teff").equals(rows.column("teff_cnn"))
+    assert metrics["refinement"]["labels"] == ["teff", "logg", "feh"]
 
 
 def test_demo_refuses_a_folder_it_did_not_make(tmp_path):
