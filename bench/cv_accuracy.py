@@ -229,10 +229,17 @@ def score_model(location: str, *, draws, rv_sigma, tilt, cannon: bool = False) -
         "machine": platform.node(),
         "date": time.strftime("%Y-%m-%d"),
     }
+    # A model with reference spectra is scored twice on the same spectra: the network alone, and
+    # refined as `speclabel label` labels it.
+    labellers = {"": lambda flux, mask, _: model.predict(flux, mask).mean}
+    if model.refinement is not None:
+        labellers["+refine"] = lambda flux, mask, ivar: (
+            model.refinement.apply(model.predict(flux, mask), flux, ivar, mask).mean
+        )
     records = [
         {
             **common,
-            "variant": f"model {Path(location).name} ({model.model_id})",
+            "variant": f"model {Path(location).name} ({model.model_id}){suffix}",
             "epochs": training["config"]["epochs"],
             "arch": model.arch.to_dict(),
             "train": training["config"],
@@ -240,16 +247,10 @@ def score_model(location: str, *, draws, rv_sigma, tilt, cannon: bool = False) -
             "epochs_run": [m["epochs_run"] for m in model.member_info],
             "best_epoch": [m["best_epoch"] for m in model.member_info],
             **held_out_sets(
-                arrays,
-                setup,
-                held,
-                lambda flux, mask, _: model.predict(flux, mask).mean,
-                seed=TEST_SEED,
-                draws=draws,
-                rv_sigma=rv_sigma,
-                tilt=tilt,
+                arrays, setup, held, label, seed=TEST_SEED, draws=draws, rv_sigma=rv_sigma, tilt=tilt
             ),
         }
+        for suffix, label in labellers.items()
     ]
     if cannon:
         label = fit_cannon(arrays, ~held)
