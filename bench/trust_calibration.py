@@ -2,6 +2,9 @@
 
     nice -n 15 .venv/bin/python bench/trust_calibration.py --model /work/runs/model-default-8
 
+A model with reference spectra is scored on its refined labels with the refined labels' stored
+calibration, as ``speclabel label`` labels it (``--no-refine``: the network's labels and calibration).
+
 Two samples, both outside every member's training rows:
 
 * ``test``: the model's common test split of the shared file (``--data``), each row scored with a
@@ -64,11 +67,14 @@ def cool_giants(true: dict) -> np.ndarray:
     return (true["teff"] < 5000) & (true["logg"] < 3.5)
 
 
-def predict(ensemble, flux, mask, ivar):
-    """Ensemble mean and std, the forward model's bound at the predicted labels (None without one),
-    the members' own predicted error (None without a variance head) and the relative distance from
-    the training set (None without an embedding reference)."""
+def predict(ensemble, flux, mask, ivar, refine: bool):
+    """Ensemble mean (refined where ``refine``, as ``speclabel label`` labels with a model with
+    reference spectra) and std, the forward model's bound at the predicted labels (None without
+    one), the members' own predicted error (None without a variance head) and the relative distance
+    from the training set (None without an embedding reference)."""
     prediction = ensemble.predict(flux, mask, ood=True)
+    if refine:
+        prediction = ensemble.refinement.apply(prediction, flux, ivar, mask)
     forward = ensemble.forward
     bound = None if forward is None else forward.label_bound(prediction.mean, ivar, mask)
     return prediction.mean, prediction.std, bound, prediction.aleatoric, prediction.ood_distance
@@ -274,6 +280,11 @@ def main() -> None:
     parser.add_argument("--draws", type=int, default=5, help="noise draws per twin")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", help="write every number here")
+    parser.add_argument(
+        "--no-refine",
+        action="store_true",
+        help="a model with reference spectra: score the network's labels",
+    )
     args = parser.parse_args()
 
     began = time.perf_counter()
@@ -291,15 +302,16 @@ def main() -> None:
     ids = arrays["spectrum_id"]
     fold = np.minimum((hash_uniform(ids, FOLD_SALT) * args.folds).astype(int), args.folds - 1)
     widths = prior_widths(ensemble)
-    stored = model_calibration(ensemble.info)
+    refine = ensemble.refinement is not None and not args.no_refine
+    stored = ensemble.refinement.calibration if refine else model_calibration(ensemble.info)
     print(
         f"model {ensemble.model_id} ({ensemble.n_members} members, forward model: "
-        f"{ensemble.forward is not None}, stored calibration: {stored is not None}); "
+        f"{ensemble.forward is not None}, stored calibration: {stored is not None}, refined: {refine}); "
         f"{len(ids)} test-split rows, {args.folds} folds, {args.draws} twin draws"
     )
 
     def sample(flux, mask, ivar, snr):
-        mean, std, bound, aleatoric, distance = predict(ensemble, flux, mask, ivar)
+        mean, std, bound, aleatoric, distance = predict(ensemble, flux, mask, ivar, refine)
         return {
             "residual": mean - labels,
             "std": std,
