@@ -54,7 +54,7 @@ ID_PREFIX = "speclabel"
 # be a URI or an absolute path, because the job resolves it on the cluster, not in this folder.
 # Anything else on the command line (batch sizes, epochs, ...) enters the id verbatim.
 JOB_LOCATIONS: dict[str, dict[str, tuple[str, ...]]] = {
-    "train": {"reads": ("data", "config"), "writes": ("out", "storage")},
+    "train": {"reads": ("data", "config", "reference_spectra"), "writes": ("out", "storage")},
     "ingest": {"reads": ("input",), "writes": ("out",)},
     "label": {"reads": ("spectra", "model"), "writes": ("out",)},
     "reprocess": {"reads": ("releases", "model"), "writes": ("store", "catalogue")},
