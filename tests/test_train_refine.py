@@ -7,9 +7,9 @@ import pytest
 from forward_data import WINDOW_SETUP, noise_free_survey, survey
 from label_data import tiny_ensemble
 
-from speclabel.core.errors import InputError
+from speclabel.core.errors import ConfigError, InputError
 from speclabel.core.reporting import Reporter
-from speclabel.jobs.train.refine import fit_refinement
+from speclabel.jobs.train.refine import fit_refinement, validation_scatter
 from speclabel.model.calibration import fit_error_calibration, prior_widths
 from speclabel.model.refine import RefineConfig, refine_labels
 from speclabel.model.splits import SplitRule
@@ -79,3 +79,12 @@ def test_a_refit_without_reference_spectra_removes_the_refinement(fitted, tmp_pa
         fit_refinement(ensemble, rows, SPLIT, str(bad), RefineConfig(), Reporter(print))
     fit_refinement(ensemble, rows, SPLIT, None, RefineConfig(), Reporter(print))
     assert ensemble.refinement is None and "test_refined" not in ensemble.info.get("metrics", {})
+
+
+def test_without_validation_scatter_the_prior_widths_must_be_given():
+    _, arrays = survey(120, 7)
+    ensemble = tiny_ensemble(WINDOW_SETUP, labels=arrays["labels"])
+    with pytest.raises(
+        ConfigError, match=r"no member has a validation scatter of teff.*\[refine\] prior_width"
+    ):
+        validation_scatter(ensemble)

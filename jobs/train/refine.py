@@ -23,7 +23,7 @@ import time
 
 import numpy as np
 
-from speclabel.core.errors import InputError
+from speclabel.core.errors import ConfigError, InputError
 from speclabel.core.reporting import Reporter
 from speclabel.model.calibration import calibrate_ensemble
 from speclabel.model.ensemble import Ensemble
@@ -37,12 +37,17 @@ BATCH_ROWS = 256
 
 def validation_scatter(ensemble: Ensemble) -> tuple[float, ...]:
     """Each label's validation scatter, the median over the members (see the module docstring)."""
-    return tuple(
-        float(
-            np.nanmedian([member["validation"][name]["scatter"] or np.nan for member in ensemble.member_info])
-        )
-        for name in ensemble.label_names
-    )
+    widths = {}
+    for name in ensemble.label_names:
+        values = [m.get("validation", {}).get(name, {}).get("scatter") for m in ensemble.member_info]
+        finite = [v for v in values if v is not None and np.isfinite(v) and v > 0]
+        if not finite:  # no member had validation rows with this label
+            raise ConfigError(
+                f"no member has a validation scatter of {name}: set the refinement's prior widths "
+                "([refine] prior_width in --config) and rerun; the members are kept"
+            )
+        widths[name] = float(np.median(finite))
+    return tuple(widths.values())
 
 
 def refine_config(ensemble: Ensemble, config: RefineConfig) -> RefineConfig:
