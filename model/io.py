@@ -306,15 +306,18 @@ def _load_forward(fs, root: str, location: str, document: dict, ensemble: Ensemb
     return forward
 
 
+def _listed_arrays(fs, root: str, location: str, section: dict, what: str) -> dict:
+    """The numpy arrays of a safetensors file model.json lists (:func:`_listed_file`'s checks)."""
+    data = _listed_file(fs, root, location, section, what)
+    try:
+        return load_numpy_safetensors(data)
+    except SafetensorError as exc:
+        raise IntegrityError(f"check '{what}': {location}/{section['file']} is unreadable: {exc}") from exc
+
+
 def _load_ood(fs, root: str, location: str, section: dict, ensemble: Ensemble) -> EmbeddingReference:
     """The embedding reference model.json lists, checked by its sha256 and against the members."""
-    data = _listed_file(fs, root, location, section, "ood reference")
-    try:
-        tensors = load_numpy_safetensors(data)
-    except SafetensorError as exc:
-        raise IntegrityError(
-            f"check 'ood reference': {location}/{section['file']} is unreadable: {exc}"
-        ) from exc
+    tensors = _listed_arrays(fs, root, location, section, "ood reference")
     reference = EmbeddingReference.from_stored(tensors, section)
     width = ensemble.n_members * ensemble.arch.embedding_units(ensemble.setup)
     if reference.width != width:
@@ -327,13 +330,7 @@ def _load_ood(fs, root: str, location: str, section: dict, ensemble: Ensemble) -
 
 def _load_refinement(fs, root: str, location: str, section: dict, ensemble: Ensemble) -> Refinement:
     """The reference spectra model.json lists, checked by their sha256 and against the labels."""
-    data = _listed_file(fs, root, location, section, "reference spectra")
-    try:
-        tensors = load_numpy_safetensors(data)
-    except SafetensorError as exc:
-        raise IntegrityError(
-            f"check 'reference spectra': {location}/{section['file']} is unreadable: {exc}"
-        ) from exc
+    tensors = _listed_arrays(fs, root, location, section, "reference spectra")
     if tuple(section.get("labels", ())) != ensemble.label_names:
         raise IntegrityError(
             f"check 'reference spectra': {location}/{section['file']} has labels {section.get('labels')}, "

@@ -73,12 +73,15 @@ def test_existing_model_is_not_overwritten_unless_asked(ensemble, saved):
     assert new_id != model_id and io.load_model(str(path)).model_id == new_id
 
 
+def _flip_a_byte(path, offset: int = -3) -> None:
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
 def test_flipped_byte_in_a_weight_file_is_detected(saved):
     path, _ = saved
-    weight = path / "members" / "member-1.safetensors"
-    data = bytearray(weight.read_bytes())
-    data[-3] ^= 0x01
-    weight.write_bytes(bytes(data))
+    _flip_a_byte(path / "members" / "member-1.safetensors")
     with pytest.raises(IntegrityError, match=r"check 'weight sha256'.*member-1"):
         io.load_model(str(path))
 
@@ -182,9 +185,6 @@ def test_reference_spectra_round_trip_and_are_checked(ensemble, tiny_setup, tmp_
     assert stored.config == config and stored.source == {"rows_read": 30}
     assert stored.calibration.to_dict() == calibration.to_dict()
     # A changed library is caught by its sha256, like a member's weights.
-    reference = path / "refine" / "reference.safetensors"
-    data = bytearray(reference.read_bytes())
-    data[-5] ^= 0x01
-    reference.write_bytes(bytes(data))
+    _flip_a_byte(path / "refine" / "reference.safetensors", -5)
     with pytest.raises(IntegrityError, match=r"check 'reference spectra sha256'"):
         io.load_model(str(path))
