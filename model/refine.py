@@ -17,7 +17,10 @@ and regularised by them, gets much of that back (``bench/cv_refine.py``): for ea
 
 The reference spectra must be noise-free (a synthetic grid at known labels, on the setup's
 wavelengths): built from observed training spectra the local model fits their noise.
-Plain numpy on arrays; nothing here knows about catalogues or Ray.
+:class:`Refinement` is what a model directory holds of it (``refine/``, written by ``speclabel
+train --reference-spectra``): the library, the settings, and the calibration of the refined labels;
+``Refinement.apply`` is the step the label job, ``speclabel evaluate`` and the calibration run after
+``Ensemble.predict``. Plain numpy on arrays; nothing here knows about catalogues or Ray.
 """
 
 from __future__ import annotations
