@@ -281,6 +281,9 @@ def test_cli_up_to_date_and_dry_run(history, capsys):
     assert main([*_cli(options), "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert "DR1: up to date" in out and "DR2: up to date" in out and "DR9: skipped" in out
+    # Labelling without the refinement is another way of labelling: every release would be relabelled.
+    assert main([*_cli(options), "--dry-run", "--no-refine"]) == 0
+    assert "DR1: label (label options changed)" in capsys.readouterr().out
     # The first model is no longer the catalogue's: a dry run shows the work and does none of it.
     before = _snapshot(options)
     assert main([*_cli(history["options"]), "--dry-run", "--release", "DR2"]) == 0

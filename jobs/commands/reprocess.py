@@ -56,6 +56,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default="summary",
         help="summary: per-spectrum line-window shares and population maps (default); none: labels only",
     )
+    label.add_argument(
+        "--no-refine",
+        action="store_true",
+        help="label with the network alone where the model has reference spectra (as label --no-refine)",
+    )
     label.add_argument("--batch-size", type=positive_int, default=128, help="spectra per actor call (128)")
     label.add_argument(
         "--gpus", type=non_negative_int, default=0, help="GPU actors, one per GPU (default 0: CPU)"
@@ -80,6 +85,7 @@ def run(args: argparse.Namespace) -> int:
         lock_timeout_s=args.lock_timeout,
         label=LabelOptions(
             saliency=args.saliency,
+            refine=not args.no_refine,
             batch_size=args.batch_size,
             gpus=args.gpus,
             actors=args.actors,
