@@ -41,7 +41,11 @@ def test_prior_widths_are_the_members_median_validation_scatter(fitted):
     assert refinement.config.kept == ("teff", "logg", "feh")
     # The test split's own stars are not among the references.
     assert len(refinement.library.labels) == (~SPLIT.is_test(arrays["spectrum_id"])).sum()
-    assert "label refinement of teff, logg, feh" in lines[-1] and "prior widths teff 100" in lines[-1]
+    assert "label refinement of teff, logg, feh" in lines[-2] and "prior widths teff 100" in lines[-2]
+    n_test = SPLIT.is_test(arrays["spectrum_id"]).sum()
+    assert lines[-1].startswith(
+        f"train: error calibration of the refined labels (std, floor) on {n_test} test rows"
+    )
 
 
 def test_calibration_and_metrics_are_the_refined_labels(fitted):

@@ -32,6 +32,8 @@ from speclabel.model.refine import KEPT_LABELS, RefineConfig, Refinement
 from speclabel.model.splits import SplitRule
 from speclabel.pipeline.reference_spectra import read_reference_spectra
 
+from .tables import calibration_text
+
 BATCH_ROWS = 256
 
 
@@ -103,3 +105,5 @@ def fit_refinement(
         f"{reference_spectra}: {reference.summary()}; prior widths {widths} "
         f"({time.perf_counter() - began:.0f} s)"
     )
+    if calibration is not None:
+        reporter.line(f"train: error calibration of the refined labels {calibration_text(calibration)}")

@@ -65,3 +65,22 @@ def label_rows_table(counts: dict[str, dict[str, int]]) -> str:
 def _number(value) -> float:
     """A metric as a float: model.json writes an undefined one (NaN) as null."""
     return math.nan if value is None else float(value)
+
+
+def calibration_text(calibration) -> str:
+    """The fitted terms and parameters of a calibration, as the train output shows them."""
+    terms = ", ".join(
+        ["std"]
+        + (["forward-model bound"] if calibration.uses_bound else [])
+        + (["variance head"] if calibration.uses_aleatoric else [])
+        + (["std x distance from the training set"] if calibration.uses_distance else [])
+        + ["floor"]
+    )
+    fitted = "; ".join(
+        f"{n} a {m.a:.2g} b {m.b:.2g}"
+        + (f" d {m.d:.2g}" if calibration.uses_aleatoric else "")
+        + (f" e {m.e:.2g}" if calibration.uses_distance else "")
+        + f" c {m.c:.2g}"
+        for n, m in calibration.labels.items()
+    )
+    return f"({terms}) on {calibration.fitted_on['n_rows']} test rows: {fitted}"

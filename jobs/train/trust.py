@@ -37,6 +37,7 @@ from speclabel.pipeline.training_data import InMemoryRows, StreamingRows
 
 from .ood import fit_ood
 from .refine import fit_refinement
+from .tables import calibration_text
 
 BATCH_ROWS = 256
 
@@ -101,23 +102,8 @@ def fit_calibration(ensemble: Ensemble, rows, split: SplitRule, reporter: Report
         reporter.line(f"train: no error calibration ({exc}): its catalogue rows get null <label>_err")
         return
     ensemble.info[CALIBRATION_KEY] = calibration.to_dict()
-    terms = ", ".join(
-        ["std"]
-        + (["forward-model bound"] if calibration.uses_bound else [])
-        + (["variance head"] if calibration.uses_aleatoric else [])
-        + (["std x distance from the training set"] if calibration.uses_distance else [])
-        + ["floor"]
-    )
-    fitted = "; ".join(
-        f"{n} a {m.a:.2g} b {m.b:.2g}"
-        + (f" d {m.d:.2g}" if calibration.uses_aleatoric else "")
-        + (f" e {m.e:.2g}" if calibration.uses_distance else "")
-        + f" c {m.c:.2g}"
-        for n, m in calibration.labels.items()
-    )
     reporter.line(
-        f"train: error calibration ({terms}) on {calibration.fitted_on['n_rows']} test rows: {fitted} "
-        f"({time.perf_counter() - began:.0f} s)"
+        f"train: error calibration {calibration_text(calibration)} ({time.perf_counter() - began:.0f} s)"
     )
 
 
