@@ -38,7 +38,7 @@ class LabelOptions:
     # run used the same model and options: a changed release costs only its changed spectra.
     reuse_unchanged: bool = False
     # Refine Teff, log g and [Fe/H] with the model's reference spectra, where it has them
-    # (model/refine.py): ~2x the labelling time; False labels with the network alone.
+    # (model/refine.py): 0.69x the spectra/s on 2 CPUs (BENCHMARKS.md); False: the network alone.
     refine: bool = True
     fault: Fault | None = None  # testing hook (core.faults): where the job fails on purpose
     lock_timeout_s: float = DEFAULT_LOCK_TIMEOUT_S  # the catalogue's lock is taken over after this
