@@ -187,8 +187,11 @@ def from_model(
         prediction = ensemble.predict(
             flux[good], mask[good], accumulator=accumulator, embedding=True, ood=True
         )
-        has_ivar = all(arrays.ivar[arm.name] is not None for arm in setup.arms)
-        ivar = np.where(mask, arrays.concatenated(setup)[1], 0.0)[good] if has_ivar else None
+        ivar = None  # only the refinement and the calibration's bound need it
+        if (refinement is not None or calibration is not None) and all(
+            arrays.ivar[arm.name] is not None for arm in setup.arms
+        ):
+            ivar = np.where(mask, arrays.concatenated(setup)[1], 0.0)[good]
         if refinement is not None:
             if ivar is None:
                 raise InputError(

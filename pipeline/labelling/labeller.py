@@ -142,10 +142,12 @@ class EnsembleLabeller:
             except InputError as exc:  # the data, not the job: these rows go to quarantine
                 parts.append(quarantine_rows(good, [f"{MODEL_ERROR}: {exc}"] * good.num_rows))
             else:
+                # Read once: the refinement, the errors' bound and the chi^2 all use it.
+                ivar = ivar_batch(batch, rows) if settings.with_ivar else None
                 if self.refinement is not None:
-                    prediction = self.refinement.apply(prediction, flux, ivar_batch(batch, rows), mask)
-                errors = self._errors(batch, rows, mask, prediction)
-                checks = self._forward_checks(batch, rows, flux, mask, prediction, errors)
+                    prediction = self.refinement.apply(prediction, flux, ivar, mask)
+                errors = self._errors(ivar, mask, prediction)
+                checks = self._forward_checks(ivar, flux, mask, prediction, errors)
                 err = None if errors is None else errors.err
                 parts += self._label(good, prediction, accumulator, checks, err)
         engine = self.ensemble.fused_engine() if self.batches_predicted else None
@@ -192,7 +194,7 @@ class EnsembleLabeller:
         view[...] = array
         return view
 
-    def _forward_checks(self, batch: pa.Table, rows, flux, mask, prediction, errors: RowErrors | None):
+    def _forward_checks(self, ivar, flux, mask, prediction, errors: RowErrors | None):
         """(chi^2 per arm and total, anomalous rows) at the ensemble's labels, with their calibrated
         errors (``errors.screening`` where known, else the ensemble std) in the pixel variances;
         (None, None) for a model without a forward model."""
@@ -200,18 +202,16 @@ class EnsembleLabeller:
         if forward is None:
             return None, None
         label_error = errors_or_std(None if errors is None else errors.screening, prediction.std)
-        chi2 = forward_checks(forward, flux, ivar_batch(batch, rows), mask, prediction.mean, label_error)
+        chi2 = forward_checks(forward, flux, ivar, mask, prediction.mean, label_error)
         return chi2, forward.anomalous(chi2)
 
-    def _errors(self, batch: pa.Table, rows, mask, prediction) -> RowErrors | None:
+    def _errors(self, ivar, mask, prediction) -> RowErrors | None:
         """The calibrated errors of the rows (``model.calibration.RowErrors``: ``<label>_err`` and
         what the anomaly check propagates; NaN where unknown); None for a model without a
         calibration or a run without the columns."""
         if self.calibration is None or not self.settings.spec.error_columns:
             return None
-        forward = self.ensemble.forward
-        ivar = ivar_batch(batch, rows) if forward is not None else None
-        return prediction_errors(self.calibration, forward, prediction, ivar, mask)
+        return prediction_errors(self.calibration, self.ensemble.forward, prediction, ivar, mask)
 
     def _label(
         self, good: pa.Table, prediction, accumulator, checks=(None, None), err=None
