@@ -88,6 +88,14 @@ def main() -> None:
         "--broadening", action="store_true", help="fit a line-spread width change per arm too"
     )
     parser.add_argument(
+        "--own-lines",
+        nargs="*",
+        default=[],
+        choices=LABEL_NAMES,
+        help="labels fitted once more from their own line windows only, after the joint fit",
+    )
+    parser.add_argument("--own-lines-iterations", type=int, default=RefineConfig.own_lines_iterations)
+    parser.add_argument(
         "--free", nargs="*", default=list(LABEL_NAMES), choices=LABEL_NAMES, help="labels to fit"
     )
     parser.add_argument(
@@ -116,9 +124,13 @@ def main() -> None:
         tilt_width=RefineConfig.tilt_width if args.nuisance else None,
         velocity_width_kms=RefineConfig.velocity_width_kms if args.nuisance else None,
         broadening_width_px2=RefineConfig.broadening_width_px2 if args.broadening else None,
+        own_lines=tuple(args.own_lines),
+        own_lines_iterations=args.own_lines_iterations,
     )
     # The refined records' variant names the fit's nuisance terms: runs of several settings table together.
     terms = [term for term, on in (("nuisance", args.nuisance), ("broadening", args.broadening)) if on]
+    if args.own_lines:
+        terms.append(f"own{args.own_lines_iterations}:" + ",".join(args.own_lines))
     name = "+".join([args.variant, "refine", *terms])
     out = []
     for record in records:

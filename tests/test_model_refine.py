@@ -1,6 +1,8 @@
 """model.refine: the local spectral fit recovers labels from a rough start, and its nuisance terms
 absorb what a reduction leaves behind."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -148,7 +150,9 @@ def test_a_refinement_replaces_only_the_kept_labels(library, cut_setup):
     refinement = Refinement(library, config)
     ivar, mask = np.full(clean.shape, 1e4), np.ones(clean.shape, bool)
     refined = refinement.apply(network, clean, ivar, mask)
-    # The fit is of all five labels; Teff, log g and [Fe/H] are taken, the abundances stay the network's.
+    # The fit is of all five labels; Teff, log g and [Fe/H] are taken, and as cut_setup names no
+    # line windows there is no own-lines fit: the abundances stay the network's.
+    assert refinement.config.own_lines == () and refinement.config.kept == ("teff", "logg", "feh")
     fitted, posterior = refine_labels(library, config, clean, ivar, mask, start)
     assert np.array_equal(refined.mean[:, :3], fitted[:, :3])
     assert np.array_equal(refined.mean[:, 3:], start[:, 3:]) and np.array_equal(refined.network_mean, start)
@@ -161,3 +165,47 @@ def test_a_refinement_replaces_only_the_kept_labels(library, cut_setup):
         Refinement(library, RefineConfig(prior_width=tuple(WIDTH), kept=("teff", "vmic")))
     with pytest.raises(ConfigError, match="prior widths must be positive"):
         RefineConfig(prior_width=(1.0, 0.0, 1.0, 1.0, 1.0))
+
+
+def windowed(setup, windows):
+    """``setup`` with Al I line windows and [Al/Fe] read from them."""
+    return Setup.from_dict(
+        {**setup.to_dict(), "line_windows": {"Al I": windows}, "label_lines": {"alfe": ["Al I"]}}
+    )
+
+
+def test_an_own_lines_label_is_read_from_its_windows_alone(cut_setup):
+    """Flux linear in the labels, [Al/Fe] changing every pixel; the star's pixels outside the Al
+    windows say [Al/Fe] is 0.3 dex lower than its windows do (as a local model's errors can). The
+    joint fit, reading every pixel, follows the majority; the own-lines fit the windows, exactly."""
+    setup = windowed(cut_setup, [[5400.0, 5402.0], [8520.0, 8524.0]])
+    inside = setup.window_masks()["Al I"]
+    rng = np.random.default_rng(4)
+    labels = rng.normal(0, 1, (300, 5)) * WIDTH * 5 + [5000, 3.0, -0.3, 0.1, 0.1]
+    slopes = rng.normal(0, 0.02, (5, setup.n_pixels)) / (WIDTH * 5)[:, None]
+    library = ReferenceLibrary(labels, 0.9 + labels @ slopes, np.ones((300, setup.n_pixels), bool), setup)
+    truth = labels[:5] + rng.normal(0, 0.5, (5, 5)) * WIDTH
+    flux = 0.9 + truth @ slopes - 0.3 * np.where(inside, 0.0, slopes[4])
+    start = truth + WIDTH * rng.choice([-1.0, 1.0], truth.shape)
+    ivar, mask = np.full(flux.shape, 1e8), np.ones(flux.shape, bool)
+    joint = RefineConfig(prior_width=tuple(WIDTH), iterations=4, own_lines=())
+    own = dataclasses.replace(joint, own_lines=("alfe",))
+    joint_labels, _ = refine_labels(library, joint, flux, ivar, mask, start)
+    own_labels, own_std = refine_labels(library, own, flux, ivar, mask, start)
+    assert np.all(np.abs(joint_labels[:, 4] - (truth[:, 4] - 0.3)) < 0.02)
+    assert np.all(np.abs(own_labels[:, 4] - truth[:, 4]) < 0.005)  # the joint fit's others, a little off
+    # The other labels are the joint fit's, and [Al/Fe]'s posterior std is its windows' alone.
+    np.testing.assert_array_equal(own_labels[:, :4], joint_labels[:, :4])
+    slope = slopes[4][inside]
+    expected_std = 1 / np.sqrt(1e8 * (slope**2).sum() + 1 / WIDTH[4] ** 2)
+    np.testing.assert_allclose(own_std[:, 4], expected_std, rtol=1e-3)
+
+
+def test_own_lines_defaults_follow_the_setup_and_an_explicit_label_needs_windows(cut_setup, library):
+    with_windows = windowed(cut_setup, [[5400.0, 5402.0]])
+    default = RefineConfig(prior_width=tuple(WIDTH))
+    assert default.narrowed(LABEL_NAMES, with_windows).own_lines == ("alfe",)
+    assert default.narrowed(LABEL_NAMES, with_windows).kept == ("teff", "logg", "feh", "alfe")
+    assert default.narrowed(("teff", "logg", "feh"), cut_setup).kept == ("teff", "logg", "feh")
+    with pytest.raises(ConfigError, match="names no line windows for 'mgfe'"):
+        Refinement(library, RefineConfig(prior_width=tuple(WIDTH), own_lines=("mgfe",)))

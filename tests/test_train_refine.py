@@ -8,6 +8,7 @@ from forward_data import WINDOW_SETUP, noise_free_survey, survey
 from label_data import tiny_ensemble
 
 from speclabel.core.errors import ConfigError, InputError
+from speclabel.core.labels import LABEL_NAMES
 from speclabel.core.reporting import Reporter
 from speclabel.jobs.train.refine import fit_refinement, validation_scatter
 from speclabel.model.calibration import fit_error_calibration, prior_widths
@@ -38,10 +39,11 @@ def test_prior_widths_are_the_members_median_validation_scatter(fitted):
     ensemble, arrays, lines = fitted
     refinement = ensemble.refinement
     assert refinement.config.prior_width == (100.0, 0.25, 0.15, 0.06, 0.1)
-    assert refinement.config.kept == ("teff", "logg", "feh")
+    # The abundances are kept from their own-lines fit (WINDOW_SETUP names Mg I and Al I lines).
+    assert refinement.config.kept == LABEL_NAMES and refinement.config.own_lines == ("mgfe", "alfe")
     # The test split's own stars are not among the references.
     assert len(refinement.library.labels) == (~SPLIT.is_test(arrays["spectrum_id"])).sum()
-    assert "label refinement of teff, logg, feh" in lines[-2] and "prior widths teff 100" in lines[-2]
+    assert "label refinement of teff, logg, feh, mgfe, alfe" in lines[-2] and "prior widths teff 100" in lines[-2]
     n_test = SPLIT.is_test(arrays["spectrum_id"]).sum()
     assert lines[-1].startswith(
         f"train: error calibration of the refined labels (std, floor) on {n_test} test rows"
@@ -55,9 +57,7 @@ def test_calibration_and_metrics_are_the_refined_labels(fitted):
     flux, ivar, mask, truth = (arrays[k][test] for k in ("flux", "ivar", "mask", "labels"))
     network = ensemble.predict(flux, mask)
     fitted_labels, _ = refine_labels(refinement.library, refinement.config, flux, ivar, mask, network.mean)
-    refined = network.mean.copy()
-    refined[:, :3] = fitted_labels[:, :3]
-    residual = refined - truth
+    residual = fitted_labels - truth
     expected = fit_error_calibration(
         residual, network.std, None, ensemble.label_names, prior_widths(ensemble)
     )
@@ -68,7 +68,7 @@ def test_calibration_and_metrics_are_the_refined_labels(fitted):
         assert stored.labels[name].c == pytest.approx(expected.labels[name].c, rel=1e-4, abs=1e-9)
     metrics = ensemble.info["metrics"]["test_refined"]["all"]
     assert metrics["teff"]["scatter"] == pytest.approx(residual[:, 0].std(ddof=1))
-    assert metrics["mgfe"]["scatter"] == pytest.approx((network.mean - truth)[:, 3].std(ddof=1))
+    assert metrics["mgfe"]["scatter"] == pytest.approx(residual[:, 3].std(ddof=1))
     # Untrained networks start far off; the fit to the spectra brings Teff, log g, [Fe/H] in.
     rms = np.sqrt(((network.mean - truth) ** 2).mean(0))
     assert np.all(np.sqrt((residual**2).mean(0))[:3] < 0.5 * rms[:3])

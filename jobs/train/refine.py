@@ -28,7 +28,7 @@ from speclabel.core.reporting import Reporter
 from speclabel.model.calibration import calibrate_ensemble
 from speclabel.model.ensemble import Ensemble
 from speclabel.model.fit import test_metrics
-from speclabel.model.refine import KEPT_LABELS, RefineConfig, Refinement
+from speclabel.model.refine import RefineConfig, Refinement
 from speclabel.model.splits import SplitRule
 from speclabel.pipeline.reference_spectra import read_reference_spectra
 
@@ -53,14 +53,11 @@ def validation_scatter(ensemble: Ensemble) -> tuple[float, ...]:
 
 
 def refine_config(ensemble: Ensemble, config: RefineConfig) -> RefineConfig:
-    """``config`` completed for ``ensemble``: prior widths from the validation scatter where not
-    given, the default kept labels narrowed to those the model has."""
-    changes = {}
-    if not config.prior_width:
-        changes["prior_width"] = validation_scatter(ensemble)
-    if config.kept == KEPT_LABELS:
-        changes["kept"] = tuple(name for name in KEPT_LABELS if name in ensemble.label_names)
-    return dataclasses.replace(config, **changes)
+    """``config`` with the prior widths from the validation scatter where not given (the default
+    labels are narrowed to the model's by ``Refinement`` itself)."""
+    if config.prior_width:
+        return config
+    return dataclasses.replace(config, prior_width=validation_scatter(ensemble))
 
 
 def fit_refinement(
