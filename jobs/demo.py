@@ -14,7 +14,7 @@ steps share instead of starting their own:
    CNAME through a ``[labels]`` mapping and ``[selection]`` cuts (members in parallel, one Ray Train
    run each), with the reference spectra stored in the model;
 4. ``label`` the stored release into the catalogue (Ray Data, ensemble + saliency, then the
-   refinement of Teff, log g and [Fe/H]);
+   refinement of the labels against the reference spectra);
 5. ``query`` the catalogue with a filter, and ``show`` a spectrum the screening flagged;
 6. ``evaluate`` the catalogue against the release's true labels (report.md, metrics.json, figures).
 """
@@ -70,7 +70,7 @@ def run_demo(out: str, *, n: int, seed: int, members: int = 8, epochs: int = 15)
         *("--label-catalogue", str(survey_labels)),
     )
     # The training stars' noise-free spectra (same --seed): the reference spectra the label step
-    # refines Teff, log g and [Fe/H] with, as a synthetic grid at the training labels would be.
+    # refines the labels with, as a synthetic grid at the training labels would be.
     step(
         "simulate",
         *("--n", str(n), "--seed", str(seed), "--release", "TRAIN", "--out", str(reference)),

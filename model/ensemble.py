@@ -172,7 +172,7 @@ class Ensemble:
         # The training set in the penultimate layer, for out-of-distribution scores (model/ood.py);
         # None for a model without one (fitted by `speclabel train`, stored by model/io.py).
         self.ood: EmbeddingReference | None = None
-        # Noise-free reference spectra and the fit that refines Teff, log g and [Fe/H] after the
+        # Noise-free reference spectra and the fit that refines the labels after the
         # network (model/refine.py); None: the network's labels are the model's.
         self.refinement: Refinement | None = None
         self.inference = inference or InferenceOptions()

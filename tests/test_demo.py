@@ -6,6 +6,7 @@ import sys
 
 import pyarrow.parquet as pq
 
+from speclabel.core.labels import LABEL_NAMES
 from speclabel.jobs.cli import main
 from speclabel.pipeline.catalogue import Catalogue, Query
 
@@ -27,15 +28,18 @@ def test_demo_runs_every_stage_and_accounts_for_the_corrupt_file(tmp_path):
     assert metrics["rows"]["evaluated"] == 14
     assert "14 spectra in = 14 labelled + 0 quarantined" in done.stdout
     assert (out / "model" / "model.json").exists() and (out / "example_spectra.png").stat().st_size > 10_000
-    # The model holds the training stars' noise-free spectra: the label step refined Teff, log g, [Fe/H].
-    assert json.loads((out / "model" / "model.json").read_text())["refine"]["config"]["kept"] == [
-        "teff",
-        "logg",
-        "feh",
-    ]
-    rows = Catalogue.open(str(out / "catalogue")).query(None, columns=["teff", "teff_cnn"])
-    assert rows.column("teff_cnn").null_count == 0 and not rows.column("teff").equals(rows.column("teff_cnn"))
-    assert metrics["refinement"]["labels"] == ["teff", "logg", "feh"]
+    # The model holds the training stars' noise-free spectra: the label step refined every label,
+    # the abundances from their own line windows.
+    config = json.loads((out / "model" / "model.json").read_text())["refine"]["config"]
+    assert config["kept"] == list(LABEL_NAMES) and config["own_lines"] == ["mgfe", "alfe"]
+    rows = Catalogue.open(str(out / "catalogue")).query(
+        None, columns=["teff", "teff_cnn", "alfe", "alfe_cnn"]
+    )
+    for name in ("teff", "alfe"):
+        assert rows.column(f"{name}_cnn").null_count == 0 and not rows.column(name).equals(
+            rows.column(f"{name}_cnn")
+        )
+    assert metrics["refinement"]["labels"] == list(LABEL_NAMES)
 
 
 def test_demo_refuses_a_folder_it_did_not_make(tmp_path):

@@ -43,7 +43,8 @@ def test_prior_widths_are_the_members_median_validation_scatter(fitted):
     assert refinement.config.kept == LABEL_NAMES and refinement.config.own_lines == ("mgfe", "alfe")
     # The test split's own stars are not among the references.
     assert len(refinement.library.labels) == (~SPLIT.is_test(arrays["spectrum_id"])).sum()
-    assert "label refinement of teff, logg, feh, mgfe, alfe" in lines[-2] and "prior widths teff 100" in lines[-2]
+    assert "label refinement of teff, logg, feh, mgfe, alfe" in lines[-2]
+    assert "prior widths teff 100" in lines[-2]
     n_test = SPLIT.is_test(arrays["spectrum_id"]).sum()
     assert lines[-1].startswith(
         f"train: error calibration of the refined labels (std, floor) on {n_test} test rows"

@@ -10,10 +10,11 @@ holding every ensemble member) and publishes one release of the catalogue atomic
   CATALOGUE/_population_saliency/release=<R>/run=<run>/   population-averaged saliency maps
   CATALOGUE/_manifests/release=<R>/<run>.json         inputs, counts, model, versions, timings
 
-A model trained with --reference-spectra refines Teff, log g and [Fe/H] after the network (a local
-fit of each spectrum against its noise-free reference spectra, with a continuum tilt, velocity and
-line-spread term per arm): those columns hold the refined labels and their calibrated _err, and
-<label>_cnn the network's; --no-refine labels with the network alone.
+A model trained with --reference-spectra refines its labels after the network (a local fit of each
+spectrum against its noise-free reference spectra, with a continuum tilt, velocity and line-spread
+term per arm, then [Mg/Fe] and [Al/Fe] from their own line windows): those columns hold the refined
+labels and their calibrated _err, and <label>_cnn the network's; --no-refine labels with the
+network alone.
 
 Rerunning the same release with the same model, input and options prints "up to date" and does
 nothing (--force relabels). A new model replaces the release's live rows in one step; the old ones
@@ -92,7 +93,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--no-refine",
         action="store_true",
         help="label with the network alone, also where the model has reference spectra (without it, "
-        "such a model refines Teff, log g and [Fe/H] by a fit of each spectrum and keeps the network's "
+        "such a model refines its labels by a fit of each spectrum and keeps the network's "
         "values as <label>_cnn; 0.69x the spectra per second on 2 CPUs)",
     )
     out.add_argument(

@@ -147,7 +147,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="PARQUET",
         help="noise-free reference spectra (a synthetic grid at known labels, same setup and label "
         "columns; e.g. `speclabel simulate --noise-free`) to store in the model: `speclabel label` then "
-        "refines Teff, log g and [Fe/H] by a local fit of each spectrum against them ([refine] in "
+        "refines the labels by a local fit of each spectrum against them ([refine] in "
         "--config sets the fit); rows of the common test split are left out",
     )
     parser.add_argument(

@@ -37,7 +37,7 @@ class LabelOptions:
     # Keep the live rows of spectra whose content (input_sha256) is unchanged when the release's live
     # run used the same model and options: a changed release costs only its changed spectra.
     reuse_unchanged: bool = False
-    # Refine Teff, log g and [Fe/H] with the model's reference spectra, where it has them
+    # Refine the labels with the model's reference spectra, where it has them
     # (model/refine.py): 0.69x the spectra/s on 2 CPUs (BENCHMARKS.md); False: the network alone.
     refine: bool = True
     fault: Fault | None = None  # testing hook (core.faults): where the job fails on purpose
