@@ -44,7 +44,7 @@ from .calibration import ErrorCalibration
 # The labels whose refined values replace the network's by default. The joint fit's abundances are
 # worse than the network's ([Al/Fe] +0.013 dex, [Mg/Fe] equal; bench/cv_refine.py), though fitting
 # all five and keeping three measured better than fitting three; fitted again from their own line
-# windows alone they are better than the network's ([Mg/Fe] -0.006, [Al/Fe] -0.017 dex on the
+# windows alone they are better than the network's ([Mg/Fe] -0.005, [Al/Fe] -0.014 dex on the
 # twins), so the default keeps them from that fit.
 KEPT_LABELS = ("teff", "logg", "feh", "mgfe", "alfe")
 OWN_LINES_LABELS = ("mgfe", "alfe")
