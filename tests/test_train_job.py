@@ -154,7 +154,9 @@ def test_killed_member_resumes_and_the_model_matches_the_in_process_fit(
     assert np.array_equal(again.refinement.library.labels, arrays["labels"][~test].astype(np.float32))
     # Eight test rows are too few for a calibration of the refined labels: the model says so.
     assert again.refinement.calibration is None and "no calibration of the refined labels" in printed
-    assert "label refinement of teff, logg, feh against reference spectra" in printed
+    # The giraffe setup names Mg I and Al I windows: the abundances are refined from their own lines.
+    assert "label refinement of teff, logg, feh, mgfe, alfe against reference spectra" in printed
+    assert again.refinement.config.own_lines == ("mgfe", "alfe")
     assert main([*argv, "--name", "another-run"]) == 1
     assert "a model already exists" in capsys.readouterr().err
 
