@@ -199,6 +199,15 @@ def test_an_own_lines_label_is_read_from_its_windows_alone(cut_setup):
     slope = slopes[4][inside]
     expected_std = 1 / np.sqrt(1e8 * (slope**2).sum() + 1 / WIDTH[4] ** 2)
     np.testing.assert_allclose(own_std[:, 4], expected_std, rtol=1e-3)
+    # A network 0.5 dex off (5 prior widths): more than own_lines_clip (3) widths away, the windows'
+    # value is not believed and the network's is kept; with a wider clip the windows' is taken.
+    far = start.copy()
+    far[:, 4] = truth[:, 4] - 0.5
+    np.testing.assert_array_equal(refine_labels(library, own, flux, ivar, mask, far)[0][:, 4], far[:, 4])
+    unclipped = dataclasses.replace(own, own_lines_clip=10.0)
+    assert np.all(
+        np.abs(refine_labels(library, unclipped, flux, ivar, mask, far)[0][:, 4] - truth[:, 4]) < 0.01
+    )
 
 
 def test_own_lines_defaults_follow_the_setup_and_an_explicit_label_needs_windows(cut_setup, library):
