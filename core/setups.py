@@ -117,6 +117,15 @@ class Setup:
             masks[group] = mask
         return masks
 
+    def label_line_mask(self, label: str) -> np.ndarray:
+        """Boolean mask over :attr:`wave` of the windows ``label`` is read from (its ``label_lines``
+        groups); all False for a label that names none."""
+        masks = self.window_masks()
+        mask = np.zeros(self.wave.shape, dtype=bool)
+        for group in self.label_lines.get(label, ()):
+            mask |= masks[group]
+        return mask
+
     def to_dict(self) -> dict:
         return {
             "name": self.name,

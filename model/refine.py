@@ -201,11 +201,9 @@ def nuisance_columns(model: np.ndarray, setup: Setup, config: RefineConfig) -> t
 
 def own_line_pixels(setup: Setup, label: str) -> np.ndarray:
     """The pixels [P] of ``label``'s own line windows in ``setup`` (its ``label_lines`` groups)."""
-    groups = setup.label_lines.get(label, ())
-    if not groups:
+    if not setup.label_lines.get(label):
         raise ConfigError(f"[refine] own_lines: setup {setup.name!r} names no line windows for {label!r}")
-    masks = setup.window_masks()
-    return np.logical_or.reduce([masks[g] for g in groups])
+    return setup.label_line_mask(label)
 
 
 def _fit_step(residual, weight, slopes, label_precision, prior_offset, nuisance=None, nuisance_width=None):

@@ -37,6 +37,9 @@ def test_line_windows_cover_the_named_lines(setup):
         assert masks[group][np.argmin(np.abs(wave - line))], (group, line)
     assert not masks["Al I"][np.argmin(np.abs(wave - 5528.40))]
     assert set(setup.label_lines["mgfe"]) == {"Mg I"}
+    # A label's own windows: the union of its groups (log g is read from Ca II and Mg I).
+    np.testing.assert_array_equal(setup.label_line_mask("logg"), masks["Ca II"] | masks["Mg I"])
+    assert not setup.label_line_mask("vmic").any()
 
 
 def test_setup_round_trips_through_a_dict(setup):

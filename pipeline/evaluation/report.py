@@ -193,9 +193,7 @@ def saliency_section(ev: Evaluation) -> dict | None:
     labels = {}
     for k, label in enumerate(ev.labels):
         own = list(setup.label_lines.get(label, ()))
-        own_mask = np.zeros(setup.n_pixels, dtype=bool)
-        for group in own:
-            own_mask |= masks[group]
+        own_mask = setup.label_line_mask(label)
         entry: dict = {"own_groups": own, "own_pixel_fraction": float(own_mask.mean()) if own else None}
         if method == "population":
             entry["group_shares"] = {g: _share(sum_abs[k], m) for g, m in masks.items()}
