@@ -129,13 +129,16 @@ def noisy_twins(arrays, rows, rng, *, snr=(50.0, 150.0), clean=None, mask=None):
     return flux, mask, level
 
 
-def twin_test(ensemble, arrays, rows, *, draws=10, snr=(50.0, 150.0), seed=0):
-    """Held-out stars' noise-free twins, ``draws`` fresh-noise draws each (:func:`noisy_twins`)."""
+def twin_test(ensemble, arrays, rows, *, draws=10, snr=(50.0, 150.0), seed=0, refinement=None):
+    """Held-out stars' noise-free twins, ``draws`` fresh-noise draws each (:func:`noisy_twins`); with a
+    ``refinement`` (``model.refine.Refinement``) the refined labels' metrics, on the same draws."""
     rng = np.random.default_rng(seed)
     predicted, truth, spread = [], [], []
     for _ in range(draws):
-        flux, mask, _ = noisy_twins(arrays, rows, rng, snr=snr)
+        flux, mask, level = noisy_twins(arrays, rows, rng, snr=snr)
         prediction = ensemble.predict(flux, mask)
+        if refinement is not None:
+            prediction = refinement.apply(prediction, flux, twin_ivar(arrays, rows, level, mask), mask)
         predicted.append(prediction.mean)
         spread.append(prediction.std)
         truth.append(arrays["labels"][rows])

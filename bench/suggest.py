@@ -16,6 +16,11 @@
    training, ``--epochs``, one torch thread) trained on start + suggested and on start + each
    random draw, same settings; each scored on the common test split (all S/N) and on the held-out
    stars' noise-free twins at S/N 50-150 (``accuracy_shared.twin_test``).
+5. With ``--refine`` (the default; ``--no-refine`` skips it) the same spectra are scored again with
+   the labels refined against reference spectra, as a model trained with ``--reference-spectra``
+   labels them: each training set's noise-free twins are its reference spectra
+   (``reference_refinement``), so an added star improves the refinement's local models as well as
+   the member.
 
 Prints per label the scatter of each, the random draws' mean, and suggested / random - 1, per seed
 and over the seeds (the seed alone moves a scatter by ~15 %). Appends one JSON line per trained
@@ -38,9 +43,11 @@ import torch
 from accuracy_shared import VARIANTS, fit_in_process, load_shared, twin_test
 
 from speclabel.core.labels import LABEL_NAMES
+from speclabel.jobs.train.refine import refine_config
 from speclabel.model.calibration import prior_widths
 from speclabel.model.fit import EnsembleConfig, test_metrics
 from speclabel.model.ood import OODConfig, fit_embedding_reference
+from speclabel.model.refine import ReferenceLibrary, RefineConfig, Refinement
 from speclabel.model.splits import hash_uniform
 from speclabel.pipeline.suggest import DEFAULT_DIVERSITY, DIVERSITY, CandidatePools, score_parts, select
 
@@ -91,26 +98,50 @@ def suggested(ensemble, arrays, pool: np.ndarray, n: int, per_partition: int, di
     }
 
 
-def scores(ensemble, arrays, test_rows) -> dict:
-    test = {k: arrays[k][test_rows] for k in ("flux", "mask", "labels", "snr")}
-    metrics = test_metrics(ensemble, [test])
-    twins = twin_test(ensemble, arrays, test_rows)
-    return {
-        "test_all": {n: metrics["all"][n]["scatter"] for n in LABEL_NAMES},
-        "twins": {n: twins[n]["scatter"] for n in LABEL_NAMES},
-    }
+def reference_refinement(ensemble, arrays, rows) -> Refinement:
+    """The label refinement ``speclabel train --reference-spectra`` would attach to ``ensemble``
+    trained on ``rows``: their noise-free twins as the reference spectra, the default settings with
+    the members' validation scatter as the prior widths. A star added to the training set is a
+    reference star too, so the refined labels are what the suggested stars buy a model with them."""
+    library = ReferenceLibrary(
+        arrays["labels"][rows], arrays["flux_clean"][rows], arrays["mask"][rows], ensemble.setup
+    )
+    return Refinement(library, refine_config(ensemble, RefineConfig()))
+
+
+def scores(ensemble, arrays, test_rows, refinement=None) -> dict:
+    """Scatter on the test split (all S/N) and the twins (S/N 50-150) of the network's labels and,
+    with a ``refinement``, of the refined labels on the same spectra (keys ``*_refined``)."""
+    test = {k: arrays[k][test_rows] for k in ("flux", "mask", "labels", "snr", "ivar")}
+    out = {}
+    for suffix, refine in (("", None), ("_refined", refinement)):
+        if suffix and refine is None:
+            continue
+        metrics = test_metrics(ensemble, [test], refinement=refine)
+        twins = twin_test(ensemble, arrays, test_rows, refinement=refine)
+        out[f"test_all{suffix}"] = {n: metrics["all"][n]["scatter"] for n in LABEL_NAMES}
+        out[f"twins{suffix}"] = {n: twins[n]["scatter"] for n in LABEL_NAMES}
+    return out
 
 
 def print_table(records: list[dict]) -> None:
     """Per seed: each training set's scatter, the random draws' mean and each suggested set against
     it; then over the seeds that have every run: the mean change and its spread over the seeds."""
     seeds = sorted({r.get("seed", 0) for r in records})
-    for key, title in (("test_all", "common test split, all S/N"), ("twins", "twins, S/N 50-150")):
+    keys = [
+        (f"{sample}{suffix}", f"{title}{what}")
+        for suffix, what in (("", ""), ("_refined", ", refined labels"))
+        for sample, title in (("test_all", "common test split, all S/N"), ("twins", "twins, S/N 50-150"))
+    ]
+    for key, title in keys:
+        if not any(key in r for r in records):
+            continue
+        records_of_key = [r for r in records if key in r]
         print(f"\nscatter on the {title}")
         print(f"{'training set':<36} " + " ".join(f"{n:>9}" for n in LABEL_NAMES))
         changes: dict[str, list[list[float]]] = {}
         for seed in seeds:
-            mine = [r for r in records if r.get("seed", 0) == seed]
+            mine = [r for r in records_of_key if r.get("seed", 0) == seed]
             for r in mine:
                 print(
                     f"{r['name'] + f' @seed {seed}':<36} "
@@ -156,6 +187,12 @@ def main() -> None:
         "--runs",
         nargs="*",
         help="train only these (start+suggested, start+random1, ...); draws stay the same",
+    )
+    parser.add_argument(
+        "--refine",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also score the refined labels, with each training set's twins as reference spectra",
     )
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -208,6 +245,7 @@ def main() -> None:
         began, cpu = time.perf_counter(), time.process_time()
         rows = np.isin(np.arange(len(ids)), np.concatenate([start, added]))
         model = train(arrays, setup, rows, args.variant, 1, args.epochs, base_seed=seed)
+        refinement = reference_refinement(model, arrays, rows) if args.refine else None
         record = {
             "bench": "suggest",
             "name": name,
@@ -219,7 +257,7 @@ def main() -> None:
             "seconds": time.perf_counter() - began,
             "cpu_seconds": time.process_time() - cpu,
             "epochs_run": model.member_info[0]["epochs_run"],
-            **scores(model, arrays, test_rows),
+            **scores(model, arrays, test_rows, refinement),
             **common,
         }
         with out.open("a") as fh:
