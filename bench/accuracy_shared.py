@@ -119,14 +119,14 @@ def twin_ivar(arrays, rows, level, mask=None):
 def noisy_twins(arrays, rows, rng, *, snr=(50.0, 150.0), clean=None, mask=None):
     """One draw of the rows' noise-free twins with fresh noise at S/N log-uniform in ``snr``, keeping
     each spectrum's own noise pattern (:func:`twin_ivar`), as the training augmentation does:
-    (flux, mask, S/N per row). ``clean``, ``mask``: perturbed copies of the twins to add it to."""
+    (flux, mask, S/N per row, ivar). ``clean``, ``mask``: perturbed copies of the twins to add it to."""
     clean = arrays["flux_clean"][rows] if clean is None else clean
     mask = arrays["mask"][rows] if mask is None else mask
     level = np.exp(rng.uniform(np.log(snr[0]), np.log(snr[1]), len(clean)))
     ivar = twin_ivar(arrays, rows, level, mask)
     sigma = np.where(mask, 1.0 / np.sqrt(np.maximum(ivar, 1e-300)), 0.0)
     flux = np.where(mask, clean + rng.standard_normal(clean.shape) * sigma, 1.0).astype(np.float32)
-    return flux, mask, level
+    return flux, mask, level, ivar
 
 
 def twin_test(ensemble, arrays, rows, *, draws=10, snr=(50.0, 150.0), seed=0, refinement=None):
@@ -135,10 +135,10 @@ def twin_test(ensemble, arrays, rows, *, draws=10, snr=(50.0, 150.0), seed=0, re
     rng = np.random.default_rng(seed)
     predicted, truth, spread = [], [], []
     for _ in range(draws):
-        flux, mask, level = noisy_twins(arrays, rows, rng, snr=snr)
+        flux, mask, _, ivar = noisy_twins(arrays, rows, rng, snr=snr)
         prediction = ensemble.predict(flux, mask)
         if refinement is not None:
-            prediction = refinement.apply(prediction, flux, twin_ivar(arrays, rows, level, mask), mask)
+            prediction = refinement.apply(prediction, flux, ivar, mask)
         predicted.append(prediction.mean)
         spread.append(prediction.std)
         truth.append(arrays["labels"][rows])

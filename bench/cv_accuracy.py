@@ -47,7 +47,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from accuracy_shared import VARIANTS, fit_cannon, load_shared, noisy_twins, twin_ivar, variant_config
+from accuracy_shared import VARIANTS, fit_cannon, load_shared, noisy_twins, variant_config
 
 from speclabel.core.labels import LABEL_NAMES
 from speclabel.model.ensemble import Ensemble
@@ -188,16 +188,16 @@ def held_out_sets(arrays, setup, held, label, *, seed, draws, rv_sigma, tilt) ->
     split): every method scored with the same seed sees the same spectra."""
     twins, perturbed = [], []
     for draw in range(draws):
-        flux, mask, level = noisy_twins(arrays, held, np.random.default_rng([seed, draw]))
-        twins.append(label(flux, mask, twin_ivar(arrays, held, level, mask)))
+        flux, mask, _, ivar = noisy_twins(arrays, held, np.random.default_rng([seed, draw]))
+        twins.append(label(flux, mask, ivar))
         shifted, shifted_mask = reduction_residuals(
             arrays, held, setup, np.random.default_rng([seed, draw, 1]), rv_sigma=rv_sigma, tilt=tilt
         )
         # The same noise draw as the twin above (same generator seed), on the perturbed spectrum.
-        flux, mask, level = noisy_twins(
+        flux, mask, _, ivar = noisy_twins(
             arrays, held, np.random.default_rng([seed, draw]), clean=shifted, mask=shifted_mask
         )
-        perturbed.append(label(flux, mask, twin_ivar(arrays, held, level, mask)))
+        perturbed.append(label(flux, mask, ivar))
     return {
         "spectrum_id": [str(s) for s in arrays["spectrum_id"][held]],
         "truth": arrays["labels"][held].tolist(),
