@@ -67,33 +67,55 @@ def score_parts(
     return {"score": score, "score_uncertainty": uncertainty, "score_novelty": novelty}
 
 
-def k_center(points: np.ndarray, n: int, weights: np.ndarray | None = None) -> np.ndarray:
-    """Indices of ``n`` rows of ``points [N, D]`` in pick order: first the largest weight, then each
-    time the row with the largest ``weight * (distance to the nearest row taken)``. Without
-    ``weights`` this is plain farthest-point k-center (a 2-approximation of the best cover)."""
+def nearest_distance(points: np.ndarray, covered: np.ndarray | None, chunk: int = 4096) -> np.ndarray:
+    """The distance of each row of ``points [N, D]`` to its nearest row of ``covered [S, D]`` (inf
+    without any), ``chunk`` candidate rows at a time so memory is ``chunk x S`` floats."""
+    nearest = np.full(len(points), np.inf)
+    if covered is None or len(covered) == 0:
+        return nearest
+    covered = np.asarray(covered, dtype=np.float64)
+    for begin in range(0, len(points), chunk):
+        part = points[begin : begin + chunk]
+        squared = (part**2).sum(1)[:, None] + (covered**2).sum(1)[None, :] - 2.0 * part @ covered.T
+        nearest[begin : begin + chunk] = np.sqrt(np.maximum(squared, 0.0).min(axis=1))
+    return nearest
+
+
+def k_center(
+    points: np.ndarray, n: int, weights: np.ndarray | None = None, covered: np.ndarray | None = None
+) -> np.ndarray:
+    """Indices of ``n`` rows of ``points [N, D]`` in pick order: each time the row with the largest
+    ``weight * (distance to the nearest row taken or covered)``; with nothing ``covered`` the first
+    pick is the largest weight. ``covered [S, D]``: points already held (the model's reference
+    stars), so the picks fill the gaps they leave rather than cover the candidates afresh (the
+    core-set selection of Sener & Savarese 2018). Without ``weights`` or ``covered`` this is plain
+    farthest-point k-center (a 2-approximation of the best cover)."""
     points = np.asarray(points, dtype=np.float64)
     if n > len(points):
         raise InputError(f"cannot pick {n} of {len(points)} rows")
     weights = np.ones(len(points)) if weights is None else np.asarray(weights, dtype=np.float64)
-    nearest = np.full(len(points), np.inf)
+    nearest = nearest_distance(points, covered)
     taken = np.zeros(len(points), dtype=bool)
     picks = np.empty(n, dtype=np.int64)
     for i in range(n):
-        gain = weights if i == 0 else weights * nearest
+        gain = weights if np.isinf(nearest).all() else weights * nearest
         pick = int(np.argmax(np.where(taken, -np.inf, gain)))
         picks[i], taken[pick] = pick, True
         nearest = np.minimum(nearest, np.sqrt(((points - points[pick]) ** 2).sum(axis=1)))
     return picks
 
 
-def k_median(points: np.ndarray, n: int, weights: np.ndarray | None = None) -> np.ndarray:
+def k_median(
+    points: np.ndarray, n: int, weights: np.ndarray | None = None, covered: np.ndarray | None = None
+) -> np.ndarray:
     """Indices of ``n`` rows of ``points [N, D]`` in pick order by greedy weighted k-median (facility
     location): each time the row whose taking most lowers ``sum_i w_i * d_i``, ``d_i`` the distance
-    of row ``i`` to its nearest row taken (before the first pick: the largest distance of any row
-    to the weighted centre). Where k-center covers the edges of the candidates, this places picks
-    where the weight lies: many uncertain rows in one region get several picks, a lone outlier at
-    most one. The rows ``i`` measured are at most :data:`MEDIAN_CLIENTS` of them, spread evenly over
-    the candidates' weight order, so memory is ``N x MEDIAN_CLIENTS`` floats whatever ``N``."""
+    of row ``i`` to its nearest row taken or ``covered`` (before the first pick, with nothing
+    covered: the largest distance of any row to the weighted centre). Where k-center covers the
+    edges of the candidates, this places picks where the weight lies: many uncertain rows in one
+    region get several picks, a lone outlier at most one. The rows ``i`` measured are at most
+    :data:`MEDIAN_CLIENTS` of them, spread evenly over the candidates' weight order, so memory is
+    ``N x MEDIAN_CLIENTS`` floats whatever ``N``."""
     points = np.asarray(points, dtype=np.float64)
     if n > len(points):
         raise InputError(f"cannot pick {n} of {len(points)} rows")
@@ -108,7 +130,8 @@ def k_median(points: np.ndarray, n: int, weights: np.ndarray | None = None) -> n
     distance = sq[:, None] + sq[clients][None, :] - 2.0 * points @ points[clients].T
     distance = np.sqrt(np.maximum(distance, 0.0)).astype(np.float32)
     centre = np.average(points, axis=0, weights=weights if weights.sum() > 0 else None)
-    current = np.full(len(clients), float(np.sqrt(((points - centre) ** 2).sum(axis=1)).max()), np.float32)
+    farthest = float(np.sqrt(((points - centre) ** 2).sum(axis=1)).max())
+    current = np.minimum(nearest_distance(points[clients], covered), farthest).astype(np.float32)
     client_weight = weights[clients].astype(np.float32)
     taken = np.zeros(len(points), dtype=bool)
     picks = np.empty(n, dtype=np.int64)
@@ -141,6 +164,19 @@ def label_points(table: pa.Table, label_names: Sequence[str], widths: np.ndarray
     return np.where(np.isfinite(points), points, 0.0)
 
 
+def covered_points(
+    labels: np.ndarray, names: Sequence[str], label_names: Sequence[str], widths: np.ndarray
+) -> np.ndarray:
+    """Reference stars' labels ``[S, len(names)]`` (columns ``names``) as points of the selection's
+    space ``[S, L]``: the columns of ``label_names`` divided by ``widths``. InputError when the
+    reference stars lack one of the labels."""
+    missing = [n for n in label_names if n not in names]
+    if missing:
+        raise InputError(f"the reference stars have no label(s) {missing}")
+    columns = [list(names).index(n) for n in label_names]
+    return np.asarray(labels, dtype=np.float64)[:, columns] / np.asarray(widths, dtype=np.float64)
+
+
 def diverse(
     table: pa.Table,
     n: int,
@@ -148,13 +184,15 @@ def diverse(
     widths: np.ndarray,
     weighted: bool,
     diversity: str = DEFAULT_DIVERSITY,
+    covered: np.ndarray | None = None,
 ) -> pa.Table:
     """The ``min(n, rows)`` rows of ``table`` that ``diversity`` (:data:`DIVERSITY`: :func:`k_center`
-    or :func:`k_median`) picks, in pick order."""
+    or :func:`k_median`) picks, in pick order, away from the ``covered`` points (standardised
+    labels, :func:`covered_points`)."""
     method = diversity_method(diversity)
     n = min(n, table.num_rows)
     weights = table.column("score").to_numpy() if weighted else None
-    picks = method(label_points(table, label_names, widths), n, weights)
+    picks = method(label_points(table, label_names, widths), n, weights, covered)
     return table.take(pa.array(picks))
 
 
@@ -204,9 +242,11 @@ def select(
     *,
     weighted: bool = True,
     diversity: str = DEFAULT_DIVERSITY,
+    covered: np.ndarray | None = None,
 ) -> pa.Table:
     """The ``n`` picks over every partition with a ``rank`` column (1 = first pick): ``diversity``
-    (k-center or k-median) within each partition, then over the partitions' winners. InputError
+    (k-center or k-median) within each partition, then over the partitions' winners, both away
+    from the ``covered`` points (:func:`covered_points`: the model's reference stars). InputError
     when fewer than ``n`` rows qualify."""
     if pools.per_partition < n:
         raise InputError(f"the per-partition bound ({pools.per_partition}) must be at least n ({n})")
@@ -217,6 +257,8 @@ def select(
             f"({', '.join(f.name.lower() for f in Flag if f & DISQUALIFYING)}), excluded ids and rows "
             "outside --where are never suggested"
         )
-    winners = [diverse(t, n, label_names, widths, weighted, diversity) for t in pools.tables() if t.num_rows]
-    merged = diverse(pa.concat_tables(winners), n, label_names, widths, weighted, diversity)
+    winners = [
+        diverse(t, n, label_names, widths, weighted, diversity, covered) for t in pools.tables() if t.num_rows
+    ]
+    merged = diverse(pa.concat_tables(winners), n, label_names, widths, weighted, diversity, covered)
     return merged.append_column("rank", pa.array(np.arange(1, n + 1, dtype=np.int32)))

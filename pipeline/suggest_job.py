@@ -7,7 +7,7 @@ disqualifying flag, an ``--exclude`` id), scores the rest (``pipeline.suggest.sc
 returns only each file's ``per_partition`` best-scored rows (a file lies in one sky partition). The
 driver keeps at most ``per_partition`` rows per sky partition as the tasks' results arrive
 (``CandidatePools``), then picks the N with k-center (or k-median) within partitions and a merge
-(``pipeline.suggest.select``).
+(``pipeline.suggest.select``), away from the model's reference stars where it has them.
 Rows held anywhere: ``per_partition`` per task and per partition, whatever the catalogue's size.
 """
 
@@ -68,12 +68,15 @@ class Suggestions:
     candidates: int  # rows the scoring tasks returned (at most per_partition per file)
     peak_rows: int  # candidate rows the driver held at most
     other_models: dict[str, str]  # release -> model_id of live runs labelled by another model
+    covered: int = 0  # reference stars the picks were spread away from
 
     def summary(self) -> str:
         text = (
             f"suggest: {self.table.num_rows} picks of {self.candidates} candidates from "
             f"{self.scanned_files} files (at most {self.peak_rows} held at once)"
         )
+        if self.covered:
+            text += f", away from the model's {self.covered} reference stars"
         for release, model_id in sorted(self.other_models.items()):
             text += f"\nwarning: release {release} was labelled by model {model_id}, not by --model"
         return text
@@ -163,12 +166,15 @@ def suggest(
     options: SuggestOptions,
     *,
     model_id: str | None = None,
+    covered: np.ndarray | None = None,
 ) -> Suggestions:
     """The N picks of the live rows of ``catalogue`` (Ray must be running: ``ray_session``).
 
     ``label_names`` and ``widths``: the model's labels and the training labels' spreads
     (``model.calibration.prior_widths``); ``model_id``: the model's id, to warn about releases whose
-    live rows another model labelled (their err and ood_score are not this model's)."""
+    live rows another model labelled (their err and ood_score are not this model's); ``covered``:
+    the model's reference stars in the selection's space (``pipeline.suggest.covered_points``),
+    so the picks fill the gaps they leave."""
     import ray.data
 
     runs = catalogue.runs(options.releases)
@@ -200,7 +206,14 @@ def suggest(
         for block in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
             pools.add(block.cast(output_schema(label_names)))
     picks = select(
-        pools, options.n, label_names, widths, weighted=options.weighted, diversity=options.diversity
+        pools,
+        options.n,
+        label_names,
+        widths,
+        weighted=options.weighted,
+        diversity=options.diversity,
+        covered=covered,
     )
     other = {run.release: str(run.model_id) for run in runs if model_id and run.model_id != model_id}
-    return Suggestions(picks.drop_columns([SKY]), len(items), pools.seen, pools.peak_rows, other)
+    held = 0 if covered is None else len(covered)
+    return Suggestions(picks.drop_columns([SKY]), len(items), pools.seen, pools.peak_rows, other, held)

@@ -14,8 +14,19 @@ from label_data import saved_model
 from speclabel.core.errors import InputError
 from speclabel.core.flags import Flag
 from speclabel.jobs.cli import main
+from speclabel.model.io import save_model
+from speclabel.model.refine import ReferenceLibrary, RefineConfig, Refinement
 from speclabel.pipeline.catalogue import Catalogue
-from speclabel.pipeline.suggest import MEDIAN_CLIENTS, CandidatePools, k_center, k_median, score_parts, select
+from speclabel.pipeline.suggest import (
+    MEDIAN_CLIENTS,
+    CandidatePools,
+    covered_points,
+    k_center,
+    k_median,
+    nearest_distance,
+    score_parts,
+    select,
+)
 from speclabel.pipeline.suggest_job import scored_candidates
 
 LABELS = ("a", "b")
@@ -107,6 +118,33 @@ def test_k_median_follows_the_weight_and_gives_an_outlier_one_pick():
     assert len(set(picks.tolist())) == 20
     with pytest.raises(InputError, match="cannot pick"):
         k_median(points, len(points) + 1)
+
+
+def test_covered_selection_fills_the_gaps_the_reference_stars_leave():
+    """Three clusters of candidates, the first scoring best; reference stars already sit on the
+    first two. Uncovered, both selections start in the best-scored cluster; covered, both start in
+    the third, and k-center takes one pick there before it returns to the covered clusters."""
+    rng = np.random.default_rng(3)
+    centres = np.array([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0]])
+    points = np.concatenate([c + 0.3 * rng.standard_normal((20, 2)) for c in centres])
+    weights = np.ones(60)
+    weights[:20] = 5.0
+    reference = np.concatenate([c + 0.3 * rng.standard_normal((30, 2)) for c in centres[:2]])
+    for method in (k_center, k_median):
+        assert method(points, 1, weights)[0] // 20 == 0
+        assert method(points, 1, weights, covered=reference)[0] // 20 == 2
+    assert sorted(k_center(points, 3, weights, covered=reference) // 20)[-1] == 2
+    # Covered, k-center's first pick is the candidate of largest weight times distance to the
+    # nearest reference star (brute force).
+    brute = np.sqrt(((points[:, None] - reference[None]) ** 2).sum(-1)).min(1)
+    np.testing.assert_allclose(nearest_distance(points, reference, chunk=7), brute, rtol=1e-9, atol=1e-9)
+    assert k_center(points, 1, weights, covered=reference)[0] == np.argmax(weights * brute)
+    assert np.isinf(nearest_distance(points, None)).all()
+    # The reference stars' labels in the selection's space: reordered by name, divided by the widths.
+    stars = np.array([[0.5, 4.0], [1.0, 2.0]])  # columns b, a
+    np.testing.assert_allclose(covered_points(stars, ("b", "a"), LABELS, WIDTHS), [[2.0, 1.0], [1.0, 2.0]])
+    with pytest.raises(InputError, match="no label"):
+        covered_points(stars, ("b", "c"), LABELS, WIDTHS)
 
 
 def test_select_runs_either_diversity_and_refuses_an_unknown_one():
@@ -211,3 +249,25 @@ def test_cli_end_to_end_on_a_small_catalogue(ray_session, setup, tmp_path, capsy
     capsys.readouterr()
     assert main([*argv, "--diversity", "nearest", "--overwrite"]) != 0
     assert "diversity must be one of ['k-center', 'k-median']" in capsys.readouterr().err
+    # A model with reference spectra: its reference stars count as picks made. Here they sit on the
+    # eligible rows of largest score, so the first pick is the largest score times the distance to
+    # the nearest reference star (computed here by brute force) and no reference star is picked.
+    labels = np.stack([table.column(n).to_numpy() for n in names], 1)
+    stars = np.argsort(-np.where(ok, score, -np.inf))[:10]
+    flux = np.ones((len(stars), setup.n_pixels), np.float32)
+    ensemble.refinement = Refinement(
+        ReferenceLibrary(labels[stars], flux, np.ones(flux.shape, bool), setup),
+        RefineConfig(prior_width=tuple(float(w) for w in ensemble.scaler.scale)),
+    )
+    save_model(ensemble, str(tmp_path / "refined-model"))
+    argv[argv.index(model)] = str(tmp_path / "refined-model")
+    capsys.readouterr()
+    assert main([*argv, "--overwrite"]) == 0
+    assert "away from the model's 10 reference stars" in capsys.readouterr().out
+    covered = pyarrow.csv.read_csv(out).column("spectrum_id").to_pylist()
+    points = labels / ensemble.scaler.scale
+    nearest = np.sqrt(((points[:, None] - points[stars][None]) ** 2).sum(-1)).min(1)
+    assert covered[0] == ids[ok][np.argmax((score * nearest)[ok])]
+    assert not set(covered) & set(ids[stars])
+    assert main([*argv, "--overwrite", "--ignore-reference-stars"]) == 0
+    assert pyarrow.csv.read_csv(out).column("spectrum_id")[0].as_py() == ids[ok][np.argmax(score[ok])]

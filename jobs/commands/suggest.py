@@ -10,7 +10,9 @@ Ranks the rows by how much a reference label for them would teach the model:
                       training labels' standard deviation (labels in comparable units)
   score_novelty     = ood_score / 100 (distance to the training set in the members' embedding space)
 and picks --n diverse rows (greedy k-center, or with --diversity k-median greedy k-median, in
-predicted-label space, weighted by the score), so the picks are not N twins of one odd star. Rows
+predicted-label space, weighted by the score), so the picks are not N twins of one odd star. A
+model with reference spectra (train --reference-spectra) has its reference stars count as picks
+already made, so the picks fill the gaps they leave (--ignore-reference-stars: cover afresh). Rows
 flagged anomalous_spectrum, heavily_masked or low_snr, rows of --exclude (a .parquet or .csv with a
 spectrum_id column) and rows outside --where are never suggested. Runs on Ray: one streaming
 scoring task per catalogue file; at most --max-per-partition candidates are held per sky
@@ -52,6 +54,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="how the picks are spread: k-center (the default) covers the candidates' label space, "
         "edges first; k-median places picks where the score-weighted candidates lie",
     )
+    parser.add_argument(
+        "--ignore-reference-stars",
+        action="store_true",
+        help="spread the picks over the candidates alone, not away from the model's reference stars",
+    )
     parser.add_argument("--out", required=True, metavar="FILE", help="FILE.parquet, .csv or .fits")
     parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     add_ray_address(parser)
@@ -63,6 +70,7 @@ def run(args: argparse.Namespace) -> int:
     from speclabel.pipeline.catalogue import Catalogue
     from speclabel.pipeline.catalogue.export import output_format, write_table
     from speclabel.pipeline.ray_session import ray_session
+    from speclabel.pipeline.suggest import covered_points
     from speclabel.pipeline.suggest_job import SuggestOptions, suggest
     from speclabel.pipeline.training_data import IdList
 
@@ -77,10 +85,15 @@ def run(args: argparse.Namespace) -> int:
         weighted=not args.unweighted,
         **({"diversity": args.diversity} if args.diversity else {}),
     )
+    widths = prior_widths(ensemble)
+    covered = None
+    if ensemble.refinement is not None and not args.ignore_reference_stars:
+        library = ensemble.refinement.library
+        covered = covered_points(library.labels, library.label_names, ensemble.label_names, widths)
     catalogue = Catalogue.open(args.catalogue)
     with ray_session(args.address, quiet=True):
         result = suggest(
-            catalogue, ensemble.label_names, prior_widths(ensemble), options, model_id=ensemble.model_id
+            catalogue, ensemble.label_names, widths, options, model_id=ensemble.model_id, covered=covered
         )
     fmt = write_table(result.table, args.out, overwrite=args.overwrite)
     print(result.summary())
