@@ -3,7 +3,10 @@
     nice -n 15 .venv/bin/python bench/suggest.py [--epochs 120] [--start-members 3] [--draws 3]
 
 1. ``--start`` (150) start stars, the smallest hash of ``spectrum_id`` (salt ``START_SALT``) among
-   the rows outside the common test split (``model.splits``); the pool is every other non-test row.
+   the rows outside the common test split (``model.splits``); then ``--validation`` (100) pool
+   validation stars, the next smallest by another hash (``VALIDATION_SALT``), never candidates and
+   never trained on: the numbers for choosing between selections; the pool is every other non-test
+   row.
 2. A start ensemble of ``--start-members`` members (the ensemble std needs more than one) on the
    start stars, with its embedding reference (``model.ood``) fitted on them as ``speclabel train``
    does; it labels the pool (mean, std, ood_score: the catalogue's columns; no calibration, so
@@ -11,11 +14,14 @@
 3. ``--add`` (100) stars chosen from the pool by ``pipeline.suggest`` (the score, four hash
    partitions of at most ``--per-partition`` rows, the ``--diversity`` selection in each, then the
    merge: the same functions as the command; ``start+suggested`` is k-center, the default, and
-   ``start+suggested-k-median`` k-median) and ``--draws`` (3) random draws of as many.
+   ``start+suggested-k-median`` k-median; ``--cover start`` adds the same selections started from
+   the start stars' labels, the reference stars a model trained on them holds, so the picks fill
+   their gaps: ``start+suggested-covered``, ...) and ``--draws`` (3) random draws of as many.
 4. One member per ``--seeds`` seed (default 0; the ``default`` architecture with the default
    training, ``--epochs``, one torch thread) trained on start + suggested and on start + each
-   random draw, same settings; each scored on the common test split (all S/N) and on the held-out
-   stars' noise-free twins at S/N 50-150 (``accuracy_shared.twin_test``).
+   random draw, same settings; each scored on the pool validation stars and on the common test
+   split, each on the observed spectra (all S/N) and on the noise-free twins at S/N 50-150
+   (``accuracy_shared.twin_test``).
 5. With ``--refine`` (the default; ``--no-refine`` skips it) the same spectra are scored again with
    the labels refined against reference spectra, as a model trained with ``--reference-spectra``
    labels them: each training set's noise-free twins are its reference spectra
@@ -49,9 +55,17 @@ from speclabel.model.fit import EnsembleConfig, test_metrics
 from speclabel.model.ood import OODConfig, fit_embedding_reference
 from speclabel.model.refine import ReferenceLibrary, RefineConfig, Refinement
 from speclabel.model.splits import hash_uniform
-from speclabel.pipeline.suggest import DEFAULT_DIVERSITY, DIVERSITY, CandidatePools, score_parts, select
+from speclabel.pipeline.suggest import (
+    DEFAULT_DIVERSITY,
+    DIVERSITY,
+    CandidatePools,
+    covered_points,
+    score_parts,
+    select,
+)
 
 START_SALT = "speclabel-suggest-bench-start"
+VALIDATION_SALT = "speclabel-suggest-bench-validation"
 PARTITIONS = 4
 
 
@@ -74,13 +88,15 @@ def train(arrays, setup, rows, variant, members, epochs, base_seed=0):
     )
 
 
-def suggested_name(diversity: str) -> str:
-    return "start+suggested" if diversity == DEFAULT_DIVERSITY else f"start+suggested-{diversity}"
+def suggested_name(diversity: str, cover: str) -> str:
+    name = "start+suggested" if diversity == DEFAULT_DIVERSITY else f"start+suggested-{diversity}"
+    return name if cover == "none" else f"{name}-covered"
 
 
-def suggested(ensemble, arrays, pool: np.ndarray, n: int, per_partition: int, diversities) -> dict:
+def suggested(ensemble, arrays, pool: np.ndarray, n: int, per_partition: int, selections, start) -> dict:
     """Row indices of the ``n`` stars ``pipeline.suggest`` picks from ``pool`` (indices), per
-    selection of ``diversities``."""
+    selection ``(diversity, cover)`` of ``selections``; cover ``start``: away from the labels of the
+    ``start`` rows."""
     prediction = ensemble.predict(arrays["flux"][pool], arrays["mask"][pool], ood=True)
     ids = arrays["spectrum_id"][pool]
     columns = {"spectrum_id": pa.array(ids.tolist()), "row": pa.array(pool)}
@@ -92,9 +108,14 @@ def suggested(ensemble, arrays, pool: np.ndarray, n: int, per_partition: int, di
         columns[key] = pa.array(values)
     pools = CandidatePools(per_partition)
     pools.add(pa.table(columns))
+    covered = covered_points(arrays["labels"][start], LABEL_NAMES, ensemble.label_names, widths)
     return {
-        d: select(pools, n, ensemble.label_names, widths, diversity=d).column("row").to_numpy()
-        for d in diversities
+        (d, cover): select(
+            pools, n, ensemble.label_names, widths, diversity=d, covered=covered if cover == "start" else None
+        )
+        .column("row")
+        .to_numpy()
+        for d, cover in selections
     }
 
 
@@ -109,17 +130,23 @@ def reference_refinement(ensemble, arrays, rows) -> Refinement:
     return Refinement(library, refine_config(ensemble, RefineConfig()))
 
 
-def scores(ensemble, arrays, test_rows, refinement=None) -> dict:
-    """Scatter on the test split (all S/N) and the twins (S/N 50-150) of the network's labels and,
-    with a ``refinement``, of the refined labels on the same spectra (keys ``*_refined``)."""
-    test = {k: arrays[k][test_rows] for k in ("flux", "mask", "labels", "snr", "ivar")}
+SAMPLES = {"validation": "val_", "test": ""}  # scored rows -> key prefix (the test keys as before)
+
+
+def scores(ensemble, arrays, rows: dict, refinement=None) -> dict:
+    """Per sample of ``rows`` (:data:`SAMPLES` -> row mask): scatter on its observed spectra (all
+    S/N) and its twins (S/N 50-150) of the network's labels and, with a ``refinement``, of the
+    refined labels on the same spectra (keys ``*_refined``)."""
     out = {}
     labellings = {"": None, **({"_refined": refinement} if refinement is not None else {})}
-    for suffix, refine in labellings.items():
-        metrics = test_metrics(ensemble, [test], refinement=refine)
-        twins = twin_test(ensemble, arrays, test_rows, refinement=refine)
-        out[f"test_all{suffix}"] = {n: metrics["all"][n]["scatter"] for n in LABEL_NAMES}
-        out[f"twins{suffix}"] = {n: twins[n]["scatter"] for n in LABEL_NAMES}
+    for sample, chosen in rows.items():
+        observed = {k: arrays[k][chosen] for k in ("flux", "mask", "labels", "snr", "ivar")}
+        prefix = SAMPLES[sample]
+        for suffix, refine in labellings.items():
+            metrics = test_metrics(ensemble, [observed], refinement=refine)
+            twins = twin_test(ensemble, arrays, chosen, refinement=refine)
+            out[f"{prefix}test_all{suffix}"] = {n: metrics["all"][n]["scatter"] for n in LABEL_NAMES}
+            out[f"{prefix}twins{suffix}"] = {n: twins[n]["scatter"] for n in LABEL_NAMES}
     return out
 
 
@@ -127,10 +154,16 @@ def print_table(records: list[dict]) -> None:
     """Per seed: each training set's scatter, the random draws' mean and each suggested set against
     it; then over the seeds that have every run: the mean change and its spread over the seeds."""
     seeds = sorted({r.get("seed", 0) for r in records})
+    samples = (
+        ("val_test_all", "pool validation stars, all S/N (for choosing)"),
+        ("val_twins", "pool validation stars' twins, S/N 50-150 (for choosing)"),
+        ("test_all", "common test split, all S/N"),
+        ("twins", "test split's twins, S/N 50-150"),
+    )
     keys = [
         (f"{sample}{suffix}", f"{title}{what}")
         for suffix, what in (("", ""), ("_refined", ", refined labels"))
-        for sample, title in (("test_all", "common test split, all S/N"), ("twins", "twins, S/N 50-150"))
+        for sample, title in samples
     ]
     for key, title in keys:
         if not any(key in r for r in records):
@@ -169,6 +202,7 @@ def print_table(records: list[dict]) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--start", type=int, default=150)
+    parser.add_argument("--validation", type=int, default=100, help="pool stars held out for choosing")
     parser.add_argument("--add", type=int, default=100)
     parser.add_argument("--draws", type=int, default=3)
     parser.add_argument("--start-members", type=int, default=3)
@@ -179,6 +213,13 @@ def main() -> None:
     parser.add_argument("--per-partition", type=int, default=1000)
     parser.add_argument(
         "--diversity", nargs="*", default=[DEFAULT_DIVERSITY], choices=sorted(DIVERSITY), help="selections"
+    )
+    parser.add_argument(
+        "--cover",
+        nargs="*",
+        default=["none"],
+        choices=["none", "start"],
+        help="start: also each selection away from the start stars' labels (the reference stars)",
     )
     parser.add_argument("--seeds", type=int, nargs="*", default=[0], help="member seeds of the retrainings")
     parser.add_argument("--out", default="out/suggest.jsonl")
@@ -201,19 +242,26 @@ def main() -> None:
     test_rows = split.is_test(ids)
     outside = np.flatnonzero(~test_rows)
     order = outside[np.argsort(hash_uniform(ids[outside], START_SALT), kind="stable")]
-    start, pool = np.sort(order[: args.start]), np.sort(order[args.start :])
-    print(f"{len(ids)} rows: {test_rows.sum()} test, {len(start)} start, {len(pool)} pool")
+    start, rest = np.sort(order[: args.start]), order[args.start :]
+    rest = rest[np.argsort(hash_uniform(ids[rest], VALIDATION_SALT), kind="stable")]
+    validation, pool = np.sort(rest[: args.validation]), np.sort(rest[args.validation :])
+    print(
+        f"{len(ids)} rows: {test_rows.sum()} test, {len(start)} start, "
+        f"{len(validation)} validation, {len(pool)} pool"
+    )
+    scored = {"validation": np.isin(np.arange(len(ids)), validation), "test": test_rows}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     common = {
         "variant": args.variant,
         "epochs": args.epochs,
+        "validation": args.validation,
         "machine": platform.node(),
         "date": time.strftime("%Y-%m-%d"),
     }
 
     rng = np.random.default_rng(2026)
-    chosen = {suggested_name(d): d for d in args.diversity}
+    chosen = {suggested_name(d, c): (d, c) for d in args.diversity for c in args.cover}
     runs = {name: None for name in chosen}
     runs.update(
         {f"start+random{d + 1}": rng.choice(pool, args.add, replace=False) for d in range(args.draws)}
@@ -226,8 +274,8 @@ def main() -> None:
         ensemble = train(arrays, setup, start_mask, args.variant, args.start_members, args.epochs)
         embedding = ensemble.predict(arrays["flux"][start], arrays["mask"][start], embedding=True).embedding
         ensemble.ood = fit_embedding_reference([(ids[start].tolist(), embedding)], OODConfig(rows=len(start)))
-        picks = suggested(ensemble, arrays, pool, args.add, args.per_partition, wanted)
-        runs.update({suggested_name(d): rows for d, rows in picks.items()})
+        picks = suggested(ensemble, arrays, pool, args.add, args.per_partition, wanted, start)
+        runs.update({suggested_name(*selection): rows for selection, rows in picks.items()})
         seconds = time.perf_counter() - began
         print(f"start ensemble ({args.start_members} members) and suggestions: {seconds:.0f} s")
     # A rerun into the same --out skips the (training set, seed) pairs it already holds.
@@ -235,7 +283,8 @@ def main() -> None:
     if out.exists():
         for line in out.read_text().splitlines():
             r = json.loads(line)
-            if (r["variant"], r["epochs"]) == (args.variant, args.epochs):
+            wanted_run = (args.variant, args.epochs, args.validation)
+            if (r["variant"], r["epochs"], r.get("validation", 0)) == wanted_run:
                 done.add((r["name"], r.get("seed", 0)))
     for (name, added), seed in ((run, seed) for seed in args.seeds for run in runs.items()):
         if (name, seed) in done:
@@ -257,7 +306,7 @@ def main() -> None:
             "seconds": seconds,  # the training's, not the scoring's
             "cpu_seconds": cpu_seconds,
             "epochs_run": model.member_info[0]["epochs_run"],
-            **scores(model, arrays, test_rows, refinement),
+            **scores(model, arrays, scored, refinement),
             **common,
         }
         with out.open("a") as fh:
