@@ -67,13 +67,15 @@ def score_parts(
     return {"score": score, "score_uncertainty": uncertainty, "score_novelty": novelty}
 
 
-def nearest_distance(points: np.ndarray, covered: np.ndarray | None, chunk: int = 4096) -> np.ndarray:
+def nearest_distance(points: np.ndarray, covered: np.ndarray | None, cells: int = 1 << 22) -> np.ndarray:
     """The distance of each row of ``points [N, D]`` to its nearest row of ``covered [S, D]`` (inf
-    without any), ``chunk`` candidate rows at a time so memory is ``chunk x S`` floats."""
+    without any), in chunks of candidate rows of at most ``cells`` distances each (32 MB of
+    float64 by default, whatever the size of a survey's reference set)."""
     nearest = np.full(len(points), np.inf)
     if covered is None or len(covered) == 0:
         return nearest
     covered = np.asarray(covered, dtype=np.float64)
+    chunk = max(1, cells // len(covered))
     for begin in range(0, len(points), chunk):
         part = points[begin : begin + chunk]
         squared = (part**2).sum(1)[:, None] + (covered**2).sum(1)[None, :] - 2.0 * part @ covered.T

@@ -137,7 +137,9 @@ def test_covered_selection_fills_the_gaps_the_reference_stars_leave():
     # Covered, k-center's first pick is the candidate of largest weight times distance to the
     # nearest reference star (brute force).
     brute = np.sqrt(((points[:, None] - reference[None]) ** 2).sum(-1)).min(1)
-    np.testing.assert_allclose(nearest_distance(points, reference, chunk=7), brute, rtol=1e-9, atol=1e-9)
+    np.testing.assert_allclose(
+        nearest_distance(points, reference, cells=7 * len(reference)), brute, rtol=1e-9, atol=1e-9
+    )
     assert k_center(points, 1, weights, covered=reference)[0] == np.argmax(weights * brute)
     assert np.isinf(nearest_distance(points, None)).all()
     # The reference stars' labels in the selection's space: reordered by name, divided by the widths.
