@@ -281,10 +281,10 @@ def main() -> None:
     # A rerun into the same --out skips the (training set, seed) pairs it already holds.
     done = set()
     if out.exists():
+        protocol = (args.variant, args.epochs, args.validation)
         for line in out.read_text().splitlines():
             r = json.loads(line)
-            wanted_run = (args.variant, args.epochs, args.validation)
-            if (r["variant"], r["epochs"], r.get("validation", 0)) == wanted_run:
+            if (r["variant"], r["epochs"], r.get("validation", 0)) == protocol:
                 done.add((r["name"], r.get("seed", 0)))
     for (name, added), seed in ((run, seed) for seed in args.seeds for run in runs.items()):
         if (name, seed) in done:

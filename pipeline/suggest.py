@@ -67,6 +67,13 @@ def score_parts(
     return {"score": score, "score_uncertainty": uncertainty, "score_novelty": novelty}
 
 
+def pairwise_distance(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """The Euclidean distances ``[N, M]`` between the rows of ``a [N, D]`` and ``b [M, D]`` (through
+    the squared norms: one matrix product, no ``[N, M, D]`` difference array)."""
+    squared = (a**2).sum(axis=1)[:, None] + (b**2).sum(axis=1)[None, :] - 2.0 * a @ b.T
+    return np.sqrt(np.maximum(squared, 0.0))
+
+
 def nearest_distance(points: np.ndarray, covered: np.ndarray | None, cells: int = 1 << 22) -> np.ndarray:
     """The distance of each row of ``points [N, D]`` to its nearest row of ``covered [S, D]`` (inf
     without any), in chunks of candidate rows of at most ``cells`` distances each (32 MB of
@@ -77,9 +84,7 @@ def nearest_distance(points: np.ndarray, covered: np.ndarray | None, cells: int 
     covered = np.asarray(covered, dtype=np.float64)
     chunk = max(1, cells // len(covered))
     for begin in range(0, len(points), chunk):
-        part = points[begin : begin + chunk]
-        squared = (part**2).sum(1)[:, None] + (covered**2).sum(1)[None, :] - 2.0 * part @ covered.T
-        nearest[begin : begin + chunk] = np.sqrt(np.maximum(squared, 0.0).min(axis=1))
+        nearest[begin : begin + chunk] = pairwise_distance(points[begin : begin + chunk], covered).min(axis=1)
     return nearest
 
 
@@ -128,9 +133,7 @@ def k_median(
             np.linspace(0, len(points) - 1, MEDIAN_CLIENTS).astype(int)
         ]
     # [N, C] distances of every candidate to the measured rows, in float32 to halve the memory.
-    sq = (points**2).sum(axis=1)
-    distance = sq[:, None] + sq[clients][None, :] - 2.0 * points @ points[clients].T
-    distance = np.sqrt(np.maximum(distance, 0.0)).astype(np.float32)
+    distance = pairwise_distance(points, points[clients]).astype(np.float32)
     centre = np.average(points, axis=0, weights=weights if weights.sum() > 0 else None)
     farthest = float(np.sqrt(((points - centre) ** 2).sum(axis=1)).max())
     current = np.minimum(nearest_distance(points[clients], covered), farthest).astype(np.float32)
